@@ -1,0 +1,182 @@
+// FFN op bodies (gelu_ffn and the gated family) and the elementwise pieces.
+//
+// The GEMMs go through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); everything
+// between them is one fused elementwise pass per direction, supplied by the
+// backend's ActivationKernels:
+//   forward   z = x w_in^T;  [z += b_in; h = act(z) (or act(z_g) * z_u)];  out = h w_out^T + b_out
+//   backward  dh = dout w_out;  [h = act(z); dz = act'(z) dh];  dW_out = dout^T h;  dx = dz w_in ...
+// Only x and the pre-activation z are kept for backward; h is recomputed in
+// the backward pass, which is what saves a [rows, d_ff] tensor per FFN.
+#include "common.h"
+#include "ffn.h"
+
+#include <ATen/ATen.h>
+
+namespace ffn {
+
+Activation parse_gelu_approximate(std::string_view op, std::string_view approximate) {
+  if (approximate == "none") return Activation::kGelu;
+  if (approximate == "tanh") return Activation::kGeluTanh;
+  TORCH_CHECK(false, "ffn.", op, ": approximate must be 'none' or 'tanh' (as in F.gelu), got '",
+              approximate, "'");
+}
+
+Activation parse_gated_activation(std::string_view op, std::string_view activation) {
+  if (activation == "silu") return Activation::kSilu;
+  if (activation == "gelu") return Activation::kGelu;
+  if (activation == "gelu_tanh") return Activation::kGeluTanh;
+  if (activation == "relu") return Activation::kRelu;
+  TORCH_CHECK(false, "ffn.", op,
+              ": activation must be 'silu', 'gelu', 'gelu_tanh' or 'relu', got '", activation, "'");
+}
+
+const char* gated_ffn_name(Activation act) {
+  switch (act) {
+    case Activation::kSilu: return "swiglu";
+    case Activation::kGelu: return "geglu";
+    case Activation::kGeluTanh: return "geglu_tanh";
+    case Activation::kRelu: return "reglu";
+  }
+  return "gated_ffn";
+}
+
+namespace {
+
+Tensor contiguous_or_undefined(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+Tensor empty_placeholder(const Tensor& like) { return at::empty({0}, like.options()); }
+
+std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, const Tensor& w_in,
+                                       const OptTensor& b_in, const Tensor& w_out,
+                                       const OptTensor& b_out, Activation act, bool gated,
+                                       const ActivationKernels& kernels) {
+  const char* w_in_name = gated ? "w_gate_up" : "w1";
+  const char* b_in_name = gated ? "b_gate_up" : "b1";
+  const char* w_out_name = gated ? "w_down" : "w2";
+  const char* b_out_name = gated ? "b_down" : "b2";
+  check_input(op, "x", x);
+  const int64_t d = x.size(-1);
+  check_linear_weight(op, w_in_name, w_in, x, /*rows=*/-1, d);
+  TORCH_CHECK(!gated || w_in.size(0) % 2 == 0, "ffn.", op,
+              ": w_gate_up must have an even number of rows ([2*d_ff, d]: gate rows, then up "
+              "rows), got ",
+              w_in.size(0));
+  const int64_t d_ff = gated ? w_in.size(0) / 2 : w_in.size(0);
+  check_linear_weight(op, w_out_name, w_out, x, /*rows=*/-1, d_ff);
+  const Tensor bias_in = contiguous_or_undefined(b_in);
+  if (bias_in.defined()) check_vector_param(op, b_in_name, bias_in, x, w_in.size(0), false);
+  if (b_out.has_value() && b_out->defined()) {
+    check_vector_param(op, b_out_name, *b_out, x, w_out.size(0), false);
+  }
+
+  Tensor z = at::mm(as_rows(x), w_in.t());
+  Tensor h = at::empty({z.size(0), d_ff}, z.options());
+  kernels.forward(z, bias_in, act, gated, /*write_preact=*/true, h);
+  Tensor out = b_out.has_value() && b_out->defined() ? at::addmm(*b_out, h, w_out.t())
+                                                     : at::mm(h, w_out.t());
+  return {out.view(with_last_dim(x.sizes(), w_out.size(0))), z};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w_in,
+    const Tensor& w_out, Activation act, bool gated, std::array<bool, 5> grad_mask,
+    const ActivationKernels& kernels) {
+  const char* op = gated ? "_gated_ffn_bwd" : "_gelu_ffn_bwd";
+  check_input(op, "x", x);
+  const int64_t d_ff = w_out.size(1);
+  const Tensor x2d = as_rows(x);
+  check_linear_weight(op, gated ? "w_gate_up" : "w1", w_in, x, (gated ? 2 : 1) * d_ff, x.size(-1));
+  check_linear_weight(op, gated ? "w_down" : "w2", w_out, x, /*rows=*/-1, d_ff);
+  check_grad(op, grad_out, with_last_dim(x.sizes(), w_out.size(0)), x);
+  TORCH_CHECK(preact.dim() == 2 && preact.size(0) == x2d.size(0) && preact.size(1) == w_in.size(0) &&
+                  preact.scalar_type() == x.scalar_type() && preact.device() == x.device(),
+              "ffn.", op, ": preact must be a [", x2d.size(0), ", ", w_in.size(0), "] ",
+              x.scalar_type(), " tensor on x's device, got ", preact.sizes(), " ",
+              preact.scalar_type(), " on ", preact.device());
+  const auto [need_x, need_w_in, need_b_in, need_w_out, need_b_out] = grad_mask;
+  const Tensor g2d = as_rows(grad_out);
+  const Tensor z = preact.contiguous();
+
+  Tensor grad_z;
+  Tensor h = need_w_out ? at::empty({z.size(0), d_ff}, z.options()) : Tensor();
+  if (need_x || need_w_in || need_b_in) {
+    Tensor grad_h = at::mm(g2d, w_out);
+    grad_z = gated ? at::empty_like(z) : grad_h;  // plain: overwrite grad_h in place
+    kernels.backward(z, Tensor(), grad_h, act, gated, grad_z, h);
+  } else if (need_w_out) {
+    kernels.forward(z, Tensor(), act, gated, /*write_preact=*/false, h);
+  }
+  return {
+      need_x ? at::mm(grad_z, w_in).view(x.sizes()) : empty_placeholder(x),
+      need_w_in ? at::mm(grad_z.t(), x2d) : empty_placeholder(x),
+      need_b_in ? grad_z.sum(0) : empty_placeholder(x),
+      need_w_out ? at::mm(g2d.t(), h) : empty_placeholder(x),
+      need_b_out ? g2d.sum(0) : empty_placeholder(x),
+  };
+}
+
+Tensor gated_activation_forward(const Tensor& gate_up, std::string_view activation,
+                                const ActivationKernels& kernels) {
+  constexpr std::string_view op = "gated_activation";
+  check_input(op, "gate_up", gate_up);
+  const Activation act = parse_gated_activation(op, activation);
+  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "ffn.", op,
+              ": gate_up's last dimension must be even ([..., 2*d_ff]: gate, then up), got ",
+              gate_up.size(-1));
+  Tensor h = at::empty(with_last_dim(gate_up.sizes(), gate_up.size(-1) / 2), gate_up.options());
+  kernels.forward(as_rows(gate_up), Tensor(), act, /*gated=*/true, /*write_preact=*/false,
+                  as_rows(h));
+  return h;
+}
+
+Tensor gated_activation_backward(const Tensor& grad, const Tensor& gate_up,
+                                 std::string_view activation, const ActivationKernels& kernels) {
+  constexpr std::string_view op = "_gated_activation_bwd";
+  check_input(op, "gate_up", gate_up);
+  const Activation act = parse_gated_activation(op, activation);
+  check_grad(op, grad, with_last_dim(gate_up.sizes(), gate_up.size(-1) / 2), gate_up);
+  Tensor grad_gate_up = at::empty(gate_up.sizes(), gate_up.options());
+  kernels.backward(as_rows(gate_up), Tensor(), as_rows(grad), act, /*gated=*/true,
+                   as_rows(grad_gate_up), Tensor());
+  return grad_gate_up;
+}
+
+Tensor bias_gelu_forward(const Tensor& x, const OptTensor& bias, std::string_view approximate,
+                         const ActivationKernels& kernels) {
+  constexpr std::string_view op = "bias_gelu";
+  check_input(op, "x", x);
+  const Activation act = parse_gelu_approximate(op, approximate);
+  const Tensor b = contiguous_or_undefined(bias);
+  if (b.defined()) check_vector_param(op, "bias", b, x, x.size(-1), false);
+  Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  kernels.forward(as_rows(x), b, act, /*gated=*/false, /*write_preact=*/false, as_rows(y));
+  return y;
+}
+
+std::tuple<Tensor, Tensor> bias_gelu_backward(const Tensor& grad, const Tensor& x,
+                                              const OptTensor& bias, std::string_view approximate,
+                                              bool bias_grad, const ActivationKernels& kernels) {
+  constexpr std::string_view op = "_bias_gelu_bwd";
+  check_input(op, "x", x);
+  const Activation act = parse_gelu_approximate(op, approximate);
+  check_grad(op, grad, x.sizes(), x);
+  const Tensor b = contiguous_or_undefined(bias);
+  if (b.defined()) check_vector_param(op, "bias", b, x, x.size(-1), false);
+  TORCH_CHECK(!bias_grad || b.defined(), "ffn.", op, ": bias_grad needs the bias");
+  Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const Tensor grad_x2d = as_rows(grad_x);
+  kernels.backward(as_rows(x), b, as_rows(grad), act, /*gated=*/false, grad_x2d, Tensor());
+  return {grad_x, bias_grad ? grad_x2d.sum(0) : empty_placeholder(x)};
+}
+
+}  // namespace ffn

@@ -1,0 +1,110 @@
+// Backend-independent op bodies of the ffn library.
+//
+// Every op is written once here: argument checks, output allocation and (for the
+// FFN ops) the GEMMs through ATen. What differs per backend is a small table of
+// kernels (NormKernels, ActivationKernels) that the CPU file (csrc/*_cpu.cpp) and
+// the CUDA file (csrc/cuda/*.cu) pass in when they register the op.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+namespace ffn {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---------------------------------------------------------------------------
+// Activations of the FFN ops.
+enum class Activation { kGelu, kGeluTanh, kSilu, kRelu };
+
+// gelu_ffn's `approximate` ("none" | "tanh"), as in F.gelu.
+Activation parse_gelu_approximate(std::string_view op, std::string_view approximate);
+// Gated family: "silu" (SwiGLU), "gelu" (GeGLU), "gelu_tanh", "relu" (ReGLU).
+Activation parse_gated_activation(std::string_view op, std::string_view activation);
+// The public op a gated activation belongs to ("swiglu", "geglu", ...), for messages.
+const char* gated_ffn_name(Activation act);
+
+// ---------------------------------------------------------------------------
+// Norm kernels. All tensors are 2-D [rows, d] (or 1-D [d] / [rows]) and
+// contiguous; an absent weight/bias, or a gradient nobody asked for, is an
+// undefined Tensor. `center` selects LayerNorm (subtract the mean) over RMSNorm.
+// mean/rstd are float32 (float64 for float64 inputs); mean is undefined for RMSNorm.
+struct NormKernels {
+  void (*forward)(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
+                  bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd);
+  void (*backward)(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+                   const Tensor& weight, bool center, const Tensor& grad_x,
+                   const Tensor& grad_weight, const Tensor& grad_bias);
+};
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,
+                                                      const OptTensor& bias, double eps,
+                                                      const NormKernels& kernels);
+std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const OptTensor& weight,
+                                            const OptTensor& bias, double eps,
+                                            const NormKernels& kernels);
+// Returns (grad_x, grad_weight, grad_bias); parameter gradients take the
+// parameter's dtype, and those nobody asked for come back as empty [0] tensors.
+// The bias is passed only for its dtype.
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_y, const Tensor& x,
+                                                       const Tensor& mean, const Tensor& rstd,
+                                                       const OptTensor& weight,
+                                                       const OptTensor& bias, bool weight_grad,
+                                                       bool bias_grad, const NormKernels& kernels);
+std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(const Tensor& grad_y, const Tensor& x,
+                                                     const Tensor& rstd, const OptTensor& weight,
+                                                     const OptTensor& bias, bool weight_grad,
+                                                     bool bias_grad, const NormKernels& kernels);
+
+// ---------------------------------------------------------------------------
+// Fused elementwise passes of the FFN ops. z is the pre-activation, [rows, F]
+// (or [rows, 2F] gate|up when gated), h the hidden activation [rows, F].
+struct ActivationKernels {
+  // h = act(z + bias)                      (plain)
+  // h = act(z_g + b_g) * (z_u + b_u)       (gated)
+  // With write_preact, z + bias is also stored back into z (the FFN saves it).
+  void (*forward)(const Tensor& z, const Tensor& bias, Activation act, bool gated,
+                  bool write_preact, const Tensor& h);
+  // grad_z = d h / d z * grad_h, with z + bias as the pre-activation; grad_z may
+  // alias grad_h when not gated. If h is defined it receives the recomputed
+  // hidden activation (what the down projection's weight gradient needs).
+  void (*backward)(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
+                   bool gated, const Tensor& grad_z, const Tensor& h);
+};
+
+// out = down(act(x w_in^T + b_in)) for gelu_ffn (gated = false) and the gated
+// family (gated = true, w_in = w_gate_up). Returns (out, preact [rows, w_in.size(0)]).
+std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, const Tensor& w_in,
+                                       const OptTensor& b_in, const Tensor& w_out,
+                                       const OptTensor& b_out, Activation act, bool gated,
+                                       const ActivationKernels& kernels);
+// Gradients (x, w_in, b_in, w_out, b_out); those not in grad_mask are empty [0].
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w_in,
+    const Tensor& w_out, Activation act, bool gated, std::array<bool, 5> grad_mask,
+    const ActivationKernels& kernels);
+
+// The elementwise pieces, for users who run their own GEMMs.
+Tensor gated_activation_forward(const Tensor& gate_up, std::string_view activation,
+                                const ActivationKernels& kernels);
+Tensor gated_activation_backward(const Tensor& grad, const Tensor& gate_up,
+                                 std::string_view activation, const ActivationKernels& kernels);
+Tensor bias_gelu_forward(const Tensor& x, const OptTensor& bias, std::string_view approximate,
+                         const ActivationKernels& kernels);
+std::tuple<Tensor, Tensor> bias_gelu_backward(const Tensor& grad, const Tensor& x,
+                                              const OptTensor& bias, std::string_view approximate,
+                                              bool bias_grad, const ActivationKernels& kernels);
+
+// ---------------------------------------------------------------------------
+// Kernel tables of each backend.
+namespace cpu {
+extern const NormKernels kNormKernels;
+extern const ActivationKernels kActivationKernels;
+}  // namespace cpu
+
+}  // namespace ffn

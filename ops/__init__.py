@@ -1,0 +1,24 @@
+"""ffn: fused normalization + feed-forward ops for Transformers, on CPU and CUDA.
+
+`import ffn` registers the ops as torch.ops.ffn.*:
+
+    layer_norm(x, weight, bias, eps=1e-5)      rms_norm(x, weight, bias, eps=1e-6)
+    gelu_ffn(x, w1, b1, w2, b2, approximate="none")
+    swiglu / geglu / reglu(x, w_gate_up, b_gate_up, w_down, b_down)
+    gated_activation(gate_up, activation="silu")   bias_gelu(x, bias, approximate="none")
+
+and provides drop-in modules (LayerNorm, RMSNorm, GeluFFN, SwiGLU, GeGLU, ReGLU).
+ffn.reference holds the same math in plain PyTorch.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (loads the C++/CUDA library: schemas and kernels)
+from . import _registrations  # noqa: F401  (autograd and fake kernels)
+from . import reference
+from .modules import GeGLU, GeluFFN, LayerNorm, ReGLU, RMSNorm, SwiGLU
+
+ops = torch.ops.ffn
+
+__all__ = ["GeGLU", "GeluFFN", "LayerNorm", "ReGLU", "RMSNorm", "SwiGLU", "ops", "reference"]
+__version__ = "0.1.0"

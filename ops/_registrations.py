@@ -1,0 +1,252 @@
+"""Autograd and fake (meta) kernels of the ffn ops.
+
+The schemas and the CPU/CUDA kernels are registered in C++ (csrc/). Here, next
+to nothing but the registrations:
+- fake kernels for every op that has backend kernels, so torch.compile and
+  FakeTensor can trace them (same shapes, dtypes and strides as the real ones);
+- autograd for the internal forward ops; their backward calls only registered
+  `_*_bwd` ops, so AOTAutograd traces the backward too.
+The public layer_norm/rms_norm/gelu_ffn/swiglu/geglu/reglu are
+CompositeImplicitAutograd in C++ and need neither.
+"""
+
+import math
+
+import torch
+
+_lib = "ffn::"
+
+
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rows(x):
+    return math.prod(x.shape[:-1])
+
+
+def _empty_grad(t, size, param):
+    """A parameter gradient: `size` elements in the parameter's dtype, or [0] when not asked for."""
+    dtype = param.dtype if param is not None else t.dtype
+    return t.new_empty((size,), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- norms
+@torch.library.register_fake(_lib + "_layer_norm_fwd")
+def _layer_norm_fwd_fake(x, weight, bias, eps):
+    stats = x.shape[:-1]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(stats, dtype=_stat_dtype(x)),
+        x.new_empty(stats, dtype=_stat_dtype(x)),
+    )
+
+
+@torch.library.register_fake(_lib + "_rms_norm_fwd")
+def _rms_norm_fwd_fake(x, weight, bias, eps):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(x.shape[:-1], dtype=_stat_dtype(x)),
+    )
+
+
+def _norm_bwd_fake(grad_y, x, weight, bias, weight_grad, bias_grad):
+    d = x.shape[-1]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        _empty_grad(x, d if weight_grad else 0, weight),
+        _empty_grad(x, d if bias_grad else 0, bias),
+    )
+
+
+@torch.library.register_fake(_lib + "_layer_norm_bwd")
+def _layer_norm_bwd_fake(grad_y, x, mean, rstd, weight, bias, weight_grad, bias_grad):
+    return _norm_bwd_fake(grad_y, x, weight, bias, weight_grad, bias_grad)
+
+
+@torch.library.register_fake(_lib + "_rms_norm_bwd")
+def _rms_norm_bwd_fake(grad_y, x, rstd, weight, bias, weight_grad, bias_grad):
+    return _norm_bwd_fake(grad_y, x, weight, bias, weight_grad, bias_grad)
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, *stats = output
+    ctx.mark_non_differentiable(*stats)
+    ctx.save_for_backward(x, weight, bias, *stats)
+
+
+def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx, gw, gb = torch.ops.ffn._layer_norm_bwd(grad_y, x, mean, rstd, weight, bias, need_w, need_b)
+    return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
+
+
+def _rms_norm_backward(ctx, grad_y, _grad_rstd):
+    x, weight, bias, rstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx, gw, gb = torch.ops.ffn._rms_norm_bwd(grad_y, x, rstd, weight, bias, need_w, need_b)
+    return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
+
+
+torch.library.register_autograd(
+    _lib + "_layer_norm_fwd", _layer_norm_backward, setup_context=_norm_setup_context
+)
+torch.library.register_autograd(
+    _lib + "_rms_norm_fwd", _rms_norm_backward, setup_context=_norm_setup_context
+)
+
+
+# ----------------------------------------------------------------------------- FFNs
+def _ffn_fwd_fake(x, w_in, w_out):
+    return (
+        x.new_empty((*x.shape[:-1], w_out.shape[0])),
+        x.new_empty((_rows(x), w_in.shape[0])),
+    )
+
+
+@torch.library.register_fake(_lib + "_gelu_ffn_fwd")
+def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate):
+    return _ffn_fwd_fake(x, w1, w2)
+
+
+@torch.library.register_fake(_lib + "_gated_ffn_fwd")
+def _gated_ffn_fwd_fake(x, w_gate_up, b_gate_up, w_down, b_down, activation):
+    return _ffn_fwd_fake(x, w_gate_up, w_down)
+
+
+def _ffn_bwd_fake(x, w_in, w_out, grad_mask):
+    shapes = (x.shape, w_in.shape, w_in.shape[:1], w_out.shape, w_out.shape[:1])
+    return tuple(x.new_empty(shape if needed else (0,)) for shape, needed in zip(shapes, grad_mask))
+
+
+@torch.library.register_fake(_lib + "_gelu_ffn_bwd")
+def _gelu_ffn_bwd_fake(grad_out, x, preact, w1, w2, approximate, grad_mask):
+    return _ffn_bwd_fake(x, w1, w2, grad_mask)
+
+
+@torch.library.register_fake(_lib + "_gated_ffn_bwd")
+def _gated_ffn_bwd_fake(grad_out, x, preact, w_gate_up, w_down, activation, grad_mask):
+    return _ffn_bwd_fake(x, w_gate_up, w_down, grad_mask)
+
+
+def _ffn_setup_context(ctx, inputs, output):
+    x, w_in, _b_in, w_out, _b_out, activation = inputs
+    _out, preact = output
+    ctx.mark_non_differentiable(preact)
+    # x and the pre-activation; the weights are parameters, held anyway.
+    ctx.save_for_backward(x, preact, w_in, w_out)
+    ctx.activation = activation
+
+
+def _make_ffn_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_preact):
+        x, preact, w_in, w_out = ctx.saved_tensors
+        grad_mask = list(ctx.needs_input_grad[:5])
+        grads = bwd_op(grad_out, x, preact, w_in, w_out, ctx.activation, grad_mask)
+        return (*(g if needed else None for g, needed in zip(grads, grad_mask)), None)
+
+    return backward
+
+
+torch.library.register_autograd(
+    _lib + "_gelu_ffn_fwd",
+    _make_ffn_backward(torch.ops.ffn._gelu_ffn_bwd),
+    setup_context=_ffn_setup_context,
+)
+torch.library.register_autograd(
+    _lib + "_gated_ffn_fwd",
+    _make_ffn_backward(torch.ops.ffn._gated_ffn_bwd),
+    setup_context=_ffn_setup_context,
+)
+
+
+# ----------------------------------------------------------------------------- elementwise pieces
+@torch.library.register_fake(_lib + "gated_activation")
+def _gated_activation_fake(gate_up, activation="silu"):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.register_fake(_lib + "_gated_activation_bwd")
+def _gated_activation_bwd_fake(grad, gate_up, activation):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _gated_activation_setup_context(ctx, inputs, output):
+    gate_up, activation = inputs
+    ctx.save_for_backward(gate_up)
+    ctx.activation = activation
+
+
+def _gated_activation_backward(ctx, grad):
+    (gate_up,) = ctx.saved_tensors
+    return torch.ops.ffn._gated_activation_bwd(grad, gate_up, ctx.activation), None
+
+
+torch.library.register_autograd(
+    _lib + "gated_activation",
+    _gated_activation_backward,
+    setup_context=_gated_activation_setup_context,
+)
+
+
+@torch.library.register_fake(_lib + "bias_gelu")
+def _bias_gelu_fake(x, bias, approximate="none"):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(_lib + "_bias_gelu_bwd")
+def _bias_gelu_bwd_fake(grad, x, bias, approximate, bias_grad):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((x.shape[-1] if bias_grad else 0,)),
+    )
+
+
+def _bias_gelu_setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _bias_gelu_backward(ctx, grad):
+    x, bias = ctx.saved_tensors
+    need_x, need_b = ctx.needs_input_grad[:2]
+    gx, gb = torch.ops.ffn._bias_gelu_bwd(grad, x, bias, ctx.approximate, need_b)
+    return gx if need_x else None, gb if need_b else None, None
+
+
+torch.library.register_autograd(
+    _lib + "bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup_context
+)
+
+
+# ----------------------------------------------------------------------------- double backward
+# The backward ops have no derivatives of their own: say so instead of letting
+# autograd silently treat them as constants.
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"ffn: double backward through {name} is not supported "
+            "(use the torch reference ops in ffn.reference for higher-order gradients)"
+        )
+
+    return backward
+
+
+def _nothing_to_save(ctx, inputs, output):
+    pass
+
+
+for _name in (
+    "_layer_norm_bwd",
+    "_rms_norm_bwd",
+    "_gelu_ffn_bwd",
+    "_gated_ffn_bwd",
+    "_gated_activation_bwd",
+    "_bias_gelu_bwd",
+):
+    torch.library.register_autograd(
+        _lib + _name, _no_double_backward(_name.strip("_").removesuffix("_bwd")), setup_context=_nothing_to_save
+    )

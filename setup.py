@@ -1,0 +1,94 @@
+"""Builds the `ffn` package (Python sources in ops/) and its extension `ffn._C`.
+
+CPU sources are always built. The CUDA sources in csrc/cuda/ are built when the
+installed torch has CUDA and nvcc is found (FFN_CUDA=0 or 1 forces the choice),
+for the architectures in TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+
+CPU kernels use ATen's Vectorized<T>; they are compiled for AVX2+FMA when the
+build machine has it (x86-64), the baseline otherwise. FFN_CPU_CAPABILITY=DEFAULT
+builds a portable binary on an AVX2 machine.
+"""
+
+import glob
+import os
+import platform
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in cpu_flags for flag in flags)
+
+
+def cpu_capability_flags():
+    capability = os.environ.get("FFN_CPU_CAPABILITY")
+    if capability is None:
+        on_x86 = platform.machine() in ("x86_64", "AMD64")
+        capability = "AVX2" if on_x86 and _cpu_has("avx2", "fma", "f16c") else "DEFAULT"
+    if capability == "AVX2":
+        # Same macros ATen uses for its own AVX2 kernels: Vectorized<T> picks the AVX2
+        # specializations and lives in the at::vec::AVX2 inline namespace.
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if capability == "DEFAULT":
+        return []
+    raise ValueError(f"FFN_CPU_CAPABILITY must be AVX2 or DEFAULT, got {capability!r}")
+
+
+def want_cuda():
+    forced = os.environ.get("FFN_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None and (
+        shutil.which("nvcc") is not None or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    )
+
+
+def extension():
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    cpu_sources = sorted(glob.glob("csrc/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp", "-DFFN_PYTHON_MODULE"] + cpu_capability_flags()
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if want_cuda():
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        return CUDAExtension(
+            "ffn._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("FFN_WITH_CUDA", None)],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DFFN_PYTHON_MODULE"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "ffn._C",
+        cpu_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="ffn",
+    version="0.1.0",
+    description="Fused normalization + feed-forward ops for Transformers (CPU and CUDA) and an A/B harness",
+    packages=["ffn"],
+    package_dir={"ffn": "ops"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+)
