@@ -16,8 +16,14 @@ import shutil
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# torch.utils.cpp_extension takes CUDA_HOME from the nvcc on PATH; a wrapper
+# script such as /usr/local/bin/nvcc would make that /usr/local. Prefer the
+# toolkit directory when there is one.
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
