@@ -22,7 +22,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 
 def rms_norm(x, weight=None, bias=None, eps=1e-6):
     y = F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return y if bias is None else y + bias
+    # Output in y's dtype, like F.layer_norm's with float32 parameters and half x
+    # (a plain `y + bias` would promote to float32).
+    return y if bias is None else (y + bias).to(y.dtype)
 
 
 def gelu_ffn(x, w1, b1, w2, b2, approximate="none"):
