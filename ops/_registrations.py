@@ -25,6 +25,18 @@ def _rows(x):
     return math.prod(x.shape[:-1])
 
 
+def _check_devices(op, x, **tensors):
+    """The C++ ops' device check, repeated here for the meta device: with x on one
+    device and another tensor on "meta", the dispatcher picks the Meta kernel (this
+    fake) and it would hand back an uninitialized tensor on x's device."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(
+                f"ffn.{op}: {name} is on {t.device} but x is on {x.device}; "
+                "all tensors must be on the same device"
+            )
+
+
 def _empty_grad(t, size, param):
     """A parameter gradient: `size` elements in the parameter's dtype, or [0] when not asked for."""
     dtype = param.dtype if param is not None else t.dtype
@@ -34,6 +46,7 @@ def _empty_grad(t, size, param):
 # ----------------------------------------------------------------------------- norms
 @torch.library.register_fake(_lib + "_layer_norm_fwd")
 def _layer_norm_fwd_fake(x, weight, bias, eps):
+    _check_devices("layer_norm", x, weight=weight, bias=bias)
     stats = x.shape[:-1]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -44,13 +57,15 @@ def _layer_norm_fwd_fake(x, weight, bias, eps):
 
 @torch.library.register_fake(_lib + "_rms_norm_fwd")
 def _rms_norm_fwd_fake(x, weight, bias, eps):
+    _check_devices("rms_norm", x, weight=weight, bias=bias)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         x.new_empty(x.shape[:-1], dtype=_stat_dtype(x)),
     )
 
 
-def _norm_bwd_fake(grad_y, x, weight, bias, weight_grad, bias_grad):
+def _norm_bwd_fake(op, grad_y, x, stats, weight, bias, weight_grad, bias_grad):
+    _check_devices(op, x, **{"the output gradient": grad_y}, **stats, weight=weight, bias=bias)
     d = x.shape[-1]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -61,12 +76,12 @@ def _norm_bwd_fake(grad_y, x, weight, bias, weight_grad, bias_grad):
 
 @torch.library.register_fake(_lib + "_layer_norm_bwd")
 def _layer_norm_bwd_fake(grad_y, x, mean, rstd, weight, bias, weight_grad, bias_grad):
-    return _norm_bwd_fake(grad_y, x, weight, bias, weight_grad, bias_grad)
+    return _norm_bwd_fake("layer_norm", grad_y, x, {"mean": mean, "rstd": rstd}, weight, bias, weight_grad, bias_grad)
 
 
 @torch.library.register_fake(_lib + "_rms_norm_bwd")
 def _rms_norm_bwd_fake(grad_y, x, rstd, weight, bias, weight_grad, bias_grad):
-    return _norm_bwd_fake(grad_y, x, weight, bias, weight_grad, bias_grad)
+    return _norm_bwd_fake("rms_norm", grad_y, x, {"rstd": rstd}, weight, bias, weight_grad, bias_grad)
 
 
 def _norm_setup_context(ctx, inputs, output):
@@ -99,7 +114,13 @@ torch.library.register_autograd(
 
 
 # ----------------------------------------------------------------------------- FFNs
-def _ffn_fwd_fake(x, w_in, w_out):
+# The public op a gated activation belongs to, as the C++ messages name it.
+_GATED_FFN_NAMES = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
+
+
+def _ffn_fwd_fake(op, x, w_in, b_in, w_out, b_out, gated):
+    names = ("w_gate_up", "b_gate_up", "w_down", "b_down") if gated else ("w1", "b1", "w2", "b2")
+    _check_devices(op, x, **dict(zip(names, (w_in, b_in, w_out, b_out))))
     return (
         x.new_empty((*x.shape[:-1], w_out.shape[0])),
         x.new_empty((_rows(x), w_in.shape[0])),
@@ -108,27 +129,31 @@ def _ffn_fwd_fake(x, w_in, w_out):
 
 @torch.library.register_fake(_lib + "_gelu_ffn_fwd")
 def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate):
-    return _ffn_fwd_fake(x, w1, w2)
+    return _ffn_fwd_fake("gelu_ffn", x, w1, b1, w2, b2, gated=False)
 
 
 @torch.library.register_fake(_lib + "_gated_ffn_fwd")
 def _gated_ffn_fwd_fake(x, w_gate_up, b_gate_up, w_down, b_down, activation):
-    return _ffn_fwd_fake(x, w_gate_up, w_down)
+    op = _GATED_FFN_NAMES.get(activation, "_gated_ffn_fwd")
+    return _ffn_fwd_fake(op, x, w_gate_up, b_gate_up, w_down, b_down, gated=True)
 
 
-def _ffn_bwd_fake(x, w_in, w_out, grad_mask):
+def _ffn_bwd_fake(op, grad_out, x, preact, w_in, w_out, grad_mask):
+    gated = op == "_gated_ffn_bwd"
+    _check_devices(op, x, **{"the output gradient": grad_out, "preact": preact,
+                             ("w_gate_up" if gated else "w1"): w_in, ("w_down" if gated else "w2"): w_out})
     shapes = (x.shape, w_in.shape, w_in.shape[:1], w_out.shape, w_out.shape[:1])
     return tuple(x.new_empty(shape if needed else (0,)) for shape, needed in zip(shapes, grad_mask))
 
 
 @torch.library.register_fake(_lib + "_gelu_ffn_bwd")
 def _gelu_ffn_bwd_fake(grad_out, x, preact, w1, w2, approximate, grad_mask):
-    return _ffn_bwd_fake(x, w1, w2, grad_mask)
+    return _ffn_bwd_fake("_gelu_ffn_bwd", grad_out, x, preact, w1, w2, grad_mask)
 
 
 @torch.library.register_fake(_lib + "_gated_ffn_bwd")
 def _gated_ffn_bwd_fake(grad_out, x, preact, w_gate_up, w_down, activation, grad_mask):
-    return _ffn_bwd_fake(x, w_gate_up, w_down, grad_mask)
+    return _ffn_bwd_fake("_gated_ffn_bwd", grad_out, x, preact, w_gate_up, w_down, grad_mask)
 
 
 def _ffn_setup_context(ctx, inputs, output):
@@ -170,6 +195,7 @@ def _gated_activation_fake(gate_up, activation="silu"):
 
 @torch.library.register_fake(_lib + "_gated_activation_bwd")
 def _gated_activation_bwd_fake(grad, gate_up, activation):
+    _check_devices("_gated_activation_bwd", gate_up, **{"the output gradient": grad})
     return gate_up.new_empty(gate_up.shape)
 
 
@@ -193,11 +219,13 @@ torch.library.register_autograd(
 
 @torch.library.register_fake(_lib + "bias_gelu")
 def _bias_gelu_fake(x, bias, approximate="none"):
+    _check_devices("bias_gelu", x, bias=bias)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(_lib + "_bias_gelu_bwd")
 def _bias_gelu_bwd_fake(grad, x, bias, approximate, bias_grad):
+    _check_devices("_bias_gelu_bwd", x, **{"the output gradient": grad}, bias=bias)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         x.new_empty((x.shape[-1] if bias_grad else 0,)),
