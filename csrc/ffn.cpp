@@ -3,7 +3,7 @@
 // The GEMMs go through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); everything
 // between them is one fused elementwise pass per direction, supplied by the
 // backend's ActivationKernels:
-//   forward   z = x w_in^T;  [z += b_in; h = act(z) (or act(z_g) * z_u)];  out = h w_out^T + b_out
+//   forward   z = x w_in^T + b_in;  [h = act(z) (or act(z_g) * z_u)];  out = h w_out^T + b_out
 //   backward  dh = dout w_out;  [h = act(z); dz = act'(z) dh];  dW_out = dout^T h;  dx = dz w_in ...
 // Only x and the pre-activation z are kept for backward; h is recomputed in
 // the backward pass, which is what saves a [rows, d_ff] tensor per FFN.
@@ -79,9 +79,14 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
     check_vector_param(op, b_out_name, *b_out, x, w_out.size(0), false);
   }
 
-  Tensor z = at::mm(as_rows(x), w_in.t());
+  // The pre-activation exactly as F.linear computes it: the bias added inside the
+  // GEMM's accumulation and rounded once. Adding it after a rounded x w_in^T (in
+  // the activation pass) rounds twice, and in half precision that flips the sign
+  // of z + b where it is near 0: ReLU/GELU gates open or close wrongly.
+  const Tensor x2d = as_rows(x);
+  Tensor z = bias_in.defined() ? at::addmm(bias_in, x2d, w_in.t()) : at::mm(x2d, w_in.t());
   Tensor h = at::empty({z.size(0), d_ff}, z.options());
-  kernels.forward(z, bias_in, act, gated, /*write_preact=*/true, h);
+  kernels.forward(z, Tensor(), act, gated, /*write_preact=*/false, h);
   Tensor out = b_out.has_value() && b_out->defined() ? at::addmm(*b_out, h, w_out.t())
                                                      : at::mm(h, w_out.t());
   return {out.view(with_last_dim(x.sizes(), w_out.size(0))), z};
