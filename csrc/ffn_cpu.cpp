@@ -2,8 +2,11 @@
 // (+ gate * up) forward, the activation's derivative backward. Registers every
 // CPU kernel of the library (norm kernels: norm_cpu.cpp).
 //
-// Activation formulas follow ATen's CPU kernels (Activation.cpp) term for term,
-// so float32 results match F.gelu / F.silu / F.relu bit for bit.
+// Activation formulas follow ATen's vectorized CPU kernels (Activation.cpp) term
+// for term, so float32 results match them bit for bit, tails included. (F.gelu
+// with approximate="none" on a contiguous float32 tensor runs oneDNN's GELU
+// instead, and ATen's scalar remainder loop uses std::erf/std::exp: both may
+// differ from ours in the last bit.)
 #include "cpu_vec.h"
 #include "ffn.h"
 #include "registration.h"
@@ -66,8 +69,11 @@ struct Act<Activation::kSilu> {
   }
   template <typename V>
   static std::pair<V, V> value_and_grad(const V& x) {
-    const V sigmoid = V(1) / (V(1) + x.neg().exp());
-    return {x * sigmoid, sigmoid * (V(1) + x * (V(1) - sigmoid))};
+    const V one_plus_exp = V(1) + x.neg().exp();
+    const V sigmoid = V(1) / one_plus_exp;
+    // The value as value() computes it (not x * sigmoid): the hidden activation
+    // backward recomputes for w_down's gradient is then the forward's, bit for bit.
+    return {x / one_plus_exp, sigmoid * (V(1) + x * (V(1) - sigmoid))};
   }
 };
 
