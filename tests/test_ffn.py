@@ -1,0 +1,453 @@
+"""gelu_ffn, swiglu, geglu, reglu and the elementwise pieces (gated_activation,
+bias_gelu) against the eager composites in ffn.reference: forward and backward
+over shapes, dtypes and optional biases, gradcheck, double backward,
+bit-exactness of the float32 activations, determinism."""
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import ffn
+from helpers import DTYPES, HALF_DTYPES, SHORT, assert_accurate, randn, run_three_ways
+
+
+@dataclass(frozen=True)
+class FfnCase:
+    name: str
+    gated: bool
+    approximate: str = "none"
+
+    def ours(self, x, w_in, b_in, w_out, b_out):
+        if self.gated:
+            return getattr(torch.ops.ffn, self.name)(x, w_in, b_in, w_out, b_out)
+        return torch.ops.ffn.gelu_ffn(x, w_in, b_in, w_out, b_out, self.approximate)
+
+    def ref(self, x, w_in, b_in, w_out, b_out):
+        if self.gated:
+            return getattr(ffn.reference, self.name)(x, w_in, b_in, w_out, b_out)
+        return ffn.reference.gelu_ffn(x, w_in, b_in, w_out, b_out, self.approximate)
+
+    @property
+    def activation(self):
+        """The gated op's activation string (as taken by _gated_ffn_fwd and gated_activation)."""
+        return {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}[self.name]
+
+    def __str__(self):
+        return self.name if self.approximate == "none" else f"{self.name}-{self.approximate}"
+
+
+FFNS = [
+    FfnCase("gelu_ffn", gated=False),
+    FfnCase("gelu_ffn", gated=False, approximate="tanh"),
+    FfnCase("swiglu", gated=True),
+    FfnCase("geglu", gated=True),
+    FfnCase("reglu", gated=True),
+]
+BIASES = {"bias": (True, True), "nobias": (False, False), "bias_in": (True, False), "bias_out": (False, True)}
+D_FF = 19  # odd: the elementwise passes run their tail code
+
+
+def ffn_inputs(case, lead, d, dtype, device, biases=(True, True), d_ff=D_FF, d_out=None,
+               requires_grad=False):
+    """x [*lead, d], w_in [(2*)d_ff, d], b_in, w_out [d_out, d_ff], b_out with O(1) activations."""
+    d_out = d if d_out is None else d_out
+    rows_in = 2 * d_ff if case.gated else d_ff
+    kw = {"dtype": dtype, "device": device, "requires_grad": requires_grad}
+    x = randn(*lead, d, **kw)
+    w_in = randn(rows_in, d, scale=d**-0.5, **kw)
+    b_in = randn(rows_in, scale=0.5, **kw) if biases[0] else None
+    w_out = randn(d_out, d_ff, scale=d_ff**-0.5, **kw)
+    b_out = randn(d_out, scale=0.5, **kw) if biases[1] else None
+    return x, w_in, b_in, w_out, b_out
+
+
+def check_ffn(case, inputs, with_grad=False):
+    x, w_in, _, w_out, _ = inputs
+    out_shape = (*x.shape[:-1], w_out.shape[0])
+    grad_out = torch.randn(out_shape, dtype=x.dtype, device=x.device) if with_grad else None
+    (ours, theirs, ref), grads = run_three_ways(case.ours, case.ref, inputs, grad_out)
+    assert ours.shape == out_shape
+    # (longest sum, number of values rounded to the dtype in it) per result: the hidden
+    # activations, the pre-activation gradients (F_in of them per row) are stored in the dtype.
+    d, d_ff, d_out, f_in, rows = x.shape[-1], w_out.shape[1], w_out.shape[0], w_in.shape[0], x[..., 0].numel()
+    sums = {
+        "output": (max(d, d_ff), d_ff),
+        "grad_x": (max(d_out, f_in), f_in),
+        "grad_w_in": (rows, rows),
+        "grad_b_in": (rows, rows),
+        "grad_w_out": (rows, rows),
+        "grad_b_out": (rows, 1),
+    }
+    assert_accurate(ours, ref, theirs, terms=sums["output"][0], rounded_terms=sums["output"][1])
+    if grads is not None:
+        for name, g in zip(("grad_x", "grad_w_in", "grad_b_in", "grad_w_out", "grad_b_out"), grads):
+            if g is not None:
+                terms, rounded = sums[name]
+                assert_accurate(g[0], g[2], g[1], terms=terms, rounded_terms=rounded, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("d", (1, 7, 64, 127, 4097))
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_forward_backward(case, d, dtype, device):
+    check_ffn(case, ffn_inputs(case, (5,), d, dtype, device, requires_grad=True), with_grad=True)
+
+
+@pytest.mark.parametrize("biases", [BIASES[k] for k in ("nobias", "bias_in", "bias_out")],
+                         ids=("nobias", "bias_in", "bias_out"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_optional_biases(case, dtype, biases, device):
+    check_ffn(case, ffn_inputs(case, (9,), 64, dtype, device, biases, requires_grad=True), with_grad=True)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_many_rows_half(case, dtype, device):
+    """Enough rows and width for the half-precision comparison with torch to be sharp
+    (e.g. ReGLU's gradient mask where z + b is near 0)."""
+    check_ffn(case, ffn_inputs(case, (256,), 64, dtype, device, d_ff=64, requires_grad=True), with_grad=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_preactivation_is_linear(case, dtype, device):
+    """The saved pre-activation is F.linear(x, w_in, b_in) to the bit: the bias is added
+    inside the GEMM's accumulation, not after a rounded x w_in^T."""
+    x, w_in, b_in, w_out, b_out = ffn_inputs(case, (2, 8), 32, dtype, device)
+    if case.gated:
+        _out, preact = torch.ops.ffn._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, case.activation)
+    else:
+        _out, preact = torch.ops.ffn._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, case.approximate)
+    expected = torch.nn.functional.linear(x.reshape(-1, 32), w_in, b_in)
+    torch.testing.assert_close(preact, expected, rtol=0, atol=0)
+
+
+def shaped_ffn_inputs(case, kind, dtype, device):
+    d = 24
+    if kind == "3d":
+        return ffn_inputs(case, (2, 3), d, dtype, device)
+    if kind == "4d":
+        return ffn_inputs(case, (2, 2, 3), d, dtype, device)
+    if kind == "0rows":
+        return ffn_inputs(case, (0,), d, dtype, device)
+    if kind == "0rows-3d":
+        return ffn_inputs(case, (2, 0), d, dtype, device)
+    if kind == "d_out":  # down projection to another width
+        return ffn_inputs(case, (2, 3), d, dtype, device, d_out=13)
+    if kind == "d_ff-1":  # enough rows for the rows-long gradient sums to be judged
+        return ffn_inputs(case, (64,), d, dtype, device, d_ff=1)
+    if kind == "noncontiguous":  # transposed x, transposed/sliced weights, strided biases
+        x, w_in, b_in, w_out, b_out = ffn_inputs(case, (6,), d, dtype, device)
+        return (
+            x.t().contiguous().t(),
+            w_in.t().contiguous().t(),
+            torch.stack([b_in, b_in]).t()[:, 0],
+            torch.cat([w_out, w_out], dim=1)[:, ::2],
+            torch.stack([b_out, b_out]).t()[:, 1],
+        )
+    if kind == "sliced-x":
+        x, *rest = ffn_inputs(case, (8,), 2 * d, dtype, device)
+        w_in = randn(rest[0].shape[0], d, dtype=dtype, device=device, scale=d**-0.5)
+        return (x[::2, ::2], w_in, *rest[1:])
+    raise ValueError(kind)
+
+
+FFN_SHAPES = ("3d", "4d", "0rows", "0rows-3d", "d_out", "d_ff-1", "noncontiguous", "sliced-x")
+
+
+# Layouts are dtype-independent above the kernels' two code paths: float32 and half.
+LAYOUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", FFN_SHAPES)
+@pytest.mark.parametrize("dtype", LAYOUT_DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_shapes_forward_backward(case, dtype, kind, device):
+    inputs = [None if t is None else t.requires_grad_() for t in shaped_ffn_inputs(case, kind, dtype, device)]
+    if kind in ("noncontiguous", "sliced-x"):
+        assert not inputs[0].is_contiguous()
+    check_ffn(case, inputs, with_grad=True)
+
+
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_expanded_grad_out(case, device):
+    """The zero-stride output gradient of out.sum()."""
+    inputs = ffn_inputs(case, (3, 4), 16, torch.float32, device, requires_grad=True)
+    grad_out = torch.ones((), device=device).expand(3, 4, 16)
+    (ours, theirs, ref), grads = run_three_ways(case.ours, case.ref, inputs, grad_out)
+    for name, (g, g_torch, g_ref) in zip(("grad_x", "grad_w_in", "grad_b_in", "grad_w_out", "grad_b_out"), grads):
+        assert_accurate(g, g_ref, g_torch, terms=2 * D_FF, rounded_terms=2 * D_FF, name=name)
+
+
+def subsets(names):
+    for k in range(1, len(names) + 1):
+        yield from itertools.combinations(names, k)
+
+
+ALL_ARGS = ("x", "w_in", "b_in", "w_out", "b_out")
+SUBSET_CASES = [(True, s) for s in subsets(ALL_ARGS)] + [(False, s) for s in subsets(("x", "w_in", "w_out"))]
+
+
+@pytest.mark.parametrize(
+    "with_bias,subset", SUBSET_CASES,
+    ids=[("bias:" if b else "nobias:") + "+".join(s) for b, s in SUBSET_CASES],
+)
+@pytest.mark.parametrize("case", [FFNS[0], FFNS[2]], ids=str)
+def test_ffn_backward_grad_subsets(case, with_bias, subset, device):
+    """Every needs_input_grad pattern (frozen weights, frozen input, ...)."""
+    inputs = ffn_inputs(case, (3, 4), 16, torch.float32, device, (with_bias, with_bias))
+    for name, t in zip(ALL_ARGS, inputs):
+        if t is not None:
+            t.requires_grad_(name in subset)
+    check_ffn(case, inputs, with_grad=True)
+
+
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_backward_op_grad_mask(case, device):
+    """The backward op returns [0] tensors for the gradients nobody asked for."""
+    x, w_in, b_in, w_out, b_out = ffn_inputs(case, (3,), 8, torch.float32, device)
+    op, act = ("gated_ffn", case.activation) if case.gated else ("gelu_ffn", case.approximate)
+    fwd, bwd = getattr(torch.ops.ffn, f"_{op}_fwd"), getattr(torch.ops.ffn, f"_{op}_bwd")
+    _out, preact = fwd(x, w_in, b_in, w_out, b_out, act)
+    grad_out = torch.ones(3, 8, device=device)
+    full = bwd(grad_out, x, preact, w_in, w_out, act, [True] * 5)
+    singles = [[i == j for j in range(5)] for i in range(5)]
+    for mask in singles + [[not m for m in single] for single in singles]:
+        got = bwd(grad_out, x, preact, w_in, w_out, act, list(mask))
+        for wanted, g, ref in zip(mask, got, full):
+            if wanted:
+                torch.testing.assert_close(g, ref, rtol=0, atol=0)
+            else:
+                assert g.shape == (0,)
+
+
+@pytest.mark.parametrize("biases", (BIASES["bias"], BIASES["nobias"]), ids=("bias", "nobias"))
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_gradcheck(case, biases, device):
+    inputs = ffn_inputs(case, (2, 3), 5, torch.float64, device, biases, d_ff=4, requires_grad=True)
+    assert torch.autograd.gradcheck(case.ours, inputs)
+
+
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_double_backward_raises(case, device):
+    inputs = ffn_inputs(case, (3,), 5, torch.float64, device, d_ff=4, requires_grad=True)
+    (gx,) = torch.autograd.grad(case.ours(*inputs).pow(2).sum(), inputs[0], create_graph=True)
+    op = "gelu_ffn" if not case.gated else "gated_ffn"
+    with pytest.raises(RuntimeError, match=f"double backward through {op} is not supported"):
+        gx.sum().backward()
+
+
+def test_ffn_saves_only_input_and_preactivation():
+    """Saved for backward: x, the pre-activation and the (parameter) weights; not the hidden tensor."""
+    case = FFNS[2]
+    x, w_in, b_in, w_out, b_out = ffn_inputs(case, (64,), 32, torch.float32, "cpu", requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        case.ours(x, w_in, b_in, w_out, b_out)
+    activations = [t for t in saved if t.data_ptr() not in (w_in.data_ptr(), w_out.data_ptr())]
+    assert sorted(t.shape for t in activations) == sorted([x.shape, torch.Size([64, 2 * D_FF])])
+
+
+# ----------------------------------------------------------------------------- elementwise pieces
+GATED_ACTS = ("silu", "gelu", "gelu_tanh", "relu")
+ELEMENTWISE_DIMS = (1, 7, 64, 127, 4097, 16384)
+
+
+def check_elementwise(ours_fn, ref_fn, inputs, with_grad=False, grad_out=None):
+    x = inputs[0]
+    if with_grad:
+        out_shape = ref_fn(*[None if t is None else t.detach() for t in inputs]).shape
+        grad_out = torch.randn(out_shape, dtype=x.dtype, device=x.device)
+    (ours, theirs, ref), grads = run_three_ways(ours_fn, ref_fn, inputs, grad_out)
+    assert_accurate(ours, ref, theirs)
+    for name, g in zip(("grad_x", "grad_bias"), grads or ()):
+        if g is not None:
+            # The bias gradient sums grad_x (rounded to the dtype) over rows.
+            terms = x[..., 0].numel() if name == "grad_bias" else 1
+            assert_accurate(g[0], g[2], g[1], terms=terms, rounded_terms=terms, name=name)
+
+
+def gated_activation_fns(act):
+    return (lambda gu: torch.ops.ffn.gated_activation(gu, act),
+            lambda gu: ffn.reference.gated_activation(gu, act))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("d_ff", ELEMENTWISE_DIMS)
+@pytest.mark.parametrize("act", GATED_ACTS)
+def test_gated_activation(act, d_ff, dtype, device):
+    gate_up = randn(max(2, 8192 // d_ff), 2 * d_ff, dtype=dtype, device=device, scale=2.0, requires_grad=True)
+    check_elementwise(*gated_activation_fns(act), (gate_up,), with_grad=True)
+
+
+def elementwise_input(kind, last, dtype, device):
+    if kind == "3d":
+        return randn(2, 3, last, dtype=dtype, device=device, scale=2.0)
+    if kind == "4d":
+        return randn(2, 2, 3, last, dtype=dtype, device=device, scale=2.0)
+    if kind == "0rows":
+        return randn(0, last, dtype=dtype, device=device)
+    if kind == "transposed":
+        return randn(last, 5, dtype=dtype, device=device, scale=2.0).t()
+    if kind == "sliced":
+        return randn(8, 2 * last, dtype=dtype, device=device, scale=2.0)[::2, ::2]
+    raise ValueError(kind)
+
+
+ELEMENTWISE_SHAPES = ("3d", "4d", "0rows", "transposed", "sliced")
+
+
+@pytest.mark.parametrize("kind", ELEMENTWISE_SHAPES)
+@pytest.mark.parametrize("dtype", LAYOUT_DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("act", GATED_ACTS)
+def test_gated_activation_shapes(act, dtype, kind, device):
+    gate_up = elementwise_input(kind, 2 * 37, dtype, device).requires_grad_()
+    assert gate_up.is_contiguous() == (kind not in ("transposed", "sliced"))
+    check_elementwise(*gated_activation_fns(act), (gate_up,), with_grad=True)
+
+
+def bias_gelu_fns(approximate):
+    return (lambda x, b: torch.ops.ffn.bias_gelu(x, b, approximate),
+            lambda x, b: ffn.reference.bias_gelu(x, b, approximate))
+
+
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "nobias"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("d", ELEMENTWISE_DIMS)
+@pytest.mark.parametrize("approximate", ("none", "tanh"))
+def test_bias_gelu(approximate, d, dtype, with_bias, device):
+    x = randn(max(2, 8192 // d), d, dtype=dtype, device=device, scale=2.0, requires_grad=True)
+    bias = randn(d, dtype=dtype, device=device, requires_grad=True) if with_bias else None
+    check_elementwise(*bias_gelu_fns(approximate), (x, bias), with_grad=True)
+
+
+@pytest.mark.parametrize("kind", ELEMENTWISE_SHAPES)
+@pytest.mark.parametrize("dtype", LAYOUT_DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("approximate", ("none", "tanh"))
+def test_bias_gelu_shapes(approximate, dtype, kind, device):
+    x = elementwise_input(kind, 37, dtype, device).requires_grad_()
+    bias = randn(2, 37, dtype=dtype, device=device)[1].requires_grad_()
+    check_elementwise(*bias_gelu_fns(approximate), (x, bias), with_grad=True)
+
+
+def test_elementwise_expanded_grad_out(device):
+    """The zero-stride output gradients of .sum()."""
+    gate_up = randn(4, 2 * 24, device=device, scale=2.0, requires_grad=True)
+    check_elementwise(*gated_activation_fns("silu"), (gate_up,), grad_out=torch.ones((), device=device).expand(4, 24))
+    x, bias = randn(4, 24, device=device, requires_grad=True), randn(24, device=device, requires_grad=True)
+    check_elementwise(*bias_gelu_fns("none"), (x, bias), grad_out=torch.ones((), device=device).expand(4, 24))
+
+
+@pytest.mark.parametrize("subset", (("x",), ("bias",), ("x", "bias")), ids="+".join)
+@pytest.mark.parametrize("approximate", ("none", "tanh"))
+def test_bias_gelu_grad_subsets(approximate, subset, device):
+    x = randn(6, 40, device=device, scale=2.0, requires_grad="x" in subset)
+    bias = randn(40, device=device, requires_grad="bias" in subset)
+    check_elementwise(*bias_gelu_fns(approximate), (x, bias), with_grad=True)
+
+
+# Widths with whole AVX2/AVX-512 float vectors and every tail length.
+EXACT_SIZES = (1, 3, 7, 8, 15, 16, 17, 64, 127, 4097)
+
+
+# ATen's float32 activation kernels have a vectorized loop and a scalar one
+# (std::exp, std::erf) for what a row leaves over, and F.gelu(approximate="none")
+# on a contiguous float32 tensor runs oneDNN's GELU instead; these differ in the
+# last bit. Ours runs ATen's vectorized formulas on every element, tails included:
+# it is compared with ATen's vectorized loop on the same values, laid out as a
+# non-contiguous view (no oneDNN) whose rows are whole numbers of vectors.
+def aten_vectorized(fn, t):
+    n = t.numel()
+    width = -(-n // 64) * 64  # whole AVX2/AVX-512 float vectors
+    buffer = torch.zeros(2, 2 * width)
+    view = buffer[:, :width]
+    view[0, :n] = t.flatten()
+    return fn(view)[0, :n].view(t.shape)
+
+
+@pytest.mark.parametrize("act", GATED_ACTS)
+def test_gated_activation_float32_bit_exact(act):
+    """float32 gated activations use ATen's formulas: act(gate) * up to the bit."""
+    for d_ff in EXACT_SIZES:
+        gate, up = randn(5, d_ff, scale=3.0), randn(5, d_ff)
+        ours = torch.ops.ffn.gated_activation(torch.cat([gate, up], dim=-1), act)
+        expected = aten_vectorized(ffn.reference.GATED_ACTIVATIONS[act], gate) * up
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=f"d_ff={d_ff}")
+
+
+@pytest.mark.parametrize("approximate", ("none", "tanh"))
+def test_bias_gelu_float32_bit_exact(approximate):
+    """float32 bias_gelu is ATen's gelu(x + bias) to the bit."""
+    gelu = lambda t: torch.nn.functional.gelu(t, approximate=approximate)  # noqa: E731
+    for d in EXACT_SIZES:
+        x, bias = randn(5, d, scale=3.0), randn(d)
+        torch.testing.assert_close(torch.ops.ffn.bias_gelu(x, bias, approximate), aten_vectorized(gelu, x + bias),
+                                   rtol=0, atol=0, msg=f"d={d}")
+        torch.testing.assert_close(torch.ops.ffn.bias_gelu(x, None, approximate), aten_vectorized(gelu, x),
+                                   rtol=0, atol=0, msg=f"d={d}, no bias")
+
+
+@pytest.mark.parametrize("act", GATED_ACTS)
+def test_gated_activation_gradcheck(act, device):
+    gate_up = randn(2, 3, 10, dtype=torch.float64, device=device, scale=2.0, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda gu: torch.ops.ffn.gated_activation(gu, act), (gate_up,))
+
+
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "nobias"))
+@pytest.mark.parametrize("approximate", ("none", "tanh"))
+def test_bias_gelu_gradcheck(approximate, with_bias, device):
+    x = randn(2, 3, 6, dtype=torch.float64, device=device, scale=2.0, requires_grad=True)
+    bias = randn(6, dtype=torch.float64, device=device, requires_grad=True) if with_bias else None
+    assert torch.autograd.gradcheck(lambda x, b: torch.ops.ffn.bias_gelu(x, b, approximate), (x, bias))
+
+
+def test_elementwise_double_backward_raises(device):
+    gate_up = randn(3, 8, dtype=torch.float64, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.ops.ffn.gated_activation(gate_up).pow(2).sum(), gate_up, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through gated_activation is not supported"):
+        g.sum().backward()
+    x = randn(3, 8, dtype=torch.float64, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.ops.ffn.bias_gelu(x, None).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through bias_gelu is not supported"):
+        g.sum().backward()
+
+
+# ----------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("case", [FFNS[0], FFNS[2]], ids=str)
+def test_ffn_weight_grads_deterministic(case):
+    """Weight and bias gradients are bit-identical run to run and for 1 vs 2 threads."""
+    inputs = ffn_inputs(case, (512,), 64, torch.float32, "cpu", d_ff=48, requires_grad=True)
+    grad_out = torch.randn(512, 64)
+
+    def param_grads():
+        return torch.autograd.grad(case.ours(*inputs), inputs[1:], grad_out)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = param_grads(), param_grads()
+        torch.set_num_threads(1)
+        single = param_grads()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_bias_gelu_bias_grad_deterministic():
+    x = randn(2000, 40, scale=2.0)
+    bias = randn(40, requires_grad=True)
+    grad = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = torch.autograd.grad(torch.ops.ffn.bias_gelu(x, bias), bias, grad)[0]
+        second = torch.autograd.grad(torch.ops.ffn.bias_gelu(x, bias), bias, grad)[0]
+        torch.set_num_threads(1)
+        single = torch.autograd.grad(torch.ops.ffn.bias_gelu(x, bias), bias, grad)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, second) and torch.equal(first, single)

@@ -1,0 +1,210 @@
+"""The nn.Modules: drop-in state_dict compatibility with torch.nn.LayerNorm /
+torch.nn.RMSNorm, state_dict round trips, from_linear, backend parity, deepcopy."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ffn
+from helpers import assert_accurate, randn, run_three_ways
+
+pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
+
+
+def randomize(module):
+    """Parameters away from their ones/zeros init, so a swapped weight and bias would show."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+    return module
+
+
+def assert_same(ours, theirs):
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs)
+
+
+def load_into(ours, theirs):
+    """Loads torch's state_dict into ours (strict) and checks the keys are the same."""
+    state = theirs.state_dict()
+    assert set(ours.state_dict()) == set(state)
+    ours.load_state_dict(state)
+    return ours
+
+
+LAYER_NORM_CONFIGS = {
+    "default": ((16,), {}),
+    "int-shape": (16, {}),
+    "no-affine": ((16,), {"elementwise_affine": False}),
+    "no-bias": ((16,), {"bias": False}),
+    "multi-dim": ((4, 8), {}),
+    "eps": ((16,), {"eps": 1e-2}),
+}
+
+
+@pytest.mark.parametrize("config", LAYER_NORM_CONFIGS.values(), ids=LAYER_NORM_CONFIGS.keys())
+def test_layer_norm_loads_torch_state_dict(config, device):
+    shape, kwargs = config
+    theirs = randomize(nn.LayerNorm(shape, device=device, **kwargs))
+    ours = load_into(ffn.LayerNorm(shape, device=device, **kwargs), theirs)
+    trailing = (shape,) if isinstance(shape, int) else shape
+    x = randn(2, 3, *trailing, device=device, scale=2.0, shift=1.0, requires_grad=True)
+    assert_same(ours(x), theirs(x))
+    grad = torch.randn_like(x)
+    for got, expected in zip(torch.autograd.grad(ours(x), [x, *ours.parameters()], grad),
+                             torch.autograd.grad(theirs(x), [x, *theirs.parameters()], grad)):
+        assert_same(got, expected)
+
+
+RMS_NORM_CONFIGS = {
+    "default": ((16,), {}),
+    "eps": ((16,), {"eps": 1e-3}),
+    "no-affine": ((16,), {"elementwise_affine": False}),
+    "multi-dim": ((4, 8), {}),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("config", RMS_NORM_CONFIGS.values(), ids=RMS_NORM_CONFIGS.keys())
+def test_rms_norm_loads_torch_state_dict(config, dtype, device):
+    """Includes eps=None (torch: the machine epsilon of the computation type)."""
+    shape, kwargs = config
+    theirs = randomize(nn.RMSNorm(shape, device=device, dtype=dtype, **kwargs))
+    ours = load_into(ffn.RMSNorm(shape, device=device, dtype=dtype, **kwargs), theirs)
+    # Small inputs: eps matters, so a wrong default eps would show.
+    x = randn(2, 3, *shape, dtype=dtype, device=device, scale=1e-3)
+    assert_same(ours(x), theirs(x))
+    # Gradients at unit scale (where grad_x does not cancel down to its rounding errors).
+    x = randn(2, 3, *shape, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    for got, expected in zip(torch.autograd.grad(ours(x), [x, *ours.parameters()], grad),
+                             torch.autograd.grad(theirs(x), [x, *theirs.parameters()], grad)):
+        assert_same(got, expected)
+
+
+def test_rms_norm_default_eps_matters():
+    """The eps=None default is really float32's machine epsilon, not 0 nor 1e-6."""
+    x = torch.full((1, 4), 1e-4)
+    y = ffn.RMSNorm(4)(x)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(y, expected)
+    assert not torch.allclose(y, ffn.RMSNorm(4, eps=0.0)(x))
+
+
+def test_rms_norm_with_bias():
+    """RMSNorm(bias=True): F.rms_norm + a learnable beta; state_dict keys weight and bias."""
+    ours = randomize(ffn.RMSNorm(16, bias=True, eps=1e-6))
+    assert set(ours.state_dict()) == {"weight", "bias"}
+    x = randn(4, 16, scale=2.0, shift=1.0)
+    assert_same(ours(x), F.rms_norm(x, (16,), ours.weight, 1e-6) + ours.bias)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (ffn.LayerNorm, {}),
+    (ffn.RMSNorm, {"bias": True}),
+    (ffn.GeluFFN, {"d_ff": 24}),
+    (ffn.GeluFFN, {"d_ff": 24, "bias": False, "approximate": "tanh", "d_out": 8}),
+    (ffn.SwiGLU, {"d_ff": 24}),
+    (ffn.SwiGLU, {"d_ff": 24, "bias": True, "d_out": 8}),
+    (ffn.GeGLU, {"d_ff": 24}),
+    (ffn.ReGLU, {"d_ff": 24, "bias": True}),
+], ids=lambda v: v.__name__ if isinstance(v, type) else "-".join(f"{k}={w}" for k, w in v.items()))
+def test_state_dict_round_trip_and_deepcopy(cls, kwargs):
+    module = randomize(cls(16, **kwargs))
+    fresh = cls(16, **kwargs)
+    fresh.load_state_dict(module.state_dict())
+    twin = copy.deepcopy(module)
+    assert all(a is not b for a, b in zip(module.parameters(), twin.parameters()))
+    x = randn(2, 5, 16)
+    expected = module(x)
+    assert_same(fresh(x), expected)
+    assert_same(twin(x), expected)
+    # The same module on the other backend gives the same numbers.
+    other = cls(16, backend="torch", **kwargs)
+    other.load_state_dict(module.state_dict())
+    assert_same(other(x), expected)
+
+
+@pytest.mark.parametrize("cls,act", [(ffn.SwiGLU, F.silu), (ffn.GeGLU, F.gelu), (ffn.ReGLU, F.relu)],
+                         ids=("SwiGLU", "GeGLU", "ReGLU"))
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_from_linear_equals_three_linear_block(cls, act, bias, device):
+    gate, up = nn.Linear(16, 40, bias=bias, device=device), nn.Linear(16, 40, bias=bias, device=device)
+    down = nn.Linear(40, 12, bias=bias, device=device)
+    module = cls.from_linear(gate, up, down)
+    assert module.w_gate_up.shape == (80, 16) and module.w_down.shape == (12, 40)
+    x = randn(3, 7, 16, device=device, requires_grad=True)
+    assert_same(module(x), down(act(gate(x)) * up(x)))
+    grad = torch.randn(3, 7, 12, device=device)
+    (gx_ours,) = torch.autograd.grad(module(x), x, grad)
+    (gx_theirs,) = torch.autograd.grad(down(act(gate(x)) * up(x)), x, grad)
+    assert_same(gx_ours, gx_theirs)
+
+
+def test_gelu_ffn_module_equals_two_linear_block():
+    module = randomize(ffn.GeluFFN(16, 48, approximate="tanh"))
+    x = randn(4, 16)
+    expected = F.linear(F.gelu(F.linear(x, module.w1, module.b1), approximate="tanh"), module.w2, module.b2)
+    assert_same(module(x), expected)
+
+
+BACKEND_CASES = [
+    (ffn.LayerNorm, {}, (16, 1)),
+    (ffn.RMSNorm, {"bias": True, "eps": 1e-5}, (16, 1)),
+    (ffn.GeluFFN, {"d_ff": 32}, (32, 32)),
+    (ffn.SwiGLU, {"d_ff": 20, "bias": True}, (40, 40)),
+    (ffn.GeGLU, {"d_ff": 20}, (40, 40)),
+    (ffn.ReGLU, {"d_ff": 20}, (40, 40)),
+]
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=[c[0].__name__ for c in BACKEND_CASES])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_backends_agree_forward_and_backward(case, dtype, device):
+    """backend="ffn" and backend="torch": same outputs and gradients, to the accuracy of
+    the dtype (judged as in helpers.assert_accurate, against the float64 module; terms and
+    rounded terms: the longest sum over d = 16, d_ff or 2 * d_ff, and the 15 rows)."""
+    cls, kwargs, (terms, rounded_terms) = case
+    ours = randomize(cls(16, dtype=dtype, device=device, **kwargs))
+    theirs = cls(16, dtype=dtype, device=device, backend="torch", **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    names = [name for name, _ in ours.named_parameters()]
+
+    def call(module):
+        return lambda x, *params: torch.func.functional_call(module, dict(zip(names, params)), (x,))
+
+    x = randn(3, 5, 16, dtype=dtype, device=device, requires_grad=True)
+    inputs = [x, *(p.detach().requires_grad_() for p in ours.parameters())]
+    (out, out_torch, out_ref), grads = run_three_ways(call(ours), call(theirs), inputs,
+                                                      torch.randn(3, 5, 16, dtype=dtype, device=device))
+    assert_accurate(out, out_ref, out_torch, terms=terms, rounded_terms=rounded_terms)
+    for name, (g, g_torch, g_ref) in zip(["x", *names], grads):
+        assert_accurate(g, g_ref, g_torch, terms=terms, rounded_terms=rounded_terms, name=f"grad {name}")
+
+
+def test_gated_modules_use_d_ff_as_given_and_linear_init():
+    module = ffn.SwiGLU(64, 100, bias=True, d_out=32)
+    assert module.w_gate_up.shape == (200, 64) and module.b_gate_up.shape == (200,)
+    assert module.w_down.shape == (32, 100) and module.b_down.shape == (32,)
+    # nn.Linear's init: uniform within 1/sqrt(fan_in), gate and up each drawn like their own Linear.
+    bound_in, bound_out = 64**-0.5, 100**-0.5
+    assert module.w_gate_up.abs().max() <= bound_in and module.w_down.abs().max() <= bound_out
+    assert module.w_gate_up.abs().max() > 0.9 * bound_in and module.b_gate_up.abs().max() <= bound_in
+    assert not torch.equal(module.w_gate_up[:100], module.w_gate_up[100:])
+
+
+def test_norm_modules_initialize_like_torch():
+    assert torch.equal(ffn.LayerNorm(8).weight, torch.ones(8))
+    assert torch.equal(ffn.LayerNorm(8).bias, torch.zeros(8))
+    assert torch.equal(ffn.RMSNorm(8).weight, torch.ones(8)) and ffn.RMSNorm(8).bias is None
+    assert ffn.LayerNorm(8, elementwise_affine=False).weight is None
+
+
+def test_modules_factory_kwargs():
+    module = ffn.SwiGLU(8, 16, dtype=torch.bfloat16, device="meta")
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "meta" for p in module.parameters())
+    norm = ffn.LayerNorm(8, dtype=torch.float64)
+    assert norm.weight.dtype == torch.float64
