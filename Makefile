@@ -42,8 +42,11 @@ build: venv
 	MAX_JOBS=$(JOBS) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
 # The same C++ sources as a shared library against LibTorch, plus the GoogleTest binary.
+# FFN_CPU_CAPABILITY=DEFAULT|AVX2 (as for setup.py) is passed on explicitly, so
+# that it also changes an existing build directory's cached choice.
 build-cpp: venv system-deps
 	cmake -S . -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  $(if $(FFN_CPU_CAPABILITY),-DFFN_CPU_CAPABILITY=$(FFN_CPU_CAPABILITY)) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build $(CPP_BUILD) -j $(JOBS)
 
@@ -54,7 +57,7 @@ test-python: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-cpp: build-cpp
-	cd $(CPP_BUILD) && ctest --output-on-failure
+	cd $(CPP_BUILD) && ctest --output-on-failure -j $(JOBS)
 
 # --- jobs -------------------------------------------------------------------
 ab: build
