@@ -66,7 +66,7 @@ def extension():
     cxx_flags = ["-O3", "-fopenmp", "-DFFN_PYTHON_MODULE"] + cpu_capability_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
-        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         return CUDAExtension(
             "ffn._C",
             cpu_sources + cuda_sources,

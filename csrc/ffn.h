@@ -106,5 +106,9 @@ namespace cpu {
 extern const NormKernels kNormKernels;
 extern const ActivationKernels kActivationKernels;
 }  // namespace cpu
+namespace cuda {  // csrc/cuda/, built when the extension has CUDA
+extern const NormKernels kNormKernels;
+extern const ActivationKernels kActivationKernels;
+}  // namespace cuda
 
 }  // namespace ffn

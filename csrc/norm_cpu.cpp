@@ -11,6 +11,7 @@
 // accumulates its own float32 partial sums and the chunks are added in order,
 // so the result does not depend on the thread count and is bit-reproducible.
 #include "cpu_vec.h"
+#include "dispatch.h"
 #include "ffn.h"
 
 #include <ATen/ATen.h>
@@ -184,24 +185,9 @@ void backward_kernel(const Tensor& grad_y, const Tensor& x, const Tensor& mean, 
   if (db_acc != nullptr) reduce_chunks(db_acc, grad_bias.mutable_data_ptr<P>());
 }
 
-// Calls fn(T{}, P{}) with T = x's dtype and P = the parameters' dtype (T, or
-// float32 for half x).
-template <typename Fn>
-void dispatch_norm(const Tensor& x, const Tensor& param, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_norm_cpu", [&] {
-    if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
-      if (param.defined() && param.scalar_type() == at::kFloat) {
-        fn(scalar_t{}, float{});
-        return;
-      }
-    }
-    fn(scalar_t{}, scalar_t{});
-  });
-}
-
 void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
                   bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd) {
-  dispatch_norm(x, weight.defined() ? weight : bias, [&](auto t, auto p) {
+  dispatch_norm_types(x, weight.defined() ? weight : bias, [&](auto t, auto p) {
     forward_kernel<decltype(t), decltype(p)>(x, weight, bias, eps, center, y, mean, rstd);
   });
 }
@@ -209,7 +195,7 @@ void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
 void norm_backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
                    const Tensor& weight, bool center, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias) {
-  dispatch_norm(x, weight.defined() ? weight : grad_bias, [&](auto t, auto p) {
+  dispatch_norm_types(x, weight.defined() ? weight : grad_bias, [&](auto t, auto p) {
     backward_kernel<decltype(t), decltype(p)>(grad_y, x, mean, rstd, weight, center, grad_x,
                                               grad_weight, grad_bias);
   });

@@ -1,0 +1,297 @@
+// CUDA kernels of the FFN ops' fused elementwise passes (the ActivationKernels
+// table): bias + activation (+ gate * up) forward, the activation's derivative
+// backward, recomputing the hidden activation when asked.
+//
+// A 2-D grid over [rows, F]: each thread handles one 128-bit word of a row
+// (gate, up, bias, h and the gradients at the same columns), threads of a block
+// along a row's words first, then over rows; both dimensions stride, with 64-bit
+// indices. Math in float32 (float64 for float64).
+//
+// The activation formulas are ATen's CUDA ones term for term (ActivationGeluKernel.cu,
+// ActivationSiluKernel.cu, relu as clamp_min / threshold_backward), so results
+// match F.gelu / F.silu / F.relu; the gated products are formed in float32
+// before the single rounding to the output dtype.
+#include "ffn.h"
+#include "vec.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+namespace ffn {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ float erf_acc(float v) { return erff(v); }
+__device__ __forceinline__ double erf_acc(double v) { return erf(v); }
+__device__ __forceinline__ float exp_acc(float v) { return expf(v); }
+__device__ __forceinline__ double exp_acc(double v) { return exp(v); }
+__device__ __forceinline__ float tanh_acc(float v) { return tanhf(v); }
+__device__ __forceinline__ double tanh_acc(double v) { return tanh(v); }
+
+// Each activation: value(x), and backward(x, dy) = dy * act'(x).
+template <Activation kAct>
+struct Act;
+
+template <>
+struct Act<Activation::kGelu> {
+  template <typename A>
+  __device__ static A value(A x) {
+    constexpr A kAlpha = M_SQRT1_2;
+    return x * A(0.5) * (A(1) + erf_acc(x * kAlpha));
+  }
+  template <typename A>
+  __device__ static A backward(A x, A dy) {
+    constexpr A kBeta = M_2_SQRTPI * M_SQRT1_2 * A(0.5);
+    constexpr A kAlpha = M_SQRT1_2;
+    const A cdf = A(0.5) * (A(1) + erf_acc(x * kAlpha));
+    const A pdf = exp_acc(A(-0.5) * x * x) * kBeta;
+    return dy * (cdf + x * pdf);
+  }
+};
+
+template <>
+struct Act<Activation::kGeluTanh> {
+  template <typename A>
+  __device__ static A value(A x) {
+    constexpr A kBeta = M_SQRT2 * M_2_SQRTPI * A(0.5);
+    constexpr A kKappa = 0.044715;
+    const A x_cube = x * x * x;
+    const A inner = kBeta * (x + kKappa * x_cube);
+    return A(0.5) * x * (A(1) + tanh_acc(inner));
+  }
+  template <typename A>
+  __device__ static A backward(A x, A dy) {
+    constexpr A kBeta = M_SQRT2 * M_2_SQRTPI * A(0.5);
+    constexpr A kKappa = 0.044715;
+    const A x_sq = x * x;
+    const A x_cube = x_sq * x;
+    const A inner = kBeta * (x + kKappa * x_cube);
+    const A tanh_inner = tanh_acc(inner);
+    const A left = A(0.5) * x;
+    const A right = A(1) + tanh_inner;
+    const A left_derivative = A(0.5) * right;
+    const A tanh_derivative = A(1) - tanh_inner * tanh_inner;
+    const A inner_derivative = kBeta * (A(1) + A(3) * kKappa * x_sq);
+    const A right_derivative = left * tanh_derivative * inner_derivative;
+    return dy * (left_derivative + right_derivative);
+  }
+};
+
+template <>
+struct Act<Activation::kSilu> {
+  template <typename A>
+  __device__ static A value(A x) {
+    return x / (A(1) + exp_acc(-x));
+  }
+  template <typename A>
+  __device__ static A backward(A x, A dy) {
+    const A sigmoid = A(1) / (A(1) + exp_acc(-x));
+    return dy * sigmoid * (A(1) + x * (A(1) - sigmoid));
+  }
+};
+
+template <>
+struct Act<Activation::kRelu> {
+  template <typename A>
+  __device__ static A value(A x) {
+    return x <= A(0) ? A(0) : x;  // NaN propagates, as clamp_min
+  }
+  template <typename A>
+  __device__ static A backward(A x, A dy) {
+    return x <= A(0) ? A(0) : dy;  // threshold_backward: zero gradient at 0
+  }
+};
+
+template <typename T>
+struct ActivationArgs {
+  const T* z;       // [rows, z_cols]: pre-activation (gate | up when gated)
+  T* preact;        // z itself when the forward stores z + bias back, else null
+  const T* bias;    // [z_cols] or null
+  const T* grad_h;  // [rows, F] (backward)
+  T* grad_z;        // [rows, z_cols] (backward; may alias grad_h when not gated)
+  T* h;             // [rows, F] or null in the backward
+  int64_t rows, F, z_cols;
+  bool gated, vectorized;
+};
+
+// z + bias at columns [col, col + V) of a row, rounded to T as the stored
+// pre-activation is.
+template <typename T>
+__device__ __forceinline__ void load_preact(const T* z, const T* bias, int64_t count,
+                                            bool vectorized, acc_t<T> (&out)[kVecWidth<T>]) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  load<V>(z, count, vectorized, out);
+  if (bias == nullptr) return;
+  A b[V];
+  load<V>(bias, count, vectorized, b);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = static_cast<A>(static_cast<T>(out[k] + b[k]));
+}
+
+// Calls fn(row, col, count) for every word of [rows, F] this thread owns.
+template <typename T, typename Fn>
+__device__ __forceinline__ void for_each_word(const ActivationArgs<T>& a, const Fn& fn) {
+  constexpr int V = kVecWidth<T>;
+  const int64_t words = ceil_div(a.F, V);
+  for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < a.rows;
+       row += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < words;
+         w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      fn(row, w * V, a.F - w * V);
+    }
+  }
+}
+
+template <typename T, Activation kAct>
+__global__ void activation_forward_kernel(const ActivationArgs<T> a) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  for_each_word(a, [&](int64_t row, int64_t col, int64_t count) {
+    const int64_t offset = row * a.z_cols + col;
+    const T* z = a.z + offset;
+    T* preact = a.preact != nullptr ? a.preact + offset : nullptr;
+    A gate[V], out[V];
+    load_preact(z, a.bias != nullptr ? a.bias + col : nullptr, count, a.vectorized, gate);
+    if (preact != nullptr) store<V>(preact, count, a.vectorized, gate);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = Act<kAct>::value(gate[k]);
+    if (a.gated) {
+      A up[V];
+      load_preact(z + a.F, a.bias != nullptr ? a.bias + a.F + col : nullptr, count, a.vectorized,
+                  up);
+      if (preact != nullptr) store<V>(preact + a.F, count, a.vectorized, up);
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = out[k] * up[k];
+    }
+    store<V>(a.h + row * a.F + col, count, a.vectorized, out);
+  });
+}
+
+template <typename T, Activation kAct>
+__global__ void activation_backward_kernel(const ActivationArgs<T> a) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  for_each_word(a, [&](int64_t row, int64_t col, int64_t count) {
+    const T* z = a.z + row * a.z_cols + col;
+    T* grad_z = a.grad_z + row * a.z_cols + col;
+    A gate[V], grad_h[V];
+    load_preact(z, a.bias != nullptr ? a.bias + col : nullptr, count, a.vectorized, gate);
+    // Read before grad_z is written: they may be the same memory.
+    load<V>(a.grad_h + row * a.F + col, count, a.vectorized, grad_h);
+    T* h = a.h != nullptr ? a.h + row * a.F + col : nullptr;
+    if (!a.gated) {
+      A grad_gate[V], act[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) grad_gate[k] = Act<kAct>::backward(gate[k], grad_h[k]);
+      store<V>(grad_z, count, a.vectorized, grad_gate);
+      if (h != nullptr) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) act[k] = Act<kAct>::value(gate[k]);
+        store<V>(h, count, a.vectorized, act);
+      }
+      return;
+    }
+    A up[V], grad_gate[V], grad_up[V], hidden[V];
+    load_preact(z + a.F, a.bias != nullptr ? a.bias + a.F + col : nullptr, count, a.vectorized,
+                up);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A act = Act<kAct>::value(gate[k]);
+      grad_gate[k] = Act<kAct>::backward(gate[k], grad_h[k] * up[k]);
+      grad_up[k] = grad_h[k] * act;
+      hidden[k] = act * up[k];
+    }
+    store<V>(grad_z, count, a.vectorized, grad_gate);
+    store<V>(grad_z + a.F, count, a.vectorized, grad_up);
+    if (h != nullptr) store<V>(h, count, a.vectorized, hidden);
+  });
+}
+
+template <typename Fn>
+void dispatch_activation(Activation act, const Fn& fn) {
+  switch (act) {
+    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh:
+      return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
+    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
+  }
+}
+
+constexpr int kBlockThreads = 256;
+constexpr int64_t kMaxGridDim = 65535;
+
+// Threads along a row's words (a power of two up to a block), the rest over rows.
+template <typename T, typename Kernel>
+void launch(Kernel kernel, ActivationArgs<T> a) {
+  constexpr int V = kVecWidth<T>;
+  const int64_t words = ceil_div(a.F, V);
+  if (a.rows == 0 || words == 0) return;
+  a.vectorized = a.F % V == 0 && all_aligned16({a.z, a.preact, a.bias, a.grad_h, a.grad_z, a.h});
+  int threads_x = 1;
+  while (threads_x < words && threads_x < kBlockThreads) threads_x *= 2;
+  const dim3 block(threads_x, kBlockThreads / threads_x);
+  const dim3 grid(static_cast<unsigned>(std::min(ceil_div(words, block.x), kMaxGridDim)),
+                  static_cast<unsigned>(std::min(ceil_div(a.rows, block.y), kMaxGridDim)));
+  kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void activation_forward(const Tensor& z, const Tensor& bias, Activation act, bool gated,
+                        bool write_preact, const Tensor& h) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_fwd_cuda", [&] {
+    // z + bias is stored back only where there is a bias (else z is already it).
+    const bool store_preact = write_preact && bias.defined();
+    ActivationArgs<scalar_t> a{z.const_data_ptr<scalar_t>(),
+                               store_preact ? z.mutable_data_ptr<scalar_t>() : nullptr,
+                               bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                               nullptr,
+                               nullptr,
+                               h.mutable_data_ptr<scalar_t>(),
+                               h.size(0),
+                               h.size(1),
+                               z.size(1),
+                               gated,
+                               false};
+    dispatch_activation(act, [&](auto kind) {
+      launch(activation_forward_kernel<scalar_t, decltype(kind)::value>, a);
+    });
+  });
+}
+
+void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
+                         bool gated, const Tensor& grad_z, const Tensor& h) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_bwd_cuda", [&] {
+    ActivationArgs<scalar_t> a{z.const_data_ptr<scalar_t>(),
+                               nullptr,
+                               bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                               grad_h.const_data_ptr<scalar_t>(),
+                               grad_z.mutable_data_ptr<scalar_t>(),
+                               h.defined() ? h.mutable_data_ptr<scalar_t>() : nullptr,
+                               grad_h.size(0),
+                               grad_h.size(1),
+                               z.size(1),
+                               gated,
+                               false};
+    dispatch_activation(act, [&](auto kind) {
+      launch(activation_backward_kernel<scalar_t, decltype(kind)::value>, a);
+    });
+  });
+}
+
+}  // namespace
+
+const ActivationKernels kActivationKernels{&activation_forward, &activation_backward};
+
+}  // namespace cuda
+}  // namespace ffn

@@ -1,0 +1,769 @@
+// CUDA kernels of layer_norm and rms_norm (the NormKernels table).
+//
+// These ops are memory bound, so the kernels aim at reading x (and dy) once from
+// HBM and writing y (dx) once, with 128-bit accesses.
+//
+// Register kernels (norm_forward_kernel, norm_backward_kernel): a group of
+// `threads_per_row` threads holds a row in registers as raw 128-bit words
+// (kForwardWords / kBackwardWords<T> per thread) while the statistics are reduced
+// in float32: shuffles within a warp, shared memory across warps. Short rows take
+// part of a warp (a power of two lanes, several rows per warp), longer ones whole
+// warps, up to a 1024-thread block. Forward: up to 2048 words (16384 bf16/fp16,
+// 8192 fp32, 4096 fp64 elements); backward, with x and dy and the parameter
+// gradient accumulators in registers: 8192 elements (2048 fp64). The word
+// counts keep the kernels within 64 registers at 1024 threads without spills.
+//
+// Longer rows (norm_*_long_row_kernel): one 1024-thread block per row loops over
+// it, keeping the words it read in shared memory when they fit (else the second
+// pass re-reads them, mostly from L2).
+//
+// Weight/bias gradients, without atomics and bit-reproducible: each block adds
+// dy * xhat and dy over the rows it handles (register kernel: in registers, its
+// row groups then summed through shared memory in a fixed order; long rows: in
+// shared memory) and writes one float32 row of partial sums; sum_partials adds
+// these rows in order. Those grids are one wave of resident blocks, a function
+// of the device and the shape only. Rows too long even for shared accumulators
+// go to norm_param_grad_columns_kernel, which re-reads x and dy.
+//
+// Formulas (as the CPU kernels, two-pass variance, statistics in float32 or
+// float64 for double; g = dy * w, xhat = (x - mean) * rstd):
+//   mean = sum(x) / d,  rstd = 1 / sqrt(sum((x - mean)^2) / d + eps)   (RMSNorm: mean = 0)
+//   y = xhat * w + b
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))                   (RMSNorm: no mean(g))
+#include "dispatch.h"
+#include "ffn.h"
+#include "reduce.cuh"
+#include "vec.cuh"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+namespace ffn {
+namespace cuda {
+namespace {
+
+// 128-bit words of a row per thread in the register kernels (see above).
+constexpr int kForwardWords = 2;
+template <typename T>
+inline constexpr int kBackwardWords = sizeof(T) == 4 ? 2 : 1;
+
+// Threads per block the row layout aims at (several rows per block for short rows).
+constexpr int kForwardBlock = 256;
+constexpr int kBackwardBlock = 512;
+// One block per row for rows too long for registers.
+constexpr int kLongRowBlock = 1024;
+constexpr int kMaxThreadsPerSm = 2048;  // sm_80 and sm_90
+// Shared memory a kernel may use without opting in.
+constexpr size_t kDefaultSharedMemory = 48 * 1024;
+
+struct RowLayout {
+  int threads_per_row;  // a power of two <= 32, or a multiple of 32 <= 1024
+  int rows_per_block;
+  int block;  // threads_per_row * rows_per_block, a multiple of 32
+};
+
+// The layout for rows of `words` 128-bit words with up to `words_per_thread`
+// words per thread; the caller makes sure one block can hold a row.
+RowLayout row_layout(int64_t words, int words_per_thread, int target_block) {
+  const int64_t threads = std::max<int64_t>(1, ceil_div(words, words_per_thread));
+  TORCH_INTERNAL_ASSERT(threads <= kMaxBlockThreads);
+  int threads_per_row = 1;
+  if (threads <= kWarpSize) {
+    while (threads_per_row < threads) threads_per_row *= 2;
+  } else {
+    threads_per_row = static_cast<int>(ceil_div(threads, kWarpSize) * kWarpSize);
+  }
+  const int rows_per_block = std::max(1, target_block / threads_per_row);
+  return {threads_per_row, rows_per_block, threads_per_row * rows_per_block};
+}
+
+int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+
+// Dynamic shared memory a kernel with a little static shared memory may ask for.
+size_t max_dynamic_shared_memory() {
+  return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)) - 1024;
+}
+
+template <typename Kernel>
+void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes > kDefaultSharedMemory) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_data_or_null(const Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+__device__ __forceinline__ float sqrt_acc(float v) { return sqrtf(v); }
+__device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
+
+// ---------------------------------------------------------------------------
+// Forward.
+template <typename T, typename P>
+struct ForwardArgs {
+  const T* __restrict__ x;
+  const P* __restrict__ weight;  // nullable
+  const P* __restrict__ bias;    // nullable
+  T* __restrict__ y;
+  acc_t<T>* __restrict__ mean;  // nullable: RMSNorm
+  acc_t<T>* __restrict__ rstd;
+  int64_t rows, d;
+  acc_t<T> eps;
+  int threads_per_row;
+  bool vectorized;
+};
+
+// y for one word at column `col` (< d) of a row; index = row * d + col.
+template <typename T, typename P>
+__device__ __forceinline__ void store_output(const ForwardArgs<T, P>& a, const Vec<T>& xw,
+                                             int64_t index, int64_t col, acc_t<T> mu,
+                                             acc_t<T> rs) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  const int64_t count = a.d - col;
+  A out[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = (static_cast<A>(xw.val[k]) - mu) * rs;
+  if (a.weight != nullptr) {
+    A w[V];
+    load<V>(a.weight + col, count, a.vectorized, w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = out[k] * w[k];
+  }
+  if (a.bias != nullptr) {
+    A b[V];
+    load<V>(a.bias + col, count, a.vectorized, b);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = out[k] + b[k];
+  }
+  store<V>(a.y + index, count, a.vectorized, out);
+}
+
+// Sum over the valid elements of a word (loads zero-fill, but x - mean does not
+// vanish past the end of the row).
+template <typename T>
+__device__ __forceinline__ acc_t<T> word_sum_sq(const Vec<T>& xw, acc_t<T> mu, int64_t count) {
+  acc_t<T> s = 0;
+#pragma unroll
+  for (int k = 0; k < kVecWidth<T>; ++k) {
+    const acc_t<T> c = static_cast<acc_t<T>>(xw.val[k]) - mu;
+    if (k < count) s += c * c;
+  }
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ acc_t<T> word_sum(const Vec<T>& xw) {
+  acc_t<T> s = 0;
+#pragma unroll
+  for (int k = 0; k < kVecWidth<T>; ++k) s += static_cast<acc_t<T>>(xw.val[k]);
+  return s;
+}
+
+template <typename T, typename P, int kWords>
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    norm_forward_kernel(const ForwardArgs<T, P> a) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  __shared__ A scratch[kMaxWarps];
+  const int tpr = a.threads_per_row;
+  const int lane = threadIdx.x % tpr;
+  const int groups = blockDim.x / tpr;
+  const int d = static_cast<int>(a.d);  // a row fits a block: small
+
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < a.rows;
+       first += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = first + threadIdx.x / tpr;
+    const bool valid = row < a.rows;  // the whole group agrees; shuffles need every lane
+    const int64_t offset = (valid ? row : 0) * d;
+
+    Vec<T> xw[kWords];
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) {
+      const int col = (j * tpr + lane) * V;
+      xw[j] = valid && col < d ? load_word(a.x + offset + col, d - col, a.vectorized)
+                               : zero_word<T>();
+    }
+
+    A mu = 0;
+    if (a.mean != nullptr) {
+      A s[1] = {0};
+#pragma unroll
+      for (int j = 0; j < kWords; ++j) s[0] += word_sum(xw[j]);
+      row_sum<1>(s, tpr, scratch);
+      mu = s[0] / static_cast<A>(d);
+    }
+    A sq[1] = {0};
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) sq[0] += word_sum_sq(xw[j], mu, d - (j * tpr + lane) * V);
+    row_sum<1>(sq, tpr, scratch);
+    const A rs = A(1) / sqrt_acc(sq[0] / static_cast<A>(d) + a.eps);
+
+    if (!valid) continue;
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) {
+      const int col = (j * tpr + lane) * V;
+      if (col < d) store_output(a, xw[j], offset + col, col, mu, rs);
+    }
+    if (lane == 0) {
+      if (a.mean != nullptr) a.mean[row] = mu;
+      a.rstd[row] = rs;
+    }
+  }
+}
+
+// One block per row; `cache` (dynamic shared memory for a row, or null) keeps
+// the words read in the first pass for the others. Each thread only reads back
+// the words it stored, so the cache needs no synchronization.
+template <typename T, typename P>
+__global__ void __launch_bounds__(kLongRowBlock)
+    norm_forward_long_row_kernel(const ForwardArgs<T, P> a, bool cache_row) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  __shared__ A scratch[kMaxWarps];
+  Vec<T>* cache = cache_row ? reinterpret_cast<Vec<T>*>(dynamic_smem) : nullptr;
+  const int64_t d = a.d;
+  const int64_t words = ceil_div(d, V);
+
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const T* x = a.x + row * d;
+    auto word = [&](int64_t i) {
+      return cache != nullptr ? cache[i] : load_word(x + i * V, d - i * V, a.vectorized);
+    };
+
+    A mu = 0;
+    A s[1] = {0};
+    for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+      const Vec<T> xw = load_word(x + i * V, d - i * V, a.vectorized);
+      if (cache != nullptr) cache[i] = xw;
+      s[0] += a.mean != nullptr ? word_sum(xw) : word_sum_sq(xw, A(0), d - i * V);
+    }
+    row_sum<1>(s, blockDim.x, scratch);
+    A var_sum = s[0];
+    if (a.mean != nullptr) {
+      mu = s[0] / static_cast<A>(d);
+      A sq[1] = {0};
+      for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+        sq[0] += word_sum_sq(word(i), mu, d - i * V);
+      }
+      row_sum<1>(sq, blockDim.x, scratch);
+      var_sum = sq[0];
+    }
+    const A rs = A(1) / sqrt_acc(var_sum / static_cast<A>(d) + a.eps);
+
+    for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+      store_output(a, word(i), row * d + i * V, i * V, mu, rs);
+    }
+    if (threadIdx.x == 0) {
+      if (a.mean != nullptr) a.mean[row] = mu;
+      a.rstd[row] = rs;
+    }
+  }
+}
+
+template <typename T, typename P>
+void forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, bool center,
+             const Tensor& y, const Tensor& mean, const Tensor& rstd) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  ForwardArgs<T, P> a{x.const_data_ptr<T>(),
+                      data_or_null<P>(weight),
+                      data_or_null<P>(bias),
+                      y.mutable_data_ptr<T>(),
+                      center ? mean.mutable_data_ptr<A>() : nullptr,
+                      rstd.mutable_data_ptr<A>(),
+                      x.size(0),
+                      x.size(1),
+                      static_cast<A>(eps),
+                      1,
+                      false};
+  if (a.rows == 0) return;
+  a.vectorized = a.d % V == 0 && all_aligned16({a.x, a.weight, a.bias, a.y});
+  const int64_t words = ceil_div(a.d, V);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (words <= static_cast<int64_t>(kMaxBlockThreads) * kForwardWords) {
+    const RowLayout layout = row_layout(words, kForwardWords, kForwardBlock);
+    a.threads_per_row = layout.threads_per_row;
+    const int64_t grid = std::min<int64_t>(ceil_div(a.rows, layout.rows_per_block),
+                                           int64_t{sm_count()} * (kMaxThreadsPerSm / layout.block));
+    norm_forward_kernel<T, P, kForwardWords>
+        <<<static_cast<unsigned>(grid), layout.block, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const size_t cache_bytes = static_cast<size_t>(words) * sizeof(Vec<T>);
+  const bool cache_row = cache_bytes <= max_dynamic_shared_memory();
+  const size_t smem = cache_row ? cache_bytes : 0;
+  allow_dynamic_shared_memory(norm_forward_long_row_kernel<T, P>, smem);
+  const int64_t grid =
+      std::min<int64_t>(a.rows, int64_t{sm_count()} * (kMaxThreadsPerSm / kLongRowBlock));
+  norm_forward_long_row_kernel<T, P>
+      <<<static_cast<unsigned>(grid), kLongRowBlock, smem, stream>>>(a, cache_row);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+template <typename T, typename P>
+struct BackwardArgs {
+  const T* __restrict__ dy;
+  const T* __restrict__ x;
+  const acc_t<T>* __restrict__ mean;  // nullable: RMSNorm
+  const acc_t<T>* __restrict__ rstd;
+  const P* __restrict__ weight;  // nullable
+  T* __restrict__ dx;
+  acc_t<T>* __restrict__ dw_partial;  // nullable: [partial rows, d]
+  acc_t<T>* __restrict__ db_partial;  // nullable: [partial rows, d]
+  int64_t rows, d;
+  int threads_per_row;
+  bool vectorized;
+};
+
+// g = dy * w and xhat = (x - mean) * rstd for one word. Past the end of the row
+// dy loads as zero, so g and every product with it vanish there.
+template <typename T>
+struct WordTerms {
+  acc_t<T> dy[kVecWidth<T>], g[kVecWidth<T>], xhat[kVecWidth<T>];
+};
+
+template <typename T, typename P>
+__device__ __forceinline__ WordTerms<T> word_terms(const BackwardArgs<T, P>& a, const Vec<T>& xw,
+                                                   const Vec<T>& dyw, int64_t col, acc_t<T> mu,
+                                                   acc_t<T> rs) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  A w[V];
+  if (a.weight != nullptr) {
+    load<V>(a.weight + col, a.d - col, a.vectorized, w);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) w[k] = A(1);
+  }
+  WordTerms<T> t;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    t.dy[k] = static_cast<A>(dyw.val[k]);
+    t.g[k] = t.dy[k] * w[k];
+    t.xhat[k] = (static_cast<A>(xw.val[k]) - mu) * rs;
+  }
+  return t;
+}
+
+// Adds sum(g) and sum(g * xhat) of a word into sums.
+template <typename T>
+__device__ __forceinline__ void add_row_sums(const WordTerms<T>& t, acc_t<T> (&sums)[2]) {
+#pragma unroll
+  for (int k = 0; k < kVecWidth<T>; ++k) {
+    sums[0] += t.g[k];
+    sums[1] += t.g[k] * t.xhat[k];
+  }
+}
+
+template <typename T, typename P>
+__device__ __forceinline__ void store_grad_input(const BackwardArgs<T, P>& a, const Vec<T>& xw,
+                                                 const Vec<T>& dyw, int64_t index, int64_t col,
+                                                 acc_t<T> mu, acc_t<T> rs, acc_t<T> mean_g,
+                                                 acc_t<T> mean_gx) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  const WordTerms<T> t = word_terms(a, xw, dyw, col, mu, rs);
+  A out[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = rs * (t.g[k] - mean_g - t.xhat[k] * mean_gx);
+  store<V>(a.dx + index, a.d - col, a.vectorized, out);
+}
+
+// Writes the sum over the block's row groups of acc (each thread's accumulators
+// for its words) as row blockIdx.x of `partial`. Groups are added in order.
+// buffer: blockDim.x * kWords * V values of shared memory (unused with one group).
+template <int kWords, int V, typename A>
+__device__ __forceinline__ void write_block_partial(const A (&acc)[kWords][V], A* partial,
+                                                    int d, int tpr, bool vectorized, A* buffer) {
+  const int lane = threadIdx.x % tpr;
+  const int groups = blockDim.x / tpr;
+  A* out = partial + static_cast<int64_t>(blockIdx.x) * d;
+  if (groups == 1) {
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) {
+      const int col = (j * tpr + lane) * V;
+      if (col < d) store<V>(out + col, d - col, vectorized, acc[j]);
+    }
+    return;
+  }
+  const int width = tpr * kWords * V;  // columns a group covers (>= d)
+  A* mine = buffer + (threadIdx.x / tpr) * width;
+#pragma unroll
+  for (int j = 0; j < kWords; ++j) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) mine[(j * tpr + lane) * V + k] = acc[j][k];
+  }
+  __syncthreads();
+  const int columns = min(width, d);
+  for (int c = threadIdx.x; c < columns; c += blockDim.x) {
+    A total = 0;
+    for (int g = 0; g < groups; ++g) total += buffer[g * width + c];
+    out[c] = total;
+  }
+  __syncthreads();  // buffer is free again
+}
+
+template <typename T, typename P, int kWords>
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    norm_backward_kernel(const BackwardArgs<T, P> a) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  __shared__ A scratch[2 * kMaxWarps];
+  const int tpr = a.threads_per_row;
+  const int lane = threadIdx.x % tpr;
+  const int groups = blockDim.x / tpr;
+  const int d = static_cast<int>(a.d);  // a row fits a block: small
+
+  A dw[kWords][V], db[kWords][V];
+#pragma unroll
+  for (int j = 0; j < kWords; ++j) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) dw[j][k] = db[j][k] = A(0);
+  }
+
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < a.rows;
+       first += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = first + threadIdx.x / tpr;
+    const bool valid = row < a.rows;  // the whole group agrees; shuffles need every lane
+    const int64_t offset = (valid ? row : 0) * d;
+
+    Vec<T> xw[kWords], dyw[kWords];
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) {
+      const int col = (j * tpr + lane) * V;
+      const bool in_row = valid && col < d;
+      xw[j] = in_row ? load_word(a.x + offset + col, d - col, a.vectorized) : zero_word<T>();
+      dyw[j] = in_row ? load_word(a.dy + offset + col, d - col, a.vectorized) : zero_word<T>();
+    }
+    const A mu = valid && a.mean != nullptr ? a.mean[row] : A(0);
+    const A rs = valid ? a.rstd[row] : A(0);
+
+    A sums[2] = {0, 0};
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) {
+      const int col = (j * tpr + lane) * V;
+      if (col >= d) continue;
+      const WordTerms<T> t = word_terms(a, xw[j], dyw[j], col, mu, rs);
+      add_row_sums(t, sums);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        dw[j][k] += t.dy[k] * t.xhat[k];
+        db[j][k] += t.dy[k];
+      }
+    }
+    row_sum<2>(sums, tpr, scratch);
+    const A mean_g = a.mean != nullptr ? sums[0] / static_cast<A>(d) : A(0);
+    const A mean_gx = sums[1] / static_cast<A>(d);
+
+    if (!valid) continue;
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) {
+      const int col = (j * tpr + lane) * V;
+      if (col < d) store_grad_input(a, xw[j], dyw[j], offset + col, col, mu, rs, mean_g, mean_gx);
+    }
+  }
+
+  A* buffer = reinterpret_cast<A*>(dynamic_smem);
+  if (a.dw_partial != nullptr) write_block_partial(dw, a.dw_partial, d, tpr, a.vectorized, buffer);
+  if (a.db_partial != nullptr) write_block_partial(db, a.db_partial, d, tpr, a.vectorized, buffer);
+}
+
+// What norm_backward_long_row_kernel keeps in its dynamic shared memory, in this
+// order: float32 weight/bias gradient accumulators for the row (dw, then db, for
+// those a.dw_partial / a.db_partial ask for), then copies of the x and dy rows.
+struct LongRowShared {
+  bool accumulate;  // else the parameter gradients are left to the column kernel
+  bool cache_rows;  // else the second pass re-reads x and dy (from L2)
+};
+
+// One block per row (grid-stride over rows). Each thread owns the words
+// i = threadIdx.x + k * blockDim.x of every row, so the shared accumulators and
+// row copies are only ever touched by their owner and need no synchronization.
+// With `accumulate`, block b writes its sums as row b of the partials.
+template <typename T, typename P>
+__global__ void __launch_bounds__(kLongRowBlock)
+    norm_backward_long_row_kernel(const BackwardArgs<T, P> a, const LongRowShared shared) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  __shared__ A scratch[2 * kMaxWarps];
+  const int64_t d = a.d;
+  const int64_t words = ceil_div(d, V);
+  // Accumulator element k of word i lives at [k * words + i]: a warp's accesses
+  // are consecutive, free of bank conflicts.
+  A* next = reinterpret_cast<A*>(dynamic_smem);
+  A* dw_acc = nullptr;
+  A* db_acc = nullptr;
+  if (shared.accumulate && a.dw_partial != nullptr) {
+    dw_acc = next;
+    next += words * V;
+  }
+  if (shared.accumulate && a.db_partial != nullptr) {
+    db_acc = next;
+    next += words * V;
+  }
+  Vec<T>* x_cache = shared.cache_rows ? reinterpret_cast<Vec<T>*>(next) : nullptr;
+  Vec<T>* dy_cache = shared.cache_rows ? x_cache + words : nullptr;
+
+  for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (dw_acc != nullptr) dw_acc[k * words + i] = A(0);
+      if (db_acc != nullptr) db_acc[k * words + i] = A(0);
+    }
+  }
+
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const int64_t offset = row * d;
+    const A mu = a.mean != nullptr ? a.mean[row] : A(0);
+    const A rs = a.rstd[row];
+    A sums[2] = {0, 0};
+    for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+      const Vec<T> xw = load_word(a.x + offset + i * V, d - i * V, a.vectorized);
+      const Vec<T> dyw = load_word(a.dy + offset + i * V, d - i * V, a.vectorized);
+      if (x_cache != nullptr) {
+        x_cache[i] = xw;
+        dy_cache[i] = dyw;
+      }
+      const WordTerms<T> t = word_terms(a, xw, dyw, i * V, mu, rs);
+      add_row_sums(t, sums);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (dw_acc != nullptr) dw_acc[k * words + i] += t.dy[k] * t.xhat[k];
+        if (db_acc != nullptr) db_acc[k * words + i] += t.dy[k];
+      }
+    }
+    row_sum<2>(sums, blockDim.x, scratch);
+    const A mean_g = a.mean != nullptr ? sums[0] / static_cast<A>(d) : A(0);
+    const A mean_gx = sums[1] / static_cast<A>(d);
+    for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+      const bool cached = x_cache != nullptr;
+      const Vec<T> xw =
+          cached ? x_cache[i] : load_word(a.x + offset + i * V, d - i * V, a.vectorized);
+      const Vec<T> dyw =
+          cached ? dy_cache[i] : load_word(a.dy + offset + i * V, d - i * V, a.vectorized);
+      store_grad_input(a, xw, dyw, offset + i * V, i * V, mu, rs, mean_g, mean_gx);
+    }
+  }
+
+  const int64_t partial_row = static_cast<int64_t>(blockIdx.x) * d;
+  for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+    A dw[V], db[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (dw_acc != nullptr) dw[k] = dw_acc[k * words + i];
+      if (db_acc != nullptr) db[k] = db_acc[k * words + i];
+    }
+    if (dw_acc != nullptr) store<V>(a.dw_partial + partial_row + i * V, d - i * V, a.vectorized, dw);
+    if (db_acc != nullptr) store<V>(a.db_partial + partial_row + i * V, d - i * V, a.vectorized, db);
+  }
+}
+
+// Weight/bias gradient partial sums of rows too long for shared accumulators:
+// block column x chunk of rows; row blockIdx.y of the partials holds the sums
+// over that chunk. Re-reads x and dy.
+constexpr int kColumnBlock = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kColumnBlock)
+    norm_param_grad_columns_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                   const acc_t<T>* __restrict__ mean,
+                                   const acc_t<T>* __restrict__ rstd, int64_t rows, int64_t d,
+                                   int64_t rows_per_chunk, acc_t<T>* __restrict__ dw_partial,
+                                   acc_t<T>* __restrict__ db_partial) {
+  using A = acc_t<T>;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= d) return;
+  const int64_t begin = blockIdx.y * rows_per_chunk;
+  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  A dw = 0, db = 0;
+  for (int64_t r = begin; r < end; ++r) {
+    const A g = static_cast<A>(dy[r * d + col]);
+    const A xhat = (static_cast<A>(x[r * d + col]) - (mean != nullptr ? mean[r] : A(0))) * rstd[r];
+    dw += g * xhat;
+    db += g;
+  }
+  if (dw_partial != nullptr) dw_partial[blockIdx.y * d + col] = dw;
+  if (db_partial != nullptr) db_partial[blockIdx.y * d + col] = db;
+}
+
+// out[c] = sum over rows s of partial[s, c], rows added in a fixed order.
+constexpr int kSumRows = 16;
+
+template <typename A, typename P>
+__global__ void __launch_bounds__(kWarpSize * kSumRows)
+    sum_partials_kernel(const A* __restrict__ partial, int64_t slots, int64_t d,
+                        P* __restrict__ out) {
+  __shared__ A part[kSumRows][kWarpSize + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  A total = 0;
+  if (col < d) {
+    for (int64_t s = threadIdx.y; s < slots; s += kSumRows) total += partial[s * d + col];
+  }
+  part[threadIdx.y][threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < d) {
+    A sum = 0;
+#pragma unroll
+    for (int y = 0; y < kSumRows; ++y) sum += part[y][threadIdx.x];
+    out[col] = static_cast<P>(sum);
+  }
+}
+
+template <typename A, typename P>
+void sum_partials(const Tensor& partial, const Tensor& out, cudaStream_t stream) {
+  const int64_t slots = partial.size(0), d = partial.size(1);
+  const dim3 block(kWarpSize, kSumRows);
+  sum_partials_kernel<A, P><<<static_cast<unsigned>(ceil_div(d, kWarpSize)), block, 0, stream>>>(
+      partial.const_data_ptr<A>(), slots, d, out.mutable_data_ptr<P>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename P>
+void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+              const Tensor& weight, bool center, const Tensor& grad_x, const Tensor& grad_weight,
+              const Tensor& grad_bias) {
+  using A = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  constexpr int kWords = kBackwardWords<T>;
+  const int64_t rows = x.size(0), d = x.size(1);
+  if (rows == 0) {  // sums over no rows
+    if (grad_weight.defined()) grad_weight.zero_();
+    if (grad_bias.defined()) grad_bias.zero_();
+    return;
+  }
+  if (d == 0) return;
+  BackwardArgs<T, P> a{grad_y.const_data_ptr<T>(),
+                       x.const_data_ptr<T>(),
+                       center ? mean.const_data_ptr<A>() : nullptr,
+                       rstd.const_data_ptr<A>(),
+                       data_or_null<P>(weight),
+                       grad_x.mutable_data_ptr<T>(),
+                       nullptr,
+                       nullptr,
+                       rows,
+                       d,
+                       1,
+                       false};
+  a.vectorized = d % V == 0 && all_aligned16({a.dy, a.x, a.weight, a.dx});
+  const bool param_grads = grad_weight.defined() || grad_bias.defined();
+  const auto partial_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const int64_t words = ceil_div(d, V);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor dw_partial, db_partial;
+
+  if (words <= static_cast<int64_t>(kMaxBlockThreads) * kWords) {
+    const RowLayout layout = row_layout(words, kWords, kBackwardBlock);
+    a.threads_per_row = layout.threads_per_row;
+    const auto kernel = norm_backward_kernel<T, P, kWords>;
+    const size_t smem = param_grads && layout.rows_per_block > 1
+                            ? static_cast<size_t>(layout.block) * kWords * V * sizeof(A)
+                            : 0;
+    // One wave of resident blocks: each accumulates over many rows, so there are
+    // few partial rows, and their number depends only on the device and the shape.
+    int blocks_per_sm = 0;
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, layout.block, smem));
+    const int64_t grid = std::min<int64_t>(ceil_div(rows, layout.rows_per_block),
+                                           int64_t{sm_count()} * std::max(blocks_per_sm, 1));
+    if (grad_weight.defined()) dw_partial = at::empty({grid, d}, partial_options);
+    if (grad_bias.defined()) db_partial = at::empty({grid, d}, partial_options);
+    a.dw_partial = mutable_data_or_null<A>(dw_partial);
+    a.db_partial = mutable_data_or_null<A>(db_partial);
+    kernel<<<static_cast<unsigned>(grid), layout.block, smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const auto kernel = norm_backward_long_row_kernel<T, P>;
+    const size_t budget = max_dynamic_shared_memory();
+    const size_t accumulator_bytes = (int{grad_weight.defined()} + int{grad_bias.defined()}) *
+                                     static_cast<size_t>(words) * V * sizeof(A);
+    const size_t cache_bytes = 2 * static_cast<size_t>(words) * sizeof(Vec<T>);
+    LongRowShared shared{param_grads && accumulator_bytes <= budget, false};
+    const size_t used = shared.accumulate ? accumulator_bytes : 0;
+    shared.cache_rows = used + cache_bytes <= budget;
+    const size_t smem = used + (shared.cache_rows ? cache_bytes : 0);
+    allow_dynamic_shared_memory(kernel, smem);
+    int64_t grid = std::min<int64_t>(rows, int64_t{sm_count()} * (kMaxThreadsPerSm / kLongRowBlock));
+    if (shared.accumulate) {
+      // One wave of resident blocks, as above.
+      int blocks_per_sm = 0;
+      C10_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kLongRowBlock, smem));
+      grid = std::min<int64_t>(rows, int64_t{sm_count()} * std::max(blocks_per_sm, 1));
+      if (grad_weight.defined()) dw_partial = at::empty({grid, d}, partial_options);
+      if (grad_bias.defined()) db_partial = at::empty({grid, d}, partial_options);
+      a.dw_partial = mutable_data_or_null<A>(dw_partial);
+      a.db_partial = mutable_data_or_null<A>(db_partial);
+    }
+    kernel<<<static_cast<unsigned>(grid), kLongRowBlock, smem, stream>>>(a, shared);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (param_grads && !shared.accumulate) {
+      const int64_t column_blocks = ceil_div(d, kColumnBlock);
+      const int64_t chunks = std::clamp<int64_t>(ceil_div(int64_t{sm_count()} * 8, column_blocks),
+                                                 1, std::min<int64_t>(rows, 65535));
+      const int64_t rows_per_chunk = ceil_div(rows, chunks);
+      if (grad_weight.defined()) dw_partial = at::empty({chunks, d}, partial_options);
+      if (grad_bias.defined()) db_partial = at::empty({chunks, d}, partial_options);
+      const dim3 grid_2d(static_cast<unsigned>(column_blocks), static_cast<unsigned>(chunks));
+      norm_param_grad_columns_kernel<T><<<grid_2d, kColumnBlock, 0, stream>>>(
+          a.dy, a.x, a.mean, a.rstd, rows, d, rows_per_chunk, mutable_data_or_null<A>(dw_partial),
+          mutable_data_or_null<A>(db_partial));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (grad_weight.defined()) sum_partials<A, P>(dw_partial, grad_weight, stream);
+  if (grad_bias.defined()) sum_partials<A, P>(db_partial, grad_bias, stream);
+}
+
+void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
+                  bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch_norm_types(x, weight.defined() ? weight : bias, [&](auto t, auto p) {
+    forward<decltype(t), decltype(p)>(x, weight, bias, eps, center, y, mean, rstd);
+  });
+}
+
+void norm_backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+                   const Tensor& weight, bool center, const Tensor& grad_x,
+                   const Tensor& grad_weight, const Tensor& grad_bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch_norm_types(x, weight.defined() ? weight : grad_bias, [&](auto t, auto p) {
+    backward<decltype(t), decltype(p)>(grad_y, x, mean, rstd, weight, center, grad_x,
+                                       grad_weight, grad_bias);
+  });
+}
+
+}  // namespace
+
+const NormKernels kNormKernels{&norm_forward, &norm_backward};
+
+}  // namespace cuda
+}  // namespace ffn
