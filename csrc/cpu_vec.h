@@ -108,4 +108,37 @@ inline void for_each_step(int64_t n, const Body& body) {
   }
 }
 
+// Elements per block of sum_row (a multiple of 2 * kStep<T> for every T).
+inline constexpr int64_t kSumBlock = 512;
+
+// Sum over a row of term(i, count) -> Pack, two accumulators for instruction-level
+// parallelism. The accumulators restart every kSumBlock elements and the block sums
+// are added separately: rounding error grows with the length of each running sum,
+// and one running sum over a whole row made float32 LayerNorm/RMSNorm outputs up to
+// 3x less accurate than F.layer_norm's (cascade sum) at d = 16K..64K.
+template <typename T, typename Term>
+inline acc_t<T> sum_row(int64_t n, const Term& term) {
+  Pack<T> total(0);
+  for (int64_t block = 0; block < n; block += kSumBlock) {
+    const int64_t end = std::min(n, block + kSumBlock);
+    Pack<T> acc0(0), acc1(0);
+    int64_t i = block;
+    for (; i + 2 * kStep<T> <= end; i += 2 * kStep<T>) {
+      acc0 = acc0 + term(i, kStep<T>);
+      acc1 = acc1 + term(i + kStep<T>, kStep<T>);
+    }
+    for (; i < end; i += kStep<T>) {
+      acc0 = acc0 + term(i, std::min(kStep<T>, end - i));
+    }
+    total = total + (acc0 + acc1);
+  }
+  return sum_lanes<T>(total);
+}
+
+// Zeroes the lanes past `count` (loads already do; derived values like x - mean need it).
+template <typename T>
+inline Pack<T> valid_lanes(const Pack<T>& v, int64_t count) {
+  return count == kStep<T> ? v : Pack<T>::set(Pack<T>(0), v, count);
+}
+
 }  // namespace ffn::cpu
