@@ -108,4 +108,25 @@ inline void for_each_step(int64_t n, const Body& body) {
   }
 }
 
+// Sum over a row of term(i, count) -> Pack, two accumulators for instruction-level parallelism.
+template <typename T, typename Term>
+inline acc_t<T> sum_row(int64_t n, const Term& term) {
+  Pack<T> acc0(0), acc1(0);
+  int64_t i = 0;
+  for (; i + 2 * kStep<T> <= n; i += 2 * kStep<T>) {
+    acc0 = acc0 + term(i, kStep<T>);
+    acc1 = acc1 + term(i + kStep<T>, kStep<T>);
+  }
+  for (; i < n; i += kStep<T>) {
+    acc0 = acc0 + term(i, std::min(kStep<T>, n - i));
+  }
+  return sum_lanes<T>(acc0 + acc1);
+}
+
+// Zeroes the lanes past `count` (loads already do; derived values like x - mean need it).
+template <typename T>
+inline Pack<T> valid_lanes(const Pack<T>& v, int64_t count) {
+  return count == kStep<T> ? v : Pack<T>::set(Pack<T>(0), v, count);
+}
+
 }  // namespace ffn::cpu

@@ -1,9 +1,8 @@
 // CPU kernels of the FFN ops' fused elementwise passes: bias + activation
-// (+ gate * up) forward, the activation's derivative backward. Registers every
-// CPU kernel of the library (norm kernels: norm_cpu.cpp).
-//
-// Activation formulas follow ATen's CPU kernels (Activation.cpp) term for term,
-// so float32 results match F.gelu / F.silu / F.relu bit for bit.
+// (+ gate * up) forward, the activation's derivative backward (formulas:
+// activation_cpu.h). Registers the CPU kernels of the norm and FFN ops (norm
+// kernels: norm_cpu.cpp); the telemetry op registers its own (telemetry_cpu.cpp).
+#include "activation_cpu.h"
 #include "cpu_vec.h"
 #include "ffn.h"
 #include "registration.h"
@@ -12,87 +11,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
-
 namespace ffn {
 namespace cpu {
 namespace {
 
 constexpr int64_t kGrainElements = 32768;
-
-// Each activation: value(x), and value_and_grad(x) -> {act(x), act'(x)}.
-template <Activation kAct>
-struct Act;
-
-template <>
-struct Act<Activation::kGelu> {
-  template <typename V>
-  static V value(const V& x) {
-    return x * V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
-  }
-  template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
-    const V cdf = V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
-    const V pdf = V(M_2_SQRTPI * M_SQRT1_2 * 0.5) * (x * x * V(-0.5)).exp();
-    return {x * cdf, cdf + x * pdf};
-  }
-};
-
-template <>
-struct Act<Activation::kGeluTanh> {
-  static constexpr double kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
-  static constexpr double kKappa = 0.044715;
-  template <typename V>
-  static V value(const V& x) {
-    const V inner = V(kBeta) * (x + V(kKappa) * (x * x * x));
-    return V(0.5) * x * (V(1) + inner.tanh());
-  }
-  template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
-    const V x_sq = x * x;
-    const V tanh_inner = (V(kBeta) * (x + V(kKappa) * (x_sq * x))).tanh();
-    const V left = V(0.5) * x;
-    const V right = V(1) + tanh_inner;
-    const V right_grad = (V(1) - tanh_inner * tanh_inner) * (V(kBeta) * (V(1) + V(3 * kKappa) * x_sq));
-    return {left * right, V(0.5) * right + left * right_grad};
-  }
-};
-
-template <>
-struct Act<Activation::kSilu> {
-  template <typename V>
-  static V value(const V& x) {
-    return x / (V(1) + x.neg().exp());
-  }
-  template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
-    const V sigmoid = V(1) / (V(1) + x.neg().exp());
-    return {x * sigmoid, sigmoid * (V(1) + x * (V(1) - sigmoid))};
-  }
-};
-
-template <>
-struct Act<Activation::kRelu> {
-  template <typename V>
-  static V value(const V& x) {
-    return maximum(x, V(0));  // propagates NaN like torch.relu
-  }
-  template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
-    // Derivative 1 where x > 0, else 0 (ATen's threshold_backward: 0 at x == 0).
-    return {maximum(x, V(0)), V::blendv(V(0), V(1), x > V(0))};
-  }
-};
-
-template <typename Fn>
-void dispatch_activation(Activation act, const Fn& fn) {
-  switch (act) {
-    case Activation::kGelu: return fn(Act<Activation::kGelu>{});
-    case Activation::kGeluTanh: return fn(Act<Activation::kGeluTanh>{});
-    case Activation::kSilu: return fn(Act<Activation::kSilu>{});
-    case Activation::kRelu: return fn(Act<Activation::kRelu>{});
-  }
-}
 
 // z + bias as the pre-activation the forward stored (rounded to T).
 template <typename T>

@@ -6,10 +6,13 @@
 // (mean/rstd, the pre-activation). The internal ops have one kernel per backend
 // (registration.h), autograd and fake kernels in ops/_registrations.py, and an
 // `_<op>_bwd` op for their backward. The elementwise pieces (gated_activation,
-// bias_gelu) need nothing saved and have backend kernels directly.
+// bias_gelu) need nothing saved and have backend kernels directly. The
+// telemetry op ffn_stats (telemetry.h) has backend kernels and is not
+// differentiable.
 #include "ffn.h"
 
 #include <ATen/autocast_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -112,6 +115,18 @@ struct Autocast {
   }
 };
 
+// ffn_stats is not differentiable: its Autograd kernel runs the backend kernel
+// below autograd, so the stats never require grad (like torch.argmax), even
+// when the FFN input they describe does.
+Tensor ffn_stats_without_grad(const Tensor& ffn_input, const Tensor& preact,
+                              std::string_view activation, bool gated, double near_zero,
+                              double large, double outlier) {
+  static const auto op = find_op<Tensor(const Tensor&, const Tensor&, std::string_view, bool,
+                                        double, double, double)>("ffn::ffn_stats");
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(ffn_input, preact, activation, gated, near_zero, large, outlier);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ffn, m) {
@@ -155,6 +170,10 @@ TORCH_LIBRARY(ffn, m) {
   m.def("_gated_activation_bwd(Tensor grad, Tensor gate_up, str activation) -> Tensor", tags);
   m.def("_bias_gelu_bwd(Tensor grad, Tensor x, Tensor? bias, str approximate, bool bias_grad) "
         "-> (Tensor grad_x, Tensor grad_bias)", tags);
+
+  // Telemetry (telemetry.h): raw float64 sums over one FFN call's tokens.
+  m.def("ffn_stats(Tensor ffn_input, Tensor preact, str activation, bool gated, "
+        "float near_zero=0.01, float large=6.0, float outlier=6.0) -> Tensor", tags);
 }
 
 TORCH_LIBRARY_IMPL(ffn, CompositeImplicitAutograd, m) {
@@ -164,6 +183,10 @@ TORCH_LIBRARY_IMPL(ffn, CompositeImplicitAutograd, m) {
   m.impl("swiglu", &gated_ffn_with<kSilu>);
   m.impl("geglu", &gated_ffn_with<kGelu>);
   m.impl("reglu", &gated_ffn_with<kRelu>);
+}
+
+TORCH_LIBRARY_IMPL(ffn, Autograd, m) {
+  m.impl("ffn_stats", &ffn_stats_without_grad);
 }
 
 TORCH_LIBRARY_IMPL(ffn, AutocastCPU, m) {

@@ -7,18 +7,21 @@
     swiglu / geglu / reglu(x, w_gate_up, b_gate_up, w_down, b_down)
     gated_activation(gate_up, activation="silu")   bias_gelu(x, bias, approximate="none")
 
+    ffn_stats(ffn_input, preact, activation, gated, ...)   (per-layer FFN telemetry)
+
 and provides drop-in modules (LayerNorm, RMSNorm, GeluFFN, SwiGLU, GeGLU, ReGLU).
-ffn.reference holds the same math in plain PyTorch.
+ffn.reference holds the same math in plain PyTorch; ffn.telemetry names and
+summarizes the telemetry sums.
 """
 
 import torch
 
 from . import _C  # noqa: F401  (loads the C++/CUDA library: schemas and kernels)
 from . import _registrations  # noqa: F401  (autograd and fake kernels)
-from . import reference
+from . import reference, telemetry
 from .modules import GeGLU, GeluFFN, LayerNorm, ReGLU, RMSNorm, SwiGLU
 
 ops = torch.ops.ffn
 
-__all__ = ["GeGLU", "GeluFFN", "LayerNorm", "ReGLU", "RMSNorm", "SwiGLU", "ops", "reference"]
+__all__ = ["GeGLU", "GeluFFN", "LayerNorm", "ReGLU", "RMSNorm", "SwiGLU", "ops", "reference", "telemetry"]
 __version__ = "0.1.0"

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .telemetry import STAT_FIELDS
+
 _lib = "ffn::"
 
 
@@ -220,6 +222,13 @@ def _bias_gelu_backward(ctx, grad):
 torch.library.register_autograd(
     _lib + "bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup_context
 )
+
+
+# ----------------------------------------------------------------------------- telemetry
+# ffn_stats is not differentiable; its Autograd kernel is in C++ (registration.cpp).
+@torch.library.register_fake(_lib + "ffn_stats")
+def _ffn_stats_fake(ffn_input, preact, activation, gated, near_zero=0.01, large=6.0, outlier=6.0):
+    return preact.new_empty((len(STAT_FIELDS),), dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- double backward
