@@ -32,7 +32,8 @@ import torch.distributed as dist
 from . import data as textdata
 from . import designs as designgrammar
 from .model import Design, ModelConfig, TransformerLM, ffn_param_count, gated_d_ff, param_count, shift_probe
-from .quant import int8_ffn_weights
+from .probes import shift_offsets
+from .quant import quantized_ffn_weights
 
 # Sizes and budgets. `cpu` is the default and is sized for a 2-core machine.
 PRESETS = {
@@ -223,15 +224,20 @@ class MetricsLog:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def eval_batches(tokens, args, env):
+    """The fixed validation windows of this rank (they are sharded over ranks), in batches."""
+    offsets = textdata.eval_offsets(len(tokens), args.seq_len, args.eval_windows)[env.rank::env.world]
+    for start in range(0, len(offsets), args.batch_size):
+        yield textdata.get_batch(tokens, offsets[start:start + args.batch_size], args.seq_len, env.device)
+
+
 @torch.no_grad()
 def evaluate(model, tokens, args, env, with_stats=False):
-    """Mean validation loss over the fixed windows (sharded over ranks), and the per-layer
-    telemetry summary over the same windows when asked."""
-    offsets = textdata.eval_offsets(len(tokens), args.seq_len, args.eval_windows)[env.rank::env.world]
+    """Mean validation loss over the fixed windows, and the per-layer telemetry summary over
+    the same windows when asked."""
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of losses, windows)
     layer_stats = None
-    for start in range(0, len(offsets), args.batch_size):
-        x, y = textdata.get_batch(tokens, offsets[start:start + args.batch_size], args.seq_len, env.device)
+    for x, y in eval_batches(tokens, args, env):
         stats = [] if with_stats else None
         with autocast(env, args.amp):
             _, loss = model(x, y, stats=stats)
@@ -368,18 +374,23 @@ def _progress(total, initial, desc, env, args):
 def finish_design(spec, label, design, config, model, args, corpus, env, log, history, tokens_per_step,
                   design_dir):
     """Final evaluation, telemetry on validation (with and without the probe shift), the
-    int8 probe and performance figures; writes result.json and returns the result."""
+    shift-offset probe, the int8/int4 probes and performance figures; writes result.json
+    and returns the result."""
     peak_cuda = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
     with_tel = args.telemetry_every > 0
     val_loss, tel_val = evaluate(model, corpus.val, args, env, with_stats=with_tel)
     log.record(label, args.steps - 1, "eval", val_loss=val_loss)
     probe = None
-    if with_tel and args.probe_shift:
+    if args.probe_shift:
         with shift_probe(model, args.probe_shift):
-            shifted_loss, tel_shifted = evaluate(model, corpus.val, args, env, with_stats=True)
-        probe = {"shift": args.probe_shift, "val_loss": shifted_loss, "telemetry": tel_shifted}
-    with int8_ffn_weights(model):
-        int8_loss, _ = evaluate(model, corpus.val, args, env)
+            shifted_loss, tel_shifted = evaluate(model, corpus.val, args, env, with_stats=with_tel)
+        offsets = shift_offsets(model, (x for x, _ in eval_batches(corpus.val, args, env)), args.probe_shift,
+                                all_reduce=env.all_reduce_ if env.world > 1 else None)
+        probe = {"shift": args.probe_shift, "val_loss": shifted_loss, "telemetry": tel_shifted, "offsets": offsets}
+    quantized_loss = {}
+    for bits in (8, 4):
+        with quantized_ffn_weights(model, bits):
+            quantized_loss[bits], _ = evaluate(model, corpus.val, args, env)
 
     step_times = history["step_times"]
     timed = list(zip(step_times, history["telemetry_steps"]))[SKIP_TIMING_STEPS:]
@@ -407,7 +418,8 @@ def finish_design(spec, label, design, config, model, args, corpus, env, log, hi
         "step_time_median_with_telemetry_s": statistics.median(tel) if tel else None,
         "telemetry_overhead": overhead,
         "memory_bytes": memory, "memory_kind": memory_kind,
-        "int8_val_loss": int8_loss, "int8_delta": int8_loss - val_loss,
+        "int8_val_loss": quantized_loss[8], "int8_delta": quantized_loss[8] - val_loss,
+        "int4_val_loss": quantized_loss[4], "int4_delta": quantized_loss[4] - val_loss,
         "telemetry_val": tel_val, "shift_probe": probe,
     }
     if env.main:

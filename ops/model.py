@@ -195,6 +195,11 @@ class Block(nn.Module):
         self.ffn = make_ffn(config)
         self.activation, self.gated = ffn_activation(self.ffn)
 
+    @property
+    def ffn_norm(self):
+        """The norm whose input the mean shift enters (the parallel layout's shared norm)."""
+        return self.norm2 if self.norm2 is not None else self.norm1
+
     def _ffn(self, x, stats):
         """FFN of x; appends this layer's raw telemetry sums to `stats` when it is a list."""
         if stats is None:

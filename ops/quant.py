@@ -1,9 +1,10 @@
-"""int8 weight-only quantization probe of the FFN weights.
+"""Weight-only quantization probe of the FFN weights (int8, and int4 as a harsher check).
 
 Symmetric, per output channel (one scale per row of an [out_features, in_features]
-weight): scale = max|w_row| / 127, q = round(w / scale) clamped to [-127, 127].
-The probe evaluates with the dequantized weights q * scale, the numbers an int8
-weight-only GEMM would use; biases and everything outside the FFNs stay as they are.
+weight): with qmax = 2**(bits-1) - 1 (127 for int8), scale = max|w_row| / qmax and
+q = round(w / scale) clamped to [-qmax, qmax]. The probe evaluates with the
+dequantized weights q * scale, the numbers a weight-only integer GEMM would use;
+biases and everything outside the FFNs stay as they are.
 """
 
 import contextlib
@@ -12,21 +13,22 @@ import torch
 
 from .modules import GeluFFN, _GatedFFN
 
-QMAX = 127
 
-
-def quantize_int8(weight):
-    """(int8 values, float32 scales [out, 1]) of a 2-D weight, per output channel."""
+def quantize(weight, bits=8):
+    """(integer values as int8, float32 scales [out, 1]) of a 2-D weight, per output channel."""
     if weight.dim() != 2:
-        raise ValueError(f"quantize_int8: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        raise ValueError(f"quantize: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"quantize: bits must be in [2, 8], got {bits}")
+    qmax = 2 ** (bits - 1) - 1
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1, keepdim=True) / QMAX
+    scale = w.abs().amax(dim=1, keepdim=True) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
-    q = torch.round(w / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = torch.round(w / scale).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
-def dequantize_int8(q, scale):
+def dequantize(q, scale):
     return q.float() * scale
 
 
@@ -42,14 +44,14 @@ def ffn_weights(model):
 
 
 @contextlib.contextmanager
-def int8_ffn_weights(model):
-    """Within the block, every FFN weight holds its int8 round trip; restored on exit."""
+def quantized_ffn_weights(model, bits=8):
+    """Within the block, every FFN weight holds its quantize/dequantize round trip; restored on exit."""
     weights = ffn_weights(model)
     originals = [w.detach().clone() for w in weights]
     try:
         with torch.no_grad():
             for w in weights:
-                w.copy_(dequantize_int8(*quantize_int8(w)).to(w.dtype))
+                w.copy_(dequantize(*quantize(w, bits)).to(w.dtype))
         yield weights
     finally:
         with torch.no_grad():

@@ -14,56 +14,62 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# A probe shift "reaches" a tensor when it moves that tensor's mean by more than this
-# (the FFN input is normalized, so its features are O(1)).
-REACH_THRESHOLD = 0.01
-# A gate share "moves" when it changes by more than this many percentage points.
-SHARE_THRESHOLD_PP = 0.5
+from .model import gated_d_ff
 
-TELEMETRY_PLOT_KEYS = ("input_mean", "down_in_mean", "gate_preact_mean", "gate_preact_std",
+# A probe shift "reaches" a tensor when it leaves a systematic per-unit offset larger than
+# this fraction of the tensor's own scale (probes.py).
+REACH_OFFSET = 0.05
+# Loss changes below this many nats are reported as not measurable.
+LOSS_RESOLUTION = 1e-3
+
+TELEMETRY_PLOT_KEYS = ("input_mean", "input_mean_abs", "down_in_mean", "gate_preact_std",
                        "gate_near_zero_frac", "gate_large_frac", "h_max_over_rms", "h_kurtosis")
 
 
+def _isnum(value):
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def _fmt(value, spec=".4f"):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, spec)
+    return format(value, spec) if _isnum(value) else "–"
 
 
 def _pct(value, spec=".2f"):
-    return _fmt(None if value is None else 100 * value, spec)
+    return _fmt(100 * value if _isnum(value) else None, spec)
+
+
+def _layer_values(layers, key):
+    return [layer[key] for layer in layers or [] if _isnum(layer.get(key))]
 
 
 def _max_over_layers(result, key):
-    layers = result.get("telemetry_val") or []
-    values = [layer[key] for layer in layers if layer.get(key) is not None and not math.isnan(layer[key])]
+    values = _layer_values(result.get("telemetry_val"), key)
     return max(values) if values else None
+
+
+def _mean(values):
+    values = [v for v in values if _isnum(v)]
+    return statistics.fmean(values) if values else float("nan")
 
 
 def _table(header, rows):
     def cells(row):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
 
-    lines = [cells(header), "|" + "|".join("---" for _ in header) + "|"] + [cells(row) for row in rows]
-    return "\n".join(lines)
+    return "\n".join([cells(header), "|" + "|".join("---" for _ in header) + "|"] + [cells(row) for row in rows])
+
+
+SUMMARY_HEADER = ["design", "block", "params", "val loss", "Δ vs first", "tokens/s", "memory MiB",
+                  "int8 Δ loss", "int4 Δ loss", "max|h|/rms", "kurtosis(h)", "telemetry step overhead %"]
 
 
 def summary_rows(results):
     base = results[0]["final_val_loss"]
-    rows = []
-    for r in results:
-        rows.append([
-            r["spec"], r["description"], f"{r['params']:,}", _fmt(r["final_val_loss"]),
-            _fmt(r["final_val_loss"] - base, "+.4f"), _fmt(r["tokens_per_s"], ",.0f"),
-            _fmt(r["memory_bytes"] / 2**20, ".1f"), _fmt(r["int8_delta"], "+.5f"),
-            _fmt(_max_over_layers(r, "h_max_over_rms"), ".1f"), _fmt(_max_over_layers(r, "h_kurtosis"), ".1f"),
-            _pct(r["telemetry_overhead"], "+.1f"),
-        ])
-    return rows
-
-
-SUMMARY_HEADER = ["design", "block", "params", "val loss", "Δ vs first", "tokens/s", "memory MiB",
-                  "int8 Δ loss", "max|h|/rms", "kurtosis(h)", "telemetry step overhead %"]
+    return [[r["spec"], r["description"], f"{r['params']:,}", _fmt(r["final_val_loss"]),
+             _fmt(r["final_val_loss"] - base, "+.4f"), _fmt(r["tokens_per_s"], ",.0f"),
+             _fmt(r["memory_bytes"] / 2**20, ".1f"), _fmt(r["int8_delta"], "+.5f"), _fmt(r["int4_delta"], "+.4f"),
+             _fmt(_max_over_layers(r, "h_max_over_rms"), ".1f"), _fmt(_max_over_layers(r, "h_kurtosis"), ".1f"),
+             _pct(r["telemetry_overhead"], "+.1f")] for r in results]
 
 
 def terminal_table(results, meta):
@@ -73,7 +79,21 @@ def terminal_table(results, meta):
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"unigram entropy of val: {meta['unigram_entropy']:.4f} nats/byte; "
                  f"max|h|/rms and kurtosis: the largest over layers, on validation")
+    for r in results:
+        probe = r.get("shift_probe")
+        if probe:
+            off = probe["offsets"]
+            lines.append(f"shift probe +{probe['shift']:g}, {r['spec']}: offsets per layer (FFN input / gate / "
+                         f"down-proj input) " + "  ".join(
+                             f"L{i} {_fmt(o['input_offset'], '.3f')}/{_fmt(o['gate_offset'], '.3f')}/"
+                             f"{_fmt(o['down_in_offset'], '.3f')}" for i, o in enumerate(off))
+                         + f"; val loss {probe['val_loss'] - r['final_val_loss']:+.4f}")
     return "\n".join(lines)
+
+
+TELEMETRY_HEADER = ["design", "layer", "FFN input mean", "|mean| per token", "down-proj input mean",
+                    "gate preact mean", "gate preact std", "gate near 0 %", "gate large %", "max|h|/rms",
+                    "kurtosis(h)", "|h|>6rms %"]
 
 
 def telemetry_rows(results):
@@ -88,21 +108,9 @@ def telemetry_rows(results):
     return rows
 
 
-TELEMETRY_HEADER = ["design", "layer", "FFN input mean", "|mean| per token", "down-proj input mean",
-                    "gate preact mean", "gate preact std", "gate near 0 %", "gate large %", "max|h|/rms",
-                    "kurtosis(h)", "|h|>6rms %"]
-
-
-def probe_deltas(result):
-    """Per layer: (Δ input_mean, Δ down_in_mean, Δ near-zero share, Δ large share) under the probe."""
-    probe = result.get("shift_probe")
-    if not probe:
-        return []
-    out = []
-    for base, shifted in zip(result["telemetry_val"], probe["telemetry"]):
-        out.append({k: shifted[k] - base[k] for k in ("input_mean", "down_in_mean", "gate_near_zero_frac",
-                                                       "gate_large_frac", "gate_preact_mean", "h_max_over_rms")})
-    return out
+PROBE_HEADER = ["design", "layer", "norm input rms", "offset: FFN input", "offset: gate preact",
+                "offset: down-proj input", "FFN input mean", "down-proj input mean", "gate near 0 %", "gate large %",
+                "max|h|/rms", "val loss"]
 
 
 def probe_rows(results):
@@ -111,32 +119,29 @@ def probe_rows(results):
         probe = r.get("shift_probe")
         if not probe:
             continue
-        for layer, (base, shifted) in enumerate(zip(r["telemetry_val"], probe["telemetry"])):
-            rows.append([r["spec"], layer,
-                         f"{_fmt(base['input_mean'], '+.4f')} → {_fmt(shifted['input_mean'], '+.4f')}",
-                         f"{_fmt(base['down_in_mean'], '+.4f')} → {_fmt(shifted['down_in_mean'], '+.4f')}",
-                         f"{_fmt(base['gate_preact_mean'], '+.3f')} → {_fmt(shifted['gate_preact_mean'], '+.3f')}",
-                         f"{_pct(base['gate_near_zero_frac'])} → {_pct(shifted['gate_near_zero_frac'])}",
-                         f"{_pct(base['gate_large_frac'], '.3f')} → {_pct(shifted['gate_large_frac'], '.3f')}",
-                         f"{_fmt(base['h_max_over_rms'], '.1f')} → {_fmt(shifted['h_max_over_rms'], '.1f')}",
+        base_tel = r.get("telemetry_val") or [None] * len(probe["offsets"])
+        shifted_tel = probe.get("telemetry") or [None] * len(probe["offsets"])
+        for layer, (off, base, shifted) in enumerate(zip(probe["offsets"], base_tel, shifted_tel)):
+            def change(key, spec, pct=False):
+                if base is None or shifted is None:
+                    return "–"
+                f = _pct if pct else _fmt
+                return f"{f(base[key], spec)} → {f(shifted[key], spec)}"
+
+            rows.append([r["spec"], layer, _fmt(off["norm_input_rms"], ".3f"), _fmt(off["input_offset"], ".3f"),
+                         _fmt(off["gate_offset"], ".3f"), _fmt(off["down_in_offset"], ".3f"),
+                         change("input_mean", "+.3f"), change("down_in_mean", "+.4f"),
+                         change("gate_near_zero_frac", ".2f", pct=True), change("gate_large_frac", ".3f", pct=True),
+                         change("h_max_over_rms", ".1f"),
                          f"{_fmt(r['final_val_loss'])} → {_fmt(probe['val_loss'])}" if layer == 0 else ""])
     return rows
-
-
-PROBE_HEADER = ["design", "layer", "FFN input mean", "down-proj input mean", "gate preact mean", "gate near 0 %",
-                "gate large %", "max|h|/rms", "val loss"]
-
-
-def _mean(values):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.fmean(values) if values else float("nan")
 
 
 def _rank(values):
     order = sorted(range(len(values)), key=lambda i: values[i])
     ranks = [0.0] * len(values)
-    for r, i in enumerate(order):
-        ranks[i] = float(r)
+    for rank, i in enumerate(order):
+        ranks[i] = float(rank)
     return ranks
 
 
@@ -148,6 +153,20 @@ def _spearman(a, b):
     return num / den if den else float("nan")
 
 
+def _has_bias(design):
+    return design["norm"] == "layernorm" if design["norm_bias"] is None else design["norm_bias"]
+
+
+def _offsets(result):
+    """Layer-averaged (input, gate, down-proj input) offsets of a probed result."""
+    off = result["shift_probe"]["offsets"]
+    return tuple(_mean([o[key] for o in off]) for key in ("input_offset", "gate_offset", "down_in_offset"))
+
+
+def _reaches(value):
+    return "–" if not _isnum(value) else ("yes" if value > REACH_OFFSET else "no")
+
+
 def findings(results, meta):
     out = []
     unigram = meta["unigram_entropy"]
@@ -155,114 +174,148 @@ def findings(results, meta):
     below = [r for r in results if r["final_val_loss"] < unigram]
     out.append(
         f"**Quality.** After {results[0]['steps']} steps ({results[0]['tokens_seen']:,} tokens each), validation "
-        f"loss ranks " + ", ".join(f"{r['spec']} {r['final_val_loss']:.4f}" for r in by_loss)
+        "loss ranks " + ", ".join(f"{r['spec']} {r['final_val_loss']:.4f}" for r in by_loss)
         + f" nats/byte; {len(below)} of {len(results)} designs end below the unigram entropy of the validation "
         f"text ({unigram:.4f}), the best by {unigram - by_loss[0]['final_val_loss']:.3f} nats."
     )
+    out += _baseline_findings(results)
     probed = [r for r in results if r.get("shift_probe")]
     if probed:
         c = probed[0]["shift_probe"]["shift"]
+        rms = [o["norm_input_rms"] for r in probed for o in r["shift_probe"]["offsets"] if _isnum(o["norm_input_rms"])]
         lines = []
         for r in probed:
-            d = probe_deltas(r)
-            d_in, d_down = _mean([x["input_mean"] for x in d]), _mean([x["down_in_mean"] for x in d])
-            d_zero = _mean([x["gate_near_zero_frac"] for x in d])
-            d_large = _mean([x["gate_large_frac"] for x in d])
-            d_gate = _mean([x["gate_preact_mean"] for x in d])
-            reaches_in = abs(d_in) > REACH_THRESHOLD
-            reaches_down = abs(d_down) > REACH_THRESHOLD
-            gated = not math.isnan(d_zero)
-            text = (f"- {r['spec']} ({r['description']}): FFN input mean {d_in:+.4f}, down-projection input mean "
-                    f"{d_down:+.4f}")
-            if gated:
-                reaches_gate = abs(100 * d_zero) > SHARE_THRESHOLD_PP or abs(100 * d_large) > SHARE_THRESHOLD_PP \
-                    or abs(d_gate) > REACH_THRESHOLD
-                text += (f", gate pre-activation mean {d_gate:+.4f}, gate near-zero share {100 * d_zero:+.2f} pp, "
-                         f"large share {100 * d_large:+.3f} pp")
+            d_in, d_gate, d_down = _offsets(r)
             val_delta = r["shift_probe"]["val_loss"] - r["final_val_loss"]
-            text += f"; val loss {val_delta:+.4f}. "
-            verdict = [f"reaches the FFN input: {'yes' if reaches_in else 'no'}",
-                       f"the down projection: {'yes' if reaches_down else 'no'}"]
-            if gated:
-                verdict.append(f"the gate: {'yes' if reaches_gate else 'no'}")
-            lines.append(text + "Shift " + ", ".join(verdict) + ".")
+            text = (f"- {r['spec']} ({r['description']}): offset of the FFN input {d_in:.3f}, of the gate "
+                    f"pre-activations {_fmt(d_gate, '.3f')}, of the down-projection input {d_down:.3f}; val loss "
+                    f"{val_delta:+.4f}. Reaches the FFN input: {_reaches(d_in)}, the gate: {_reaches(d_gate)}, "
+                    f"the down projection: {_reaches(d_down)}.")
+            lines.append(text)
         out.append(
-            f"**Mean shift (probe: +{c:g} added to every FFN norm's input after training, averaged over layers; "
-            f"'reaches' means |Δ mean| > {REACH_THRESHOLD} or a gate share moving by > {SHARE_THRESHOLD_PP} pp).**\n"
-            + "\n".join(lines)
+            f"**Mean shift.** After training, +{c:g} is added to every FFN norm's input (the residual stream there "
+            f"has rms {min(rms):.3f}–{max(rms):.3f} across designs and layers) and the validation windows run again. "
+            "Offset = the per-unit change common to all tokens, in units of the tensor's own scale, averaged over "
+            f"layers; 'reaches' means offset > {REACH_OFFSET}.\n" + "\n".join(lines)
         )
         answer = _causal_answer(probed)
         if answer:
             out.append(answer)
-    with_outliers = [r for r in results if _max_over_layers(r, "h_max_over_rms") is not None]
-    if with_outliers:
-        worst_out = max(with_outliers, key=lambda r: _max_over_layers(r, "h_max_over_rms"))
-        worst_q = max(results, key=lambda r: r["int8_delta"])
-        text = (f"**int8 weight-only probe vs outliers.** int8 FFN weights change validation loss by "
-                + ", ".join(f"{r['spec']} {r['int8_delta']:+.5f}" for r in results)
-                + f". The largest post-activation outliers (max|h|/rms {_max_over_layers(worst_out, 'h_max_over_rms'):.1f},"
-                f" kurtosis {_max_over_layers(worst_out, 'h_kurtosis'):.1f}) are in {worst_out['spec']}; the largest "
-                f"int8 loss is {worst_q['spec']}'s ({'the same design' if worst_q is worst_out else 'a different design'}).")
-        if len(with_outliers) >= 3:
-            rho = _spearman([_max_over_layers(r, "h_max_over_rms") for r in with_outliers],
-                            [r["int8_delta"] for r in with_outliers])
-            text += f" Rank correlation across designs of max|h|/rms with the int8 loss: {rho:+.2f}."
-        out.append(text)
-    overheads = [r["telemetry_overhead"] for r in results if r.get("telemetry_overhead") is not None]
+    out += _quantization_findings(results)
+    overheads = [r["telemetry_overhead"] for r in results if _isnum(r.get("telemetry_overhead"))]
     if overheads:
         k = meta["args"]["telemetry_every"]
         med = statistics.median(overheads)
         out.append(
             f"**Telemetry cost.** A step with telemetry takes {100 * med:+.1f}% time vs one without (median over "
-            f"designs; per design " + ", ".join(f"{r['spec']} {100 * r['telemetry_overhead']:+.1f}%"
-                                                for r in results if r.get("telemetry_overhead") is not None)
+            "designs; per design " + ", ".join(f"{r['spec']} {100 * r['telemetry_overhead']:+.1f}%"
+                                                for r in results if _isnum(r.get("telemetry_overhead")))
             + f"); logged every {k} steps that is {100 * med / k:+.2f}% of training time."
         )
-    shifted = [r for r in results if r["design"]["mean_shift"]]
-    for r in shifted:
-        twin = next((o for o in results if o is not r and {**o["design"], "mean_shift": 0} ==
-                     {**r["design"], "mean_shift": 0} and not o["design"]["mean_shift"]), None)
+    for r in (r for r in results if r["design"]["mean_shift"]):
+        twin = next((o for o in results if not o["design"]["mean_shift"]
+                     and {**o["design"], "mean_shift": 0} == {**r["design"], "mean_shift": 0}), None)
         if twin:
-            out.append(f"**Training with a mean shift.** {r['spec']} (shift {r['design']['mean_shift']:g} while training) "
-                       f"reaches val loss {r['final_val_loss']:.4f} vs {twin['final_val_loss']:.4f} for {twin['spec']} "
-                       f"without it ({r['final_val_loss'] - twin['final_val_loss']:+.4f}).")
+            out.append(f"**Training with a mean shift.** {r['spec']} (shift {r['design']['mean_shift']:g} while "
+                       f"training) reaches val loss {r['final_val_loss']:.4f} vs {twin['final_val_loss']:.4f} for "
+                       f"{twin['spec']} without it ({r['final_val_loss'] - twin['final_val_loss']:+.4f}).")
+    return out
+
+
+def _group_mean(results, key, predicate):
+    return _mean([_mean(_layer_values(r.get("telemetry_val"), key)) for r in results if predicate(r)])
+
+
+def _baseline_findings(results):
+    """What the norms leave in the FFN input without any probe, and where outliers come from."""
+    out = []
+    centered = lambda r: r["design"]["norm"] == "layernorm"  # noqa: E731
+    gated = lambda r: r["design"]["ffn"] != "gelu"  # noqa: E731
+    if any(centered(r) for r in results) and any(not centered(r) for r in results) and \
+            any(r.get("telemetry_val") for r in results):
+        ln = _group_mean(results, "input_mean_abs", centered)
+        rms = _group_mean(results, "input_mean_abs", lambda r: not centered(r))
+        out.append(f"**What the norm leaves in the FFN input.** Without any added shift, the per-token mean over "
+                   f"features of the normalized FFN input has magnitude {rms:.4f} on average under RMSNorm designs "
+                   f"vs {ln:.4f} under LayerNorm designs (layer average of |mean|; LayerNorm's is not exactly 0 "
+                   "because of its gain and bias).")
+    if any(r.get("telemetry_val") for r in results):
+        parts = []
+        for name, pred in (("FFN", gated), ("norm", centered)):
+            a = [r for r in results if pred(r)]
+            b = [r for r in results if not pred(r)]
+            if a and b:
+                label_a, label_b = ("gated", "GELU") if name == "FFN" else ("LayerNorm", "RMSNorm")
+                ma = _mean([_max_over_layers(r, "h_max_over_rms") for r in a])
+                mb = _mean([_max_over_layers(r, "h_max_over_rms") for r in b])
+                ka = _mean([_max_over_layers(r, "h_kurtosis") for r in a])
+                kb = _mean([_max_over_layers(r, "h_kurtosis") for r in b])
+                parts.append((abs(math.log(ma / mb)) if ma > 0 and mb > 0 else 0.0,
+                              f"{label_a} designs {ma:.1f} (kurtosis {ka:.1f}) vs {label_b} designs {mb:.1f} "
+                              f"(kurtosis {kb:.1f})"))
+        if parts:
+            text = "**Where the post-activation outliers come from.** Largest max|h|/rms over layers, averaged: " + \
+                "; ".join(p for _, p in parts) + "."
+            if len(parts) == 2:
+                split = "the FFN activation" if parts[0][0] >= parts[1][0] else "the norm"
+                text += f" The outliers follow {split} more than the other factor (larger ratio between its groups)."
+            out.append(text)
+    return out
+
+
+def _quantization_findings(results):
+    out = []
+    deltas8 = [r["int8_delta"] for r in results]
+    text = "**Weight-only quantization vs outliers.** int8 FFN weights change validation loss by " + \
+        ", ".join(f"{r['spec']} {r['int8_delta']:+.5f}" for r in results)
+    if max(abs(d) for d in deltas8) < LOSS_RESOLUTION:
+        text += f" — all below {LOSS_RESOLUTION:g} nats, no measurable int8 regression at this scale"
+    text += "; int4 (the same scheme, 4 bits) by " + ", ".join(f"{r['spec']} {r['int4_delta']:+.4f}" for r in results)
+    text += "."
+    with_outliers = [r for r in results if _isnum(_max_over_layers(r, "h_max_over_rms"))]
+    if len(with_outliers) >= 3:
+        outliers = [_max_over_layers(r, "h_max_over_rms") for r in with_outliers]
+        text += (" Rank correlation across designs of max|h|/rms with the loss change: int8 "
+                 f"{_spearman(outliers, [r['int8_delta'] for r in with_outliers]):+.2f}, int4 "
+                 f"{_spearman(outliers, [r['int4_delta'] for r in with_outliers]):+.2f}.")
+    out.append(text)
     return out
 
 
 def _causal_answer(probed):
     """The case studies' question in one paragraph: does the shift reach the gate and the down
     projection under RMSNorm+SwiGLU, and does putting mean subtraction back remove it?"""
-    def find(norm, ffn, bias):
-        return next((r for r in probed if r["design"]["norm"] == norm and r["design"]["ffn"] == ffn
-                     and _has_bias(r["design"]) == bias and not r["design"]["mean_shift"]), None)
+    def find(norm, bias):
+        return next((r for r in probed if r["design"]["norm"] == norm and r["design"]["ffn"] == "swiglu"
+                     and _has_bias(r["design"]) == bias and not r["design"]["mean_shift"]
+                     and r["design"]["placement"] == "pre"), None)
 
-    b, recentered, b_bias = find("rmsnorm", "swiglu", False), find("layernorm", "swiglu", False), \
-        find("rmsnorm", "swiglu", True)
+    b, recentered, b_bias = find("rmsnorm", False), find("layernorm", False), find("rmsnorm", True)
     if not b:
         return None
+    c = b["shift_probe"]["shift"]
 
-    def avg(r, key):
-        return _mean([x[key] for x in probe_deltas(r)])
+    def loss(r):
+        return r["shift_probe"]["val_loss"] - r["final_val_loss"]
 
-    text = (f"**Answer to the case studies.** Under RMSNorm+SwiGLU ({b['spec']}) the shift moves the normalized FFN "
-            f"input mean by {avg(b, 'input_mean'):+.4f}, the gate pre-activation mean by {avg(b, 'gate_preact_mean'):+.4f}"
-            f" and the down-projection input mean by {avg(b, 'down_in_mean'):+.4f}, and costs "
-            f"{b['shift_probe']['val_loss'] - b['final_val_loss']:+.4f} nats of validation loss.")
+    d_in, d_gate, d_down = _offsets(b)
+    text = (f"**Answer to the case studies.** Under RMSNorm+SwiGLU ({b['spec']}) a +{c:g} mean shift reaches the gate "
+            f"(offset {d_gate:.3f} of the gate pre-activations' std: {_reaches(d_gate)}) and the down projection "
+            f"(offset {d_down:.3f} of its input's rms: {_reaches(d_down)}), and costs {loss(b):+.4f} nats.")
     if recentered:
-        text += (f" Re-centering ({recentered['spec']}: LayerNorm without bias, SwiGLU kept) moves them by "
-                 f"{avg(recentered, 'input_mean'):+.6f}, {avg(recentered, 'gate_preact_mean'):+.6f} and "
-                 f"{avg(recentered, 'down_in_mean'):+.6f} (val loss "
-                 f"{recentered['shift_probe']['val_loss'] - recentered['final_val_loss']:+.6f}): mean subtraction "
-                 f"{'removes' if abs(avg(recentered, 'input_mean')) <= REACH_THRESHOLD else 'does not remove'} it.")
+        r_in, r_gate, r_down = _offsets(recentered)
+        removed = max(r_in, r_gate, r_down) <= REACH_OFFSET
+        text += (f" Re-centering ({recentered['spec']}: LayerNorm without bias, SwiGLU kept) leaves offsets "
+                 f"{r_in:.2e}, {r_gate:.2e} and {r_down:.2e} and {loss(recentered):+.2e} nats: mean subtraction "
+                 f"{'removes the shift' if removed else 'does not remove the shift'}.")
     if b_bias:
-        text += (f" A learnable RMSNorm bias ({b_bias['spec']}) moves them by {avg(b_bias, 'input_mean'):+.4f}, "
-                 f"{avg(b_bias, 'gate_preact_mean'):+.4f} and {avg(b_bias, 'down_in_mean'):+.4f} (val loss "
-                 f"{b_bias['shift_probe']['val_loss'] - b_bias['final_val_loss']:+.4f}).")
+        bb_in, bb_gate, bb_down = _offsets(b_bias)
+        text += (f" A learnable RMSNorm bias ({b_bias['spec']}) leaves offsets {bb_in:.3f}, {bb_gate:.3f} and "
+                 f"{bb_down:.3f} and costs {loss(b_bias):+.4f} nats: a constant beta cannot cancel a shift that "
+                 "RMSNorm rescales by each token's own rms." if max(bb_gate, bb_down) > REACH_OFFSET else
+                 f" A learnable RMSNorm bias ({b_bias['spec']}) leaves offsets {bb_in:.3f}, {bb_gate:.3f} and "
+                 f"{bb_down:.3f} ({loss(b_bias):+.4f} nats).")
     return text
-
-
-def _has_bias(design):
-    return design["norm"] == "layernorm" if design["norm_bias"] is None else design["norm_bias"]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -351,32 +404,31 @@ def plot_telemetry(run_dir, results, metrics):
 
 
 def plot_probe(run_dir, results):
+    probed = [r for r in results if r.get("shift_probe")]
+    if not probed:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    probed = [r for r in results if r.get("shift_probe")]
-    if not probed:
-        return None
-    keys = (("input_mean", "Δ FFN input mean"), ("gate_preact_mean", "Δ gate pre-activation mean"),
-            ("down_in_mean", "Δ down-proj input mean"), ("gate_near_zero_frac", "Δ gate near-zero share (pp)"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(18, 4))
-    n_layers = len(probed[0]["telemetry_val"])
+    keys = (("input_offset", "FFN input (÷ rms)"), ("gate_offset", "gate pre-activation (÷ std)"),
+            ("down_in_offset", "down-projection input (÷ rms)"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(16, 4))
+    n_layers = len(probed[0]["shift_probe"]["offsets"])
     width = 0.8 / len(probed)
     for ax, (key, title) in zip(axes, keys):
         for i, r in enumerate(probed):
-            deltas = [d[key] * (100 if key.endswith("_frac") else 1) for d in probe_deltas(r)]
-            deltas = [0.0 if math.isnan(v) else v for v in deltas]
-            ax.bar([layer + i * width for layer in range(n_layers)], deltas, width, color=f"C{i}", label=r["spec"])
+            values = [o[key] if _isnum(o[key]) else 0.0 for o in r["shift_probe"]["offsets"]]
+            ax.bar([layer + i * width for layer in range(n_layers)], values, width, color=f"C{i}", label=r["spec"])
         ax.set_xticks([layer + 0.4 - width / 2 for layer in range(n_layers)])
-        ax.set_xticklabels([f"L{layer}" for layer in range(n_layers)])
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_title(title, fontsize=10)
+        ax.set_xticklabels([f"layer {layer}" for layer in range(n_layers)])
+        ax.axhline(REACH_OFFSET, color="gray", ls=":", lw=1)
+        ax.set_title(f"offset of the {title}", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"effect of a +{probed[0]['shift_probe']['shift']:g} mean shift into every FFN norm "
-                 "(validation, after training)", fontsize=10)
+    fig.suptitle(f"where a +{probed[0]['shift_probe']['shift']:g} mean shift into every FFN norm arrives: per-unit "
+                 f"offset common to all tokens (validation, after training; dotted: {REACH_OFFSET})", fontsize=10)
     fig.tight_layout()
     path = Path(run_dir) / "shift_probe.png"
     fig.savefig(path, dpi=100)
@@ -397,13 +449,14 @@ def write_report(run_dir, results, meta):
         f"- data: `{meta['data']}`, {meta['train_bytes']:,} train / {meta['val_bytes']:,} validation bytes, byte-level "
         f"tokens; unigram entropy of the validation bytes **{meta['unigram_entropy']:.4f} nats/byte**",
         f"- model: preset `{a['preset']}`, d_model {a['d_model']}, {a['n_layers']} layers, {a['n_heads']} heads, GELU "
-        f"d_ff {a['d_ff']} (gated FFNs: {results[0]['d_ff'] if results[0]['design']['ffn'] != 'gelu' else _gated_width(results)}), "
-        f"seq {a['seq_len']}, FFN biases {'off' if a['no_ffn_bias'] else 'on'}, backend `{a['backend']}`",
+        f"d_ff {a['d_ff']}, gated d_ff {gated_d_ff(a['d_model'], a['d_ff'], not a['no_ffn_bias'])} (same FFN "
+        f"parameter count within 1%), seq {a['seq_len']}, FFN biases {'off' if a['no_ffn_bias'] else 'on'}, "
+        f"backend `{a['backend']}`",
         f"- training: {a['steps']} steps of {a['batch_size']}x{meta['world_size']} sequences, AdamW lr {a['lr']:g} "
         f"(warmup {a['warmup']}, cosine), seed {a['seed']}, same batches for every design; device {meta['device']}, "
         f"{meta['world_size']} rank(s), {meta['threads']} threads, torch {meta['torch']}",
         f"- telemetry every {a['telemetry_every']} steps; post-training probes: mean shift +{a['probe_shift']:g} into every "
-        f"FFN norm, int8 weight-only FFN weights (symmetric, per output channel)",
+        "FFN norm; weight-only int8 and int4 FFN weights (symmetric, per output channel)",
         f"- wall time {meta['wall_s']:.0f} s",
         "",
         "## Results",
@@ -425,19 +478,16 @@ def write_report(run_dir, results, meta):
         "",
     ]
     if any(r.get("shift_probe") for r in results):
-        lines += [f"## Mean-shift probe: +{a['probe_shift']:g} into every FFN norm (before → after)", "",
-                  _table(PROBE_HEADER, probe_rows(results)), ""]
+        lines += [f"## Mean-shift probe: +{a['probe_shift']:g} into every FFN norm", "",
+                  _table(PROBE_HEADER, probe_rows(results)), "",
+                  "offset: per-unit change common to all tokens, in units of the unshifted tensor's rms (std for "
+                  "the gate); the telemetry columns read before → after.", ""]
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     lines.append("")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def _gated_width(results):
-    gated = [r for r in results if r["design"]["ffn"] != "gelu"]
-    return gated[0]["d_ff"] if gated else "–"
 
 
 def main(argv=None):

@@ -12,13 +12,23 @@ import pytest
 import torch
 
 import ffn
-from ffn import ab, designs, quant, telemetry
+from ffn import ab, designs, probes, quant, telemetry
 from ffn import data as textdata
 from ffn.model import Design, ModelConfig, TransformerLM, ffn_param_count, gated_d_ff, shift_probe
 
 TINY = dict(vocab_size=256, seq_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=32)
 SUMMARY_KEYS = {"input_mean", "input_mean_abs", "down_in_mean", "gate_preact_mean", "gate_preact_std",
                 "gate_near_zero_frac", "gate_large_frac", "h_max_over_rms", "h_kurtosis", "h_outlier_frac"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP threads spin-waiting on shared
+    cores make each step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(design, backend="ffn", seed=0, **sizes):
@@ -192,31 +202,67 @@ def test_shift_probe_equals_training_with_the_shift_and_is_undone():
     assert not torch.equal(before, probed)
 
 
-# ----------------------------------------------------------------------------- int8 probe
+# ----------------------------------------------------------------------------- probes
 def test_int8_quantization_of_a_known_matrix():
     w = torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [-254.0, 127.0, 1.0, 0.5]])
-    q, scale = quant.quantize_int8(w)
+    q, scale = quant.quantize(w, bits=8)
     assert q.dtype == torch.int8
     torch.testing.assert_close(scale.squeeze(1), torch.tensor([1 / 127, 1.0, 2.0]))
     # 1.0*127 = 127, -0.5*127 = -63.5 -> -64 (half to even), 0.25*127 = 31.75 -> 32; row 3 in units of 2.
     assert q.tolist() == [[127, -64, 32, 0], [0, 0, 0, 0], [-127, 64, 0, 0]]
-    torch.testing.assert_close(quant.dequantize_int8(q, scale)[2], torch.tensor([-254.0, 128.0, 0.0, 0.0]))
+    torch.testing.assert_close(quant.dequantize(q, scale)[2], torch.tensor([-254.0, 128.0, 0.0, 0.0]))
+    q4, scale4 = quant.quantize(w, bits=4)  # qmax 7
+    assert q4[0, [0, 2, 3]].tolist() == [7, 2, 0] and scale4[2, 0] == pytest.approx(254 / 7)
     random_w = torch.randn(64, 48)
-    q, scale = quant.quantize_int8(random_w)
-    err = (quant.dequantize_int8(q, scale) - random_w).abs()
+    q, scale = quant.quantize(random_w)
+    err = (quant.dequantize(q, scale) - random_w).abs()
     assert (err <= scale / 2 + 1e-7).all() and q.abs().max() == 127
 
 
-def test_int8_probe_covers_every_ffn_weight_and_restores_them():
+def test_quantization_probe_covers_every_ffn_weight_and_restores_them():
     model = tiny_model(designs.parse_design("B"))
     weights = quant.ffn_weights(model)
     assert len(weights) == 2 * TINY["n_layers"]
     before = [w.detach().clone() for w in weights]
-    with quant.int8_ffn_weights(model):
+    with quant.quantized_ffn_weights(model, bits=8):
         for w, orig in zip(weights, before):
             assert not torch.equal(w, orig)
             assert ((w - orig).abs() <= orig.abs().amax(1, keepdim=True) / 127 / 2 + 1e-7).all()
     assert all(torch.equal(w, orig) for w, orig in zip(weights, before))
+
+
+def test_shift_offsets_find_the_shift_under_rmsnorm_and_none_under_layernorm():
+    batches = [tiny_batch(seed=s)[0] for s in range(2)]
+    offsets = {spec: probes.shift_offsets(tiny_model(designs.parse_design(spec)), batches, 2.0)
+               for spec in ("B", "B+recenter", "rms+gelu", "A")}
+    for layer in range(TINY["n_layers"]):
+        b = offsets["B"][layer]
+        assert b["input_offset"] > 0.5 and b["gate_offset"] > 0.05 and b["down_in_offset"] > 0.05
+        assert b["norm_input_rms"] > 0
+        assert offsets["rms+gelu"][layer]["down_in_offset"] > 0.05
+        assert offsets["rms+gelu"][layer]["gate_offset"] != offsets["rms+gelu"][layer]["gate_offset"]  # NaN
+        for spec in ("B+recenter", "A"):
+            for key in ("input_offset", "down_in_offset"):
+                assert offsets[spec][layer][key] < 1e-5, (spec, key)
+        assert offsets["B+recenter"][layer]["gate_offset"] < 1e-5
+
+
+def test_shift_offsets_of_a_known_shift():
+    """One RMSNorm + GELU layer without gain: the FFN input's per-feature offset is known exactly."""
+    model = tiny_model(designs.parse_design("rms+gelu"), n_layers=1)
+    block = model.blocks[0]
+    captured = []
+    block.ffn_norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach().clone()))
+    x = tiny_batch()[0]
+    model(x)
+    residual = captured[0].reshape(-1, TINY["d_model"])
+    c = 1.5
+    shifted = ffn.reference.rms_norm(residual + c, block.ffn_norm.weight, None, 1e-6)
+    base = ffn.reference.rms_norm(residual, block.ffn_norm.weight, None, 1e-6)
+    expected = (shifted - base).mean(0).abs().mean() / base.square().mean().sqrt()
+    got = probes.shift_offsets(model, [x], c)[0]
+    assert got["input_offset"] == pytest.approx(expected.item(), rel=1e-4)
+    assert got["norm_input_rms"] == pytest.approx(residual.square().mean().sqrt().item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- data
@@ -263,12 +309,14 @@ def test_end_to_end_tiny_run_writes_metrics_tensorboard_and_report(tmp_path, cap
     assert ab.main(run_args(tmp_path, "e2e", "--designs", "A,B,B+recenter", "--steps", "6")) == 0
     run_dir = tmp_path / "runs" / "e2e"
     out = capsys.readouterr().out
-    assert "unigram entropy of val" in out and "int8" in out
+    assert "unigram entropy of val" in out and "int8" in out and "shift probe" in out
     for label in ("A", "B", "B+recenter"):
         result = json.loads((run_dir / label / "result.json").read_text())
         assert len(result["telemetry_val"]) == 2 and set(result["telemetry_val"][0]) == SUMMARY_KEYS
         assert result["shift_probe"]["shift"] == ab.DEFAULT_PROBE_SHIFT
+        assert len(result["shift_probe"]["offsets"]) == 2
         assert result["int8_delta"] == result["int8_val_loss"] - result["final_val_loss"]
+        assert result["int4_delta"] == result["int4_val_loss"] - result["final_val_loss"]
         assert list((run_dir / "tb" / label).glob("events.out.tfevents.*"))
     tel = read_metrics(tmp_path, "e2e", "telemetry")
     assert {(r["design"], r["layer"]) for r in tel} == {(d, layer) for d in ("A", "B", "B+recenter")
@@ -294,7 +342,9 @@ def test_resume_gives_bit_identical_losses(tmp_path):
     for label in ("A", "B"):
         a = json.loads((tmp_path / "runs" / "straight" / label / "result.json").read_text())
         b = json.loads((tmp_path / "runs" / "resumed" / label / "result.json").read_text())
-        assert a["final_val_loss"] == b["final_val_loss"] and a["int8_val_loss"] == b["int8_val_loss"]
+        for key in ("final_val_loss", "int8_val_loss", "int4_val_loss"):
+            assert a[key] == b[key], key
+        assert a["shift_probe"]["offsets"] == b["shift_probe"]["offsets"]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
