@@ -32,14 +32,14 @@ import torch.distributed as dist
 from . import data as textdata
 from . import designs as designgrammar
 from .model import Design, ModelConfig, TransformerLM, ffn_param_count, gated_d_ff, param_count, shift_probe
-from .probes import shift_offsets
-from .quant import quantized_ffn_weights
+from .probes import norm_input_rms, shift_offsets
+from .quant import quantized_down_input, quantized_ffn_weights
 
 # Sizes and budgets. `cpu` is the default and is sized for a 2-core machine.
 PRESETS = {
-    "cpu": dict(d_model=96, n_layers=4, n_heads=4, d_ff=384, seq_len=128, batch_size=16, steps=200,
-                lr=3e-3, warmup=20, eval_every=50, eval_windows=128, telemetry_every=10,
-                ckpt_every=50, amp=False),
+    "cpu": dict(d_model=96, n_layers=4, n_heads=4, d_ff=384, seq_len=128, batch_size=16, steps=120,
+                lr=3e-3, warmup=12, eval_every=40, eval_windows=128, telemetry_every=10,
+                ckpt_every=40, amp=False),
     "gpu": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, seq_len=512, batch_size=64, steps=3000,
                 lr=1e-3, warmup=200, eval_every=250, eval_windows=1024, telemetry_every=25,
                 ckpt_every=500, amp=True),
@@ -49,7 +49,7 @@ PRESETS = {
                  ckpt_every=2, amp=False),
 }
 DEFAULT_DESIGNS = "A,B,B+bias,B+recenter"
-DEFAULT_PROBE_SHIFT = 1.0
+DEFAULT_PROBE_SHIFT = 1.0  # in units of the rms of each FFN norm's input
 SKIP_TIMING_STEPS = 3  # first steps carry one-off costs (allocator, thread pools)
 
 
@@ -291,7 +291,7 @@ def train_design(spec, design, args, corpus, env, log, run_dir):
     random.seed(args.seed)
     model = TransformerLM(config).to(env.device)
     optimizer = make_optimizer(model, args)
-    start_step, history = 0, {"step_times": [], "telemetry_steps": [], "losses": []}
+    start_step, history = 0, {"step_times": [], "cpu_times": [], "telemetry_steps": [], "losses": []}
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=True)
         model.load_state_dict(ckpt["model"])
@@ -326,7 +326,7 @@ def train_design(spec, design, args, corpus, env, log, run_dir):
         for group in optimizer.param_groups:
             group["lr"] = lr
         sync(env)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast(env, args.amp):
             _, loss = train_model(x, y, stats=stats)
         loss.backward()
@@ -334,9 +334,10 @@ def train_design(spec, design, args, corpus, env, log, run_dir):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(env)
-        step_time = time.perf_counter() - t0
+        step_time, cpu_time = time.perf_counter() - t0, time.process_time() - c0
         loss_value = float(env.all_reduce_(loss.detach().double().clone()) / env.world)
-        for key, value in (("step_times", step_time), ("telemetry_steps", with_tel), ("losses", loss_value)):
+        for key, value in (("step_times", step_time), ("cpu_times", cpu_time), ("telemetry_steps", with_tel),
+                           ("losses", loss_value)):
             history[key].append(value)
         log.record(label, step, "train", loss=loss_value, lr=lr, step_time=step_time, telemetry=with_tel)
         if with_tel:
@@ -371,32 +372,48 @@ def _progress(total, initial, desc, env, args):
                 dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
 
+def paired_overhead(times, telemetry_steps, skip=SKIP_TIMING_STEPS):
+    """Median over telemetry steps of (its time / the mean time of the plain steps on either
+    side) - 1: pairing with neighbours cancels slow drifts of a shared machine's load."""
+    ratios = [times[i] / ((times[i - 1] + times[i + 1]) / 2)
+              for i in range(max(skip, 1), len(times) - 1)
+              if telemetry_steps[i] and not telemetry_steps[i - 1] and not telemetry_steps[i + 1]]
+    return statistics.median(ratios) - 1 if ratios else None
+
+
 def finish_design(spec, label, design, config, model, args, corpus, env, log, history, tokens_per_step,
                   design_dir):
     """Final evaluation, telemetry on validation (with and without the probe shift), the
-    shift-offset probe, the int8/int4 probes and performance figures; writes result.json
+    shift-offset probe, the quantization probes and performance figures; writes result.json
     and returns the result."""
     peak_cuda = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
     with_tel = args.telemetry_every > 0
+    reduce = env.all_reduce_ if env.world > 1 else None
     val_loss, tel_val = evaluate(model, corpus.val, args, env, with_stats=with_tel)
     log.record(label, args.steps - 1, "eval", val_loss=val_loss)
     probe = None
     if args.probe_shift:
-        with shift_probe(model, args.probe_shift):
+        def inputs():
+            return (x for x, _ in eval_batches(corpus.val, args, env))
+
+        rms = norm_input_rms(model, inputs(), all_reduce=reduce)
+        shifts = [args.probe_shift * r for r in rms]
+        with shift_probe(model, shifts):
             shifted_loss, tel_shifted = evaluate(model, corpus.val, args, env, with_stats=with_tel)
-        offsets = shift_offsets(model, (x for x, _ in eval_batches(corpus.val, args, env)), args.probe_shift,
-                                all_reduce=env.all_reduce_ if env.world > 1 else None)
-        probe = {"shift": args.probe_shift, "val_loss": shifted_loss, "telemetry": tel_shifted, "offsets": offsets}
+        probe = {"shift_rms_units": args.probe_shift, "norm_input_rms": rms, "shifts": shifts,
+                 "val_loss": shifted_loss, "telemetry": tel_shifted,
+                 "offsets": shift_offsets(model, inputs(), shifts, all_reduce=reduce)}
     quantized_loss = {}
     for bits in (8, 4):
         with quantized_ffn_weights(model, bits):
-            quantized_loss[bits], _ = evaluate(model, corpus.val, args, env)
+            quantized_loss[f"int{bits}"], _ = evaluate(model, corpus.val, args, env)
+    with quantized_down_input(model, 8):
+        quantized_loss["int8_h"], _ = evaluate(model, corpus.val, args, env)
 
     step_times = history["step_times"]
-    timed = list(zip(step_times, history["telemetry_steps"]))[SKIP_TIMING_STEPS:]
-    plain = [t for t, tel in timed if not tel]
-    tel = [t for t, tel in timed if tel]
-    overhead = statistics.median(tel) / statistics.median(plain) - 1 if plain and tel else None
+    # CPU time per step on CPU (a shared machine's waits do not count), wall time on CUDA.
+    cost = step_times if env.device.type == "cuda" else history["cpu_times"]
+    plain = [t for t, tel in list(zip(step_times, history["telemetry_steps"]))[SKIP_TIMING_STEPS:] if not tel]
     if peak_cuda is not None:
         memory, memory_kind = peak_cuda, "cuda peak allocated"
     else:
@@ -414,12 +431,11 @@ def finish_design(spec, label, design, config, model, args, corpus, env, log, hi
         "final_train_loss": statistics.fmean(history["losses"][-10:]),
         "tokens_per_s": tokens_per_step * len(step_times) / sum(step_times),
         "tokens_per_s_without_telemetry": tokens_per_step / statistics.median(plain) if plain else None,
-        "step_time_median_s": statistics.median(plain) if plain else None,
-        "step_time_median_with_telemetry_s": statistics.median(tel) if tel else None,
-        "telemetry_overhead": overhead,
+        "telemetry_overhead": paired_overhead(cost, history["telemetry_steps"]),
+        "telemetry_overhead_clock": "wall" if env.device.type == "cuda" else "process cpu time",
         "memory_bytes": memory, "memory_kind": memory_kind,
-        "int8_val_loss": quantized_loss[8], "int8_delta": quantized_loss[8] - val_loss,
-        "int4_val_loss": quantized_loss[4], "int4_delta": quantized_loss[4] - val_loss,
+        **{f"{name}_val_loss": loss for name, loss in quantized_loss.items()},
+        **{f"{name}_delta": loss - val_loss for name, loss in quantized_loss.items()},
         "telemetry_val": tel_val, "shift_probe": probe,
     }
     if env.main:
@@ -445,8 +461,8 @@ def build_parser():
     p.add_argument("--mean-shift", type=float, default=0.0,
                    help="constant added to the input of every FFN norm while training (every design)")
     p.add_argument("--probe-shift", type=float, default=DEFAULT_PROBE_SHIFT,
-                   help="after training, evaluate with this extra mean shift into every FFN norm "
-                        "(0 turns the probe off)")
+                   help="after training, evaluate with an extra mean shift into every FFN norm of this many "
+                        "times the rms of that norm's input (default %(default)s; 0 turns the probe off)")
     p.add_argument("--backend", choices=["ffn", "torch"], default="ffn")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="sizes and budget (default: gpu with CUDA, else cpu)")

@@ -168,6 +168,25 @@ def ffn_forward_with_preact(ffn, x):
     return F.linear(hidden, w_out, b_out), preact.reshape(-1, preact.shape[-1])
 
 
+def ffn_hidden(ffn, x):
+    """(gate pre-activation, or None for a GELU FFN; h, the tensor entering the down projection)
+    of an FFN module for input x, in plain PyTorch and float32: for probes, not training."""
+    activation, gated = ffn_activation(ffn)
+    x = x.float()
+    if gated:
+        preact = F.linear(x, ffn.w_gate_up.float(), None if ffn.b_gate_up is None else ffn.b_gate_up.float())
+        gate, up = preact.chunk(2, dim=-1)
+        return gate, reference.GATED_ACTIVATIONS[activation](gate) * up
+    preact = F.linear(x, ffn.w1.float(), None if ffn.b1 is None else ffn.b1.float())
+    return None, F.gelu(preact, approximate=ffn.approximate)
+
+
+def ffn_down(ffn, h):
+    """The down projection of an FFN module applied to h (float32)."""
+    w, b = (ffn.w_down, ffn.b_down) if ffn_activation(ffn)[1] else (ffn.w2, ffn.b2)
+    return F.linear(h, w.float(), None if b is None else b.float())
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model, n_heads):
         super().__init__()
@@ -272,11 +291,15 @@ class TransformerLM(nn.Module):
 
 @contextlib.contextmanager
 def shift_probe(model, extra_shift):
-    """Within the block, every FFN norm's input gets `extra_shift` more mean shift."""
+    """Within the block, every FFN norm's input gets more mean shift: `extra_shift` (a number)
+    or extra_shift[i] for layer i (a sequence)."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
+    shifts = list(extra_shift) if isinstance(extra_shift, (list, tuple)) else [extra_shift] * len(blocks)
+    if len(shifts) != len(blocks):
+        raise ValueError(f"shift_probe: {len(shifts)} shifts for {len(blocks)} layers")
     try:
-        for block in blocks:
-            block.mean_shift = block.design.mean_shift + extra_shift
+        for block, shift in zip(blocks, shifts):
+            block.mean_shift = block.design.mean_shift + shift
         yield model
     finally:
         for block in blocks:

@@ -13,31 +13,42 @@ own scale:
 
 for T = the FFN input (scale: rms), the gate pre-activation (scale: std) and
 h, the tensor entering the down projection (scale: rms). 0 means the shift
-never arrives (e.g. LayerNorm removes it exactly). It also reports the rms of
-the unshifted tensor entering each FFN norm, the scale to read the shift against. It is an evaluation-time
+never arrives (e.g. LayerNorm removes it exactly). `norm_input_rms` measures
+the scale of the residual stream entering each FFN norm, so a shift can be
+given in units of it. It is an evaluation-time
 analysis on plain PyTorch copies of the FFN math, not training telemetry.
 """
 
 import torch
-import torch.nn.functional as F
 
-from . import reference
-from .model import Block, ffn_activation, shift_probe
+from .model import Block, ffn_hidden, shift_probe
 
 OFFSET_KEYS = ("input_offset", "gate_offset", "down_in_offset")
 
 
+@torch.no_grad()
+def norm_input_rms(model, batches, all_reduce=None):
+    """Per layer, the rms of the tensor entering the FFN norm (where the mean shift enters)."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    sums = [torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device) for _ in blocks]
 
-def _ffn_tensors(ffn, x):
-    """(gate pre-activation or None, h) of an FFN module for input rows x, in float32."""
-    activation, gated = ffn_activation(ffn)
-    x = x.float()
-    if gated:
-        preact = F.linear(x, ffn.w_gate_up.float(), None if ffn.b_gate_up is None else ffn.b_gate_up.float())
-        gate, up = preact.chunk(2, dim=-1)
-        return gate, reference.GATED_ACTIVATIONS[activation](gate) * up
-    preact = F.linear(x, ffn.w1.float(), None if ffn.b1 is None else ffn.b1.float())
-    return None, F.gelu(preact, approximate=ffn.approximate)
+    def hook(layer):
+        def pre_hook(module, args):
+            sums[layer] += torch.stack([args[0].double().square().sum(),
+                                        torch.tensor(args[0].numel(), dtype=torch.float64, device=args[0].device)])
+        return pre_hook
+
+    hooks = [b.ffn_norm.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if all_reduce is not None:
+        for s in sums:
+            all_reduce(s)
+    return [float((s[0] / s[1]).sqrt()) for s in sums]
 
 
 class _Accumulator:
@@ -75,24 +86,13 @@ class _Accumulator:
 @torch.no_grad()
 def shift_offsets(model, batches, shift, all_reduce=None):
     """Per layer {input_offset, gate_offset (NaN for GELU FFNs), down_in_offset} of an extra
-    `shift` into every FFN norm, over `batches` (an iterable of input token tensors).
+    `shift` (a number, or one per layer) into every FFN norm, over `batches` (an iterable
+    of input token tensors).
     `all_reduce(tensor)` sums the accumulators over DDP ranks when given."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     captured = []
     hooks = [b.ffn.register_forward_hook(lambda mod, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1])))
              for b in blocks]
-    # Sum of squares and count of each FFN norm's input, on the unshifted pass.
-    norm_in = [torch.zeros(2, dtype=torch.float64) for _ in blocks]
-    shifting = [False]
-
-    def norm_hook(layer):
-        def hook(mod, args):
-            if not shifting[0]:
-                norm_in[layer] += torch.tensor([args[0].double().square().sum().item(), args[0].numel()],
-                                               dtype=torch.float64)
-        return hook
-
-    hooks += [b.ffn_norm.register_forward_pre_hook(norm_hook(i)) for i, b in enumerate(blocks)]
     acc = [{key: _Accumulator() for key in OFFSET_KEYS} for _ in blocks]
     try:
         for x in batches:
@@ -100,12 +100,10 @@ def shift_offsets(model, batches, shift, all_reduce=None):
             model(x)
             base = list(captured)
             captured.clear()
-            shifting[0] = True
             with shift_probe(model, shift):
                 model(x)
-            shifting[0] = False
             for layer, (block, xb, xs) in enumerate(zip(blocks, base, captured)):
-                (gb, hb), (gs, hs) = _ffn_tensors(block.ffn, xb), _ffn_tensors(block.ffn, xs)
+                (gb, hb), (gs, hs) = ffn_hidden(block.ffn, xb), ffn_hidden(block.ffn, xs)
                 acc[layer]["input_offset"].add(xb.float(), xs.float())
                 acc[layer]["down_in_offset"].add(hb, hs)
                 if gb is not None:
@@ -114,10 +112,8 @@ def shift_offsets(model, batches, shift, all_reduce=None):
         for hook in hooks:
             hook.remove()
     out = []
-    for layer_acc, sq in zip(acc, norm_in):
-        if all_reduce is not None:
-            sq = all_reduce(sq.to(next(model.parameters()).device)).cpu()
-        layer = {"norm_input_rms": float((sq[0] / sq[1]).sqrt()) if sq[1] > 0 else float("nan")}
+    for layer_acc in acc:
+        layer = {}
         for key, a in layer_acc.items():
             if a.diff is None:
                 layer[key] = float("nan")

@@ -1,16 +1,23 @@
-"""Weight-only quantization probe of the FFN weights (int8, and int4 as a harsher check).
+"""Quantization probes of the FFN.
 
-Symmetric, per output channel (one scale per row of an [out_features, in_features]
-weight): with qmax = 2**(bits-1) - 1 (127 for int8), scale = max|w_row| / qmax and
-q = round(w / scale) clamped to [-qmax, qmax]. The probe evaluates with the
-dequantized weights q * scale, the numbers a weight-only integer GEMM would use;
-biases and everything outside the FFNs stay as they are.
+Weight-only: every FFN weight quantized symmetric, per output channel (one scale
+per row of an [out_features, in_features] weight): with qmax = 2**(bits-1) - 1
+(127 for int8), scale = max|w_row| / qmax and q = round(w / scale) clamped to
+[-qmax, qmax]. The probe evaluates with the dequantized weights q * scale, the
+numbers a weight-only integer GEMM would use; biases and everything outside the
+FFNs stay as they are.
+
+Down-projection input: h (the post-activation tensor the down projection reads)
+quantized symmetric per token (one scale per row, max|h_row| / qmax), as an
+int8 activation x int8 weight GEMM would see it. Its error grows with max|h|/rms,
+the outlier statistic of the telemetry.
 """
 
 import contextlib
 
 import torch
 
+from .model import ffn_down, ffn_hidden
 from .modules import GeluFFN, _GatedFFN
 
 
@@ -30,6 +37,12 @@ def quantize(weight, bits=8):
 
 def dequantize(q, scale):
     return q.float() * scale
+
+
+def fake_quantize_rows(x, bits=8):
+    """x with each row (last dim) rounded to `bits`-bit symmetric integers and back."""
+    rows = x.reshape(-1, x.shape[-1])
+    return dequantize(*quantize(rows, bits)).reshape(x.shape)
 
 
 def ffn_weights(model):
@@ -57,3 +70,19 @@ def quantized_ffn_weights(model, bits=8):
         with torch.no_grad():
             for w, original in zip(weights, originals):
                 w.copy_(original)
+
+
+@contextlib.contextmanager
+def quantized_down_input(model, bits=8):
+    """Within the block, every FFN computes its output from h quantized per token (plain PyTorch)."""
+
+    def hook(module, args, out):
+        _, h = ffn_hidden(module, args[0])
+        return ffn_down(module, fake_quantize_rows(h, bits)).to(out.dtype)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (GeluFFN, _GatedFFN))]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()

@@ -20,7 +20,8 @@ from .model import gated_d_ff
 # this fraction of the tensor's own scale (probes.py).
 REACH_OFFSET = 0.05
 # Loss changes below this many nats are reported as not measurable.
-LOSS_RESOLUTION = 1e-3
+LOSS_RESOLUTION = 5e-3
+QUANT_PROBES = (("int8", "int8 weights"), ("int4", "int4 weights"), ("int8_h", "int8 down-proj input"))
 
 TELEMETRY_PLOT_KEYS = ("input_mean", "input_mean_abs", "down_in_mean", "gate_preact_std",
                        "gate_near_zero_frac", "gate_large_frac", "h_max_over_rms", "h_kurtosis")
@@ -60,7 +61,8 @@ def _table(header, rows):
 
 
 SUMMARY_HEADER = ["design", "block", "params", "val loss", "Δ vs first", "tokens/s", "memory MiB",
-                  "int8 Δ loss", "int4 Δ loss", "max|h|/rms", "kurtosis(h)", "telemetry step overhead %"]
+                  "int8 w Δ loss", "int4 w Δ loss", "int8 h Δ loss", "max|h|/rms", "kurtosis(h)",
+                  "telemetry step overhead %"]
 
 
 def summary_rows(results):
@@ -68,6 +70,7 @@ def summary_rows(results):
     return [[r["spec"], r["description"], f"{r['params']:,}", _fmt(r["final_val_loss"]),
              _fmt(r["final_val_loss"] - base, "+.4f"), _fmt(r["tokens_per_s"], ",.0f"),
              _fmt(r["memory_bytes"] / 2**20, ".1f"), _fmt(r["int8_delta"], "+.5f"), _fmt(r["int4_delta"], "+.4f"),
+             _fmt(r["int8_h_delta"], "+.4f"),
              _fmt(_max_over_layers(r, "h_max_over_rms"), ".1f"), _fmt(_max_over_layers(r, "h_kurtosis"), ".1f"),
              _pct(r["telemetry_overhead"], "+.1f")] for r in results]
 
@@ -83,7 +86,7 @@ def terminal_table(results, meta):
         probe = r.get("shift_probe")
         if probe:
             off = probe["offsets"]
-            lines.append(f"shift probe +{probe['shift']:g}, {r['spec']}: offsets per layer (FFN input / gate / "
+            lines.append(f"shift probe {probe['shift_rms_units']:g} rms, {r['spec']}: offsets per layer (FFN input / gate / "
                          f"down-proj input) " + "  ".join(
                              f"L{i} {_fmt(o['input_offset'], '.3f')}/{_fmt(o['gate_offset'], '.3f')}/"
                              f"{_fmt(o['down_in_offset'], '.3f')}" for i, o in enumerate(off))
@@ -108,7 +111,7 @@ def telemetry_rows(results):
     return rows
 
 
-PROBE_HEADER = ["design", "layer", "norm input rms", "offset: FFN input", "offset: gate preact",
+PROBE_HEADER = ["design", "layer", "norm input rms", "shift", "offset: FFN input", "offset: gate preact",
                 "offset: down-proj input", "FFN input mean", "down-proj input mean", "gate near 0 %", "gate large %",
                 "max|h|/rms", "val loss"]
 
@@ -128,7 +131,8 @@ def probe_rows(results):
                 f = _pct if pct else _fmt
                 return f"{f(base[key], spec)} → {f(shifted[key], spec)}"
 
-            rows.append([r["spec"], layer, _fmt(off["norm_input_rms"], ".3f"), _fmt(off["input_offset"], ".3f"),
+            rows.append([r["spec"], layer, _fmt(probe["norm_input_rms"][layer], ".3f"),
+                         _fmt(probe["shifts"][layer], "+.3f"), _fmt(off["input_offset"], ".3f"),
                          _fmt(off["gate_offset"], ".3f"), _fmt(off["down_in_offset"], ".3f"),
                          change("input_mean", "+.3f"), change("down_in_mean", "+.4f"),
                          change("gate_near_zero_frac", ".2f", pct=True), change("gate_large_frac", ".3f", pct=True),
@@ -181,8 +185,8 @@ def findings(results, meta):
     out += _baseline_findings(results)
     probed = [r for r in results if r.get("shift_probe")]
     if probed:
-        c = probed[0]["shift_probe"]["shift"]
-        rms = [o["norm_input_rms"] for r in probed for o in r["shift_probe"]["offsets"] if _isnum(o["norm_input_rms"])]
+        k = probed[0]["shift_probe"]["shift_rms_units"]
+        rms = [v for r in probed for v in r["shift_probe"]["norm_input_rms"] if _isnum(v)]
         lines = []
         for r in probed:
             d_in, d_gate, d_down = _offsets(r)
@@ -193,8 +197,9 @@ def findings(results, meta):
                     f"the down projection: {_reaches(d_down)}.")
             lines.append(text)
         out.append(
-            f"**Mean shift.** After training, +{c:g} is added to every FFN norm's input (the residual stream there "
-            f"has rms {min(rms):.3f}–{max(rms):.3f} across designs and layers) and the validation windows run again. "
+            f"**Mean shift.** After training, a constant shift of {k:g}× the rms of each FFN norm's input is added "
+            f"to it (the shifts range {k * min(rms):.3f}–{k * max(rms):.3f} across designs and layers) and the "
+            "validation windows run again. "
             "Offset = the per-unit change common to all tokens, in units of the tensor's own scale, averaged over "
             f"layers; 'reaches' means offset > {REACH_OFFSET}.\n" + "\n".join(lines)
         )
@@ -207,7 +212,8 @@ def findings(results, meta):
         k = meta["args"]["telemetry_every"]
         med = statistics.median(overheads)
         out.append(
-            f"**Telemetry cost.** A step with telemetry takes {100 * med:+.1f}% time vs one without (median over "
+            f"**Telemetry cost.** A step with telemetry takes {100 * med:+.1f}% more "
+            f"{results[0].get('telemetry_overhead_clock', 'time')} than the plain steps beside it (median over "
             "designs; per design " + ", ".join(f"{r['spec']} {100 * r['telemetry_overhead']:+.1f}%"
                                                 for r in results if _isnum(r.get("telemetry_overhead")))
             + f"); logged every {k} steps that is {100 * med / k:+.2f}% of training time."
@@ -264,22 +270,19 @@ def _baseline_findings(results):
 
 
 def _quantization_findings(results):
-    out = []
-    deltas8 = [r["int8_delta"] for r in results]
-    text = "**Weight-only quantization vs outliers.** int8 FFN weights change validation loss by " + \
-        ", ".join(f"{r['spec']} {r['int8_delta']:+.5f}" for r in results)
-    if max(abs(d) for d in deltas8) < LOSS_RESOLUTION:
-        text += f" — all below {LOSS_RESOLUTION:g} nats, no measurable int8 regression at this scale"
-    text += "; int4 (the same scheme, 4 bits) by " + ", ".join(f"{r['spec']} {r['int4_delta']:+.4f}" for r in results)
-    text += "."
+    parts = []
     with_outliers = [r for r in results if _isnum(_max_over_layers(r, "h_max_over_rms"))]
-    if len(with_outliers) >= 3:
-        outliers = [_max_over_layers(r, "h_max_over_rms") for r in with_outliers]
-        text += (" Rank correlation across designs of max|h|/rms with the loss change: int8 "
-                 f"{_spearman(outliers, [r['int8_delta'] for r in with_outliers]):+.2f}, int4 "
-                 f"{_spearman(outliers, [r['int4_delta'] for r in with_outliers]):+.2f}.")
-    out.append(text)
-    return out
+    for key, name in QUANT_PROBES:
+        deltas = [r[f"{key}_delta"] for r in results]
+        text = f"{name}: " + ", ".join(f"{r['spec']} {r[f'{key}_delta']:+.4f}" for r in results)
+        if max(abs(d) for d in deltas) < LOSS_RESOLUTION:
+            text += f" (all below {LOSS_RESOLUTION:g} nats: no measurable regression)"
+        elif len(with_outliers) >= 3:
+            rho = _spearman([_max_over_layers(r, "h_max_over_rms") for r in with_outliers],
+                            [r[f"{key}_delta"] for r in with_outliers])
+            text += f" (rank correlation with max|h|/rms across designs {rho:+.2f})"
+        parts.append(text)
+    return ["**Quantization vs post-activation outliers.** Validation loss change with " + "; ".join(parts) + "."]
 
 
 def _causal_answer(probed):
@@ -293,13 +296,14 @@ def _causal_answer(probed):
     b, recentered, b_bias = find("rmsnorm", False), find("layernorm", False), find("rmsnorm", True)
     if not b:
         return None
-    c = b["shift_probe"]["shift"]
+    k = b["shift_probe"]["shift_rms_units"]
 
     def loss(r):
         return r["shift_probe"]["val_loss"] - r["final_val_loss"]
 
     d_in, d_gate, d_down = _offsets(b)
-    text = (f"**Answer to the case studies.** Under RMSNorm+SwiGLU ({b['spec']}) a +{c:g} mean shift reaches the gate "
+    text = (f"**Answer to the case studies.** Under RMSNorm+SwiGLU ({b['spec']}) a mean shift of {k:g}× the "
+            f"residual rms reaches the gate "
             f"(offset {d_gate:.3f} of the gate pre-activations' std: {_reaches(d_gate)}) and the down projection "
             f"(offset {d_down:.3f} of its input's rms: {_reaches(d_down)}), and costs {loss(b):+.4f} nats.")
     if recentered:
@@ -427,7 +431,8 @@ def plot_probe(run_dir, results):
         ax.set_title(f"offset of the {title}", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"where a +{probed[0]['shift_probe']['shift']:g} mean shift into every FFN norm arrives: per-unit "
+    fig.suptitle(f"where a mean shift of {probed[0]['shift_probe']['shift_rms_units']:g}× the rms into every FFN norm "
+                 "arrives: per-unit "
                  f"offset common to all tokens (validation, after training; dotted: {REACH_OFFSET})", fontsize=10)
     fig.tight_layout()
     path = Path(run_dir) / "shift_probe.png"
@@ -455,16 +460,20 @@ def write_report(run_dir, results, meta):
         f"- training: {a['steps']} steps of {a['batch_size']}x{meta['world_size']} sequences, AdamW lr {a['lr']:g} "
         f"(warmup {a['warmup']}, cosine), seed {a['seed']}, same batches for every design; device {meta['device']}, "
         f"{meta['world_size']} rank(s), {meta['threads']} threads, torch {meta['torch']}",
-        f"- telemetry every {a['telemetry_every']} steps; post-training probes: mean shift +{a['probe_shift']:g} into every "
-        "FFN norm; weight-only int8 and int4 FFN weights (symmetric, per output channel)",
+        f"- telemetry every {a['telemetry_every']} steps; post-training probes: a mean shift of {a['probe_shift']:g}× "
+        "the rms of each FFN norm's input; weight-only int8 and int4 FFN weights (symmetric, per output channel); "
+        "int8 down-projection input (symmetric, per token)",
         f"- wall time {meta['wall_s']:.0f} s",
         "",
         "## Results",
         "",
         _table(SUMMARY_HEADER, summary_rows(results)),
         "",
-        f"memory: {results[0]['memory_kind']}. tokens/s includes the telemetry steps. max|h|/rms and kurtosis(h): the "
-        "largest over layers, on the validation windows.",
+        f"memory: {results[0]['memory_kind']}. tokens/s: wall clock, telemetry steps included. Δ loss columns: "
+        "validation loss change with int8 / int4 FFN weights (per output channel) and with the down-projection "
+        "input quantized to int8 (per token). max|h|/rms and kurtosis(h): the largest over layers, on the "
+        "validation windows. Telemetry step overhead: "
+        f"{results[0].get('telemetry_overhead_clock', 'time')} of a step with telemetry vs the plain steps beside it.",
         "",
         "## Findings",
         "",
@@ -478,7 +487,7 @@ def write_report(run_dir, results, meta):
         "",
     ]
     if any(r.get("shift_probe") for r in results):
-        lines += [f"## Mean-shift probe: +{a['probe_shift']:g} into every FFN norm", "",
+        lines += [f"## Mean-shift probe: {a['probe_shift']:g}× the rms of each FFN norm's input", "",
                   _table(PROBE_HEADER, probe_rows(results)), "",
                   "offset: per-unit change common to all tokens, in units of the unshifted tensor's rms (std for "
                   "the gate); the telemetry columns read before → after.", ""]

@@ -231,6 +231,30 @@ def test_quantization_probe_covers_every_ffn_weight_and_restores_them():
     assert all(torch.equal(w, orig) for w, orig in zip(weights, before))
 
 
+def test_quantized_down_input_probe():
+    model = tiny_model(designs.parse_design("B"))
+    x, y = tiny_batch()
+    _, base = model(x, y)
+    with quant.quantized_down_input(model, bits=8):
+        _, q8 = model(x, y)
+    with quant.quantized_down_input(model, bits=2):
+        _, q2 = model(x, y)
+    _, after = model(x, y)
+    assert torch.equal(base, after)
+    assert 0 < abs(q8 - base) < abs(q2 - base)
+    rows = torch.tensor([[0.6, -1.0, 0.25], [3.0, 0.0, -3.0]])
+    torch.testing.assert_close(quant.fake_quantize_rows(rows, bits=2), torch.tensor([[1.0, -1.0, 0.0],
+                                                                                    [3.0, 0.0, -3.0]]))
+
+
+def test_paired_telemetry_overhead():
+    times = [9.0, 1.0, 1.5, 1.0, 1.0, 2.0, 1.0, 1.0, 1.5, 1.0]
+    flags = [True, False, True, False, False, True, False, False, True, False]
+    # telemetry steps 2, 5, 8 against their neighbours: 1.5/1, 2/1, 1.5/1 -> median 1.5
+    assert ab.paired_overhead(times, flags, skip=1) == pytest.approx(0.5)
+    assert ab.paired_overhead(times, [False] * 10) is None
+
+
 def test_shift_offsets_find_the_shift_under_rmsnorm_and_none_under_layernorm():
     batches = [tiny_batch(seed=s)[0] for s in range(2)]
     offsets = {spec: probes.shift_offsets(tiny_model(designs.parse_design(spec)), batches, 2.0)
@@ -238,7 +262,6 @@ def test_shift_offsets_find_the_shift_under_rmsnorm_and_none_under_layernorm():
     for layer in range(TINY["n_layers"]):
         b = offsets["B"][layer]
         assert b["input_offset"] > 0.5 and b["gate_offset"] > 0.05 and b["down_in_offset"] > 0.05
-        assert b["norm_input_rms"] > 0
         assert offsets["rms+gelu"][layer]["down_in_offset"] > 0.05
         assert offsets["rms+gelu"][layer]["gate_offset"] != offsets["rms+gelu"][layer]["gate_offset"]  # NaN
         for spec in ("B+recenter", "A"):
@@ -260,9 +283,10 @@ def test_shift_offsets_of_a_known_shift():
     shifted = ffn.reference.rms_norm(residual + c, block.ffn_norm.weight, None, 1e-6)
     base = ffn.reference.rms_norm(residual, block.ffn_norm.weight, None, 1e-6)
     expected = (shifted - base).mean(0).abs().mean() / base.square().mean().sqrt()
-    got = probes.shift_offsets(model, [x], c)[0]
+    got = probes.shift_offsets(model, [x], [c])[0]
     assert got["input_offset"] == pytest.approx(expected.item(), rel=1e-4)
-    assert got["norm_input_rms"] == pytest.approx(residual.square().mean().sqrt().item(), rel=1e-5)
+    rms = probes.norm_input_rms(model, [x])
+    assert rms == [pytest.approx(residual.square().mean().sqrt().item(), rel=1e-5)]
 
 
 # ----------------------------------------------------------------------------- data
@@ -313,10 +337,13 @@ def test_end_to_end_tiny_run_writes_metrics_tensorboard_and_report(tmp_path, cap
     for label in ("A", "B", "B+recenter"):
         result = json.loads((run_dir / label / "result.json").read_text())
         assert len(result["telemetry_val"]) == 2 and set(result["telemetry_val"][0]) == SUMMARY_KEYS
-        assert result["shift_probe"]["shift"] == ab.DEFAULT_PROBE_SHIFT
-        assert len(result["shift_probe"]["offsets"]) == 2
+        probe = result["shift_probe"]
+        assert probe["shift_rms_units"] == ab.DEFAULT_PROBE_SHIFT
+        assert len(probe["offsets"]) == len(probe["shifts"]) == 2
+        assert probe["shifts"] == [ab.DEFAULT_PROBE_SHIFT * r for r in probe["norm_input_rms"]]
         assert result["int8_delta"] == result["int8_val_loss"] - result["final_val_loss"]
         assert result["int4_delta"] == result["int4_val_loss"] - result["final_val_loss"]
+        assert result["int8_h_delta"] == result["int8_h_val_loss"] - result["final_val_loss"]
         assert list((run_dir / "tb" / label).glob("events.out.tfevents.*"))
     tel = read_metrics(tmp_path, "e2e", "telemetry")
     assert {(r["design"], r["layer"]) for r in tel} == {(d, layer) for d in ("A", "B", "B+recenter")
@@ -342,7 +369,7 @@ def test_resume_gives_bit_identical_losses(tmp_path):
     for label in ("A", "B"):
         a = json.loads((tmp_path / "runs" / "straight" / label / "result.json").read_text())
         b = json.loads((tmp_path / "runs" / "resumed" / label / "result.json").read_text())
-        for key in ("final_val_loss", "int8_val_loss", "int4_val_loss"):
+        for key in ("final_val_loss", "int8_val_loss", "int4_val_loss", "int8_h_val_loss"):
             assert a[key] == b[key], key
         assert a["shift_probe"]["offsets"] == b["shift_probe"]["offsets"]
 
