@@ -22,6 +22,13 @@ The one entry that does not combine exactly is `h_outliers`: each call counts
 |h| > outlier * rms(h) against the rms of its own h (a threshold needs the rms
 first, and a global rms is not known until every call is done). Combined, it is
 the sum of per-call counts.
+
+Notes on the agreed API (TELEMETRY_API.md): summarize() has every listed key
+except the optional `down_in_token_mean`, which equals `down_in_mean` exactly
+(every token has the same d_ff). ffn_input and preact may differ in dtype (a
+float32 norm output next to a bfloat16 pre-activation under autocast). h is
+computed in float32 (float64 for float64 input) and not rounded to the input
+dtype before it enters the statistics.
 """
 
 import math
