@@ -245,27 +245,46 @@ def _baseline_findings(results):
                    f"features of the normalized FFN input has magnitude {rms:.4f} on average under RMSNorm designs "
                    f"vs {ln:.4f} under LayerNorm designs (layer average of |mean|; LayerNorm's is not exactly 0 "
                    "because of its gain and bias).")
-    if any(r.get("telemetry_val") for r in results):
-        parts = []
-        for name, pred in (("FFN", gated), ("norm", centered)):
-            a = [r for r in results if pred(r)]
-            b = [r for r in results if not pred(r)]
-            if a and b:
-                label_a, label_b = ("gated", "GELU") if name == "FFN" else ("LayerNorm", "RMSNorm")
-                ma = _mean([_max_over_layers(r, "h_max_over_rms") for r in a])
-                mb = _mean([_max_over_layers(r, "h_max_over_rms") for r in b])
-                ka = _mean([_max_over_layers(r, "h_kurtosis") for r in a])
-                kb = _mean([_max_over_layers(r, "h_kurtosis") for r in b])
-                parts.append((abs(math.log(ma / mb)) if ma > 0 and mb > 0 else 0.0,
-                              f"{label_a} designs {ma:.1f} (kurtosis {ka:.1f}) vs {label_b} designs {mb:.1f} "
-                              f"(kurtosis {kb:.1f})"))
-        if parts:
-            text = "**Where the post-activation outliers come from.** Largest max|h|/rms over layers, averaged: " + \
-                "; ".join(p for _, p in parts) + "."
-            if len(parts) == 2:
-                split = "the FFN activation" if parts[0][0] >= parts[1][0] else "the norm"
-                text += f" The outliers follow {split} more than the other factor (larger ratio between its groups)."
-            out.append(text)
+    changes = _matched_outlier_changes(results)
+    if changes:
+        text = ("**Where the post-activation outliers come from.** Designs that differ in one factor only, largest "
+                "max|h|/rms over layers (kurtosis): " + "; ".join(line for _, _, line in changes) + ".")
+        by_factor = defaultdict(list)
+        for factor, ratio, _ in changes:
+            by_factor[factor].append(ratio)
+        if len(by_factor) > 1:
+            effects = {f: statistics.fmean(abs(math.log(x)) for x in v) for f, v in by_factor.items()}
+            text += " Mean factor of change: " + ", ".join(f"{f} ×{math.exp(e):.2f}" for f, e in effects.items()) + \
+                f"; the outliers follow the {max(effects, key=effects.get)}."
+        out.append(text)
+    return out
+
+
+def _factors(design):
+    return {"norm": design["norm"], "norm bias": _has_bias(design), "FFN activation": design["ffn"],
+            "placement": design["placement"], "layout": design["layout"], "mean shift": design["mean_shift"]}
+
+
+def _matched_outlier_changes(results):
+    """(factor, ratio, text) for each pair of designs that differ only in the FFN activation
+    (the norm's bias may differ too) or only in the norm (type and/or bias)."""
+    out = []
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            fa, fb = _factors(a["design"]), _factors(b["design"])
+            diff = {k for k in fa if fa[k] != fb[k]}
+            if "FFN activation" in diff and diff <= {"FFN activation", "norm bias"}:
+                factor = "FFN activation"
+            elif diff and diff <= {"norm", "norm bias"}:
+                factor = "norm"
+            else:
+                continue
+            ma, mb = _max_over_layers(a, "h_max_over_rms"), _max_over_layers(b, "h_max_over_rms")
+            if not (_isnum(ma) and _isnum(mb)) or ma <= 0:
+                continue
+            also = ", norm bias too" if factor == "FFN activation" and "norm bias" in diff else ""
+            out.append((factor, mb / ma, f"{factor} ({a['spec']} → {b['spec']}{also}): {ma:.1f} → {mb:.1f} "
+                        f"({_max_over_layers(a, 'h_kurtosis'):.1f} → {_max_over_layers(b, 'h_kurtosis'):.1f})"))
     return out
 
 
@@ -384,16 +403,14 @@ def plot_telemetry(run_dir, results, metrics):
             per_layer = defaultdict(list)
             for t in metrics["telemetry"].get(r["label"], []):
                 value = t.get(key)
-                if value is not None and not math.isnan(value):
-                    per_layer[t["layer"]].append((t["step"], value))
+                if _isnum(value):
+                    per_layer[t["layer"]].append((t["step"], 100 * value if key.endswith("_frac") else value))
             for layer, points in sorted(per_layer.items()):
                 n_layers = max(n_layers, layer + 1)
                 ax.plot(*zip(*points), styles[layer % len(styles)], color=f"C{i}", lw=1.2)
-        ax.set_title(key, fontsize=10)
+        ax.set_title(key.replace("_frac", " (%)"), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if key.endswith("_frac"):
-            ax.set_yscale("symlog", linthresh=1e-4)
     handles = [Line2D([], [], color=f"C{i}", lw=2, label=r["spec"]) for i, r in enumerate(results)]
     handles += [Line2D([], [], color="black", ls=styles[layer % len(styles)], label=f"layer {layer}")
                 for layer in range(n_layers)]
@@ -424,7 +441,11 @@ def plot_probe(run_dir, results):
     for ax, (key, title) in zip(axes, keys):
         for i, r in enumerate(probed):
             values = [o[key] if _isnum(o[key]) else 0.0 for o in r["shift_probe"]["offsets"]]
-            ax.bar([layer + i * width for layer in range(n_layers)], values, width, color=f"C{i}", label=r["spec"])
+            xs = [layer + i * width for layer in range(n_layers)]
+            ax.bar(xs, values, width, color=f"C{i}", label=r["spec"])
+            for x, v, o in zip(xs, values, r["shift_probe"]["offsets"]):
+                if v < REACH_OFFSET / 10:  # make "nothing arrives" visible
+                    ax.text(x, 0, "0" if _isnum(o[key]) else "–", ha="center", va="bottom", fontsize=7, color=f"C{i}")
         ax.set_xticks([layer + 0.4 - width / 2 for layer in range(n_layers)])
         ax.set_xticklabels([f"layer {layer}" for layer in range(n_layers)])
         ax.axhline(REACH_OFFSET, color="gray", ls=":", lw=1)
