@@ -180,7 +180,8 @@ def findings(results, meta):
         f"**Quality.** After {results[0]['steps']} steps ({results[0]['tokens_seen']:,} tokens each), validation "
         "loss ranks " + ", ".join(f"{r['spec']} {r['final_val_loss']:.4f}" for r in by_loss)
         + f" nats/byte; {len(below)} of {len(results)} designs end below the unigram entropy of the validation "
-        f"text ({unigram:.4f}), the best by {unigram - by_loss[0]['final_val_loss']:.3f} nats."
+        f"text ({unigram:.4f}), " + (f"the best by {unigram - by_loss[0]['final_val_loss']:.3f} nats." if below else
+                                     f"the best is {by_loss[0]['final_val_loss'] - unigram:.3f} nats above it.")
     )
     out += _baseline_findings(results)
     probed = [r for r in results if r.get("shift_probe")]

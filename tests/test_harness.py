@@ -389,7 +389,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_ddp_with_two_processes_matches_one_process(tmp_path):
-    common = ("--designs", "B", "--steps", "4", "--no-report", "--probe-shift", "0")
+    common = ("--designs", "B", "--steps", "4", "--no-report")
     assert ab.main(run_args(tmp_path, "single", *common, "--batch-size", "4")) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -401,8 +401,16 @@ def test_ddp_with_two_processes_matches_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor([r["loss"] for r in ddp]), torch.tensor([r["loss"] for r in single]),
                                rtol=1e-5, atol=1e-5)
     result = json.loads((tmp_path / "runs" / "ddp" / "B" / "result.json").read_text())
+    alone = json.loads((tmp_path / "runs" / "single" / "B" / "result.json").read_text())
     assert json.loads((tmp_path / "runs" / "ddp" / "run.json").read_text())["world_size"] == 2
     assert set(result["telemetry_val"][0]) == SUMMARY_KEYS
+    # Evaluation, telemetry and probes are sharded over the ranks and reduced: same numbers.
+    for key in ("final_val_loss", "int8_val_loss", "int8_h_val_loss"):
+        assert result[key] == pytest.approx(alone[key], rel=1e-5), key
+    for ours, theirs in zip(result["shift_probe"]["offsets"] + result["telemetry_val"],
+                            alone["shift_probe"]["offsets"] + alone["telemetry_val"]):
+        for key, value in ours.items():
+            assert value == pytest.approx(theirs[key], rel=1e-4, abs=1e-6, nan_ok=True), key
 
 
 def test_cli_rejects_conflicting_design_flags(tmp_path):
