@@ -308,12 +308,13 @@ def _quantization_findings(results):
 def _causal_answer(probed):
     """The case studies' question in one paragraph: does the shift reach the gate and the down
     projection under RMSNorm+SwiGLU, and does putting mean subtraction back remove it?"""
-    def find(norm, bias):
-        return next((r for r in probed if r["design"]["norm"] == norm and r["design"]["ffn"] == "swiglu"
+    def find(norm, bias, ffn="swiglu"):
+        return next((r for r in probed if r["design"]["norm"] == norm and r["design"]["ffn"] == ffn
                      and _has_bias(r["design"]) == bias and not r["design"]["mean_shift"]
-                     and r["design"]["placement"] == "pre"), None)
+                     and r["design"]["placement"] == "pre" and r["design"]["layout"] == "serial"), None)
 
-    b, recentered, b_bias = find("rmsnorm", False), find("layernorm", False), find("rmsnorm", True)
+    b, b_bias, rms_gelu = find("rmsnorm", False), find("rmsnorm", True), find("rmsnorm", False, "gelu")
+    recentered = find("layernorm", False) or find("layernorm", True)
     if not b:
         return None
     k = b["shift_probe"]["shift_rms_units"]
@@ -326,10 +327,16 @@ def _causal_answer(probed):
             f"residual rms reaches the gate "
             f"(offset {d_gate:.3f} of the gate pre-activations' std: {_reaches(d_gate)}) and the down projection "
             f"(offset {d_down:.3f} of its input's rms: {_reaches(d_down)}), and costs {loss(b):+.4f} nats.")
+    if rms_gelu:
+        g_in, _, g_down = _offsets(rms_gelu)
+        text += (f" With GELU instead of SwiGLU under the same RMSNorm ({rms_gelu['spec']}) the shift also arrives "
+                 f"(offsets {g_in:.3f} and {g_down:.3f} at the FFN and down-projection inputs) and costs "
+                 f"{loss(rms_gelu):+.4f} nats vs {loss(b):+.4f} with SwiGLU.")
     if recentered:
         r_in, r_gate, r_down = _offsets(recentered)
         removed = max(r_in, r_gate, r_down) <= REACH_OFFSET
-        text += (f" Re-centering ({recentered['spec']}: LayerNorm without bias, SwiGLU kept) leaves offsets "
+        kind = "without" if not _has_bias(recentered["design"]) else "with"
+        text += (f" Re-centering ({recentered['spec']}: LayerNorm {kind} bias, SwiGLU kept) leaves offsets "
                  f"{r_in:.2e}, {r_gate:.2e} and {r_down:.2e} and {loss(recentered):+.2e} nats: mean subtraction "
                  f"{'removes the shift' if removed else 'does not remove the shift'}.")
     if b_bias:
