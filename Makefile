@@ -38,8 +38,15 @@ system-deps:
 # --- builds -----------------------------------------------------------------
 # The Python extension ffn._C (CPU kernels, plus CUDA kernels when nvcc and a
 # CUDA torch are present), installed editable so `import ffn` finds ops/.
-build: venv
+# pip rebuilds the extension from scratch, so it runs only when a source changed
+# (`make -B build` forces it, e.g. after changing FFN_CUDA or FFN_CPU_CAPABILITY).
+EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+
+build: $(VENV)/.ffn-built
+
+$(VENV)/.ffn-built: $(VENV)/.deps $(EXT_SOURCES)
 	MAX_JOBS=$(JOBS) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
 
 # The same C++ sources as a shared library against LibTorch, plus the GoogleTest binary.
 # FFN_CPU_CAPABILITY=DEFAULT|AVX2 (as for setup.py) is passed on explicitly, so
