@@ -1,7 +1,7 @@
 // CPU kernels of the FFN ops' fused elementwise passes: bias + activation
 // (+ gate * up) forward, the activation's derivative backward (formulas:
-// activation_cpu.h). Registers the CPU kernels of the norm and FFN ops (norm
-// kernels: norm_cpu.cpp); the telemetry op registers its own (telemetry_cpu.cpp).
+// activation_cpu.h). Registers the CPU kernels of every op (norm kernels:
+// norm_cpu.cpp, telemetry: telemetry_cpu.cpp).
 #include "activation_cpu.h"
 #include "cpu_vec.h"
 #include "ffn.h"
@@ -112,6 +112,7 @@ const ActivationKernels kActivationKernels{&activation_forward, &activation_back
 TORCH_LIBRARY_IMPL(ffn, CPU, m) {
   register_norm_kernels<cpu::kNormKernels>(m);
   register_activation_kernels<cpu::kActivationKernels>(m);
+  register_telemetry_kernels<cpu::kTelemetryKernels>(m);
 }
 
 }  // namespace ffn

@@ -1,9 +1,10 @@
 // Registers one backend's kernels for every op that has per-backend kernels.
-// CPU (ffn_cpu.cpp) and CUDA (cuda/ffn.cu) differ only in the kernel tables
-// they pass, so the op signatures are written once, here.
+// CPU (ffn_cpu.cpp) and CUDA (cuda/registration.cpp) differ only in the kernel
+// tables they pass, so the op signatures are written once, here.
 #pragma once
 
 #include "ffn.h"
+#include "telemetry.h"
 
 #include <torch/library.h>
 
@@ -70,6 +71,15 @@ void register_activation_kernels(torch::Library& m) {
   m.impl("_bias_gelu_bwd", [](const Tensor& grad, const Tensor& x, const OptTensor& bias,
                               std::string_view approximate, bool bias_grad) {
     return bias_gelu_backward(grad, x, bias, approximate, bias_grad, K);
+  });
+}
+
+template <const TelemetryKernels& K>
+void register_telemetry_kernels(torch::Library& m) {
+  m.impl("ffn_stats", [](const Tensor& ffn_input, const Tensor& preact,
+                         std::string_view activation, bool gated, double near_zero, double large,
+                         double outlier) {
+    return ffn_stats(ffn_input, preact, activation, gated, near_zero, large, outlier, K);
   });
 }
 

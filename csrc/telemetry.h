@@ -12,8 +12,6 @@
 
 #include "ffn.h"
 
-#include <torch/library.h>
-
 #include <string_view>
 
 namespace ffn {
@@ -58,13 +56,12 @@ Tensor ffn_stats(const Tensor& ffn_input, const Tensor& preact, std::string_view
                  bool gated, double near_zero, double large, double outlier,
                  const TelemetryKernels& kernels);
 
-template <const TelemetryKernels& K>
-void register_telemetry_kernels(torch::Library& m) {
-  m.impl("ffn_stats", [](const Tensor& ffn_input, const Tensor& preact,
-                         std::string_view activation, bool gated, double near_zero, double large,
-                         double outlier) {
-    return ffn_stats(ffn_input, preact, activation, gated, near_zero, large, outlier, K);
-  });
-}
+// Kernel tables of each backend.
+namespace cpu {
+extern const TelemetryKernels kTelemetryKernels;
+}  // namespace cpu
+namespace cuda {
+extern const TelemetryKernels kTelemetryKernels;
+}  // namespace cuda
 
 }  // namespace ffn

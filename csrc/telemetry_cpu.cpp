@@ -214,13 +214,9 @@ void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, boo
   });
 }
 
+}  // namespace
+
 const TelemetryKernels kTelemetryKernels{&ffn_stats_kernel};
 
-}  // namespace
 }  // namespace cpu
-
-TORCH_LIBRARY_IMPL(ffn, CPU, m) {
-  register_telemetry_kernels<cpu::kTelemetryKernels>(m);
-}
-
 }  // namespace ffn

@@ -15,9 +15,11 @@
 //                         of pass 1, first; it reads rms from the reduced stats
 //                         on the device (no host sync) and reads again only the
 //                         rows whose max |h| is above the threshold.
+#include "activation.cuh"
 #include "telemetry.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -54,63 +56,6 @@ struct NanMax {
     return (a != a || a > b) ? a : b;
   }
 };
-
-// Overloads picking the float or double math function.
-__device__ inline float erf_of(float x) { return erff(x); }
-__device__ inline double erf_of(double x) { return erf(x); }
-__device__ inline float exp_of(float x) { return expf(x); }
-__device__ inline double exp_of(double x) { return exp(x); }
-__device__ inline float tanh_of(float x) { return tanhf(x); }
-__device__ inline double tanh_of(double x) { return tanh(x); }
-
-// The activations, with the formulas of the CPU kernels (activation_cpu.h).
-template <Activation kAct>
-struct DeviceAct;
-
-template <>
-struct DeviceAct<Activation::kGelu> {
-  template <typename A>
-  __device__ static A value(A x) {
-    return x * A(0.5) * (A(1) + erf_of(x * A(M_SQRT1_2)));
-  }
-};
-
-template <>
-struct DeviceAct<Activation::kGeluTanh> {
-  static constexpr double kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
-  static constexpr double kKappa = 0.044715;
-  template <typename A>
-  __device__ static A value(A x) {
-    const A inner = A(kBeta) * (x + A(kKappa) * (x * x * x));
-    return A(0.5) * x * (A(1) + tanh_of(inner));
-  }
-};
-
-template <>
-struct DeviceAct<Activation::kSilu> {
-  template <typename A>
-  __device__ static A value(A x) {
-    return x / (A(1) + exp_of(-x));
-  }
-};
-
-template <>
-struct DeviceAct<Activation::kRelu> {
-  template <typename A>
-  __device__ static A value(A x) {
-    return (x > A(0) || x != x) ? x : A(0);  // propagates NaN like torch.relu
-  }
-};
-
-template <typename Fn>
-void dispatch_device_activation(Activation act, const Fn& fn) {
-  switch (act) {
-    case Activation::kGelu: return fn(DeviceAct<Activation::kGelu>{});
-    case Activation::kGeluTanh: return fn(DeviceAct<Activation::kGeluTanh>{});
-    case Activation::kSilu: return fn(DeviceAct<Activation::kSilu>{});
-    case Activation::kRelu: return fn(DeviceAct<Activation::kRelu>{});
-  }
-}
 
 int num_blocks(int64_t rows) {
   return static_cast<int>(std::clamp<int64_t>((rows + kWarps - 1) / kWarps, 1, kMaxBlocks));
@@ -297,8 +242,8 @@ void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, boo
     using Acc = at::opmath_type<scalar_t>;
     const Tensor row_abs_max =
         at::empty({rows}, preact.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-    dispatch_device_activation(act, [&](auto a) {
-      using A = decltype(a);
+    dispatch_activation(act, [&](auto kind) {
+      using A = Act<decltype(kind)::value>;
       hidden_stats_kernel<scalar_t, A><<<blocks, kThreads, 0, stream>>>(
           preact.const_data_ptr<scalar_t>(), rows, F, gated, static_cast<Acc>(thresholds.near_zero),
           static_cast<Acc>(thresholds.large), hidden_partials.mutable_data_ptr<double>(),
@@ -314,13 +259,9 @@ void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, boo
   });
 }
 
+}  // namespace
+
 const TelemetryKernels kTelemetryKernels{&ffn_stats_kernel};
 
-}  // namespace
 }  // namespace cuda
-
-TORCH_LIBRARY_IMPL(ffn, CUDA, m) {
-  register_telemetry_kernels<cuda::kTelemetryKernels>(m);
-}
-
 }  // namespace ffn
