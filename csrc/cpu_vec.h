@@ -5,12 +5,18 @@
 // held as a Pack = VectorizedN<acc_t, kN> (two float vectors per bfloat16/half
 // vector, one otherwise), so half types are converted once on load and once on
 // store and never round in between.
+//
+// The helpers are forced inline (and so are the kernels' per-step lambdas, with
+// C10_ALWAYS_INLINE_ATTRIBUTE): they run once per vector step of every row loop,
+// and GCC otherwise stops inlining them once a kernel grows, which costs an
+// out-of-line call per step and sends every vector through memory.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/vec_n.h>
+#include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -36,15 +42,19 @@ inline constexpr int64_t kStep = VecTraits<T>::kStep;
 // Loads `count` (<= kStep<T>) values of U, where U is T or T's accumulation type
 // (float32 parameters next to half inputs). Lanes at and past `count` are zero.
 template <typename T, typename U>
-inline Pack<T> load(const U* p, int64_t count = kStep<T>) {
+C10_ALWAYS_INLINE Pack<T> load(const U* p, int64_t count = kStep<T>) {
   using Traits = VecTraits<T>;
   using AccVec = typename Traits::AccVec;
   Pack<T> out;
   if constexpr (std::is_same_v<U, acc_t<T>>) {
     for (int k = 0; k < Traits::kN; ++k) {
-      const int64_t n = std::clamp<int64_t>(count - k * AccVec::size(), 0, AccVec::size());
-      out[k] = n == AccVec::size() ? AccVec::loadu(p + k * AccVec::size())
-                                   : AccVec::set(AccVec(0), AccVec::loadu(p + k * AccVec::size(), n), n);
+      const U* pk = p + k * AccVec::size();
+      if (count == Traits::kStep) {
+        out[k] = AccVec::loadu(pk);
+      } else {
+        const int64_t n = std::clamp<int64_t>(count - k * AccVec::size(), 0, AccVec::size());
+        out[k] = AccVec::set(AccVec(0), AccVec::loadu(pk, n), n);
+      }
     }
   } else {
     static_assert(std::is_same_v<U, T> && Traits::kN == 2, "U must be T or T's accumulation type");
@@ -59,18 +69,26 @@ inline Pack<T> load(const U* p, int64_t count = kStep<T>) {
   return out;
 }
 
-// Stores the first `count` (<= kStep<T>) lanes as T (round to nearest even).
-template <typename T>
-inline void store(T* p, const Pack<T>& v, int64_t count = kStep<T>) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    if (count == kStep<T>) {
-      v.store(p);
-    } else {
-      v.store(p, static_cast<int>(count));
+// Stores the first `count` (<= kStep<T>) lanes into U, where U is T (half types
+// round to nearest even) or T's accumulation type (float32 partial sums).
+template <typename T, typename U>
+C10_ALWAYS_INLINE void store(U* p, const Pack<T>& v, int64_t count = kStep<T>) {
+  using Traits = VecTraits<T>;
+  using AccVec = typename Traits::AccVec;
+  if constexpr (std::is_same_v<U, acc_t<T>>) {
+    for (int k = 0; k < Traits::kN; ++k) {
+      U* pk = p + k * AccVec::size();
+      if (count == Traits::kStep) {
+        v[k].store(pk);
+      } else {
+        const int64_t n = std::clamp<int64_t>(count - k * AccVec::size(), 0, AccVec::size());
+        if (n > 0) v[k].store(pk, static_cast<int>(n));
+      }
     }
   } else {
+    static_assert(std::is_same_v<U, T> && Traits::kN == 2, "U must be T or T's accumulation type");
     const auto out = at::vec::convert_from_float<T>(v[0], v[1]);
-    if (count == kStep<T>) {
+    if (count == Traits::kStep) {
       out.store(p);
     } else {
       out.store(p, static_cast<int>(count));
@@ -80,7 +98,7 @@ inline void store(T* p, const Pack<T>& v, int64_t count = kStep<T>) {
 
 // What storing as T and loading back gives: the value a later pass will read.
 template <typename T>
-inline Pack<T> round_to(const Pack<T>& v) {
+C10_ALWAYS_INLINE Pack<T> round_to(const Pack<T>& v) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return v;
   } else {
@@ -90,15 +108,16 @@ inline Pack<T> round_to(const Pack<T>& v) {
 }
 
 template <typename T>
-inline acc_t<T> sum_lanes(const Pack<T>& v) {
-  return at::vec::vec_reduce_all<acc_t<T>>(
-      [](const auto& a, const auto& b) { return a + b; }, v);
+C10_ALWAYS_INLINE acc_t<T> sum_lanes(const Pack<T>& v) {
+  auto sum = v[0];
+  for (int k = 1; k < VecTraits<T>::kN; ++k) sum = sum + v[k];
+  return at::vec::vec_reduce_all<acc_t<T>>([](const auto& a, const auto& b) { return a + b; }, sum);
 }
 
 // Calls body(offset, count) for each step of a row of n elements; the last
 // step may be partial (count < kStep<T>).
 template <typename T, typename Body>
-inline void for_each_step(int64_t n, const Body& body) {
+C10_ALWAYS_INLINE void for_each_step(int64_t n, const Body& body) {
   int64_t i = 0;
   for (; i + kStep<T> <= n; i += kStep<T>) {
     body(i, kStep<T>);

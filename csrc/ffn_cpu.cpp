@@ -27,11 +27,11 @@ struct Act;
 template <>
 struct Act<Activation::kGelu> {
   template <typename V>
-  static V value(const V& x) {
+  C10_ALWAYS_INLINE static V value(const V& x) {
     return x * V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
   }
   template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
     const V cdf = V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
     const V pdf = V(M_2_SQRTPI * M_SQRT1_2 * 0.5) * (x * x * V(-0.5)).exp();
     return {x * cdf, cdf + x * pdf};
@@ -43,12 +43,12 @@ struct Act<Activation::kGeluTanh> {
   static constexpr double kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
   static constexpr double kKappa = 0.044715;
   template <typename V>
-  static V value(const V& x) {
+  C10_ALWAYS_INLINE static V value(const V& x) {
     const V inner = V(kBeta) * (x + V(kKappa) * (x * x * x));
     return V(0.5) * x * (V(1) + inner.tanh());
   }
   template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
     const V x_sq = x * x;
     const V tanh_inner = (V(kBeta) * (x + V(kKappa) * (x_sq * x))).tanh();
     const V left = V(0.5) * x;
@@ -61,11 +61,11 @@ struct Act<Activation::kGeluTanh> {
 template <>
 struct Act<Activation::kSilu> {
   template <typename V>
-  static V value(const V& x) {
+  C10_ALWAYS_INLINE static V value(const V& x) {
     return x / (V(1) + x.neg().exp());
   }
   template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
     const V sigmoid = V(1) / (V(1) + x.neg().exp());
     return {x * sigmoid, sigmoid * (V(1) + x * (V(1) - sigmoid))};
   }
@@ -74,11 +74,11 @@ struct Act<Activation::kSilu> {
 template <>
 struct Act<Activation::kRelu> {
   template <typename V>
-  static V value(const V& x) {
+  C10_ALWAYS_INLINE static V value(const V& x) {
     return maximum(x, V(0));  // propagates NaN like torch.relu
   }
   template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
     // Derivative 1 where x > 0, else 0 (ATen's threshold_backward: 0 at x == 0).
     return {maximum(x, V(0)), V::blendv(V(0), V(1), x > V(0))};
   }
@@ -96,7 +96,7 @@ void dispatch_activation(Activation act, const Fn& fn) {
 
 // z + bias as the pre-activation the forward stored (rounded to T).
 template <typename T>
-inline Pack<T> preact_at(const T* z, const T* bias, int64_t i, int64_t n) {
+C10_ALWAYS_INLINE Pack<T> preact_at(const T* z, const T* bias, int64_t i, int64_t n) {
   const auto v = load<T>(z + i, n);
   return bias == nullptr ? v : round_to<T>(v + load<T>(bias + i, n));
 }
@@ -114,7 +114,7 @@ void forward_kernel(const Tensor& z, const Tensor& bias, bool gated, bool write_
     for (int64_t r = begin; r < end; ++r) {
       T* zr = Z + r * z_cols;
       T* hr = H + r * F;
-      for_each_step<T>(F, [&](int64_t i, int64_t n) {
+      for_each_step<T>(F, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
         const auto g = preact_at<T>(zr, B, i, n);
         auto out = A::value(g);
         if (store_preact) store<T>(zr + i, g, n);
@@ -144,7 +144,7 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
       const T* zr = Z + r * z_cols;
       const T* dhr = DH + r * F;
       T* dzr = DZ + r * z_cols;
-      for_each_step<T>(F, [&](int64_t i, int64_t n) {
+      for_each_step<T>(F, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
         const auto g = preact_at<T>(zr, B, i, n);
         const auto dh = load<T>(dhr + i, n);
         const auto [act, act_grad] = A::value_and_grad(g);

@@ -32,7 +32,7 @@ int64_t row_grain(int64_t d) { return std::max<int64_t>(1, kGrainElements / std:
 
 // Sum over a row of term(i, count) -> Pack, two accumulators for instruction-level parallelism.
 template <typename T, typename Term>
-inline acc_t<T> sum_row(int64_t n, const Term& term) {
+C10_ALWAYS_INLINE acc_t<T> sum_row(int64_t n, const Term& term) {
   Pack<T> acc0(0), acc1(0);
   int64_t i = 0;
   for (; i + 2 * kStep<T> <= n; i += 2 * kStep<T>) {
@@ -47,7 +47,7 @@ inline acc_t<T> sum_row(int64_t n, const Term& term) {
 
 // Zeroes the lanes past `count` (loads already do; derived values like x - mean need it).
 template <typename T>
-inline Pack<T> valid_lanes(const Pack<T>& v, int64_t count) {
+C10_ALWAYS_INLINE Pack<T> valid_lanes(const Pack<T>& v, int64_t count) {
   return count == kStep<T> ? v : Pack<T>::set(Pack<T>(0), v, count);
 }
 
@@ -68,15 +68,15 @@ void forward_kernel(const Tensor& x, const Tensor& weight, const Tensor& bias, d
       const T* xr = X + r * d;
       T* yr = Y + r * d;
       const A mu =
-          center ? sum_row<T>(d, [&](int64_t i, int64_t n) { return load<T>(xr + i, n); }) / d : A(0);
+          center ? sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE { return load<T>(xr + i, n); }) / d : A(0);
       const Pack<T> mu_v(mu);
-      const A var = sum_row<T>(d, [&](int64_t i, int64_t n) {
+      const A var = sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
                       const auto c = valid_lanes<T>(load<T>(xr + i, n) - mu_v, n);
                       return c * c;
                     }) / d;
       const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
       const Pack<T> rs_v(rs);
-      for_each_step<T>(d, [&](int64_t i, int64_t n) {
+      for_each_step<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
         auto v = (load<T>(xr + i, n) - mu_v) * rs_v;
         if (W != nullptr) v = v * load<T>(W + i, n);
         if (B != nullptr) v = v + load<T>(B + i, n);
@@ -98,26 +98,26 @@ void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* 
     const T* dyr = DY + r * d;
     const Pack<T> mu_v(M != nullptr ? M[r] : A(0));
     const Pack<T> rs_v(R[r]);
-    auto g_at = [&](int64_t i, int64_t n) {
+    auto g_at = [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       auto g = load<T>(dyr + i, n);
       return W != nullptr ? g * load<T>(W + i, n) : g;
     };
     // Tail lanes: g is zero there (dy loads as zero), so g * xhat is zero too.
     const A mean_g = M != nullptr ? sum_row<T>(d, g_at) / d : A(0);
-    const A mean_gx = sum_row<T>(d, [&](int64_t i, int64_t n) {
+    const A mean_gx = sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
                         return g_at(i, n) * ((load<T>(xr + i, n) - mu_v) * rs_v);
                       }) / d;
     const Pack<T> mean_g_v(mean_g), mean_gx_v(mean_gx);
-    for_each_step<T>(d, [&](int64_t i, int64_t n) {
+    for_each_step<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       const auto xhat = (load<T>(xr + i, n) - mu_v) * rs_v;
       store<T>(DX + r * d + i, rs_v * (g_at(i, n) - mean_g_v - xhat * mean_gx_v), n);
       if (dw_acc != nullptr || db_acc != nullptr) {
         const auto dy = load<T>(dyr + i, n);
         if (dw_acc != nullptr) {
-          fmadd(dy, xhat, load<T>(dw_acc + i, n)).store(dw_acc + i, static_cast<int>(n));
+          store<T>(dw_acc + i, fmadd(dy, xhat, load<T>(dw_acc + i, n)), n);
         }
         if (db_acc != nullptr) {
-          (load<T>(db_acc + i, n) + dy).store(db_acc + i, static_cast<int>(n));
+          store<T>(db_acc + i, load<T>(db_acc + i, n) + dy, n);
         }
       }
     });
