@@ -7,9 +7,12 @@
 //
 // Backward, per row (g = dy * w, xhat = (x - mean) * rstd):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))       (RMSNorm: no mean(g))
-// Weight/bias gradients are sums over rows. Each of a fixed number of row chunks
+// in two passes: both row sums together, then dx. Weight/bias gradients are sums
+// over rows. Each of a fixed number of row chunks (a function of the shape only)
 // accumulates its own float32 partial sums and the chunks are added in order,
 // so the result does not depend on the thread count and is bit-reproducible.
+// LayerNorm and RMSNorm are separate instantiations (kCenter), so RMSNorm does no
+// mean arithmetic.
 #include "cpu_vec.h"
 #include "ffn.h"
 
@@ -17,7 +20,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace ffn {
 namespace cpu {
@@ -51,66 +56,119 @@ C10_ALWAYS_INLINE Pack<T> valid_lanes(const Pack<T>& v, int64_t count) {
   return count == kStep<T> ? v : Pack<T>::set(Pack<T>(0), v, count);
 }
 
-template <typename T, typename P>
+// Two sums over a row at once: step(i, count, acc_a, acc_b) adds its terms into
+// the accumulators it is given (two pairs, for instruction-level parallelism).
+// Accumulating in place rather than returning a pair of Packs keeps the half
+// types' two-vector Packs in registers.
+template <typename T, typename Step>
+C10_ALWAYS_INLINE std::pair<acc_t<T>, acc_t<T>> sum_row_pair(int64_t n, const Step& step) {
+  Pack<T> a0(0), b0(0), a1(0), b1(0);
+  int64_t i = 0;
+  for (; i + 2 * kStep<T> <= n; i += 2 * kStep<T>) {
+    step(i, kStep<T>, a0, b0);
+    step(i + kStep<T>, kStep<T>, a1, b1);
+  }
+  for (; i < n; i += kStep<T>) {
+    step(i, std::min(kStep<T>, n - i), a0, b0);
+  }
+  return {sum_lanes<T>(a0 + a1), sum_lanes<T>(b0 + b1)};
+}
+
+// Mean and biased variance of a row, in two passes (the centered second pass
+// avoids the cancellation of E[x^2] - E[x]^2 on rows with a large mean).
+template <typename T>
+C10_ALWAYS_INLINE std::pair<acc_t<T>, acc_t<T>> row_moments(const T* xr, int64_t d) {
+  using A = acc_t<T>;
+  const A mu = sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+                 return load<T>(xr + i, n);
+               }) / d;
+  const Pack<T> mu_v(mu);
+  return {mu, sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+            const auto c = valid_lanes<T>(load<T>(xr + i, n) - mu_v, n);
+            return c * c;
+          }) / d};
+}
+
+// mean(x^2) of a row (RMSNorm's statistic).
+template <typename T>
+C10_ALWAYS_INLINE acc_t<T> mean_square(const T* xr, int64_t d) {
+  return sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+           const auto v = load<T>(xr + i, n);
+           return v * v;
+         }) / d;
+}
+
+template <typename T, typename P, bool kCenter>
 void forward_kernel(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
-                    bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd) {
+                    const Tensor& y, const Tensor& mean, const Tensor& rstd) {
   using A = acc_t<T>;
   const int64_t rows = x.size(0), d = x.size(1);
   const T* X = x.const_data_ptr<T>();
   const P* W = weight.defined() ? weight.const_data_ptr<P>() : nullptr;
   const P* B = bias.defined() ? bias.const_data_ptr<P>() : nullptr;
   T* Y = y.mutable_data_ptr<T>();
-  A* M = center ? mean.mutable_data_ptr<A>() : nullptr;
+  A* M = kCenter ? mean.mutable_data_ptr<A>() : nullptr;
   A* R = rstd.mutable_data_ptr<A>();
 
   at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = X + r * d;
       T* yr = Y + r * d;
-      const A mu =
-          center ? sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE { return load<T>(xr + i, n); }) / d : A(0);
+      const auto [mu, var] = kCenter ? row_moments<T>(xr, d) : std::pair{A(0), mean_square<T>(xr, d)};
       const Pack<T> mu_v(mu);
-      const A var = sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-                      const auto c = valid_lanes<T>(load<T>(xr + i, n) - mu_v, n);
-                      return c * c;
-                    }) / d;
       const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
       const Pack<T> rs_v(rs);
       for_each_step<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-        auto v = (load<T>(xr + i, n) - mu_v) * rs_v;
-        if (W != nullptr) v = v * load<T>(W + i, n);
-        if (B != nullptr) v = v + load<T>(B + i, n);
-        store<T>(yr + i, v, n);
+        const auto xhat = (kCenter ? load<T>(xr + i, n) - mu_v : load<T>(xr + i, n)) * rs_v;
+        if (W != nullptr && B != nullptr) {
+          store<T>(yr + i, fmadd(xhat, load<T>(W + i, n), load<T>(B + i, n)), n);
+        } else if (W != nullptr) {
+          store<T>(yr + i, xhat * load<T>(W + i, n), n);
+        } else if (B != nullptr) {
+          store<T>(yr + i, xhat + load<T>(B + i, n), n);
+        } else {
+          store<T>(yr + i, xhat, n);
+        }
       });
-      if (center) M[r] = mu;
+      if (kCenter) M[r] = mu;
       R[r] = rs;
     }
   });
 }
 
 // dx for rows [begin, end); if dw_acc/db_acc are given, adds dy * xhat and dy into them.
-template <typename T, typename P>
+// Two passes over the row: one for both row sums, one for the outputs.
+template <typename T, typename P, bool kCenter>
 void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* X, const acc_t<T>* M,
                    const acc_t<T>* R, const P* W, T* DX, acc_t<T>* dw_acc, acc_t<T>* db_acc) {
   using A = acc_t<T>;
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = X + r * d;
     const T* dyr = DY + r * d;
-    const Pack<T> mu_v(M != nullptr ? M[r] : A(0));
-    const Pack<T> rs_v(R[r]);
+    const A mu = kCenter ? M[r] : A(0);
+    const A rs = R[r];
+    const Pack<T> mu_v(mu), rs_v(rs);
     auto g_at = [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       auto g = load<T>(dyr + i, n);
       return W != nullptr ? g * load<T>(W + i, n) : g;
     };
-    // Tail lanes: g is zero there (dy loads as zero), so g * xhat is zero too.
-    const A mean_g = M != nullptr ? sum_row<T>(d, g_at) / d : A(0);
-    const A mean_gx = sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-                        return g_at(i, n) * ((load<T>(xr + i, n) - mu_v) * rs_v);
-                      }) / d;
-    const Pack<T> mean_g_v(mean_g), mean_gx_v(mean_gx);
+    auto centered_at = [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      return kCenter ? load<T>(xr + i, n) - mu_v : load<T>(xr + i, n);
+    };
+    // sum(g) and sum(g * (x - mean)). Tail lanes: g loads as zero there, so both terms are zero.
+    const auto [sum_g, sum_gc] = sum_row_pair<T>(
+        d, [&](int64_t i, int64_t n, Pack<T>& sg, Pack<T>& sgc) C10_ALWAYS_INLINE_ATTRIBUTE {
+          const auto g = g_at(i, n);
+          sg = sg + g;
+          sgc = fmadd(g, centered_at(i, n), sgc);
+        });
+    const A mean_g = kCenter ? sum_g / d : A(0);
+    const A mean_gx = sum_gc * rs / d;  // mean(g * xhat)
+    // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) = g * rstd + (xhat * c1 + c0)
+    const Pack<T> c1_v(-rs * mean_gx), c0_v(-rs * mean_g);
     for_each_step<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-      const auto xhat = (load<T>(xr + i, n) - mu_v) * rs_v;
-      store<T>(DX + r * d + i, rs_v * (g_at(i, n) - mean_g_v - xhat * mean_gx_v), n);
+      const auto xhat = centered_at(i, n) * rs_v;
+      store<T>(DX + r * d + i, fmadd(g_at(i, n), rs_v, fmadd(xhat, c1_v, c0_v)), n);
       if (dw_acc != nullptr || db_acc != nullptr) {
         const auto dy = load<T>(dyr + i, n);
         if (dw_acc != nullptr) {
@@ -124,52 +182,73 @@ void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* 
   }
 }
 
-template <typename T, typename P>
+// Row chunks of the weight/bias gradient: a fixed function of the shape (never of the thread
+// count), at most kMaxParamGradChunks, and few when there is little work, so that zeroing and
+// reducing the partial sums stays small next to the rows themselves.
+int64_t param_grad_chunks(int64_t rows, int64_t d) {
+  const int64_t by_work = rows * std::max<int64_t>(d, 1) / kGrainElements;
+  return std::clamp<int64_t>(std::min(by_work, rows), 1, kMaxParamGradChunks);
+}
+
+// out[i] = sum over c of partial[c * d + i], chunks added in order (vectorized along i).
+template <typename A, typename P>
+void reduce_chunks(const A* partial, int64_t chunks, int64_t d, P* out) {
+  using Vec = at::vec::Vectorized<A>;
+  auto load_part = [&](const A* p, int64_t n) { return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n); };
+  for (int64_t i = 0; i < d; i += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), d - i);
+    Vec sum = load_part(partial + i, n);
+    for (int64_t c = 1; c < chunks; ++c) sum = sum + load_part(partial + c * d + i, n);
+    if constexpr (std::is_same_v<P, A>) {
+      sum.store(out + i, static_cast<int>(n));
+    } else {
+      A sums[Vec::size()];
+      sum.store(sums);
+      for (int64_t k = 0; k < n; ++k) out[i + k] = static_cast<P>(sums[k]);
+    }
+  }
+}
+
+template <typename T, typename P, bool kCenter>
 void backward_kernel(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
-                     const Tensor& weight, bool center, const Tensor& grad_x,
-                     const Tensor& grad_weight, const Tensor& grad_bias) {
+                     const Tensor& weight, const Tensor& grad_x, const Tensor& grad_weight,
+                     const Tensor& grad_bias) {
   using A = acc_t<T>;
   const int64_t rows = x.size(0), d = x.size(1);
   const T* DY = grad_y.const_data_ptr<T>();
   const T* X = x.const_data_ptr<T>();
-  const A* M = center ? mean.const_data_ptr<A>() : nullptr;
+  const A* M = kCenter ? mean.const_data_ptr<A>() : nullptr;
   const A* R = rstd.const_data_ptr<A>();
   const P* W = weight.defined() ? weight.const_data_ptr<P>() : nullptr;
   T* DX = grad_x.mutable_data_ptr<T>();
 
   if (!grad_weight.defined() && !grad_bias.defined()) {
     at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
-      backward_rows<T, P>(begin, end, d, DY, X, M, R, W, DX, nullptr, nullptr);
+      backward_rows<T, P, kCenter>(begin, end, d, DY, X, M, R, W, DX, nullptr, nullptr);
     });
     return;
   }
 
-  const int64_t chunks = std::max<int64_t>(1, std::min(rows, kMaxParamGradChunks));
+  // One parallel region: each chunk zeroes and fills its own partial sums; the (small)
+  // ordered reduction over chunks follows on this thread.
+  const int64_t chunks = param_grad_chunks(rows, d);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  const Tensor dw_partial = grad_weight.defined() ? at::zeros({chunks, d}, acc_options) : Tensor();
-  const Tensor db_partial = grad_bias.defined() ? at::zeros({chunks, d}, acc_options) : Tensor();
+  const Tensor dw_partial = grad_weight.defined() ? at::empty({chunks, d}, acc_options) : Tensor();
+  const Tensor db_partial = grad_bias.defined() ? at::empty({chunks, d}, acc_options) : Tensor();
   A* dw_acc = dw_partial.defined() ? dw_partial.mutable_data_ptr<A>() : nullptr;
   A* db_acc = db_partial.defined() ? db_partial.mutable_data_ptr<A>() : nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      backward_rows<T, P>(c * rows / chunks, (c + 1) * rows / chunks, d, DY, X, M, R, W, DX,
-                          dw_acc != nullptr ? dw_acc + c * d : nullptr,
-                          db_acc != nullptr ? db_acc + c * d : nullptr);
+      A* dw_c = dw_acc != nullptr ? dw_acc + c * d : nullptr;
+      A* db_c = db_acc != nullptr ? db_acc + c * d : nullptr;
+      if (dw_c != nullptr) std::fill_n(dw_c, d, A(0));
+      if (db_c != nullptr) std::fill_n(db_c, d, A(0));
+      backward_rows<T, P, kCenter>(c * rows / chunks, (c + 1) * rows / chunks, d, DY, X, M, R, W,
+                                   DX, dw_c, db_c);
     }
   });
-
-  // Chunk partial sums -> parameter gradient, chunks added in order.
-  auto reduce_chunks = [&](const A* partial, P* out) {
-    at::parallel_for(0, d, row_grain(chunks), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        A sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += partial[c * d + i];
-        out[i] = static_cast<P>(sum);
-      }
-    });
-  };
-  if (dw_acc != nullptr) reduce_chunks(dw_acc, grad_weight.mutable_data_ptr<P>());
-  if (db_acc != nullptr) reduce_chunks(db_acc, grad_bias.mutable_data_ptr<P>());
+  if (dw_acc != nullptr) reduce_chunks(dw_acc, chunks, d, grad_weight.mutable_data_ptr<P>());
+  if (db_acc != nullptr) reduce_chunks(db_acc, chunks, d, grad_bias.mutable_data_ptr<P>());
 }
 
 // Calls fn(T{}, P{}) with T = x's dtype and P = the parameters' dtype (T, or
@@ -190,7 +269,13 @@ void dispatch_norm(const Tensor& x, const Tensor& param, const Fn& fn) {
 void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
                   bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd) {
   dispatch_norm(x, weight.defined() ? weight : bias, [&](auto t, auto p) {
-    forward_kernel<decltype(t), decltype(p)>(x, weight, bias, eps, center, y, mean, rstd);
+    using T = decltype(t);
+    using P = decltype(p);
+    if (center) {
+      forward_kernel<T, P, true>(x, weight, bias, eps, y, mean, rstd);
+    } else {
+      forward_kernel<T, P, false>(x, weight, bias, eps, y, mean, rstd);
+    }
   });
 }
 
@@ -198,8 +283,13 @@ void norm_backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, co
                    const Tensor& weight, bool center, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias) {
   dispatch_norm(x, weight.defined() ? weight : grad_bias, [&](auto t, auto p) {
-    backward_kernel<decltype(t), decltype(p)>(grad_y, x, mean, rstd, weight, center, grad_x,
-                                              grad_weight, grad_bias);
+    using T = decltype(t);
+    using P = decltype(p);
+    if (center) {
+      backward_kernel<T, P, true>(grad_y, x, mean, rstd, weight, grad_x, grad_weight, grad_bias);
+    } else {
+      backward_kernel<T, P, false>(grad_y, x, mean, rstd, weight, grad_x, grad_weight, grad_bias);
+    }
   });
 }
 
