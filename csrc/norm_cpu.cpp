@@ -1,9 +1,9 @@
 // CPU kernels of layer_norm and rms_norm: one row at a time, rows in parallel.
 //
-// Forward reads a row three times (mean, centered sum of squares, output); the
-// row is in L1/L2 after the first read, so DRAM sees it once. The two-pass
-// variance avoids the cancellation of E[x^2] - E[x]^2 on rows with a large mean
-// (exactly the shifted inputs this library is about).
+// Forward reads a row twice (statistics, output); the row is in L1/L2 after the
+// first read, so DRAM sees it once. LayerNorm's variance falls back to a second,
+// centered pass on rows whose mean is large next to their spread, where
+// E[x^2] - E[x]^2 would cancel (exactly the shifted inputs this library is about).
 //
 // Backward, per row (g = dy * w, xhat = (x - mean) * rstd):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))       (RMSNorm: no mean(g))
@@ -74,14 +74,22 @@ C10_ALWAYS_INLINE std::pair<acc_t<T>, acc_t<T>> sum_row_pair(int64_t n, const St
   return {sum_lanes<T>(a0 + a1), sum_lanes<T>(b0 + b1)};
 }
 
-// Mean and biased variance of a row, in two passes (the centered second pass
-// avoids the cancellation of E[x^2] - E[x]^2 on rows with a large mean).
+// Mean and biased variance of a row. One pass sums x and x^2; only when the mean
+// is large next to the spread (mean^2 > var, where E[x^2] - mean^2 would lose more
+// than a bit to cancellation: the shifted rows this library is about) does a
+// second pass sum the squares of the centered row.
 template <typename T>
 C10_ALWAYS_INLINE std::pair<acc_t<T>, acc_t<T>> row_moments(const T* xr, int64_t d) {
   using A = acc_t<T>;
-  const A mu = sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-                 return load<T>(xr + i, n);
-               }) / d;
+  const auto [sum, sum_sq] = sum_row_pair<T>(
+      d, [&](int64_t i, int64_t n, Pack<T>& s, Pack<T>& q) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const auto v = load<T>(xr + i, n);
+        s = s + v;
+        q = fmadd(v, v, q);
+      });
+  const A mu = sum / d;
+  const A var = sum_sq / d - mu * mu;
+  if (mu * mu <= var) return {mu, var};  // also false for NaN: the two-pass result propagates it
   const Pack<T> mu_v(mu);
   return {mu, sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
             const auto c = valid_lanes<T>(load<T>(xr + i, n) - mu_v, n);
