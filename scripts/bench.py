@@ -38,8 +38,15 @@ Definitions used in every table:
   operands of the same shapes and layouts, and nothing else.
 
 Targets are printed as PASS/MISS next to each row and summarized at the end.
-Results go to bench/results/<device>-<YYYY-MM-DD>[-<tag>].json and .md (or --json/--markdown);
---quick runs a smoke-sized subset and writes nothing unless given a path.
+Results go to bench/results/<device>-<YYYY-MM-DD>[-<tag>].json and .md (or --json/--markdown),
+rewritten after every shape, so a run that is cut off keeps what it measured. --quick runs a
+smoke-sized subset and writes nothing unless given a path.
+
+A full CUDA run compiles two torch.compile graphs (inference, training) per norm shape: 64
+compilations, several minutes. To fit it into shorter sessions, split it, e.g.
+    --ops rms_norm layer_norm --dtype bfloat16 --tag norms-bf16
+    --ops rms_norm layer_norm --dtype float32 --tag norms-fp32
+    --ops gelu_ffn swiglu --tag ffn
 """
 
 from __future__ import annotations
@@ -570,8 +577,15 @@ def run_cuda(cfg, report):
         for dtype_name in cfg.ffn_dtype:
             for op in ffn_ops:
                 for d in cfg.ffn_dims:
+                    tokens, d_ff, elt = cfg.ffn_tokens, ffn_d_ff(op, d), DTYPES[dtype_name].itemsize
+                    n_in = 2 * d_ff if op == "swiglu" else d_ff
+                    # Weights with their gradients, eager's activations and gradients, the GEMM-only operands.
+                    if not fits(elt * (3 * (n_in + d_ff) * d + 8 * tokens * n_in + 6 * tokens * d)):
+                        log(f"skip {op} {dtype_name} d={d}: does not fit in free memory")
+                        report.records.append({"kind": "ffn", "op": op, "dtype": dtype_name, "d": d, "skipped": "memory"})
+                        continue
                     try:
-                        run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, DTYPES[dtype_name], cfg.ffn_tokens, d, failures)
+                        run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, DTYPES[dtype_name], tokens, d, failures)
                     except torch.OutOfMemoryError:
                         log(f"skip {op} {dtype_name} d={d}: out of memory")
                         report.records.append({"kind": "ffn", "op": op, "dtype": dtype_name, "d": d, "skipped": "oom"})
