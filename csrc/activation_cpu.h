@@ -12,6 +12,8 @@
 
 #include "ffn.h"
 
+#include <c10/macros/Macros.h>
+
 #include <cmath>
 #include <utility>
 
@@ -24,11 +26,11 @@ struct Act;
 template <>
 struct Act<Activation::kGelu> {
   template <typename V>
-  static V value(const V& x) {
+  C10_ALWAYS_INLINE static V value(const V& x) {
     return x * V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
   }
   template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
     const V cdf = V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
     const V pdf = V(M_2_SQRTPI * M_SQRT1_2 * 0.5) * (x * x * V(-0.5)).exp();
     return {x * cdf, cdf + x * pdf};
@@ -40,12 +42,12 @@ struct Act<Activation::kGeluTanh> {
   static constexpr double kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
   static constexpr double kKappa = 0.044715;
   template <typename V>
-  static V value(const V& x) {
+  C10_ALWAYS_INLINE static V value(const V& x) {
     const V inner = V(kBeta) * (x + V(kKappa) * (x * x * x));
     return V(0.5) * x * (V(1) + inner.tanh());
   }
   template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
     const V x_sq = x * x;
     const V tanh_inner = (V(kBeta) * (x + V(kKappa) * (x_sq * x))).tanh();
     const V left = V(0.5) * x;
@@ -58,11 +60,11 @@ struct Act<Activation::kGeluTanh> {
 template <>
 struct Act<Activation::kSilu> {
   template <typename V>
-  static V value(const V& x) {
+  C10_ALWAYS_INLINE static V value(const V& x) {
     return x / (V(1) + x.neg().exp());
   }
   template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
     const V one_plus_exp = V(1) + x.neg().exp();
     const V sigmoid = V(1) / one_plus_exp;
     // The value as value() computes it (not x * sigmoid): the hidden activation
@@ -74,11 +76,11 @@ struct Act<Activation::kSilu> {
 template <>
 struct Act<Activation::kRelu> {
   template <typename V>
-  static V value(const V& x) {
+  C10_ALWAYS_INLINE static V value(const V& x) {
     return maximum(x, V(0));  // propagates NaN like torch.relu
   }
   template <typename V>
-  static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
     // Derivative 1 where x > 0, else 0 (ATen's threshold_backward: 0 at x == 0).
     return {maximum(x, V(0)), V::blendv(V(0), V(1), x > V(0))};
   }

@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
   const Tensor x2d = as_rows(x);
   Tensor z = bias_in.defined() ? at::addmm(bias_in, x2d, w_in.t()) : at::mm(x2d, w_in.t());
   Tensor h = at::empty({z.size(0), d_ff}, z.options());
-  kernels.forward(z, Tensor(), act, gated, /*write_preact=*/false, h);
+  kernels.forward(z, Tensor(), act, gated, h);
   Tensor out = b_out.has_value() && b_out->defined() ? at::addmm(*b_out, h, w_out.t())
                                                      : at::mm(h, w_out.t());
   return {out.view(with_last_dim(x.sizes(), w_out.size(0))), z};
@@ -119,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
     grad_z = gated ? at::empty_like(z) : grad_h;  // plain: overwrite grad_h in place
     kernels.backward(z, Tensor(), grad_h, act, gated, grad_z, h);
   } else if (need_w_out) {
-    kernels.forward(z, Tensor(), act, gated, /*write_preact=*/false, h);
+    kernels.forward(z, Tensor(), act, gated, h);
   }
   return {
       need_x ? at::mm(grad_z, w_in).view(x.sizes()) : empty_placeholder(x),
@@ -139,8 +139,7 @@ Tensor gated_activation_forward(const Tensor& gate_up, std::string_view activati
               ": gate_up's last dimension must be even ([..., 2*d_ff]: gate, then up), got ",
               gate_up.size(-1));
   Tensor h = at::empty(with_last_dim(gate_up.sizes(), gate_up.size(-1) / 2), gate_up.options());
-  kernels.forward(as_rows(gate_up), Tensor(), act, /*gated=*/true, /*write_preact=*/false,
-                  as_rows(h));
+  kernels.forward(as_rows(gate_up), Tensor(), act, /*gated=*/true, as_rows(h));
   return h;
 }
 
@@ -164,7 +163,7 @@ Tensor bias_gelu_forward(const Tensor& x, const OptTensor& bias, std::string_vie
   const Tensor b = contiguous_or_undefined(bias);
   if (b.defined()) check_vector_param(op, "bias", b, x, x.size(-1), false);
   Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  kernels.forward(as_rows(x), b, act, /*gated=*/false, /*write_preact=*/false, as_rows(y));
+  kernels.forward(as_rows(x), b, act, /*gated=*/false, as_rows(y));
   return y;
 }
 

@@ -67,9 +67,7 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(const Tensor& grad_y, const
 struct ActivationKernels {
   // h = act(z + bias)                      (plain)
   // h = act(z_g + b_g) * (z_u + b_u)       (gated)
-  // With write_preact, z + bias is also stored back into z (the FFN saves it).
-  void (*forward)(const Tensor& z, const Tensor& bias, Activation act, bool gated,
-                  bool write_preact, const Tensor& h);
+  void (*forward)(const Tensor& z, const Tensor& bias, Activation act, bool gated, const Tensor& h);
   // grad_z = d h / d z * grad_h, with z + bias as the pre-activation; grad_z may
   // alias grad_h when not gated. If h is defined it receives the recomputed
   // hidden activation (what the down projection's weight gradient needs).

@@ -19,31 +19,27 @@ constexpr int64_t kGrainElements = 32768;
 
 // z + bias as the pre-activation the forward stored (rounded to T).
 template <typename T>
-inline Pack<T> preact_at(const T* z, const T* bias, int64_t i, int64_t n) {
+C10_ALWAYS_INLINE Pack<T> preact_at(const T* z, const T* bias, int64_t i, int64_t n) {
   const auto v = load<T>(z + i, n);
   return bias == nullptr ? v : round_to<T>(v + load<T>(bias + i, n));
 }
 
 template <typename T, typename A>
-void forward_kernel(const Tensor& z, const Tensor& bias, bool gated, bool write_preact,
-                    const Tensor& h) {
+void forward_kernel(const Tensor& z, const Tensor& bias, bool gated, const Tensor& h) {
   const int64_t rows = h.size(0), F = h.size(1), z_cols = z.size(1);
-  T* Z = z.data_ptr<T>();
+  const T* Z = z.const_data_ptr<T>();
   const T* B = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* H = h.mutable_data_ptr<T>();
-  const bool store_preact = write_preact && B != nullptr;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(z_cols, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* zr = Z + r * z_cols;
+      const T* zr = Z + r * z_cols;
       T* hr = H + r * F;
-      for_each_step<T>(F, [&](int64_t i, int64_t n) {
+      for_each_step<T>(F, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
         const auto g = preact_at<T>(zr, B, i, n);
         auto out = A::value(g);
-        if (store_preact) store<T>(zr + i, g, n);
         if (gated) {
           const auto u = preact_at<T>(zr + F, B != nullptr ? B + F : nullptr, i, n);
-          if (store_preact) store<T>(zr + F + i, u, n);
           out = out * u;
         }
         store<T>(hr + i, out, n);
@@ -67,7 +63,7 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
       const T* zr = Z + r * z_cols;
       const T* dhr = DH + r * F;
       T* dzr = DZ + r * z_cols;
-      for_each_step<T>(F, [&](int64_t i, int64_t n) {
+      for_each_step<T>(F, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
         const auto g = preact_at<T>(zr, B, i, n);
         const auto dh = load<T>(dhr + i, n);
         const auto [act, act_grad] = A::value_and_grad(g);
@@ -86,10 +82,10 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
 }
 
 void activation_forward(const Tensor& z, const Tensor& bias, Activation act, bool gated,
-                        bool write_preact, const Tensor& h) {
+                        const Tensor& h) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_fwd_cpu", [&] {
     dispatch_activation(act, [&](auto a) {
-      forward_kernel<scalar_t, decltype(a)>(z, bias, gated, write_preact, h);
+      forward_kernel<scalar_t, decltype(a)>(z, bias, gated, h);
     });
   });
 }

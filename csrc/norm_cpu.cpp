@@ -1,15 +1,18 @@
 // CPU kernels of layer_norm and rms_norm: one row at a time, rows in parallel.
 //
-// Forward reads a row three times (mean, centered sum of squares, output); the
-// row is in L1/L2 after the first read, so DRAM sees it once. The two-pass
-// variance avoids the cancellation of E[x^2] - E[x]^2 on rows with a large mean
-// (exactly the shifted inputs this library is about).
+// Forward reads a row twice (statistics, output); the row is in L1/L2 after the
+// first read, so DRAM sees it once. LayerNorm's variance falls back to a second,
+// centered pass on rows whose mean is large next to their spread, where
+// E[x^2] - E[x]^2 would cancel (exactly the shifted inputs this library is about).
 //
 // Backward, per row (g = dy * w, xhat = (x - mean) * rstd):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))       (RMSNorm: no mean(g))
-// Weight/bias gradients are sums over rows. Each of a fixed number of row chunks
+// in two passes: both row sums together, then dx. Weight/bias gradients are sums
+// over rows. Each of a fixed number of row chunks (a function of the shape only)
 // accumulates its own float32 partial sums and the chunks are added in order,
 // so the result does not depend on the thread count and is bit-reproducible.
+// LayerNorm and RMSNorm are separate instantiations (kCenter), so RMSNorm does no
+// mean arithmetic.
 #include "cpu_vec.h"
 #include "dispatch.h"
 #include "ffn.h"
@@ -18,7 +21,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace ffn {
 namespace cpu {
@@ -31,131 +36,203 @@ constexpr int64_t kMaxParamGradChunks = 64;
 
 int64_t row_grain(int64_t d) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(d, 1)); }
 
-template <typename T, typename P>
+// Mean and biased variance of a row. One pass sums x and x^2; only when the mean
+// is large next to the spread (mean^2 > var, where E[x^2] - mean^2 would lose more
+// than a bit to cancellation: the shifted rows this library is about) does a
+// second pass sum the squares of the centered row.
+template <typename T>
+C10_ALWAYS_INLINE std::pair<acc_t<T>, acc_t<T>> row_moments(const T* xr, int64_t d) {
+  using A = acc_t<T>;
+  const auto [sum, sum_sq] = sum_row_pair<T>(
+      d, [&](int64_t i, int64_t n, Pack<T>& s, Pack<T>& q) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const auto v = load<T>(xr + i, n);
+        s = s + v;
+        q = fmadd(v, v, q);
+      });
+  const A mu = sum / d;
+  const A var = sum_sq / d - mu * mu;
+  if (mu * mu <= var) return {mu, var};  // also false for NaN: the two-pass result propagates it
+  const Pack<T> mu_v(mu);
+  return {mu, sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+            const auto c = valid_lanes<T>(load<T>(xr + i, n) - mu_v, n);
+            return c * c;
+          }) / d};
+}
+
+// mean(x^2) of a row (RMSNorm's statistic).
+template <typename T>
+C10_ALWAYS_INLINE acc_t<T> mean_square(const T* xr, int64_t d) {
+  return sum_row<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+           const auto v = load<T>(xr + i, n);
+           return v * v;
+         }) / d;
+}
+
+template <typename T, typename P, bool kCenter>
 void forward_kernel(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
-                    bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd) {
+                    const Tensor& y, const Tensor& mean, const Tensor& rstd) {
   using A = acc_t<T>;
   const int64_t rows = x.size(0), d = x.size(1);
   const T* X = x.const_data_ptr<T>();
   const P* W = weight.defined() ? weight.const_data_ptr<P>() : nullptr;
   const P* B = bias.defined() ? bias.const_data_ptr<P>() : nullptr;
   T* Y = y.mutable_data_ptr<T>();
-  A* M = center ? mean.mutable_data_ptr<A>() : nullptr;
+  A* M = kCenter ? mean.mutable_data_ptr<A>() : nullptr;
   A* R = rstd.mutable_data_ptr<A>();
 
   at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = X + r * d;
       T* yr = Y + r * d;
-      const A mu =
-          center ? sum_row<T>(d, [&](int64_t i, int64_t n) { return load<T>(xr + i, n); }) / d : A(0);
+      const auto [mu, var] = kCenter ? row_moments<T>(xr, d) : std::pair{A(0), mean_square<T>(xr, d)};
       const Pack<T> mu_v(mu);
-      const A var = sum_row<T>(d, [&](int64_t i, int64_t n) {
-                      const auto c = valid_lanes<T>(load<T>(xr + i, n) - mu_v, n);
-                      return c * c;
-                    }) / d;
       const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
       const Pack<T> rs_v(rs);
-      for_each_step<T>(d, [&](int64_t i, int64_t n) {
-        auto v = (load<T>(xr + i, n) - mu_v) * rs_v;
-        if (W != nullptr) v = v * load<T>(W + i, n);
-        if (B != nullptr) v = v + load<T>(B + i, n);
-        store<T>(yr + i, v, n);
+      for_each_step<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const auto xhat = (kCenter ? load<T>(xr + i, n) - mu_v : load<T>(xr + i, n)) * rs_v;
+        if (W != nullptr && B != nullptr) {
+          store<T>(yr + i, fmadd(xhat, load<T>(W + i, n), load<T>(B + i, n)), n);
+        } else if (W != nullptr) {
+          store<T>(yr + i, xhat * load<T>(W + i, n), n);
+        } else if (B != nullptr) {
+          store<T>(yr + i, xhat + load<T>(B + i, n), n);
+        } else {
+          store<T>(yr + i, xhat, n);
+        }
       });
-      if (center) M[r] = mu;
+      if (kCenter) M[r] = mu;
       R[r] = rs;
     }
   });
 }
 
 // dx for rows [begin, end); if dw_acc/db_acc are given, adds dy * xhat and dy into them.
-template <typename T, typename P>
+// Two passes over the row: one for both row sums, one for the outputs.
+template <typename T, typename P, bool kCenter>
 void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* X, const acc_t<T>* M,
                    const acc_t<T>* R, const P* W, T* DX, acc_t<T>* dw_acc, acc_t<T>* db_acc) {
   using A = acc_t<T>;
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = X + r * d;
     const T* dyr = DY + r * d;
-    const Pack<T> mu_v(M != nullptr ? M[r] : A(0));
-    const Pack<T> rs_v(R[r]);
-    auto g_at = [&](int64_t i, int64_t n) {
-      auto g = load<T>(dyr + i, n);
-      return W != nullptr ? g * load<T>(W + i, n) : g;
+    const A mu = kCenter ? M[r] : A(0);
+    const A rs = R[r];
+    const Pack<T> mu_v(mu), rs_v(rs);
+    auto g_at = [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const auto dy = load<T>(dyr + i, n);
+      // Unfused, so both passes see the same g and d = 1 gives dx = 0 exactly.
+      return W != nullptr ? unfused<T>(dy * load<T>(W + i, n)) : dy;
     };
-    // Tail lanes: g is zero there (dy loads as zero), so g * xhat is zero too.
-    const A mean_g = M != nullptr ? sum_row<T>(d, g_at) / d : A(0);
-    const A mean_gx = sum_row<T>(d, [&](int64_t i, int64_t n) {
-                        return g_at(i, n) * ((load<T>(xr + i, n) - mu_v) * rs_v);
-                      }) / d;
-    const Pack<T> mean_g_v(mean_g), mean_gx_v(mean_gx);
-    for_each_step<T>(d, [&](int64_t i, int64_t n) {
-      const auto xhat = (load<T>(xr + i, n) - mu_v) * rs_v;
-      store<T>(DX + r * d + i, rs_v * (g_at(i, n) - mean_g_v - xhat * mean_gx_v), n);
+    auto centered_at = [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      return kCenter ? load<T>(xr + i, n) - mu_v : load<T>(xr + i, n);
+    };
+    // sum(g) and sum(g * (x - mean)). Tail lanes: g loads as zero there, so both terms are zero.
+    const auto [sum_g, sum_gc] = sum_row_pair<T>(
+        d, [&](int64_t i, int64_t n, Pack<T>& sg, Pack<T>& sgc) C10_ALWAYS_INLINE_ATTRIBUTE {
+          const auto g = g_at(i, n);
+          sg = sg + g;
+          sgc = fmadd(g, centered_at(i, n), sgc);
+        });
+    const A mean_g = kCenter ? sum_g / d : A(0);
+    const A mean_gx = sum_gc * rs / d;  // mean(g * xhat)
+    // dx = rstd * (g - (xhat * mean(g * xhat) + mean(g))). Subtracting before scaling keeps
+    // exact cancellations exact (d = 1: dx = 0).
+    const Pack<T> mean_gx_v(mean_gx), mean_g_v(mean_g);
+    for_each_step<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const auto xhat = centered_at(i, n) * rs_v;
+      store<T>(DX + r * d + i, (g_at(i, n) - fmadd(xhat, mean_gx_v, mean_g_v)) * rs_v, n);
       if (dw_acc != nullptr || db_acc != nullptr) {
         const auto dy = load<T>(dyr + i, n);
         if (dw_acc != nullptr) {
-          fmadd(dy, xhat, load<T>(dw_acc + i, n)).store(dw_acc + i, static_cast<int>(n));
+          store<T>(dw_acc + i, fmadd(dy, xhat, load<T>(dw_acc + i, n)), n);
         }
         if (db_acc != nullptr) {
-          (load<T>(db_acc + i, n) + dy).store(db_acc + i, static_cast<int>(n));
+          store<T>(db_acc + i, load<T>(db_acc + i, n) + dy, n);
         }
       }
     });
   }
 }
 
-template <typename T, typename P>
+// Row chunks of the weight/bias gradient: a fixed function of the shape (never of the thread
+// count), at most kMaxParamGradChunks, and few when there is little work, so that zeroing and
+// reducing the partial sums stays small next to the rows themselves.
+int64_t param_grad_chunks(int64_t rows, int64_t d) {
+  const int64_t by_work = rows * std::max<int64_t>(d, 1) / kGrainElements;
+  return std::clamp<int64_t>(std::min(by_work, rows), 1, kMaxParamGradChunks);
+}
+
+// out[i] = sum over c of partial[c * d + i], chunks added in order (vectorized along i).
+template <typename A, typename P>
+void reduce_chunks(const A* partial, int64_t chunks, int64_t d, P* out) {
+  using Vec = at::vec::Vectorized<A>;
+  auto load_part = [&](const A* p, int64_t n) { return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n); };
+  for (int64_t i = 0; i < d; i += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), d - i);
+    Vec sum = load_part(partial + i, n);
+    for (int64_t c = 1; c < chunks; ++c) sum = sum + load_part(partial + c * d + i, n);
+    if constexpr (std::is_same_v<P, A>) {
+      sum.store(out + i, static_cast<int>(n));
+    } else {
+      A sums[Vec::size()];
+      sum.store(sums);
+      for (int64_t k = 0; k < n; ++k) out[i + k] = static_cast<P>(sums[k]);
+    }
+  }
+}
+
+template <typename T, typename P, bool kCenter>
 void backward_kernel(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
-                     const Tensor& weight, bool center, const Tensor& grad_x,
-                     const Tensor& grad_weight, const Tensor& grad_bias) {
+                     const Tensor& weight, const Tensor& grad_x, const Tensor& grad_weight,
+                     const Tensor& grad_bias) {
   using A = acc_t<T>;
   const int64_t rows = x.size(0), d = x.size(1);
   const T* DY = grad_y.const_data_ptr<T>();
   const T* X = x.const_data_ptr<T>();
-  const A* M = center ? mean.const_data_ptr<A>() : nullptr;
+  const A* M = kCenter ? mean.const_data_ptr<A>() : nullptr;
   const A* R = rstd.const_data_ptr<A>();
   const P* W = weight.defined() ? weight.const_data_ptr<P>() : nullptr;
   T* DX = grad_x.mutable_data_ptr<T>();
 
   if (!grad_weight.defined() && !grad_bias.defined()) {
     at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
-      backward_rows<T, P>(begin, end, d, DY, X, M, R, W, DX, nullptr, nullptr);
+      backward_rows<T, P, kCenter>(begin, end, d, DY, X, M, R, W, DX, nullptr, nullptr);
     });
     return;
   }
 
-  const int64_t chunks = std::max<int64_t>(1, std::min(rows, kMaxParamGradChunks));
+  // One parallel region: each chunk zeroes and fills its own partial sums; the (small)
+  // ordered reduction over chunks follows on this thread.
+  const int64_t chunks = param_grad_chunks(rows, d);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  const Tensor dw_partial = grad_weight.defined() ? at::zeros({chunks, d}, acc_options) : Tensor();
-  const Tensor db_partial = grad_bias.defined() ? at::zeros({chunks, d}, acc_options) : Tensor();
+  const Tensor dw_partial = grad_weight.defined() ? at::empty({chunks, d}, acc_options) : Tensor();
+  const Tensor db_partial = grad_bias.defined() ? at::empty({chunks, d}, acc_options) : Tensor();
   A* dw_acc = dw_partial.defined() ? dw_partial.mutable_data_ptr<A>() : nullptr;
   A* db_acc = db_partial.defined() ? db_partial.mutable_data_ptr<A>() : nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      backward_rows<T, P>(c * rows / chunks, (c + 1) * rows / chunks, d, DY, X, M, R, W, DX,
-                          dw_acc != nullptr ? dw_acc + c * d : nullptr,
-                          db_acc != nullptr ? db_acc + c * d : nullptr);
+      A* dw_c = dw_acc != nullptr ? dw_acc + c * d : nullptr;
+      A* db_c = db_acc != nullptr ? db_acc + c * d : nullptr;
+      if (dw_c != nullptr) std::fill_n(dw_c, d, A(0));
+      if (db_c != nullptr) std::fill_n(db_c, d, A(0));
+      backward_rows<T, P, kCenter>(c * rows / chunks, (c + 1) * rows / chunks, d, DY, X, M, R, W,
+                                   DX, dw_c, db_c);
     }
   });
-
-  // Chunk partial sums -> parameter gradient, chunks added in order.
-  auto reduce_chunks = [&](const A* partial, P* out) {
-    at::parallel_for(0, d, row_grain(chunks), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        A sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += partial[c * d + i];
-        out[i] = static_cast<P>(sum);
-      }
-    });
-  };
-  if (dw_acc != nullptr) reduce_chunks(dw_acc, grad_weight.mutable_data_ptr<P>());
-  if (db_acc != nullptr) reduce_chunks(db_acc, grad_bias.mutable_data_ptr<P>());
+  if (dw_acc != nullptr) reduce_chunks(dw_acc, chunks, d, grad_weight.mutable_data_ptr<P>());
+  if (db_acc != nullptr) reduce_chunks(db_acc, chunks, d, grad_bias.mutable_data_ptr<P>());
 }
 
 void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
                   bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd) {
   dispatch_norm_types(x, weight.defined() ? weight : bias, [&](auto t, auto p) {
-    forward_kernel<decltype(t), decltype(p)>(x, weight, bias, eps, center, y, mean, rstd);
+    using T = decltype(t);
+    using P = decltype(p);
+    if (center) {
+      forward_kernel<T, P, true>(x, weight, bias, eps, y, mean, rstd);
+    } else {
+      forward_kernel<T, P, false>(x, weight, bias, eps, y, mean, rstd);
+    }
   });
 }
 
@@ -163,8 +240,13 @@ void norm_backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, co
                    const Tensor& weight, bool center, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias) {
   dispatch_norm_types(x, weight.defined() ? weight : grad_bias, [&](auto t, auto p) {
-    backward_kernel<decltype(t), decltype(p)>(grad_y, x, mean, rstd, weight, center, grad_x,
-                                              grad_weight, grad_bias);
+    using T = decltype(t);
+    using P = decltype(p);
+    if (center) {
+      backward_kernel<T, P, true>(grad_y, x, mean, rstd, weight, grad_x, grad_weight, grad_bias);
+    } else {
+      backward_kernel<T, P, false>(grad_y, x, mean, rstd, weight, grad_x, grad_weight, grad_bias);
+    }
   });
 }
 

@@ -30,7 +30,6 @@ namespace {
 template <typename T>
 struct ActivationArgs {
   const T* z;       // [rows, z_cols]: pre-activation (gate | up when gated)
-  T* preact;        // z itself when the forward stores z + bias back, else null
   const T* bias;    // [z_cols] or null
   const T* grad_h;  // [rows, F] (backward)
   T* grad_z;        // [rows, z_cols] (backward; may alias grad_h when not gated)
@@ -73,19 +72,15 @@ __global__ void activation_forward_kernel(const ActivationArgs<T> a) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
   for_each_word(a, [&](int64_t row, int64_t col, int64_t count) {
-    const int64_t offset = row * a.z_cols + col;
-    const T* z = a.z + offset;
-    T* preact = a.preact != nullptr ? a.preact + offset : nullptr;
+    const T* z = a.z + row * a.z_cols + col;
     A gate[V], out[V];
     load_preact(z, a.bias != nullptr ? a.bias + col : nullptr, count, a.vectorized, gate);
-    if (preact != nullptr) store<V>(preact, count, a.vectorized, gate);
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = Act<kAct>::value(gate[k]);
     if (a.gated) {
       A up[V];
       load_preact(z + a.F, a.bias != nullptr ? a.bias + a.F + col : nullptr, count, a.vectorized,
                   up);
-      if (preact != nullptr) store<V>(preact + a.F, count, a.vectorized, up);
 #pragma unroll
       for (int k = 0; k < V; ++k) out[k] = out[k] * up[k];
     }
@@ -143,7 +138,7 @@ void launch(Kernel kernel, ActivationArgs<T> a) {
   constexpr int V = kVecWidth<T>;
   const int64_t words = ceil_div(a.F, V);
   if (a.rows == 0 || words == 0) return;
-  a.vectorized = a.F % V == 0 && all_aligned16({a.z, a.preact, a.bias, a.grad_h, a.grad_z, a.h});
+  a.vectorized = a.F % V == 0 && all_aligned16({a.z, a.bias, a.grad_h, a.grad_z, a.h});
   int threads_x = 1;
   while (threads_x < words && threads_x < kBlockThreads) threads_x *= 2;
   const dim3 block(threads_x, kBlockThreads / threads_x);
@@ -154,13 +149,10 @@ void launch(Kernel kernel, ActivationArgs<T> a) {
 }
 
 void activation_forward(const Tensor& z, const Tensor& bias, Activation act, bool gated,
-                        bool write_preact, const Tensor& h) {
+                        const Tensor& h) {
   const c10::cuda::CUDAGuard guard(z.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_fwd_cuda", [&] {
-    // z + bias is stored back only where there is a bias (else z is already it).
-    const bool store_preact = write_preact && bias.defined();
     ActivationArgs<scalar_t> a{z.const_data_ptr<scalar_t>(),
-                               store_preact ? z.mutable_data_ptr<scalar_t>() : nullptr,
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                                nullptr,
                                nullptr,
@@ -181,7 +173,6 @@ void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad
   const c10::cuda::CUDAGuard guard(z.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_bwd_cuda", [&] {
     ActivationArgs<scalar_t> a{z.const_data_ptr<scalar_t>(),
-                               nullptr,
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                                grad_h.const_data_ptr<scalar_t>(),
                                grad_z.mutable_data_ptr<scalar_t>(),

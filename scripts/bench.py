@@ -1,0 +1,775 @@
+#!/usr/bin/env python3
+"""Benchmarks of the ffn ops against PyTorch, on CPU or CUDA. It prints figures; it is not a test.
+
+    python scripts/bench.py --device cpu [--dtype bfloat16] [--quick]
+    python scripts/bench.py --device cuda [--quick] [--tag part1 --rows 16384]
+
+CPU (issue 2): rms_norm / layer_norm against torch's native F.rms_norm / F.layer_norm, and
+gelu_ffn / swiglu against the eager composite in ffn.reference, forward (under no_grad) and
+forward+backward (gradients of x and every parameter), plus the activation bytes each FFN
+saves for backward.
+
+CUDA (issue 3): the device's copy bandwidth (x.clone()), then the norms against torch eager
+and torch.compile of the eager code (time, GB/s, % of copy bandwidth, speedup), and the FFNs
+against eager, torch.compile and the same GEMMs alone, with peak memory.
+
+Definitions used in every table:
+- time: median over interleaved repetitions, after warmup. Each repetition runs every
+  implementation once, in a rotating order, so load from other processes hits them alike.
+  CPU: wall clock (time.perf_counter). CUDA: CUDA events around each call, with the L2
+  cache flushed before each call (so small tensors are not served from L2).
+- GB/s: bytes / time, where bytes = what the op must read and write at least: every input
+  once and every output once, intermediates excluded.
+    norm fwd:      read x and the parameters, write y              (saved mean/rstd excluded: rows*4 B)
+    norm fwd+bwd:  fwd + read dy, x and the weight, write dx and the parameter gradients
+    ffn fwd:       read x, weights, biases, write out
+    ffn fwd+bwd:   fwd + read dout, x, weights, write dx and the weight/bias gradients
+  The same byte count divides every implementation's time, so GB/s ratios equal speedups.
+- % copy (CUDA): GB/s / the copy bandwidth measured by x.clone() (read + write) in the same run.
+- saved activations: bytes of the tensors autograd saves for backward during the forward,
+  counted with torch.autograd.graph.saved_tensors_hooks, deduplicated by storage (a view of a
+  saved tensor costs nothing extra). Parameters (and views of them) are left out and shown
+  separately: the module holds them anyway. x counts: in a block it is the norm's output.
+- FFN shapes: gelu_ffn has d_ff = 4d and biases (GPT style); swiglu has
+  d_ff = 8d/3 rounded UP to a multiple of 64 (LLaMA style) and no biases.
+- peak memory (CUDA): torch.cuda.max_memory_allocated() during one fwd+bwd minus what was
+  allocated before it (inputs and parameters), so it counts activations, gradients and workspace.
+- GEMM-only (CUDA): the matmuls the ffn op issues (2 forward, 4 backward) on preallocated
+  operands of the same shapes and layouts, and nothing else.
+
+Targets are printed as PASS/MISS next to each row and summarized at the end.
+Results go to bench/results/<device>-<YYYY-MM-DD>[-<tag>].json and .md (or --json/--markdown),
+rewritten after every shape, so a run that is cut off keeps what it measured. --quick runs a
+smoke-sized subset and writes nothing unless given a path.
+
+A full CUDA run compiles two torch.compile graphs (inference, training) per norm shape: 64
+compilations, several minutes. To fit it into shorter sessions, split it, e.g.
+    --ops rms_norm layer_norm --dtype bfloat16 --tag norms-bf16
+    --ops rms_norm layer_norm --dtype float32 --tag norms-fp32
+    --ops gelu_ffn swiglu --tag ffn
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import ffn  # noqa: F401  (registers torch.ops.ffn)
+from ffn import reference
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+NORM_OPS = ("rms_norm", "layer_norm")
+FFN_OPS = ("gelu_ffn", "swiglu")
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------- shapes and ops
+def swiglu_d_ff(d: int) -> int:
+    """8d/3 rounded up to a multiple of 64 (LLaMA's convention: same parameters as a 4d GELU FFN)."""
+    return 64 * math.ceil(8 * d / 3 / 64)
+
+
+def ffn_d_ff(op: str, d: int) -> int:
+    return 4 * d if op == "gelu_ffn" else swiglu_d_ff(d)
+
+
+def make_norm(op, rows, d, dtype, device):
+    """(inputs, parameters, ffn fn, torch fn); rms_norm has a weight, layer_norm weight and bias."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(device=device, dtype=dtype)
+    if op == "rms_norm":
+        params = [w]
+        ffn_fn = lambda x, w: torch.ops.ffn.rms_norm(x, w, None, 1e-6)  # noqa: E731
+        torch_fn = lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6)  # noqa: E731
+    else:
+        b = (0.1 * torch.randn(d, generator=g)).to(device=device, dtype=dtype)
+        params = [w, b]
+        ffn_fn = lambda x, w, b: torch.ops.ffn.layer_norm(x, w, b, 1e-5)  # noqa: E731
+        torch_fn = lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)  # noqa: E731
+    return [x, *params], params, ffn_fn, torch_fn
+
+
+def norm_bytes(rows, d, elt, n_params, with_backward):
+    fwd = 2 * rows * d * elt + n_params * d * elt
+    if not with_backward:
+        return fwd
+    # dy, x read; dx written; weight read; parameter gradients written.
+    return fwd + 3 * rows * d * elt + d * elt + n_params * d * elt
+
+
+def make_ffn(op, tokens, d, dtype, device):
+    """(inputs, parameters, ffn fn, eager fn): gelu_ffn with biases, swiglu without."""
+    d_ff = ffn_d_ff(op, d)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale):
+        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
+
+    x = rand(tokens, d, scale=1.0)
+    if op == "gelu_ffn":
+        params = [rand(d_ff, d, scale=d**-0.5), rand(d_ff, scale=0.1), rand(d, d_ff, scale=d_ff**-0.5), rand(d, scale=0.1)]
+        ffn_fn = lambda x, w1, b1, w2, b2: torch.ops.ffn.gelu_ffn(x, w1, b1, w2, b2)  # noqa: E731
+        eager_fn = lambda x, w1, b1, w2, b2: reference.gelu_ffn(x, w1, b1, w2, b2)  # noqa: E731
+    else:
+        params = [rand(2 * d_ff, d, scale=d**-0.5), rand(d, d_ff, scale=d_ff**-0.5)]
+        ffn_fn = lambda x, wgu, wd: torch.ops.ffn.swiglu(x, wgu, None, wd, None)  # noqa: E731
+        eager_fn = lambda x, wgu, wd: reference.swiglu(x, wgu, None, wd, None)  # noqa: E731
+    return [x, *params], params, ffn_fn, eager_fn, d_ff
+
+
+def ffn_cost(tokens, d, d_ff, gated, elt, biases, with_backward):
+    """(bytes, flops) of an FFN: bytes as in the module docstring, flops of the GEMMs."""
+    n_in = 2 * d_ff if gated else d_ff
+    weights = (n_in * d + d * d_ff) * elt
+    bias_bytes = (n_in + d) * elt if biases else 0
+    fwd_bytes = tokens * d * elt + weights + bias_bytes + tokens * d * elt
+    fwd_flops = 2 * tokens * d * n_in + 2 * tokens * d_ff * d
+    if not with_backward:
+        return fwd_bytes, fwd_flops
+    bwd_bytes = 2 * tokens * d * elt + weights + tokens * d * elt + weights + bias_bytes
+    return fwd_bytes + bwd_bytes, 3 * fwd_flops
+
+
+def forward_only(fn, inputs):
+    def run():
+        with torch.no_grad():
+            fn(*inputs)
+
+    return run
+
+
+def forward_backward(fn, inputs, grad_out):
+    def run():
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, grad_out)
+
+    return run
+
+
+def requiring_grad(tensors):
+    return [t.detach().requires_grad_(True) for t in tensors]
+
+
+def saved_activation_bytes(fn, inputs, params):
+    """Bytes autograd saves for backward in one forward, deduplicated by storage, parameters excluded."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    del out
+    return sum(saved.values())
+
+
+# ----------------------------------------------------------------------------- timing
+class CpuTimer:
+    def sync(self):
+        pass
+
+    def time_once(self, fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def interleaved(self, fns, reps):
+        samples = [[] for _ in fns]
+        for rep in range(reps):
+            for k in range(len(fns)):
+                i = (rep + k) % len(fns)
+                samples[i].append(self.time_once(fns[i]))
+        return samples
+
+
+class CudaTimer:
+    def __init__(self):
+        # Larger than any L2 (H100: 50 MB); zeroed before each timed call.
+        self.flush_buffer = torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")
+
+    def sync(self):
+        torch.cuda.synchronize()
+
+    def time_once(self, fn):
+        return self.interleaved([fn], 1)[0][0]
+
+    def interleaved(self, fns, reps):
+        events = [[] for _ in fns]
+        for rep in range(reps):
+            for k in range(len(fns)):
+                i = (rep + k) % len(fns)
+                self.flush_buffer.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[i]()
+                end.record()
+                events[i].append((start, end))
+        torch.cuda.synchronize()
+        return [[s.elapsed_time(e) / 1e3 for s, e in pairs] for pairs in events]
+
+
+def measure(timer, fns, cfg):
+    """Median seconds of each fn: warmup, then interleaved repetitions sized to the time budget."""
+    for fn in fns:
+        for _ in range(cfg.warmup):
+            fn()
+    timer.sync()
+    estimate = sum(timer.time_once(fn) for fn in fns)
+    reps = cfg.reps or int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget / max(estimate, 1e-9))))
+    samples = timer.interleaved(fns, reps)
+    return [statistics.median(s) for s in samples], reps
+
+
+def bandwidth(bytes_, seconds):
+    return bytes_ / seconds / 1e9
+
+
+def copy_bandwidth(timer, device, cfg, numel):
+    x = torch.empty(numel, dtype=torch.float32, device=device).normal_()
+    (seconds,), _ = measure(timer, [lambda: x.clone()], cfg)
+    return bandwidth(2 * x.nbytes, seconds), x.nbytes
+
+
+# ----------------------------------------------------------------------------- environment
+def git_commit():
+    override = os.environ.get("FFN_GIT_COMMIT")
+    if override:
+        return override, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return commit, bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", None
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    commit, dirty = git_commit()
+    env = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+        "argv": sys.argv[1:],
+    }
+    if device == "cpu":
+        env.update(
+            device_name=cpu_model(),
+            cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            threads=torch.get_num_threads(),
+            cpu_count=os.cpu_count(),
+        )
+    else:
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            device_name=torch.cuda.get_device_name(0),
+            compute_capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            allow_tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
+    return env
+
+
+def slug(name):
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------- reporting
+def markdown_table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok):
+    return "PASS" if ok else "MISS"
+
+
+def fmt_ms(seconds):
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def fmt_ratio(r):
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def fmt_num(v, digits=1):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+class Report:
+    """Collects sections (title, headers, rows, notes) and records; prints and writes them."""
+
+    def __init__(self, cfg, env):
+        self.cfg, self.env = cfg, env
+        self.sections, self.records, self.targets = [], [], []
+
+    def section(self, title, headers, notes=""):
+        s = {"title": title, "headers": headers, "rows": [], "notes": notes}
+        self.sections.append(s)
+        return s
+
+    def target(self, name, ok, detail):
+        self.targets.append({"target": name, "pass": bool(ok), "detail": detail})
+
+    def markdown(self):
+        env = self.env
+        out = [f"# ffn benchmark: {env['device_name']} ({self.cfg.device})", ""]
+        out.append(
+            f"torch {env['torch']}, CUDA {env['cuda']}, commit {env['git_commit']}"
+            + (" (uncommitted changes)" if env.get("git_dirty") else "")
+            + f", {env['timestamp']}"
+        )
+        out.append("")
+        out += [f"- {k}: {v}" for k, v in env.items() if k not in ("torch", "cuda", "git_commit", "timestamp", "device_name")]
+        out.append("")
+        for s in self.sections:
+            out += [f"## {s['title']}", ""]
+            if s["notes"]:
+                out += [s["notes"], ""]
+            out += [markdown_table(s["headers"], s["rows"]), ""]
+        passed = sum(t["pass"] for t in self.targets)
+        out += [f"## Targets: {passed}/{len(self.targets)} pass", ""]
+        out += [f"- {verdict(t['pass'])} {t['target']}: {t['detail']}" for t in self.targets]
+        return "\n".join(out) + "\n"
+
+    def as_json(self):
+        return {"environment": self.env, "config": vars(self.cfg), "results": self.records, "targets": self.targets}
+
+    def save(self):
+        """(Re)writes the result files; called after every shape so a cut-off run keeps what it measured."""
+        for path, text in ((self.cfg.json, lambda: json.dumps(self.as_json(), indent=1)), (self.cfg.markdown, self.markdown)):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(text())
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------- CPU
+def run_cpu(cfg, report):
+    timer = CpuTimer()
+    dtype = DTYPES[cfg.dtype[0]]
+    copy_gbps, copy_bytes = copy_bandwidth(timer, "cpu", cfg, 2**22 if cfg.quick else 2**26)
+    report.env["copy_bandwidth_gbps"] = round(copy_gbps, 2)
+    log(f"CPU copy bandwidth (x.clone() of {copy_bytes // MIB} MiB float32, read+write): {copy_gbps:.1f} GB/s")
+
+    norm_ops = [op for op in cfg.ops if op in NORM_OPS]
+    if norm_ops:
+        sec = report.section(
+            f"Norms vs torch native ({cfg.dtype[0]}, {torch.get_num_threads()} threads)",
+            ["op", "pass", "rows x d", "ffn ms", "torch ms", "speedup", "ffn GB/s", "torch GB/s", "reps", "target"],
+            "torch = F.rms_norm / F.layer_norm. Target: speedup >= 1.00 (at least as fast as torch's native CPU kernel).",
+        )
+        for op in norm_ops:
+            for rows in cfg.rows:
+                for d in cfg.dims:
+                    inputs, params, ffn_fn, torch_fn = make_norm(op, rows, d, dtype, "cpu")
+                    grad_inputs = requiring_grad(inputs)
+                    dy = torch.randn_like(inputs[0])
+                    for pass_name in ("fwd", "fwd+bwd"):
+                        bwd = pass_name == "fwd+bwd"
+                        fns = (
+                            [forward_backward(f, grad_inputs, dy) for f in (ffn_fn, torch_fn)]
+                            if bwd
+                            else [forward_only(f, inputs) for f in (ffn_fn, torch_fn)]
+                        )
+                        (t_ffn, t_torch), reps = measure(timer, fns, cfg)
+                        nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd)
+                        speedup = t_torch / t_ffn
+                        ok = speedup >= 1.0
+                        row = [op, pass_name, f"{rows}x{d}", fmt_ms(t_ffn), fmt_ms(t_torch), fmt_ratio(speedup),
+                               fmt_num(bandwidth(nbytes, t_ffn)), fmt_num(bandwidth(nbytes, t_torch)), reps, verdict(ok)]
+                        sec["rows"].append(row)
+                        log(markdown_table(sec["headers"], [row]).splitlines()[-1])
+                        report.records.append({"kind": "norm", "op": op, "pass": pass_name, "dtype": cfg.dtype[0], "rows": rows, "d": d,
+                                               "bytes": nbytes, "reps": reps, "ffn_s": t_ffn, "torch_s": t_torch, "speedup": speedup})
+                        report.target(f"{op} {pass_name} {rows}x{d} as fast as torch", ok, f"{speedup:.2f}x")
+                    report.save()
+
+    ffn_ops = [op for op in cfg.ops if op in FFN_OPS]
+    if ffn_ops:
+        sec = report.section(
+            f"FFN ops vs eager composite ({cfg.dtype[0]}, {torch.get_num_threads()} threads)",
+            ["op", "pass", "tokens x d x d_ff", "ffn ms", "eager ms", "speedup", "ffn GB/s", "ffn GFLOP/s", "eager GFLOP/s", "reps", "target"],
+            "eager = ffn.reference (F.linear, F.gelu / F.silu * up, F.linear). gelu_ffn: d_ff = 4d, with biases; "
+            "swiglu: d_ff = 8d/3 rounded up to a multiple of 64, no biases. Target: speedup >= 1.00.",
+        )
+        mem = report.section(
+            f"FFN activation bytes saved for backward ({cfg.dtype[0]})",
+            ["op", "tokens x d x d_ff", "ffn MiB", "eager MiB", "ffn/eager", "params MiB (excluded)", "target"],
+            "Counted with saved_tensors_hooks, deduplicated by storage, parameters excluded. Target: ffn/eager <= 2/3.",
+        )
+        for op in ffn_ops:
+            for d in cfg.ffn_dims:
+                tokens = cfg.ffn_tokens
+                inputs, params, ffn_fn, eager_fn, d_ff = make_ffn(op, tokens, d, dtype, "cpu")
+                grad_inputs = requiring_grad(inputs)
+                dout = torch.randn_like(inputs[0])
+                shape = f"{tokens}x{d}x{d_ff}"
+                for pass_name in ("fwd", "fwd+bwd"):
+                    bwd = pass_name == "fwd+bwd"
+                    fns = (
+                        [forward_backward(f, grad_inputs, dout) for f in (ffn_fn, eager_fn)]
+                        if bwd
+                        else [forward_only(f, inputs) for f in (ffn_fn, eager_fn)]
+                    )
+                    (t_ffn, t_eager), reps = measure(timer, fns, cfg)
+                    nbytes, flops = ffn_cost(tokens, d, d_ff, op == "swiglu", inputs[0].element_size(), op == "gelu_ffn", bwd)
+                    speedup = t_eager / t_ffn
+                    ok = speedup >= 1.0
+                    row = [op, pass_name, shape, fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ratio(speedup), fmt_num(bandwidth(nbytes, t_ffn)),
+                           fmt_num(flops / t_ffn / 1e9), fmt_num(flops / t_eager / 1e9), reps, verdict(ok)]
+                    sec["rows"].append(row)
+                    log(markdown_table(sec["headers"], [row]).splitlines()[-1])
+                    report.records.append({"kind": "ffn", "op": op, "pass": pass_name, "dtype": cfg.dtype[0], "tokens": tokens, "d": d,
+                                           "d_ff": d_ff, "bytes": nbytes, "flops": flops, "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager,
+                                           "speedup": speedup})
+                    report.target(f"{op} {pass_name} {shape} as fast as eager", ok, f"{speedup:.2f}x")
+                saved_ffn = saved_activation_bytes(ffn_fn, grad_inputs, grad_inputs[1:])
+                saved_eager = saved_activation_bytes(eager_fn, grad_inputs, grad_inputs[1:])
+                param_bytes = sum(p.nbytes for p in params)
+                ratio = saved_ffn / saved_eager
+                ok = ratio <= 2 / 3
+                row = [op, shape, fmt_num(saved_ffn / MIB), fmt_num(saved_eager / MIB), f"{ratio:.3f}", fmt_num(param_bytes / MIB), verdict(ok)]
+                mem["rows"].append(row)
+                log(markdown_table(mem["headers"], [row]).splitlines()[-1])
+                report.records.append({"kind": "ffn_saved", "op": op, "dtype": cfg.dtype[0], "tokens": tokens, "d": d, "d_ff": d_ff,
+                                       "ffn_saved_bytes": saved_ffn, "eager_saved_bytes": saved_eager, "param_bytes": param_bytes})
+                report.target(f"{op} {shape} saved activations <= 2/3 of eager", ok, f"{ratio:.3f}")
+                report.save()
+
+
+# ----------------------------------------------------------------------------- CUDA
+def compiled(fn):
+    """torch.compile of the eager code, specialized to the shapes it is called with."""
+    torch._dynamo.reset()  # a fresh cache per shape: no recompile limit, no dynamic-shape kernels
+    return torch.compile(fn, dynamic=False)
+
+
+def fits(bytes_needed):
+    free, _total = torch.cuda.mem_get_info()
+    return bytes_needed < 0.85 * free
+
+
+def try_impl(name, fn, failures):
+    """Runs fn once; an implementation that raises (e.g. no CUDA kernel yet) is reported n/a."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of one implementation must not stop the run
+        failures.setdefault(name, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return False
+
+
+def measure_available(timer, impls, cfg, failures):
+    """Times the implementations that run; {name: seconds or None}."""
+    names = [n for n, fn in impls.items() if try_impl(n, fn, failures)]
+    if not names:
+        return {n: None for n in impls}, 0
+    times, reps = measure(timer, [impls[n] for n in names], cfg)
+    out = dict.fromkeys(impls)
+    out.update(zip(names, times))
+    return out, reps
+
+
+def peak_bytes(fn):
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def release():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_cuda(cfg, report):
+    timer = CudaTimer()
+    copy_gbps, copy_bytes = copy_bandwidth(timer, cfg.device, cfg, 2**26 if cfg.quick else 2**28)
+    report.env["copy_bandwidth_gbps"] = round(copy_gbps, 1)
+    log(f"copy bandwidth (x.clone() of {copy_bytes // MIB} MiB float32, read+write): {copy_gbps:.1f} GB/s")
+    failures = {}
+    report.env["failures"] = failures
+    release()
+
+    norm_ops = [op for op in cfg.ops if op in NORM_OPS]
+    if norm_ops:
+        sec = report.section(
+            "Norms: ffn vs torch eager vs torch.compile",
+            ["op", "pass", "dtype", "rows x d", "ffn ms", "eager ms", "compile ms", "ffn GB/s", "ffn % copy",
+             "eager % copy", "compile % copy", "vs eager", "vs compile", "target"],
+            f"Copy bandwidth {copy_gbps:.0f} GB/s. Targets: ffn >= 90% of copy bandwidth for d >= 4096, >= 80% for "
+            "d < 4096, and faster than eager and compile. fwd runs under no_grad; fwd+bwd computes dx and the "
+            "parameter gradients.",
+        )
+        for dtype_name in cfg.dtype:
+            dtype = DTYPES[dtype_name]
+            for rows in cfg.rows:
+                for d in cfg.dims:
+                    elt = torch.tensor([], dtype=dtype).element_size()
+                    # x, dy, y, dx and the eager/compiled intermediates: about 8 tensors of x's size.
+                    if not fits(8 * rows * d * elt):
+                        log(f"skip norms {dtype_name} {rows}x{d}: does not fit in free memory")
+                        report.records.append({"kind": "norm", "dtype": dtype_name, "rows": rows, "d": d, "skipped": "memory"})
+                        continue
+                    for op in norm_ops:
+                        try:
+                            run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_gbps, failures)
+                        except torch.OutOfMemoryError:
+                            log(f"skip {op} {dtype_name} {rows}x{d}: out of memory")
+                            report.records.append({"kind": "norm", "op": op, "dtype": dtype_name, "rows": rows, "d": d, "skipped": "oom"})
+                        release()
+                        report.save()
+
+    ffn_ops = [op for op in cfg.ops if op in FFN_OPS]
+    if ffn_ops:
+        sec = report.section(
+            "FFN ops: ffn vs eager composite vs torch.compile vs GEMM-only",
+            ["op", "pass", "dtype", "tokens x d x d_ff", "ffn ms", "eager ms", "compile ms", "GEMM-only ms", "ffn / GEMM",
+             "ffn TFLOP/s", "peak MiB ffn", "peak MiB eager", "peak MiB compile", "saved MiB ffn / eager", "target"],
+            "gelu_ffn: d_ff = 4d with biases; swiglu: d_ff = 8d/3 rounded up to a multiple of 64, no biases. "
+            "Targets (fwd+bwd): ffn <= 1.05x GEMM-only, and peak memory below eager's.",
+        )
+        for dtype_name in cfg.ffn_dtype:
+            for op in ffn_ops:
+                for d in cfg.ffn_dims:
+                    tokens, d_ff, elt = cfg.ffn_tokens, ffn_d_ff(op, d), DTYPES[dtype_name].itemsize
+                    n_in = 2 * d_ff if op == "swiglu" else d_ff
+                    # Weights with their gradients, eager's activations and gradients, the GEMM-only operands.
+                    if not fits(elt * (3 * (n_in + d_ff) * d + 8 * tokens * n_in + 6 * tokens * d)):
+                        log(f"skip {op} {dtype_name} d={d}: does not fit in free memory")
+                        report.records.append({"kind": "ffn", "op": op, "dtype": dtype_name, "d": d, "skipped": "memory"})
+                        continue
+                    try:
+                        run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, DTYPES[dtype_name], tokens, d, failures)
+                    except torch.OutOfMemoryError:
+                        log(f"skip {op} {dtype_name} d={d}: out of memory")
+                        report.records.append({"kind": "ffn", "op": op, "dtype": dtype_name, "d": d, "skipped": "oom"})
+                    release()
+                    report.save()
+    if failures:
+        log("implementations that failed (reported n/a):")
+        for name, err in failures.items():
+            log(f"  {name}: {err}")
+
+
+def run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_gbps, failures):
+    inputs, params, ffn_fn, torch_fn = make_norm(op, rows, d, dtype, cfg.device)
+    compile_fn = compiled(torch_fn)
+    grad_inputs = requiring_grad(inputs)
+    dy = torch.randn_like(inputs[0])
+    for pass_name in ("fwd", "fwd+bwd"):
+        bwd = pass_name == "fwd+bwd"
+        wrap = (lambda f: forward_backward(f, grad_inputs, dy)) if bwd else (lambda f: forward_only(f, inputs))
+        impls = {f"ffn {op}": wrap(ffn_fn), f"eager {op}": wrap(torch_fn), f"compile {op}": wrap(compile_fn)}
+        times, reps = measure_available(timer, impls, cfg, failures)
+        t_ffn, t_eager, t_compile = times.values()
+        nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd)
+        pct = {k: None if t is None else 100 * bandwidth(nbytes, t) / copy_gbps for k, t in zip(("ffn", "eager", "compile"), times.values())}
+        vs_eager = None if None in (t_ffn, t_eager) else t_eager / t_ffn
+        vs_compile = None if None in (t_ffn, t_compile) else t_compile / t_ffn
+        floor = 90 if d >= 4096 else 80
+        ok = pct["ffn"] is not None and pct["ffn"] >= floor and (vs_eager or 0) > 1 and (vs_compile or 0) > 1
+        row = [op, pass_name, dtype_name, f"{rows}x{d}", fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ms(t_compile),
+               fmt_num(None if t_ffn is None else bandwidth(nbytes, t_ffn), 0), fmt_num(pct["ffn"]), fmt_num(pct["eager"]),
+               fmt_num(pct["compile"]), fmt_ratio(vs_eager), fmt_ratio(vs_compile), verdict(ok)]
+        sec["rows"].append(row)
+        log(markdown_table(sec["headers"], [row]).splitlines()[-1])
+        report.records.append({"kind": "norm", "op": op, "pass": pass_name, "dtype": dtype_name, "rows": rows, "d": d, "bytes": nbytes,
+                               "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager, "compile_s": t_compile,
+                               "pct_copy": pct, "speedup_vs_eager": vs_eager, "speedup_vs_compile": vs_compile})
+        report.target(f"{op} {pass_name} {dtype_name} {rows}x{d}: >= {floor}% copy, ahead of eager and compile", ok,
+                      f"{fmt_num(pct['ffn'])}% copy, {fmt_ratio(vs_eager)} vs eager, {fmt_ratio(vs_compile)} vs compile")
+
+
+def gemm_only(op, inputs, grad_out, d_ff, with_backward):
+    """The matmuls the ffn op issues, on preallocated operands of the same shapes and layouts."""
+    if op == "gelu_ffn":
+        x, w_in, _b_in, w_out, b_out = inputs
+    else:
+        (x, w_in, w_out), b_out = inputs, None
+    h = torch.randn(x.shape[0], d_ff, device=x.device, dtype=x.dtype)
+    grad_z = torch.randn(x.shape[0], w_in.shape[0], device=x.device, dtype=x.dtype)
+
+    def run():
+        torch.mm(x, w_in.t())
+        torch.mm(h, w_out.t()) if b_out is None else torch.addmm(b_out, h, w_out.t())
+        if with_backward:
+            torch.mm(grad_out, w_out)  # grad_h
+            torch.mm(grad_z, w_in)  # grad_x
+            torch.mm(grad_z.t(), x)  # grad_w_in
+            torch.mm(grad_out.t(), h)  # grad_w_out
+
+    return run
+
+
+def run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, dtype, tokens, d, failures):
+    inputs, params, ffn_fn, eager_fn, d_ff = make_ffn(op, tokens, d, dtype, cfg.device)
+    compile_fn = compiled(eager_fn)
+    grad_inputs = requiring_grad(inputs)
+    dout = torch.randn_like(inputs[0])
+    shape = f"{tokens}x{d}x{d_ff}"
+    saved = {}
+    for name, fn in (("ffn", ffn_fn), ("eager", eager_fn)):
+        try:
+            saved[name] = saved_activation_bytes(fn, grad_inputs, grad_inputs[1:])
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - reported through try_impl below
+            saved[name] = None
+    for pass_name in ("fwd", "fwd+bwd"):
+        bwd = pass_name == "fwd+bwd"
+        wrap = (lambda f: forward_backward(f, grad_inputs, dout)) if bwd else (lambda f: forward_only(f, inputs))
+        impls = {f"ffn {op}": wrap(ffn_fn), f"eager {op}": wrap(eager_fn), f"compile {op}": wrap(compile_fn),
+                 f"GEMM-only {op}": gemm_only(op, inputs, dout, d_ff, bwd)}
+        times, reps = measure_available(timer, impls, cfg, failures)
+        t_ffn, t_eager, t_compile, t_gemm = times.values()
+        peaks = {}
+        for key, name in (("ffn", f"ffn {op}"), ("eager", f"eager {op}"), ("compile", f"compile {op}")):
+            peaks[key] = peak_bytes(impls[name]) if times[name] is not None else None
+        _bytes, flops = ffn_cost(tokens, d, d_ff, op == "swiglu", inputs[0].element_size(), op == "gelu_ffn", bwd)
+        over_gemm = None if None in (t_ffn, t_gemm) else t_ffn / t_gemm
+        row = [op, pass_name, dtype_name, shape, fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ms(t_compile), fmt_ms(t_gemm), fmt_ratio(over_gemm),
+               fmt_num(None if t_ffn is None else flops / t_ffn / 1e12), *(fmt_num(None if p is None else p / MIB, 0) for p in peaks.values()),
+               f"{fmt_num(None if saved['ffn'] is None else saved['ffn'] / MIB, 0)} / {fmt_num(None if saved['eager'] is None else saved['eager'] / MIB, 0)}"]
+        if bwd:
+            ok = over_gemm is not None and over_gemm <= 1.05 and peaks["ffn"] is not None and peaks["eager"] is not None and peaks["ffn"] < peaks["eager"]
+            row.append(verdict(ok))
+            report.target(f"{op} fwd+bwd {dtype_name} {shape}: <= 1.05x GEMM-only, peak below eager", ok,
+                          f"{fmt_ratio(over_gemm)} GEMM-only, peak {fmt_num(None if peaks['ffn'] is None else peaks['ffn'] / MIB, 0)} "
+                          f"vs {fmt_num(None if peaks['eager'] is None else peaks['eager'] / MIB, 0)} MiB")
+        else:
+            row.append("-")
+        sec["rows"].append(row)
+        log(markdown_table(sec["headers"], [row]).splitlines()[-1])
+        report.records.append({"kind": "ffn", "op": op, "pass": pass_name, "dtype": dtype_name, "tokens": tokens, "d": d, "d_ff": d_ff,
+                               "flops": flops, "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager, "compile_s": t_compile, "gemm_only_s": t_gemm,
+                               "ffn_over_gemm": over_gemm, "peak_bytes": peaks, "saved_bytes": saved})
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="norm dtypes (cpu: also the FFN dtype; first one). "
+                   "Default: float32 on cpu, bfloat16 float32 on cuda")
+    p.add_argument("--ffn-dtype", nargs="+", choices=sorted(DTYPES), help="cuda FFN dtypes (default bfloat16)")
+    p.add_argument("--ops", nargs="+", choices=NORM_OPS + FFN_OPS, default=list(NORM_OPS + FFN_OPS))
+    p.add_argument("--rows", nargs="+", type=int, help="norm rows (default: 4096 on cpu, 16384 65536 on cuda)")
+    p.add_argument("--dims", nargs="+", type=int, help="norm d (default: 512 1024 4096 on cpu, 1024 4096 8192 16384 on cuda)")
+    p.add_argument("--ffn-tokens", type=int, help="FFN tokens (default: 4096 on cpu, 16384 on cuda)")
+    p.add_argument("--ffn-dims", nargs="+", type=int, help="FFN d (default: 512 1024 4096 on cpu, 4096 on cuda)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls of each implementation first (default 3, quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="fixed repetitions (default: sized by --budget)")
+    p.add_argument("--min-reps", type=int, default=None, help="default 7 (quick: 3)")
+    p.add_argument("--max-reps", type=int, default=None, help="default 100 (quick: 10)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per shape and pass (default 3, quick 0.3)")
+    p.add_argument("--quick", action="store_true", help="smoke-sized subset; writes files only when given --json/--markdown")
+    p.add_argument("--json", help="result file (default bench/results/<device>-<date>[-<tag>].json)")
+    p.add_argument("--markdown", help="table file (default: next to the JSON, .md)")
+    p.add_argument("--tag", help="suffix of the default result file names (for runs split by --rows/--dtype/...)")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    cfg = p.parse_args(argv)
+
+    cpu = cfg.device == "cpu"
+    quick = cfg.quick
+    cfg.dtype = cfg.dtype or (["float32"] if cpu else (["bfloat16"] if quick else ["bfloat16", "float32"]))
+    cfg.ffn_dtype = cfg.ffn_dtype or ([cfg.dtype[0]] if cpu else ["bfloat16"])
+    cfg.rows = cfg.rows or ([4096] if cpu else ([16384] if quick else [16384, 65536]))
+    cfg.dims = cfg.dims or (([512, 1024] if quick else [512, 1024, 4096]) if cpu else ([1024, 4096] if quick else [1024, 4096, 8192, 16384]))
+    cfg.ffn_tokens = cfg.ffn_tokens or (4096 if cpu else (4096 if quick else 16384))
+    cfg.ffn_dims = cfg.ffn_dims or (([512] if quick else [512, 1024, 4096]) if cpu else ([1024] if quick else [4096]))
+    cfg.warmup = cfg.warmup if cfg.warmup is not None else (1 if quick else 3)
+    cfg.min_reps = cfg.min_reps or (3 if quick else 7)
+    cfg.max_reps = cfg.max_reps or (10 if quick else 100)
+    cfg.budget = cfg.budget if cfg.budget is not None else (0.3 if quick else 3.0)
+    if cfg.no_save:
+        cfg.json = cfg.markdown = None
+    elif not quick and not cfg.json and not cfg.markdown:
+        cfg.json = "<default>"  # named in main(), once the device name is known
+    if cpu and len(cfg.dtype) > 1:
+        p.error("--device cpu takes one --dtype")
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    if cfg.device == "cpu":
+        torch.set_num_threads(cfg.threads or os.cpu_count())
+    env = environment(cfg.device)
+    if cfg.json == "<default>":
+        name = "cpu" if cfg.device == "cpu" else slug(env["device_name"])
+        stem = f"{name}-{datetime.date.today().isoformat()}" + (f"-{cfg.tag}" if cfg.tag else "")
+        cfg.json = str(ROOT / "bench" / "results" / f"{stem}.json")
+    if cfg.json and not cfg.markdown:
+        cfg.markdown = str(Path(cfg.json).with_suffix(".md"))
+
+    log(f"device: {env['device_name']} | torch {env['torch']} | CUDA {env['cuda']} | commit {env['git_commit']}"
+        + (" (dirty)" if env["git_dirty"] else ""))
+    if cfg.device == "cpu":
+        log(f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} cores), CPU capability {env['cpu_capability']}")
+    log(f"timing: warmup {cfg.warmup}, interleaved reps (median), budget {cfg.budget}s per measurement"
+        + ("; other processes share this machine: expect noise" if cfg.device == "cpu" else ""))
+
+    report = Report(cfg, env)
+    start = time.time()
+    (run_cpu if cfg.device == "cpu" else run_cuda)(cfg, report)
+    report.env["elapsed_s"] = round(time.time() - start, 1)
+    report.save()
+
+    log("")
+    log(report.markdown())
+    if cfg.json:
+        log(f"wrote {cfg.json} and {cfg.markdown}")
+    return report.as_json()
+
+
+if __name__ == "__main__":
+    main()
