@@ -162,6 +162,13 @@ def forward_backward(fn, inputs, grad_out):
     return run
 
 
+def pass_runner(with_backward, inputs, grad_inputs, grad_out):
+    """fn -> a callable that runs fn's forward under no_grad, or its forward+backward."""
+    if with_backward:
+        return lambda fn: forward_backward(fn, grad_inputs, grad_out)
+    return lambda fn: forward_only(fn, inputs)
+
+
 def requiring_grad(tensors):
     return [t.detach().requires_grad_(True) for t in tensors]
 
@@ -405,11 +412,8 @@ def run_cpu(cfg, report):
                     dy = torch.randn_like(inputs[0])
                     for pass_name in ("fwd", "fwd+bwd"):
                         bwd = pass_name == "fwd+bwd"
-                        fns = (
-                            [forward_backward(f, grad_inputs, dy) for f in (ffn_fn, torch_fn)]
-                            if bwd
-                            else [forward_only(f, inputs) for f in (ffn_fn, torch_fn)]
-                        )
+                        run = pass_runner(bwd, inputs, grad_inputs, dy)
+                        fns = [run(ffn_fn), run(torch_fn)]
                         (t_ffn, t_torch), reps = measure(timer, fns, cfg)
                         nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd)
                         speedup = t_torch / t_ffn
@@ -445,11 +449,8 @@ def run_cpu(cfg, report):
                 shape = f"{tokens}x{d}x{d_ff}"
                 for pass_name in ("fwd", "fwd+bwd"):
                     bwd = pass_name == "fwd+bwd"
-                    fns = (
-                        [forward_backward(f, grad_inputs, dout) for f in (ffn_fn, eager_fn)]
-                        if bwd
-                        else [forward_only(f, inputs) for f in (ffn_fn, eager_fn)]
-                    )
+                    run = pass_runner(bwd, inputs, grad_inputs, dout)
+                    fns = [run(ffn_fn), run(eager_fn)]
                     (t_ffn, t_eager), reps = measure(timer, fns, cfg)
                     nbytes, flops = ffn_cost(tokens, d, d_ff, op == "swiglu", inputs[0].element_size(), op == "gelu_ffn", bwd)
                     speedup = t_eager / t_ffn
@@ -604,7 +605,7 @@ def run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_
     dy = torch.randn_like(inputs[0])
     for pass_name in ("fwd", "fwd+bwd"):
         bwd = pass_name == "fwd+bwd"
-        wrap = (lambda f: forward_backward(f, grad_inputs, dy)) if bwd else (lambda f: forward_only(f, inputs))
+        wrap = pass_runner(bwd, inputs, grad_inputs, dy)
         impls = {f"ffn {op}": wrap(ffn_fn), f"eager {op}": wrap(torch_fn), f"compile {op}": wrap(compile_fn)}
         times, reps = measure_available(timer, impls, cfg, failures)
         t_ffn, t_eager, t_compile = times.values()
@@ -663,7 +664,7 @@ def run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, dtype, tokens, d, fail
             saved[name] = None
     for pass_name in ("fwd", "fwd+bwd"):
         bwd = pass_name == "fwd+bwd"
-        wrap = (lambda f: forward_backward(f, grad_inputs, dout)) if bwd else (lambda f: forward_only(f, inputs))
+        wrap = pass_runner(bwd, inputs, grad_inputs, dout)
         impls = {f"ffn {op}": wrap(ffn_fn), f"eager {op}": wrap(eager_fn), f"compile {op}": wrap(compile_fn),
                  f"GEMM-only {op}": gemm_only(op, inputs, dout, d_ff, bwd)}
         times, reps = measure_available(timer, impls, cfg, failures)
