@@ -122,6 +122,20 @@ def run_three_ways(ours_fn, ref_fn, inputs, grad_out=None, torch_grads=True):
     return outs, [None if g[0] is None else g for g in zip(*per_run)]
 
 
+def assert_same_across_threads(compute):
+    """compute() -> tuple of tensors gives bit-identical results twice with 2 threads and once with 1."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = compute(), compute()
+        torch.set_num_threads(1)
+        single = compute()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, shift=0.0, requires_grad=False):
     t = torch.randn(*shape, dtype=torch.float32, device=device) * scale + shift
     return t.to(dtype).requires_grad_(requires_grad)

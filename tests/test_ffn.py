@@ -10,7 +10,15 @@ import pytest
 import torch
 
 import ffn
-from helpers import DTYPES, HALF_DTYPES, SHORT, assert_accurate, randn, run_three_ways
+from helpers import (
+    DTYPES,
+    HALF_DTYPES,
+    SHORT,
+    assert_accurate,
+    assert_same_across_threads,
+    randn,
+    run_three_ways,
+)
 
 
 @dataclass(frozen=True)
@@ -425,29 +433,11 @@ def test_ffn_weight_grads_deterministic(case):
     def param_grads():
         return torch.autograd.grad(case.ours(*inputs), inputs[1:], grad_out)
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = param_grads(), param_grads()
-        torch.set_num_threads(1)
-        single = param_grads()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b, c in zip(first, second, single):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    assert_same_across_threads(param_grads)
 
 
 def test_bias_gelu_bias_grad_deterministic():
     x = randn(2000, 40, scale=2.0)
     bias = randn(40, requires_grad=True)
     grad = torch.randn_like(x)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first = torch.autograd.grad(torch.ops.ffn.bias_gelu(x, bias), bias, grad)[0]
-        second = torch.autograd.grad(torch.ops.ffn.bias_gelu(x, bias), bias, grad)[0]
-        torch.set_num_threads(1)
-        single = torch.autograd.grad(torch.ops.ffn.bias_gelu(x, bias), bias, grad)[0]
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(first, second) and torch.equal(first, single)
+    assert_same_across_threads(lambda: torch.autograd.grad(torch.ops.ffn.bias_gelu(x, bias), bias, grad))

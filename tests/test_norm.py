@@ -12,6 +12,7 @@ from helpers import (
     NORM_DTYPES,
     SHORT,
     assert_accurate,
+    assert_same_across_threads,
     ffn_op,
     randn,
     reference_op,
@@ -268,13 +269,4 @@ def test_weight_grad_deterministic_across_threads(op, dtypes):
         ffn_op(op)(x, weight, bias).backward(grad_out)
         return weight.grad.clone(), bias.grad.clone()
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = param_grads(), param_grads()
-        torch.set_num_threads(1)
-        single = param_grads()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b, c in zip(first, second, single):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    assert_same_across_threads(param_grads)
