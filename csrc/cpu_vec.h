@@ -115,11 +115,16 @@ C10_ALWAYS_INLINE Pack<T> round_to(const Pack<T>& v) {
 template <typename T>
 C10_ALWAYS_INLINE Pack<T> unfused(Pack<T> v) {
 #if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__)
-  using Raw = std::conditional_t<std::is_same_v<acc_t<T>, double>, __m256d, __m256>;
   for (int k = 0; k < VecTraits<T>::kN; ++k) {
-    Raw raw = v[k];
-    asm("" : "+x"(raw));
-    v[k] = raw;
+    if constexpr (std::is_same_v<acc_t<T>, double>) {
+      __m256d raw = v[k];
+      asm("" : "+x"(raw));
+      v[k] = raw;
+    } else {
+      __m256 raw = v[k];
+      asm("" : "+x"(raw));
+      v[k] = raw;
+    }
   }
 #endif
   return v;
