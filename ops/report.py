@@ -367,11 +367,25 @@ def _ema(values, alpha=0.1):
     return out
 
 
-def plot_losses(run_dir, results, metrics, unigram):
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, run_dir, name, dpi):
+    path = Path(run_dir) / name
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(run_dir, results, metrics, unigram):
+    plt = _pyplot()
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(results):
@@ -388,19 +402,13 @@ def plot_losses(run_dir, results, metrics, unigram):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(run_dir) / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, run_dir, "loss.png", dpi=110)
 
 
 def plot_telemetry(run_dir, results, metrics):
     if not any(metrics["telemetry"].get(r["label"]) for r in results):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.lines import Line2D
 
     styles = ["-", "--", ":", "-."]
@@ -426,20 +434,14 @@ def plot_telemetry(run_dir, results, metrics):
     fig.suptitle("per-layer FFN telemetry on training batches (color: design, line style: layer)", y=0.94,
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    path = Path(run_dir) / "telemetry.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, run_dir, "telemetry.png", dpi=100)
 
 
 def plot_probe(run_dir, results):
     probed = [r for r in results if r.get("shift_probe")]
     if not probed:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     keys = (("input_offset", "FFN input (÷ rms)"), ("gate_offset", "gate pre-activation (÷ std)"),
             ("down_in_offset", "down-projection input (÷ rms)"))
@@ -464,10 +466,7 @@ def plot_probe(run_dir, results):
                  "arrives: per-unit "
                  f"offset common to all tokens (validation, after training; dotted: {REACH_OFFSET})", fontsize=10)
     fig.tight_layout()
-    path = Path(run_dir) / "shift_probe.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, run_dir, "shift_probe.png", dpi=100)
 
 
 # ----------------------------------------------------------------------------- report.md
