@@ -106,6 +106,23 @@ def test_norm_matches_reference_and_cpu(kind, dtype, d):
     check_norm(kind, x, randn(d, dtype=dtype, shift=1.0), randn(d, dtype=dtype))
 
 
+# Long rows whose cached row (forward) or x and dy rows (backward without parameter
+# gradients) take just under 48 KiB of dynamic shared memory: the kernels' static
+# scratch then pushes the total over the limit a kernel has without opting in.
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 12288), (torch.bfloat16, 24576), (torch.float64, 6144),
+                                     (torch.bfloat16, 12288), (torch.float64, 3072)])
+@pytest.mark.parametrize("kind", NORMS)
+def test_norm_long_rows_near_the_default_shared_memory_limit(kind, dtype, d):
+    x, w, b = randn(3, d, dtype=dtype, shift=3.0), randn(d, dtype=dtype, shift=1.0), randn(d, dtype=dtype)
+    check_norm(kind, x, w, b)
+    dy = randn(3, d, dtype=dtype)
+    (x_leaf,) = leaves(x)  # frozen weight and bias: backward computes dx only
+    (dx,) = torch.autograd.grad(norm_op(kind)(x_leaf, w, b, 1e-5), x_leaf, dy)
+    (x64,) = leaves(x.double())
+    (ref,) = torch.autograd.grad(norm_reference(kind)(x64, w.double(), b.double(), 1e-5), x64, dy.double())
+    torch.testing.assert_close(dx, ref.to(dtype), **TOL[dtype])
+
+
 @pytest.mark.parametrize("kind", NORMS)
 def test_norm_matches_torch_ops(kind):
     x, w = randn(5, 4096), randn(4096)
@@ -443,8 +460,8 @@ def test_runs_on_the_current_stream(kind):
     x, w, b = randn(1024, 4096), randn(4096), randn(4096)
     expected = norm_op(kind)(x, w, b, 1e-5)
     side = torch.cuda.Stream()
+    staged = torch.zeros_like(x)  # zero-filled on the current stream, before the side stream waits
     side.wait_stream(torch.cuda.current_stream())
-    staged = torch.zeros_like(x)
     with torch.cuda.stream(side):
         # The copy runs late on the side stream: a kernel launched on another
         # stream would read zeros.

@@ -59,8 +59,6 @@ constexpr int kBackwardBlock = 512;
 // One block per row for rows too long for registers.
 constexpr int kLongRowBlock = 1024;
 constexpr int kMaxThreadsPerSm = 2048;  // sm_80 and sm_90
-// Shared memory a kernel may use without opting in.
-constexpr size_t kDefaultSharedMemory = 48 * 1024;
 
 struct RowLayout {
   int threads_per_row;  // a power of two <= 32, or a multiple of 32 <= 1024
@@ -97,9 +95,11 @@ size_t max_dynamic_shared_memory() {
   return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)) - 1024;
 }
 
+// Without this opt-in, static plus dynamic shared memory must fit in 48 KiB, so
+// it is made for any dynamic size (the kernels' static scratch counts too).
 template <typename Kernel>
 void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > kDefaultSharedMemory) {
+  if (bytes > 0) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
@@ -117,6 +117,13 @@ T* mutable_data_or_null(const Tensor& t) {
 
 __device__ __forceinline__ float sqrt_acc(float v) { return sqrtf(v); }
 __device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
+
+// A product rounded on its own, never contracted into an FMA with what follows:
+// backward forms g = dy * w in both passes, and the dx pass must subtract mean(g)
+// from the very g that was summed (at d = 1 LayerNorm's dx is then exactly 0, not
+// rstd times the product's rounding error).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // ---------------------------------------------------------------------------
 // Forward.
@@ -366,7 +373,7 @@ __device__ __forceinline__ WordTerms<T> word_terms(const BackwardArgs<T, P>& a, 
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     t.dy[k] = static_cast<A>(dyw.val[k]);
-    t.g[k] = t.dy[k] * w[k];
+    t.g[k] = mul_rn(t.dy[k], w[k]);
     t.xhat[k] = (static_cast<A>(xw.val[k]) - mu) * rs;
   }
   return t;
