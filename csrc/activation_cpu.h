@@ -81,8 +81,9 @@ struct Act<Activation::kRelu> {
   }
   template <typename V>
   C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
-    // Derivative 1 where x > 0, else 0 (ATen's threshold_backward: 0 at x == 0).
-    return {maximum(x, V(0)), V::blendv(V(0), V(1), x > V(0))};
+    // ATen's threshold_backward: derivative 0 where x <= 0 (x == 0 included), else 1,
+    // so a NaN input passes its gradient through, as on CUDA.
+    return {maximum(x, V(0)), V::blendv(V(1), V(0), x <= V(0))};
   }
 };
 

@@ -291,6 +291,17 @@ def test_gated_activation(act, d_ff, dtype, device):
     check_elementwise(*gated_activation_fns(act), (gate_up,), with_grad=True)
 
 
+def test_relu_gate_gradient_at_zero_and_nan_follows_torch(device):
+    """threshold_backward: no gradient where the gate is <= 0 (0 included); a NaN gate
+    passes its gradient through. The CPU kernels are vectorized: use a full register."""
+    gate = torch.tensor([-1.0, 0.0, float("nan"), 2.0] * 4, device=device)
+    gate_up = torch.cat([gate, torch.full_like(gate, 3.0)]).view(1, -1)
+    ours, theirs = (gate_up.clone().requires_grad_() for _ in range(2))
+    torch.ops.ffn.gated_activation(ours, "relu").sum().backward()
+    (torch.relu(theirs[:, :16]) * theirs[:, 16:]).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0, equal_nan=True)
+
+
 def elementwise_input(kind, last, dtype, device):
     if kind == "3d":
         return randn(2, 3, last, dtype=dtype, device=device, scale=2.0)
