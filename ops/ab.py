@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from . import data as textdata
 from . import designs as designgrammar
+from .files import atomic_write, atomic_write_text
 from .model import Design, ModelConfig, TransformerLM, ffn_param_count, gated_d_ff, param_count, shift_probe
 from .probes import norm_input_rms, shift_offsets
 from .quant import quantized_down_input, quantized_ffn_weights
@@ -140,14 +141,27 @@ def sync(env):
 
 
 def atomic_torch_save(obj, path):
-    """Writes to a temporary file, flushes it to disk, then renames it over `path`: a run
-    killed mid-save keeps the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A run killed mid-save keeps the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# What a checkpoint's losses depend on besides the design: resuming with any of these
+# changed would silently continue a different run (e.g. --steps moves the LR schedule).
+RUN_IDENTITY_ARGS = ("seed", "steps", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "lr", "warmup",
+                     "weight_decay", "grad_clip", "no_ffn_bias", "backend", "amp", "data")
+
+
+def run_identity(args, design, env):
+    return {**{key: getattr(args, key) for key in RUN_IDENTITY_ARGS}, "design": asdict(design),
+            "global_batch": args.batch_size * env.world}
+
+
+def check_resumable(saved, current, ckpt_path):
+    changed = sorted(key for key in current.keys() | saved.keys() if saved.get(key) != current.get(key))
+    if changed:
+        diffs = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        raise SystemExit(f"ab: cannot --resume {ckpt_path}: it was trained with other settings ({diffs}); "
+                         "resume with the original flags or use another --name")
 
 
 def rng_state(env):
@@ -199,7 +213,7 @@ class MetricsLog:
             # Resuming: the records this design logged after its checkpoint will be logged again.
             kept = [line for line in self.path.read_text().splitlines()
                     if (r := json.loads(line))["design"] != label or r["step"] < start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.writer = SummaryWriter(str(self.run_dir / "tb" / label), purge_step=start_step or None)
 
     def close_design(self):
@@ -292,8 +306,10 @@ def train_design(spec, design, args, corpus, env, log, run_dir):
     model = TransformerLM(config).to(env.device)
     optimizer = make_optimizer(model, args)
     start_step, history = 0, {"step_times": [], "cpu_times": [], "telemetry_steps": [], "losses": []}
+    identity = run_identity(args, design, env)
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=True)
+        check_resumable(ckpt["run"], identity, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], env)
@@ -352,7 +368,7 @@ def train_design(spec, design, args, corpus, env, log, run_dir):
         progress.update(1)
         if args.ckpt_every and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
             if env.main:
-                atomic_torch_save({"step": step + 1, "model": model.state_dict(),
+                atomic_torch_save({"step": step + 1, "run": identity, "model": model.state_dict(),
                                    "optimizer": optimizer.state_dict(), "rng": rng_state(env),
                                    "history": history}, ckpt_path)
             env.barrier()
@@ -439,7 +455,7 @@ def finish_design(spec, label, design, config, model, args, corpus, env, log, hi
         "telemetry_val": tel_val, "shift_probe": probe,
     }
     if env.main:
-        (design_dir / "result.json").write_text(json.dumps(result, indent=1))
+        atomic_write_text(design_dir / "result.json", json.dumps(result, indent=1))
     log.close_design()
     return result
 
@@ -456,6 +472,9 @@ def build_parser():
                    help="train one design built from --norm/--ffn instead of --designs")
     p.add_argument("--ffn", choices=["gelu", "swiglu", "geglu", "reglu"], default=None)
     p.add_argument("--norm-bias", action="store_true", help="RMSNorm with a learnable bias (beta), every design")
+    p.add_argument("--recenter", action="store_true",
+                   help="every design with LayerNorm without bias in place of its norm: mean subtraction back, "
+                        "the FFN kept (the design token 'recenter'; overrides --norm-bias)")
     p.add_argument("--placement", choices=["pre", "post"], default="pre")
     p.add_argument("--layout", choices=["serial", "parallel"], default="serial")
     p.add_argument("--mean-shift", type=float, default=0.0,
@@ -503,13 +522,15 @@ def resolve_args(argv=None):
             raise SystemExit("ab: give either --designs or --norm/--ffn, not both")
         if not (args.norm and args.ffn):
             raise SystemExit("ab: --norm and --ffn go together")
-        spec = f"{args.norm}+{args.ffn}"
-        args.design_list = [(spec, designgrammar.parse_design(spec, base))]
+        specs = f"{args.norm}+{args.ffn}"
     else:
-        try:
-            args.design_list = designgrammar.parse_designs(args.designs or DEFAULT_DESIGNS, base)
-        except ValueError as e:
-            raise SystemExit(f"ab: {e}") from None
+        specs = args.designs or DEFAULT_DESIGNS
+    if args.recenter:
+        specs = ",".join(f"{spec.strip()}+recenter" for spec in specs.split(",") if spec.strip())
+    try:
+        args.design_list = designgrammar.parse_designs(specs, base)
+    except ValueError as e:
+        raise SystemExit(f"ab: {e}") from None
     return args
 
 
@@ -529,6 +550,9 @@ def load_corpus(args, env):
 def main(argv=None):
     args = resolve_args(argv)
     env = init_dist(args.device)
+    if args.eval_windows < env.world:
+        raise SystemExit(f"ab: --eval-windows {args.eval_windows} is fewer than the {env.world} ranks: "
+                         "every rank needs a validation window")
     torch.manual_seed(args.seed)
     run_dir = Path(args.out) / args.name
     t_start = time.perf_counter()
@@ -564,7 +588,7 @@ def main(argv=None):
                     "device": str(env.device), "data": str(corpus.path), "train_bytes": len(corpus.train),
                     "val_bytes": len(corpus.val), "unigram_entropy": unigram, "wall_s": wall,
                     "torch": torch.__version__, "threads": torch.get_num_threads()}
-            (run_dir / "run.json").write_text(json.dumps(meta, indent=1))
+            atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1))
             from . import report
 
             print(report.terminal_table(results, meta))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write_text
+
 VOCAB_SIZE = 256
 VAL_FRACTION = 0.1
 
@@ -42,13 +44,6 @@ def default_data_dir():
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent / "data" / "cache"
-
-
-def _atomic_write_bytes(path, payload):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
 
 
 def install_corpus(data_dir=None):
@@ -75,7 +70,7 @@ def install_corpus(data_dir=None):
             texts = [tar.extractfile(m).read().decode("utf-8").strip() for m in members]
     if not texts:
         raise RuntimeError(f"{CORPUS_SDIST} holds no file matching {CORPUS_MEMBERS}")
-    _atomic_write_bytes(target, ("\n\n\n".join(texts) + "\n").encode("utf-8"))
+    atomic_write_text(target, "\n\n\n".join(texts) + "\n")
     return target
 
 

@@ -388,6 +388,13 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True) == {"step": 1}
 
 
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
+    common = ("--designs", "B", "--ckpt-every", "2", "--no-report")
+    assert ab.main(run_args(tmp_path, "changed", *common, "--steps", "6", "--stop-at", "2")) == 0
+    with pytest.raises(SystemExit, match=r"steps: 6 -> 8"):
+        ab.main(run_args(tmp_path, "changed", *common, "--steps", "8", "--resume"))
+
+
 def test_ddp_with_two_processes_matches_one_process(tmp_path):
     common = ("--designs", "B", "--steps", "4", "--no-report")
     assert ab.main(run_args(tmp_path, "single", *common, "--batch-size", "4")) == 0
@@ -419,3 +426,11 @@ def test_cli_rejects_conflicting_design_flags(tmp_path):
     args = ab.resolve_args(["--norm", "rmsnorm", "--ffn", "gelu", "--norm-bias", "--placement", "post"])
     assert args.design_list == [("rmsnorm+gelu", Design(norm="rmsnorm", ffn="gelu", norm_bias=True,
                                                        placement="post"))]
+
+
+def test_recenter_flag_puts_mean_subtraction_back_in_every_design():
+    args = ab.resolve_args(["--designs", "A,B", "--recenter", "--norm-bias"])
+    assert args.design_list == [("A+recenter", Design(norm="layernorm", ffn="gelu", norm_bias=False)),
+                                ("B+recenter", Design(norm="layernorm", ffn="swiglu", norm_bias=False))]
+    args = ab.resolve_args(["--norm", "rmsnorm", "--ffn", "swiglu", "--recenter"])
+    assert args.design_list == [("rmsnorm+swiglu+recenter", designs.parse_design("B+recenter"))]
