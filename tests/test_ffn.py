@@ -298,7 +298,8 @@ def test_relu_gate_gradient_at_zero_and_nan_follows_torch(device):
     gate_up = torch.cat([gate, torch.full_like(gate, 3.0)]).view(1, -1)
     ours, theirs = (gate_up.clone().requires_grad_() for _ in range(2))
     torch.ops.ffn.gated_activation(ours, "relu").sum().backward()
-    (torch.relu(theirs[:, :16]) * theirs[:, 16:]).sum().backward()
+    d_ff = gate.numel()
+    (torch.relu(theirs[:, :d_ff]) * theirs[:, d_ff:]).sum().backward()
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0, equal_nan=True)
 
 
