@@ -4,20 +4,22 @@
     python scripts/bench.py --device cpu [--dtype bfloat16] [--quick]
     python scripts/bench.py --device cuda [--quick] [--tag part1 --rows 16384]
 
-CPU (issue 2): rms_norm / layer_norm against torch's native F.rms_norm / F.layer_norm, and
+CPU: rms_norm / layer_norm against torch's native F.rms_norm / F.layer_norm, and
 gelu_ffn / swiglu against the eager composite in ffn.reference, forward (under no_grad) and
 forward+backward (gradients of x and every parameter), plus the activation bytes each FFN
 saves for backward.
 
-CUDA (issue 3): the device's copy bandwidth (x.clone()), then the norms against torch eager
+CUDA: the device's copy bandwidth (x.clone()), then the norms against torch eager
 and torch.compile of the eager code (time, GB/s, % of copy bandwidth, speedup), and the FFNs
 against eager, torch.compile and the same GEMMs alone, with peak memory.
 
 Definitions used in every table:
-- time: median over interleaved repetitions, after warmup. Each repetition runs every
-  implementation once, in a rotating order, so load from other processes hits them alike.
-  CPU: wall clock (time.perf_counter). CUDA: CUDA events around each call, with the L2
-  cache flushed before each call (so small tensors are not served from L2).
+- time: median over interleaved repetitions, after warmup, measured by scripts/benchmarking.py
+  (its docstring has the details). Each repetition runs every implementation, in a rotating
+  order, so load from other processes hits them alike. CPU: torch.utils.benchmark.Timer
+  (blocked_autorange, with torch's thread count). CUDA: CUDA events around each call on the
+  current stream, with the L2 cache flushed before each call (so small tensors are not served
+  from L2). reps: the number of repetitions.
 - GB/s: bytes / time, where bytes = what the op must read and write at least: every input
   once and every output once, intermediates excluded.
     norm fwd:      read x and the parameters, write y              (saved mean/rstd excluded: rows*4 B)
@@ -30,8 +32,14 @@ Definitions used in every table:
   counted with torch.autograd.graph.saved_tensors_hooks, deduplicated by storage (a view of a
   saved tensor costs nothing extra). Parameters (and views of them) are left out and shown
   separately: the module holds them anyway. x counts: in a block it is the norm's output.
-- FFN shapes: gelu_ffn has d_ff = 4d and biases (GPT style); swiglu has
-  d_ff = 8d/3 rounded UP to a multiple of 64 (LLaMA style) and no biases.
+- FFN shapes: gelu_ffn has d_ff = 4d and biases (GPT style); swiglu has no biases and its
+  d_ff follows --gated-width, recorded in each row's "d_ff rule" column:
+    llama (default): 8d/3 rounded UP to a multiple of 64 (llama_d_ff). This deliberately
+      differs from the library's rule, ffn.modules.gated_d_ff: these are the GEMM-friendly
+      widths that LLaMA-style models run, and the shapes of earlier bench/results files. It has
+      the parameters of a bias-free 4d GELU FFN only up to the rounding (+3.1% at d=512, +0.2% at d=4096).
+    matched: ffn.modules.gated_d_ff(d, 4d, bias=False), the one rule used wherever parameter
+      parity with the GELU FFN is meant (the harness's models): 2/3 of 4d, within 1%.
 - peak memory (CUDA): torch.cuda.max_memory_allocated() during one fwd+bwd minus what was
   allocated before it (inputs and parameters), so it counts activations, gradients and workspace.
 - GEMM-only (CUDA): the matmuls the ffn op issues (2 forward, 4 backward) on preallocated
@@ -52,15 +60,9 @@ compilations, several minutes. To fit it into shorter sessions, split it, e.g.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import math
 import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,27 +70,50 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import ffn  # noqa: F401  (registers torch.ops.ffn)
-from ffn import reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/benchmarking.py, also when imported from elsewhere
 
-ROOT = Path(__file__).resolve().parent.parent
+import ffn  # noqa: E402,F401  (registers torch.ops.ffn)
+from benchmarking import (  # noqa: E402
+    MIB, Report, default_json_path, environment, fmt_ms, fmt_num, fmt_ratio, log, make_timer, measure, verdict,
+)
+from ffn import reference  # noqa: E402
+from ffn.modules import gated_d_ff  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 NORM_OPS = ("rms_norm", "layer_norm")
 FFN_OPS = ("gelu_ffn", "swiglu")
-MIB = 2**20
 
 
 # ----------------------------------------------------------------------------- shapes and ops
-def swiglu_d_ff(d: int) -> int:
-    """8d/3 rounded up to a multiple of 64 (LLaMA's convention: same parameters as a 4d GELU FFN)."""
+def llama_d_ff(d: int) -> int:
+    """8d/3 rounded UP to a multiple of 64: the LLaMA-style gated width, GEMM-friendly. The benchmark's
+    deliberate exception to ffn.modules.gated_d_ff (the module docstring says why)."""
     return 64 * math.ceil(8 * d / 3 / 64)
 
 
-def ffn_d_ff(op: str, d: int) -> int:
-    return 4 * d if op == "gelu_ffn" else swiglu_d_ff(d)
+# --gated-width: the rule that sets swiglu's d_ff from d, by name (the "d_ff rule" column).
+GATED_WIDTH_RULES = {
+    "llama": ("8d/3 up to 64", llama_d_ff),
+    "matched": ("gated_d_ff(d, 4d)", lambda d: gated_d_ff(d, 4 * d, bias=False)),
+}
 
 
-def make_norm(op, rows, d, dtype, device):
+def bench_d_ff(op: str, d: int, gated_width: str = "llama") -> tuple[int, str]:
+    """(d_ff, the rule's name for the tables): 4d for gelu_ffn, the --gated-width rule for swiglu."""
+    if op == "gelu_ffn":
+        return 4 * d, "4d"
+    name, rule = GATED_WIDTH_RULES[gated_width]
+    return rule(d), name
+
+
+def ffn_shapes_note(cfg):
+    name = GATED_WIDTH_RULES[cfg.gated_width][0]
+    why = ("LLaMA-style, GEMM-friendly; not ffn.modules.gated_d_ff" if cfg.gated_width == "llama"
+           else "ffn.modules.gated_d_ff: the parameters of a bias-free 4d GELU FFN within 1%")
+    return f"gelu_ffn: d_ff = 4d, with biases; swiglu: d_ff = {name} ({why}), no biases."
+
+
+def norm_case(op, rows, d, dtype, device):
     """(inputs, parameters, ffn fn, torch fn); rms_norm has a weight, layer_norm weight and bias."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
@@ -113,9 +138,9 @@ def norm_bytes(rows, d, elt, n_params, with_backward):
     return fwd + 3 * rows * d * elt + d * elt + n_params * d * elt
 
 
-def make_ffn(op, tokens, d, dtype, device):
-    """(inputs, parameters, ffn fn, eager fn): gelu_ffn with biases, swiglu without."""
-    d_ff = ffn_d_ff(op, d)
+def ffn_case(op, tokens, d, dtype, device, gated_width="llama"):
+    """(inputs, parameters, ffn fn, eager fn, d_ff, d_ff rule): gelu_ffn with biases, swiglu without."""
+    d_ff, rule = bench_d_ff(op, d, gated_width)
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale):
@@ -130,7 +155,7 @@ def make_ffn(op, tokens, d, dtype, device):
         params = [rand(2 * d_ff, d, scale=d**-0.5), rand(d, d_ff, scale=d_ff**-0.5)]
         ffn_fn = lambda x, wgu, wd: torch.ops.ffn.swiglu(x, wgu, None, wd, None)  # noqa: E731
         eager_fn = lambda x, wgu, wd: reference.swiglu(x, wgu, None, wd, None)  # noqa: E731
-    return [x, *params], params, ffn_fn, eager_fn, d_ff
+    return [x, *params], params, ffn_fn, eager_fn, d_ff, rule
 
 
 def ffn_cost(tokens, d, d_ff, gated, elt, biases, with_backward):
@@ -191,209 +216,26 @@ def saved_activation_bytes(fn, inputs, params):
 
 
 # ----------------------------------------------------------------------------- timing
-class CpuTimer:
-    def sync(self):
-        pass
-
-    def time_once(self, fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    def interleaved(self, fns, reps):
-        samples = [[] for _ in fns]
-        for rep in range(reps):
-            for k in range(len(fns)):
-                i = (rep + k) % len(fns)
-                samples[i].append(self.time_once(fns[i]))
-        return samples
-
-
-class CudaTimer:
-    def __init__(self):
-        # Larger than any L2 (H100: 50 MB); zeroed before each timed call.
-        self.flush_buffer = torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")
-
-    def sync(self):
-        torch.cuda.synchronize()
-
-    def time_once(self, fn):
-        return self.interleaved([fn], 1)[0][0]
-
-    def interleaved(self, fns, reps):
-        events = [[] for _ in fns]
-        for rep in range(reps):
-            for k in range(len(fns)):
-                i = (rep + k) % len(fns)
-                self.flush_buffer.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[i]()
-                end.record()
-                events[i].append((start, end))
-        torch.cuda.synchronize()
-        return [[s.elapsed_time(e) / 1e3 for s, e in pairs] for pairs in events]
-
-
-def measure(timer, fns, cfg):
-    """Median seconds of each fn: warmup, then interleaved repetitions sized to the time budget."""
-    for fn in fns:
-        for _ in range(cfg.warmup):
-            fn()
-    timer.sync()
-    estimate = sum(timer.time_once(fn) for fn in fns)
-    reps = cfg.reps or int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget / max(estimate, 1e-9))))
-    samples = timer.interleaved(fns, reps)
-    return [statistics.median(s) for s in samples], reps
+def time_impls(timer, fns, cfg):
+    """Median seconds of each fn and the number of interleaved repetitions (scripts/benchmarking.py)."""
+    return measure(timer, fns, warmup=cfg.warmup, budget=cfg.budget, min_reps=cfg.min_reps, max_reps=cfg.max_reps, reps=cfg.reps)
 
 
 def bandwidth(bytes_, seconds):
     return bytes_ / seconds / 1e9
 
 
-def copy_bandwidth(timer, device, cfg, numel):
-    x = torch.empty(numel, dtype=torch.float32, device=device).normal_()
-    (seconds,), _ = measure(timer, [lambda: x.clone()], cfg)
+def copy_bandwidth(timer, cfg, numel):
+    x = torch.empty(numel, dtype=torch.float32, device=cfg.device).normal_()
+    (seconds,), _ = time_impls(timer, [lambda: x.clone()], cfg)
     return bandwidth(2 * x.nbytes, seconds), x.nbytes
-
-
-# ----------------------------------------------------------------------------- environment
-def git_commit():
-    override = os.environ.get("FFN_GIT_COMMIT")
-    if override:
-        return override, None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        return commit, bool(dirty)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", None
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device):
-    commit, dirty = git_commit()
-    env = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "hostname": platform.node(),
-        "argv": sys.argv[1:],
-    }
-    if device == "cpu":
-        env.update(
-            device_name=cpu_model(),
-            cpu_capability=torch.backends.cpu.get_cpu_capability(),
-            threads=torch.get_num_threads(),
-            cpu_count=os.cpu_count(),
-        )
-    else:
-        props = torch.cuda.get_device_properties(0)
-        env.update(
-            device_name=torch.cuda.get_device_name(0),
-            compute_capability=f"{props.major}.{props.minor}",
-            memory_gib=round(props.total_memory / 2**30, 1),
-            allow_tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-        )
-    return env
-
-
-def slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-# ----------------------------------------------------------------------------- reporting
-def markdown_table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def verdict(ok):
-    return "PASS" if ok else "MISS"
-
-
-def fmt_ms(seconds):
-    return "n/a" if seconds is None else f"{seconds * 1e3:.3f}"
-
-
-def fmt_ratio(r):
-    return "n/a" if r is None else f"{r:.2f}x"
-
-
-def fmt_num(v, digits=1):
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
-class Report:
-    """Collects sections (title, headers, rows, notes) and records; prints and writes them."""
-
-    def __init__(self, cfg, env):
-        self.cfg, self.env = cfg, env
-        self.sections, self.records, self.targets = [], [], []
-
-    def section(self, title, headers, notes=""):
-        s = {"title": title, "headers": headers, "rows": [], "notes": notes}
-        self.sections.append(s)
-        return s
-
-    def target(self, name, ok, detail):
-        self.targets.append({"target": name, "pass": bool(ok), "detail": detail})
-
-    def markdown(self):
-        env = self.env
-        out = [f"# ffn benchmark: {env['device_name']} ({self.cfg.device})", ""]
-        out.append(
-            f"torch {env['torch']}, CUDA {env['cuda']}, commit {env['git_commit']}"
-            + (" (uncommitted changes)" if env.get("git_dirty") else "")
-            + f", {env['timestamp']}"
-        )
-        out.append("")
-        out += [f"- {k}: {v}" for k, v in env.items() if k not in ("torch", "cuda", "git_commit", "timestamp", "device_name")]
-        out.append("")
-        for s in self.sections:
-            out += [f"## {s['title']}", ""]
-            if s["notes"]:
-                out += [s["notes"], ""]
-            out += [markdown_table(s["headers"], s["rows"]), ""]
-        passed = sum(t["pass"] for t in self.targets)
-        out += [f"## Targets: {passed}/{len(self.targets)} pass", ""]
-        out += [f"- {verdict(t['pass'])} {t['target']}: {t['detail']}" for t in self.targets]
-        return "\n".join(out) + "\n"
-
-    def as_json(self):
-        return {"environment": self.env, "config": vars(self.cfg), "results": self.records, "targets": self.targets}
-
-    def save(self):
-        """(Re)writes the result files; called after every shape so a cut-off run keeps what it measured."""
-        for path, text in ((self.cfg.json, lambda: json.dumps(self.as_json(), indent=1)), (self.cfg.markdown, self.markdown)):
-            if path:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(text())
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 # ----------------------------------------------------------------------------- CPU
 def run_cpu(cfg, report):
-    timer = CpuTimer()
+    timer = make_timer("cpu")
     dtype = DTYPES[cfg.dtype[0]]
-    copy_gbps, copy_bytes = copy_bandwidth(timer, "cpu", cfg, 2**22 if cfg.quick else 2**26)
+    copy_gbps, copy_bytes = copy_bandwidth(timer, cfg, 2**22 if cfg.quick else 2**26)
     report.env["copy_bandwidth_gbps"] = round(copy_gbps, 2)
     log(f"CPU copy bandwidth (x.clone() of {copy_bytes // MIB} MiB float32, read+write): {copy_gbps:.1f} GB/s")
 
@@ -407,23 +249,21 @@ def run_cpu(cfg, report):
         for op in norm_ops:
             for rows in cfg.rows:
                 for d in cfg.dims:
-                    inputs, params, ffn_fn, torch_fn = make_norm(op, rows, d, dtype, "cpu")
+                    inputs, params, ffn_fn, torch_fn = norm_case(op, rows, d, dtype, "cpu")
                     grad_inputs = requiring_grad(inputs)
                     dy = torch.randn_like(inputs[0])
                     for pass_name in ("fwd", "fwd+bwd"):
                         bwd = pass_name == "fwd+bwd"
                         run = pass_runner(bwd, inputs, grad_inputs, dy)
                         fns = [run(ffn_fn), run(torch_fn)]
-                        (t_ffn, t_torch), reps = measure(timer, fns, cfg)
+                        (t_ffn, t_torch), reps = time_impls(timer, fns, cfg)
                         nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd)
                         speedup = t_torch / t_ffn
                         ok = speedup >= 1.0
                         row = [op, pass_name, f"{rows}x{d}", fmt_ms(t_ffn), fmt_ms(t_torch), fmt_ratio(speedup),
                                fmt_num(bandwidth(nbytes, t_ffn)), fmt_num(bandwidth(nbytes, t_torch)), reps, verdict(ok)]
-                        sec["rows"].append(row)
-                        log(markdown_table(sec["headers"], [row]).splitlines()[-1])
-                        report.records.append({"kind": "norm", "op": op, "pass": pass_name, "dtype": cfg.dtype[0], "rows": rows, "d": d,
-                                               "bytes": nbytes, "reps": reps, "ffn_s": t_ffn, "torch_s": t_torch, "speedup": speedup})
+                        report.add_row(sec, row, {"kind": "norm", "op": op, "pass": pass_name, "dtype": cfg.dtype[0], "rows": rows, "d": d,
+                                                  "bytes": nbytes, "reps": reps, "ffn_s": t_ffn, "torch_s": t_torch, "speedup": speedup})
                         report.target(f"{op} {pass_name} {rows}x{d} as fast as torch", ok, f"{speedup:.2f}x")
                     report.save()
 
@@ -431,19 +271,19 @@ def run_cpu(cfg, report):
     if ffn_ops:
         sec = report.section(
             f"FFN ops vs eager composite ({cfg.dtype[0]}, {torch.get_num_threads()} threads)",
-            ["op", "pass", "tokens x d x d_ff", "ffn ms", "eager ms", "speedup", "ffn GB/s", "ffn GFLOP/s", "eager GFLOP/s", "reps", "target"],
-            "eager = ffn.reference (F.linear, F.gelu / F.silu * up, F.linear). gelu_ffn: d_ff = 4d, with biases; "
-            "swiglu: d_ff = 8d/3 rounded up to a multiple of 64, no biases. Target: speedup >= 1.00.",
+            ["op", "pass", "tokens x d x d_ff", "d_ff rule", "ffn ms", "eager ms", "speedup", "ffn GB/s", "ffn GFLOP/s", "eager GFLOP/s",
+             "reps", "target"],
+            f"eager = ffn.reference (F.linear, F.gelu / F.silu * up, F.linear). {ffn_shapes_note(cfg)} Target: speedup >= 1.00.",
         )
         mem = report.section(
             f"FFN activation bytes saved for backward ({cfg.dtype[0]})",
-            ["op", "tokens x d x d_ff", "ffn MiB", "eager MiB", "ffn/eager", "params MiB (excluded)", "target"],
+            ["op", "tokens x d x d_ff", "d_ff rule", "ffn MiB", "eager MiB", "ffn/eager", "params MiB (excluded)", "target"],
             "Counted with saved_tensors_hooks, deduplicated by storage, parameters excluded. Target: ffn/eager <= 2/3.",
         )
         for op in ffn_ops:
             for d in cfg.ffn_dims:
                 tokens = cfg.ffn_tokens
-                inputs, params, ffn_fn, eager_fn, d_ff = make_ffn(op, tokens, d, dtype, "cpu")
+                inputs, params, ffn_fn, eager_fn, d_ff, rule = ffn_case(op, tokens, d, dtype, "cpu", cfg.gated_width)
                 grad_inputs = requiring_grad(inputs)
                 dout = torch.randn_like(inputs[0])
                 shape = f"{tokens}x{d}x{d_ff}"
@@ -451,28 +291,26 @@ def run_cpu(cfg, report):
                     bwd = pass_name == "fwd+bwd"
                     run = pass_runner(bwd, inputs, grad_inputs, dout)
                     fns = [run(ffn_fn), run(eager_fn)]
-                    (t_ffn, t_eager), reps = measure(timer, fns, cfg)
+                    (t_ffn, t_eager), reps = time_impls(timer, fns, cfg)
                     nbytes, flops = ffn_cost(tokens, d, d_ff, op == "swiglu", inputs[0].element_size(), op == "gelu_ffn", bwd)
                     speedup = t_eager / t_ffn
                     ok = speedup >= 1.0
-                    row = [op, pass_name, shape, fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ratio(speedup), fmt_num(bandwidth(nbytes, t_ffn)),
+                    row = [op, pass_name, shape, rule, fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ratio(speedup), fmt_num(bandwidth(nbytes, t_ffn)),
                            fmt_num(flops / t_ffn / 1e9), fmt_num(flops / t_eager / 1e9), reps, verdict(ok)]
-                    sec["rows"].append(row)
-                    log(markdown_table(sec["headers"], [row]).splitlines()[-1])
-                    report.records.append({"kind": "ffn", "op": op, "pass": pass_name, "dtype": cfg.dtype[0], "tokens": tokens, "d": d,
-                                           "d_ff": d_ff, "bytes": nbytes, "flops": flops, "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager,
-                                           "speedup": speedup})
+                    report.add_row(sec, row, {"kind": "ffn", "op": op, "pass": pass_name, "dtype": cfg.dtype[0], "tokens": tokens, "d": d,
+                                              "d_ff": d_ff, "d_ff_rule": rule, "bytes": nbytes, "flops": flops, "reps": reps, "ffn_s": t_ffn,
+                                              "eager_s": t_eager, "speedup": speedup})
                     report.target(f"{op} {pass_name} {shape} as fast as eager", ok, f"{speedup:.2f}x")
                 saved_ffn = saved_activation_bytes(ffn_fn, grad_inputs, grad_inputs[1:])
                 saved_eager = saved_activation_bytes(eager_fn, grad_inputs, grad_inputs[1:])
                 param_bytes = sum(p.nbytes for p in params)
                 ratio = saved_ffn / saved_eager
                 ok = ratio <= 2 / 3
-                row = [op, shape, fmt_num(saved_ffn / MIB), fmt_num(saved_eager / MIB), f"{ratio:.3f}", fmt_num(param_bytes / MIB), verdict(ok)]
-                mem["rows"].append(row)
-                log(markdown_table(mem["headers"], [row]).splitlines()[-1])
-                report.records.append({"kind": "ffn_saved", "op": op, "dtype": cfg.dtype[0], "tokens": tokens, "d": d, "d_ff": d_ff,
-                                       "ffn_saved_bytes": saved_ffn, "eager_saved_bytes": saved_eager, "param_bytes": param_bytes})
+                row = [op, shape, rule, fmt_num(saved_ffn / MIB), fmt_num(saved_eager / MIB), f"{ratio:.3f}", fmt_num(param_bytes / MIB),
+                       verdict(ok)]
+                report.add_row(mem, row, {"kind": "ffn_saved", "op": op, "dtype": cfg.dtype[0], "tokens": tokens, "d": d, "d_ff": d_ff,
+                                          "d_ff_rule": rule, "ffn_saved_bytes": saved_ffn, "eager_saved_bytes": saved_eager,
+                                          "param_bytes": param_bytes})
                 report.target(f"{op} {shape} saved activations <= 2/3 of eager", ok, f"{ratio:.3f}")
                 report.save()
 
@@ -507,7 +345,7 @@ def measure_available(timer, impls, cfg, failures):
     names = [n for n, fn in impls.items() if try_impl(n, fn, failures)]
     if not names:
         return {n: None for n in impls}, 0
-    times, reps = measure(timer, [impls[n] for n in names], cfg)
+    times, reps = time_impls(timer, [impls[n] for n in names], cfg)
     out = dict.fromkeys(impls)
     out.update(zip(names, times))
     return out, reps
@@ -529,8 +367,8 @@ def release():
 
 
 def run_cuda(cfg, report):
-    timer = CudaTimer()
-    copy_gbps, copy_bytes = copy_bandwidth(timer, cfg.device, cfg, 2**26 if cfg.quick else 2**28)
+    timer = make_timer("cuda")
+    copy_gbps, copy_bytes = copy_bandwidth(timer, cfg, 2**26 if cfg.quick else 2**28)
     report.env["copy_bandwidth_gbps"] = round(copy_gbps, 1)
     log(f"copy bandwidth (x.clone() of {copy_bytes // MIB} MiB float32, read+write): {copy_gbps:.1f} GB/s")
     failures = {}
@@ -570,15 +408,14 @@ def run_cuda(cfg, report):
     if ffn_ops:
         sec = report.section(
             "FFN ops: ffn vs eager composite vs torch.compile vs GEMM-only",
-            ["op", "pass", "dtype", "tokens x d x d_ff", "ffn ms", "eager ms", "compile ms", "GEMM-only ms", "ffn / GEMM",
+            ["op", "pass", "dtype", "tokens x d x d_ff", "d_ff rule", "ffn ms", "eager ms", "compile ms", "GEMM-only ms", "ffn / GEMM",
              "ffn TFLOP/s", "peak MiB ffn", "peak MiB eager", "peak MiB compile", "saved MiB ffn / eager", "target"],
-            "gelu_ffn: d_ff = 4d with biases; swiglu: d_ff = 8d/3 rounded up to a multiple of 64, no biases. "
-            "Targets (fwd+bwd): ffn <= 1.05x GEMM-only, and peak memory below eager's.",
+            f"{ffn_shapes_note(cfg)} Targets (fwd+bwd): ffn <= 1.05x GEMM-only, and peak memory below eager's.",
         )
         for dtype_name in cfg.ffn_dtype:
             for op in ffn_ops:
                 for d in cfg.ffn_dims:
-                    tokens, d_ff, elt = cfg.ffn_tokens, ffn_d_ff(op, d), DTYPES[dtype_name].itemsize
+                    tokens, d_ff, elt = cfg.ffn_tokens, bench_d_ff(op, d, cfg.gated_width)[0], DTYPES[dtype_name].itemsize
                     n_in = 2 * d_ff if op == "swiglu" else d_ff
                     # Weights with their gradients, eager's activations and gradients, the GEMM-only operands.
                     if not fits(elt * (3 * (n_in + d_ff) * d + 8 * tokens * n_in + 6 * tokens * d)):
@@ -599,7 +436,7 @@ def run_cuda(cfg, report):
 
 
 def run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_gbps, failures):
-    inputs, params, ffn_fn, torch_fn = make_norm(op, rows, d, dtype, cfg.device)
+    inputs, params, ffn_fn, torch_fn = norm_case(op, rows, d, dtype, cfg.device)
     compile_fn = compiled(torch_fn)
     grad_inputs = requiring_grad(inputs)
     dy = torch.randn_like(inputs[0])
@@ -618,11 +455,9 @@ def run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_
         row = [op, pass_name, dtype_name, f"{rows}x{d}", fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ms(t_compile),
                fmt_num(None if t_ffn is None else bandwidth(nbytes, t_ffn), 0), fmt_num(pct["ffn"]), fmt_num(pct["eager"]),
                fmt_num(pct["compile"]), fmt_ratio(vs_eager), fmt_ratio(vs_compile), verdict(ok)]
-        sec["rows"].append(row)
-        log(markdown_table(sec["headers"], [row]).splitlines()[-1])
-        report.records.append({"kind": "norm", "op": op, "pass": pass_name, "dtype": dtype_name, "rows": rows, "d": d, "bytes": nbytes,
-                               "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager, "compile_s": t_compile,
-                               "pct_copy": pct, "speedup_vs_eager": vs_eager, "speedup_vs_compile": vs_compile})
+        report.add_row(sec, row, {"kind": "norm", "op": op, "pass": pass_name, "dtype": dtype_name, "rows": rows, "d": d, "bytes": nbytes,
+                                  "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager, "compile_s": t_compile,
+                                  "pct_copy": pct, "speedup_vs_eager": vs_eager, "speedup_vs_compile": vs_compile})
         report.target(f"{op} {pass_name} {dtype_name} {rows}x{d}: >= {floor}% copy, ahead of eager and compile", ok,
                       f"{fmt_num(pct['ffn'])}% copy, {fmt_ratio(vs_eager)} vs eager, {fmt_ratio(vs_compile)} vs compile")
 
@@ -649,7 +484,7 @@ def gemm_only(op, inputs, grad_out, d_ff, with_backward):
 
 
 def run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, dtype, tokens, d, failures):
-    inputs, params, ffn_fn, eager_fn, d_ff = make_ffn(op, tokens, d, dtype, cfg.device)
+    inputs, params, ffn_fn, eager_fn, d_ff, rule = ffn_case(op, tokens, d, dtype, cfg.device, cfg.gated_width)
     compile_fn = compiled(eager_fn)
     grad_inputs = requiring_grad(inputs)
     dout = torch.randn_like(inputs[0])
@@ -674,7 +509,7 @@ def run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, dtype, tokens, d, fail
             peaks[key] = peak_bytes(impls[name]) if times[name] is not None else None
         _bytes, flops = ffn_cost(tokens, d, d_ff, op == "swiglu", inputs[0].element_size(), op == "gelu_ffn", bwd)
         over_gemm = None if None in (t_ffn, t_gemm) else t_ffn / t_gemm
-        row = [op, pass_name, dtype_name, shape, fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ms(t_compile), fmt_ms(t_gemm), fmt_ratio(over_gemm),
+        row = [op, pass_name, dtype_name, shape, rule, fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ms(t_compile), fmt_ms(t_gemm), fmt_ratio(over_gemm),
                fmt_num(None if t_ffn is None else flops / t_ffn / 1e12), *(fmt_num(None if p is None else p / MIB, 0) for p in peaks.values()),
                f"{fmt_num(None if saved['ffn'] is None else saved['ffn'] / MIB, 0)} / {fmt_num(None if saved['eager'] is None else saved['eager'] / MIB, 0)}"]
         if bwd:
@@ -685,11 +520,9 @@ def run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, dtype, tokens, d, fail
                           f"vs {fmt_num(None if peaks['eager'] is None else peaks['eager'] / MIB, 0)} MiB")
         else:
             row.append("-")
-        sec["rows"].append(row)
-        log(markdown_table(sec["headers"], [row]).splitlines()[-1])
-        report.records.append({"kind": "ffn", "op": op, "pass": pass_name, "dtype": dtype_name, "tokens": tokens, "d": d, "d_ff": d_ff,
-                               "flops": flops, "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager, "compile_s": t_compile, "gemm_only_s": t_gemm,
-                               "ffn_over_gemm": over_gemm, "peak_bytes": peaks, "saved_bytes": saved})
+        report.add_row(sec, row, {"kind": "ffn", "op": op, "pass": pass_name, "dtype": dtype_name, "tokens": tokens, "d": d, "d_ff": d_ff,
+                                  "d_ff_rule": rule, "flops": flops, "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager, "compile_s": t_compile,
+                                  "gemm_only_s": t_gemm, "ffn_over_gemm": over_gemm, "peak_bytes": peaks, "saved_bytes": saved})
 
 
 # ----------------------------------------------------------------------------- main
@@ -704,12 +537,15 @@ def parse_args(argv):
     p.add_argument("--dims", nargs="+", type=int, help="norm d (default: 512 1024 4096 on cpu, 1024 4096 8192 16384 on cuda)")
     p.add_argument("--ffn-tokens", type=int, help="FFN tokens (default: 4096 on cpu, 16384 on cuda)")
     p.add_argument("--ffn-dims", nargs="+", type=int, help="FFN d (default: 512 1024 4096 on cpu, 4096 on cuda)")
+    p.add_argument("--gated-width", choices=sorted(GATED_WIDTH_RULES), default="llama",
+                   help="swiglu's d_ff: llama = 8d/3 rounded up to 64 (default; the benchmark's deliberate exception), "
+                   "matched = ffn.modules.gated_d_ff(d, 4d, bias=False), the library's parameter-matched width")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls of each implementation first (default 3, quick 1)")
     p.add_argument("--reps", type=int, default=None, help="fixed repetitions (default: sized by --budget)")
     p.add_argument("--min-reps", type=int, default=None, help="default 7 (quick: 3)")
     p.add_argument("--max-reps", type=int, default=None, help="default 100 (quick: 10)")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per shape and pass (default 3, quick 0.3)")
+    p.add_argument("--budget", type=float, default=None, help="wall-clock seconds of repetitions per shape and pass (default 3, quick 0.3)")
     p.add_argument("--quick", action="store_true", help="smoke-sized subset; writes files only when given --json/--markdown")
     p.add_argument("--json", help="result file (default bench/results/<device>-<date>[-<tag>].json)")
     p.add_argument("--markdown", help="table file (default: next to the JSON, .md)")
@@ -746,9 +582,7 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads or os.cpu_count())
     env = environment(cfg.device)
     if cfg.json == "<default>":
-        name = "cpu" if cfg.device == "cpu" else slug(env["device_name"])
-        stem = f"{name}-{datetime.date.today().isoformat()}" + (f"-{cfg.tag}" if cfg.tag else "")
-        cfg.json = str(ROOT / "bench" / "results" / f"{stem}.json")
+        cfg.json = default_json_path(env, cfg.device, tag=cfg.tag)
     if cfg.json and not cfg.markdown:
         cfg.markdown = str(Path(cfg.json).with_suffix(".md"))
 
@@ -756,10 +590,11 @@ def main(argv=None):
         + (" (dirty)" if env["git_dirty"] else ""))
     if cfg.device == "cpu":
         log(f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} cores), CPU capability {env['cpu_capability']}")
-    log(f"timing: warmup {cfg.warmup}, interleaved reps (median), budget {cfg.budget}s per measurement"
+    log(f"timing: warmup {cfg.warmup}, interleaved reps (median; {'torch.utils.benchmark.Timer' if cfg.device == 'cpu' else 'CUDA events, L2 flushed'}), "
+        f"budget {cfg.budget}s per measurement, swiglu d_ff = {GATED_WIDTH_RULES[cfg.gated_width][0]}"
         + ("; other processes share this machine: expect noise" if cfg.device == "cpu" else ""))
 
-    report = Report(cfg, env)
+    report = Report(f"ffn benchmark: {env['device_name']} ({cfg.device})", vars(cfg), env, cfg.json, cfg.markdown)
     start = time.time()
     (run_cpu if cfg.device == "cpu" else run_cuda)(cfg, report)
     report.env["elapsed_s"] = round(time.time() - start, 1)
