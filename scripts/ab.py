@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The A/B main job: `python scripts/ab.py --help` (the code lives in ffn.ab)."""
+"""The A/B main job: `python scripts/ab.py --help` (the code lives in ffn.harness)."""
 
 import os
 import sys
@@ -9,7 +9,7 @@ import sys
 # libgomp reads this when torch loads, so it is set before the import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ffn.ab import main  # noqa: E402
+from ffn.harness.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -208,3 +208,44 @@ def test_modules_factory_kwargs():
     assert all(p.dtype == torch.bfloat16 and p.device.type == "meta" for p in module.parameters())
     norm = ffn.LayerNorm(8, dtype=torch.float64)
     assert norm.weight.dtype == torch.float64
+
+
+FFN_CASES = [
+    (ffn.GeluFFN, {"d_ff": 24}),
+    (ffn.GeluFFN, {"d_ff": 24, "bias": False, "approximate": "tanh"}),
+    (ffn.SwiGLU, {"d_ff": 24, "bias": True}),
+    (ffn.GeGLU, {"d_ff": 24}),
+    (ffn.ReGLU, {"d_ff": 24, "bias": True}),
+]
+
+
+@pytest.mark.parametrize("backend", ("ffn", "torch"))
+@pytest.mark.parametrize("cls,kwargs", FFN_CASES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(FFN_CASES)])
+def test_ffn_modules_share_one_interface(cls, kwargs, backend, device):
+    """What telemetry and the quantization probes use, the same for every FFN module."""
+    module = randomize(cls(16, backend=backend, device=device, **kwargs))
+    assert isinstance(module, ffn.modules.FFN)
+    (w_in, b_in), (w_out, b_out) = module.in_proj(), module.out_proj()
+    assert w_in.shape == ((2 if module.gated else 1) * 24, 16) and w_out.shape == (16, 24)
+    assert {id(p) for p in module.parameters()} == {id(t) for t in (w_in, b_in, w_out, b_out) if t is not None}
+    x = randn(2, 5, 16, device=device)
+    out, preact = module.forward_with_preact(x)
+    assert_same(out, module(x))
+    assert_same(preact, F.linear(x, w_in, b_in).reshape(10, -1))  # the pre-activation, bias included
+    gate, h = module.hidden(x)
+    assert (gate is None) == (not module.gated)
+    torch.testing.assert_close(module.down(h), out, rtol=1e-5, atol=1e-6)
+    stats = torch.ops.ffn.ffn_stats(x, preact, module.activation, module.gated)
+    torch.testing.assert_close(stats, ffn.telemetry.reference_stats(x, preact, module.activation, module.gated),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,kwargs", FFN_CASES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(FFN_CASES)])
+def test_forward_with_preact_follows_autocast_like_forward(cls, kwargs):
+    module = randomize(cls(16, **kwargs))
+    x = randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = module(x)
+        out, preact = module.forward_with_preact(x)
+    assert out.dtype == preact.dtype == torch.bfloat16
+    assert_same(out, expected)

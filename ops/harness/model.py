@@ -14,8 +14,8 @@ plain PyTorch with the same parameters) is chosen per model.
 
 With telemetry requested for a forward pass, every block also computes the
 per-layer FFN statistics (ffn.telemetry.ffn_stats) from tensors the forward
-already has: the FFN input and the pre-activation returned by the internal
-_gelu_ffn_fwd/_gated_ffn_fwd ops.
+already has: the FFN input and the pre-activation the FFN module returns
+(FFN.forward_with_preact).
 """
 
 import contextlib
@@ -26,44 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
-from .modules import GeGLU, GeluFFN, LayerNorm, ReGLU, RMSNorm, SwiGLU
+from .. import telemetry
+from ..modules import LayerNorm, RMSNorm, gated_d_ff
+from ..schema import op_default
+from .designs import NORMS, Design
 
-NORMS = ("layernorm", "rmsnorm")
-FFNS = ("gelu", "swiglu", "geglu", "reglu")
-PLACEMENTS = ("pre", "post")
-LAYOUTS = ("serial", "parallel")
 BACKENDS = ("ffn", "torch")
-
-GATED_FFNS = {"swiglu": (SwiGLU, "silu"), "geglu": (GeGLU, "gelu"), "reglu": (ReGLU, "relu")}
-
-
-@dataclass(frozen=True)
-class Design:
-    """The block choices an A/B run compares. norm_bias=None means the norm's usual
-    default: LayerNorm with a bias, RMSNorm without."""
-
-    norm: str = "layernorm"
-    ffn: str = "gelu"
-    norm_bias: bool | None = None
-    placement: str = "pre"
-    layout: str = "serial"
-    mean_shift: float = 0.0
-
-    def __post_init__(self):
-        for field, value, allowed in (("norm", self.norm, NORMS), ("ffn", self.ffn, FFNS),
-                                      ("placement", self.placement, PLACEMENTS),
-                                      ("layout", self.layout, LAYOUTS)):
-            if value not in allowed:
-                raise ValueError(f"design {field} must be one of {allowed}, got {value!r}")
-
-    @property
-    def has_norm_bias(self):
-        return self.norm == "layernorm" if self.norm_bias is None else self.norm_bias
-
-    @property
-    def gated(self):
-        return self.ffn in GATED_FFNS
+NORM_MODULES = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}
 
 
 @dataclass(frozen=True)
@@ -84,6 +53,11 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
+    @property
+    def ffn_width(self):
+        """The FFN's d_ff: d_ff itself, or the gated width with the same parameter count."""
+        return gated_d_ff(self.d_model, self.d_ff, self.ffn_bias) if self.design.gated else self.d_ff
+
     def with_design(self, design):
         return replace(self, design=design)
 
@@ -91,100 +65,13 @@ class ModelConfig:
         return asdict(self)
 
 
-def ffn_param_count(d_model, d_ff, gated, bias):
-    if gated:
-        return 3 * d_model * d_ff + (2 * d_ff + d_model if bias else 0)
-    return 2 * d_model * d_ff + (d_ff + d_model if bias else 0)
-
-
-def gated_d_ff(d_model, d_ff, bias=True):
-    """The width of a gated FFN with the parameter count of a GELU FFN of width d_ff:
-    2/3 of d_ff, rounded to the integer whose count is closest; it must be within 1%."""
-    target = ffn_param_count(d_model, d_ff, False, bias)
-    base = round(2 * d_ff / 3)
-    width = min((base - 1, base, base + 1),
-                key=lambda w: abs(ffn_param_count(d_model, w, True, bias) - target))
-    mismatch = abs(ffn_param_count(d_model, width, True, bias) - target) / target
-    if mismatch >= 0.01:
-        raise ValueError(f"no gated FFN width matches the parameter count of a GELU FFN with d_model={d_model}, "
-                         f"d_ff={d_ff} within 1% (best: {width}, off by {mismatch:.2%}); use a larger d_ff")
-    return width
-
-
 def make_norm(design, d_model, backend):
-    if design.norm == "layernorm":
-        return LayerNorm(d_model, eps=1e-5, bias=design.has_norm_bias, backend=backend)
-    return RMSNorm(d_model, eps=1e-6, bias=design.has_norm_bias, backend=backend)
+    op = NORMS[design.norm].op
+    return NORM_MODULES[op](d_model, eps=op_default(op, "eps"), bias=design.has_norm_bias, backend=backend)
 
 
 def make_ffn(config):
-    design = config.design
-    if design.gated:
-        cls, _ = GATED_FFNS[design.ffn]
-        width = gated_d_ff(config.d_model, config.d_ff, config.ffn_bias)
-        return cls(config.d_model, width, bias=config.ffn_bias, backend=config.backend)
-    return GeluFFN(config.d_model, config.d_ff, bias=config.ffn_bias, backend=config.backend)
-
-
-def ffn_activation(ffn):
-    """(activation name as ffn_stats takes it, gated) of an FFN module."""
-    if isinstance(ffn, GeluFFN):
-        return ("gelu" if ffn.approximate == "none" else "gelu_tanh"), False
-    for cls, activation in GATED_FFNS.values():
-        if isinstance(ffn, cls):
-            return activation, True
-    raise TypeError(f"not an ffn FFN module: {type(ffn).__name__}")
-
-
-def _autocast_to(tensors, device_type):
-    """What the public FFN ops' autocast rule does to their inputs, for the internal ops
-    called directly (which have no autocast kernel)."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return [t if t is None else t.to(dtype) for t in tensors]
-
-
-def ffn_forward_with_preact(ffn, x):
-    """The FFN output and its pre-activation ([rows, F], gated: gate | up), computed once.
-
-    ffn backend: the internal forward op the public op calls (differentiable in out).
-    torch backend: the same math in plain PyTorch.
-    """
-    activation, gated = ffn_activation(ffn)
-    w_in, b_in, w_out, b_out = (
-        (ffn.w_gate_up, ffn.b_gate_up, ffn.w_down, ffn.b_down) if gated else (ffn.w1, ffn.b1, ffn.w2, ffn.b2)
-    )
-    if ffn.backend == "ffn":
-        x, w_in, b_in, w_out, b_out = _autocast_to([x, w_in, b_in, w_out, b_out], x.device.type)
-        if gated:
-            return torch.ops.ffn._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, activation)
-        return torch.ops.ffn._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, ffn.approximate)
-    preact = F.linear(x, w_in, b_in)
-    if gated:
-        hidden = reference.gated_activation(preact, activation)
-    else:
-        hidden = F.gelu(preact, approximate=ffn.approximate)
-    return F.linear(hidden, w_out, b_out), preact.reshape(-1, preact.shape[-1])
-
-
-def ffn_hidden(ffn, x):
-    """(gate pre-activation, or None for a GELU FFN; h, the tensor entering the down projection)
-    of an FFN module for input x, in plain PyTorch and float32: for probes, not training."""
-    activation, gated = ffn_activation(ffn)
-    x = x.float()
-    if gated:
-        preact = F.linear(x, ffn.w_gate_up.float(), None if ffn.b_gate_up is None else ffn.b_gate_up.float())
-        gate, up = preact.chunk(2, dim=-1)
-        return gate, reference.GATED_ACTIVATIONS[activation](gate) * up
-    preact = F.linear(x, ffn.w1.float(), None if ffn.b1 is None else ffn.b1.float())
-    return None, F.gelu(preact, approximate=ffn.approximate)
-
-
-def ffn_down(ffn, h):
-    """The down projection of an FFN module applied to h (float32)."""
-    w, b = (ffn.w_down, ffn.b_down) if ffn_activation(ffn)[1] else (ffn.w2, ffn.b2)
-    return F.linear(h, w.float(), None if b is None else b.float())
+    return config.design.ffn_module(config.d_model, config.ffn_width, bias=config.ffn_bias, backend=config.backend)
 
 
 class CausalSelfAttention(nn.Module):
@@ -212,7 +99,6 @@ class Block(nn.Module):
         # The parallel layout shares one norm between attention and FFN (PaLM).
         self.norm2 = make_norm(design, config.d_model, config.backend) if design.layout == "serial" else None
         self.ffn = make_ffn(config)
-        self.activation, self.gated = ffn_activation(self.ffn)
 
     @property
     def ffn_norm(self):
@@ -223,10 +109,8 @@ class Block(nn.Module):
         """FFN of x; appends this layer's raw telemetry sums to `stats` when it is a list."""
         if stats is None:
             return self.ffn(x)
-        from . import telemetry
-
-        out, preact = ffn_forward_with_preact(self.ffn, x)
-        stats.append(telemetry.ffn_stats(x.detach(), preact.detach(), self.activation, self.gated))
+        out, preact = self.ffn.forward_with_preact(x)
+        stats.append(telemetry.ffn_stats(x.detach(), preact.detach(), self.ffn.activation, self.ffn.gated))
         return out
 
     def forward(self, x, stats=None):

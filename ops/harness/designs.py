@@ -7,7 +7,7 @@ design given by the block flags (--norm-bias, --placement, --layout, --mean-shif
     B                         RMSNorm + SwiGLU            (= rms+swiglu)
     ln | layernorm            LayerNorm
     rms | rmsnorm             RMSNorm
-    gelu | swiglu | geglu | reglu   the FFN
+    gelu | swiglu | geglu | reglu   the FFN (FFNS)
     bias | nobias             the norm with / without a learnable bias (beta)
     recenter                  LayerNorm without bias in place of the norm: puts mean
                               subtraction back and nothing else (B+recenter)
@@ -18,14 +18,61 @@ design given by the block flags (--norm-bias, --placement, --layout, --mean-shif
 Examples: A,B  |  A,B,rms+gelu,ln+swiglu (the 2x2)  |  B+bias,B+recenter  |  B+shift=1.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from .model import Design
+from ..activations import GATED_OPS
+from ..modules import FFN_MODULES
 
+
+@dataclass(frozen=True)
+class NormChoice:
+    name: str  # as --norm and Design.norm spell it
+    short: str  # the design token
+    op: str  # torch.ops.ffn.<op>
+    has_bias: bool  # whether the norm has a learnable bias unless told otherwise
+
+
+# The design vocabulary, declared once: the CLI's choices, the grammar and the report read it.
+NORMS = {n.name: n for n in (NormChoice("layernorm", "ln", "layer_norm", True),
+                             NormChoice("rmsnorm", "rms", "rms_norm", False))}
+FFNS = {"gelu": "gelu_ffn", **{op: op for op in GATED_OPS}}  # design name -> the FFN op
+PLACEMENTS = ("pre", "post")
+LAYOUTS = ("serial", "parallel")
 ALIASES = {"A": ("layernorm", "gelu"), "B": ("rmsnorm", "swiglu")}
-NORM_TOKENS = {"ln": "layernorm", "layernorm": "layernorm", "rms": "rmsnorm", "rmsnorm": "rmsnorm"}
-FFN_TOKENS = ("gelu", "swiglu", "geglu", "reglu")
-SHORT_NORM = {"layernorm": "ln", "rmsnorm": "rms"}
+NORM_TOKENS = {**{n.short: n.name for n in NORMS.values()}, **{n.name: n.name for n in NORMS.values()}}
+
+
+@dataclass(frozen=True)
+class Design:
+    """The block choices an A/B run compares. norm_bias=None means the norm's usual
+    default: LayerNorm with a bias, RMSNorm without."""
+
+    norm: str = "layernorm"
+    ffn: str = "gelu"
+    norm_bias: bool | None = None
+    placement: str = "pre"
+    layout: str = "serial"
+    mean_shift: float = 0.0
+
+    def __post_init__(self):
+        for field, value, allowed in (("norm", self.norm, tuple(NORMS)), ("ffn", self.ffn, tuple(FFNS)),
+                                      ("placement", self.placement, PLACEMENTS),
+                                      ("layout", self.layout, LAYOUTS)):
+            if value not in allowed:
+                raise ValueError(f"design {field} must be one of {allowed}, got {value!r}")
+
+    @property
+    def has_norm_bias(self):
+        return NORMS[self.norm].has_bias if self.norm_bias is None else self.norm_bias
+
+    @property
+    def ffn_module(self):
+        """The ffn.modules class of this design's FFN."""
+        return FFN_MODULES[FFNS[self.ffn]]
+
+    @property
+    def gated(self):
+        return self.ffn_module.gated
 
 
 def parse_design(spec, base=Design()):
@@ -41,15 +88,15 @@ def parse_design(spec, base=Design()):
             seen_norm = seen_ffn = True
         elif token in NORM_TOKENS:
             design, seen_norm = replace(design, norm=NORM_TOKENS[token]), True
-        elif token in FFN_TOKENS:
+        elif token in FFNS:
             design, seen_ffn = replace(design, ffn=token), True
         elif token in ("bias", "nobias"):
             design = replace(design, norm_bias=token == "bias")
         elif token == "recenter":
             design, seen_norm = replace(design, norm="layernorm", norm_bias=False), True
-        elif token in ("pre", "post"):
+        elif token in PLACEMENTS:
             design = replace(design, placement=token)
-        elif token in ("serial", "parallel"):
+        elif token in LAYOUTS:
             design = replace(design, layout=token)
         elif token.startswith("shift="):
             try:
@@ -65,9 +112,8 @@ def parse_design(spec, base=Design()):
 
 def describe(design):
     """Canonical spelled-out form, e.g. 'rms+swiglu+bias' or 'ln+swiglu+nobias'."""
-    parts = [SHORT_NORM[design.norm], design.ffn]
-    natural_bias = design.norm == "layernorm"
-    if design.has_norm_bias != natural_bias:
+    parts = [NORMS[design.norm].short, design.ffn]
+    if design.has_norm_bias != NORMS[design.norm].has_bias:
         parts.append("bias" if design.has_norm_bias else "nobias")
     if design.placement != "pre":
         parts.append(design.placement)

@@ -21,7 +21,7 @@ analysis on plain PyTorch copies of the FFN math, not training telemetry.
 
 import torch
 
-from .model import Block, ffn_hidden, shift_probe
+from .model import Block, shift_probe
 
 OFFSET_KEYS = ("input_offset", "gate_offset", "down_in_offset")
 
@@ -103,7 +103,7 @@ def shift_offsets(model, batches, shift, all_reduce=None):
             with shift_probe(model, shift):
                 model(x)
             for layer, (block, xb, xs) in enumerate(zip(blocks, base, captured)):
-                (gb, hb), (gs, hs) = ffn_hidden(block.ffn, xb), ffn_hidden(block.ffn, xs)
+                (gb, hb), (gs, hs) = block.ffn.hidden(xb), block.ffn.hidden(xs)
                 acc[layer]["input_offset"].add(xb.float(), xs.float())
                 acc[layer]["down_in_offset"].add(hb, hs)
                 if gb is not None:

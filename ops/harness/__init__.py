@@ -1,0 +1,21 @@
+"""The A/B harness: trains small Transformers whose norm + FFN sublayer is chosen by
+flags, on the same data, seed and budget, and reports what a mean shift does to
+each design (per-layer telemetry, shift and quantization probes).
+
+Run it as `python -m ffn.harness` (or `scripts/ab.py`, `make ab`); `--help` lists
+the flags. The op library (`import ffn`) never imports this package.
+
+    config.py       TrainConfig, RunConfig, presets
+    designs.py      Design and the design vocabulary and grammar (--designs)
+    model.py        the Transformer LM built from a Design
+    data.py         the bundled corpus, byte tokens, batches
+    distributed.py  one process or DDP ranks
+    train.py        the training loop, checkpoints, --resume
+    evaluate.py     validation loss and telemetry, the post-training probes
+    probes.py       where a mean shift arrives (shift offsets)
+    quant.py        int8 / int4 quantization probes
+    metrics.py      metrics.jsonl + TensorBoard, telemetry overhead, memory
+    results.py      DesignResult, RunMeta (result.json, run.json)
+    report.py       the terminal table, report.md and plots
+    cli.py          the command line
+"""

@@ -1,0 +1,180 @@
+"""A/B training harness: trains several Transformer designs with the same seed, data
+order and budget, logs per-layer FFN telemetry, probes a mean shift and int8 FFN
+weights after training, and writes runs/<name>/ (metrics.jsonl, TensorBoard
+events, checkpoints, report.md, plots).
+
+    python -m ffn.harness                         # Design A vs B (+ interventions) on Shakespeare
+    python -m ffn.harness --designs A,B,rms+gelu,ln+swiglu
+    python -m ffn.harness --data my.txt --preset gpu
+    torchrun --nproc_per_node=2 -m ffn.harness ... # DDP: gloo on CPU, nccl on GPU
+
+Every design trains from the same seed on the same batches (a function of the seed
+and the step), for the same number of steps. The global batch is split across DDP
+ranks, so a DDP run sees exactly the batches of a one-process run.
+"""
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as textdata
+from . import designs as designgrammar
+from .config import DEFAULT_DESIGNS, DEFAULT_PROBE_SHIFT, PRESETS, RunConfig, TrainConfig
+from .designs import FFNS, LAYOUTS, NORMS, PLACEMENTS, Design
+from .distributed import init_dist
+from .metrics import MetricsLog
+from .model import BACKENDS
+from .results import DesignResult, RunMeta
+from .train import train_design
+
+_SIZE_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch_size", "steps", "warmup",
+               "eval_every", "eval_windows", "telemetry_every", "ckpt_every")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=designgrammar.__doc__,
+    )
+    p.add_argument("--designs", default=None,
+                   help=f"comma-separated designs (grammar below; default {DEFAULT_DESIGNS})")
+    p.add_argument("--norm", choices=list(NORMS), default=None,
+                   help="train one design built from --norm/--ffn instead of --designs")
+    p.add_argument("--ffn", choices=list(FFNS), default=None)
+    p.add_argument("--norm-bias", action="store_true", help="RMSNorm with a learnable bias (beta), every design")
+    p.add_argument("--recenter", action="store_true",
+                   help="every design with LayerNorm without bias in place of its norm: mean subtraction back, "
+                        "the FFN kept (the design token 'recenter'; overrides --norm-bias)")
+    p.add_argument("--placement", choices=list(PLACEMENTS), default="pre")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="serial")
+    p.add_argument("--mean-shift", type=float, default=0.0,
+                   help="constant added to the input of every FFN norm while training (every design)")
+    p.add_argument("--probe-shift", type=float, default=DEFAULT_PROBE_SHIFT,
+                   help="after training, evaluate with an extra mean shift into every FFN norm of this many "
+                        "times the rms of that norm's input (default %(default)s; 0 turns the probe off)")
+    p.add_argument("--backend", choices=list(BACKENDS), default="ffn")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="sizes and budget (default: gpu with CUDA, else cpu)")
+    for name in _SIZE_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="overrides the preset")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the preset)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--no-ffn-bias", action="store_true", help="FFNs without biases (LLaMA-style)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data", default=None, help="a UTF-8 text file to train on (default: the bundled corpus)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--name", default="ab", help="the run's directory under --out")
+    p.add_argument("--out", default="runs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue runs/<name>: finished designs are kept, others restart from their last checkpoint")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after step STEP (after its checkpoint), as if killed; for resume tests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    return p
+
+
+def parse_config(argv=None):
+    """The RunConfig the command line asks for (SystemExit with a message on a bad one)."""
+    args = build_parser().parse_args(argv)
+    preset = args.preset or ("gpu" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    train = TrainConfig.from_preset(
+        preset, **{name: getattr(args, name) for name in (*_SIZE_FLAGS, "lr")},
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ffn_bias=not args.no_ffn_bias, seed=args.seed,
+        backend=args.backend,
+    )
+    base = Design(norm_bias=True if args.norm_bias else None, placement=args.placement, layout=args.layout,
+                  mean_shift=args.mean_shift)
+    if args.norm or args.ffn:
+        if args.designs:
+            raise SystemExit("ab: give either --designs or --norm/--ffn, not both")
+        if not (args.norm and args.ffn):
+            raise SystemExit("ab: --norm and --ffn go together")
+        specs = f"{args.norm}+{args.ffn}"
+    else:
+        specs = args.designs or DEFAULT_DESIGNS
+    if args.recenter:
+        specs = ",".join(f"{spec.strip()}+recenter" for spec in specs.split(",") if spec.strip())
+    try:
+        designs = tuple(designgrammar.parse_designs(specs, base))
+    except ValueError as e:
+        raise SystemExit(f"ab: {e}") from None
+    return RunConfig(train=train, designs=designs, preset=preset, data=args.data, device=args.device,
+                     name=args.name, out=args.out, resume=args.resume, stop_at=args.stop_at,
+                     probe_shift=args.probe_shift, progress=not args.no_progress, report=not args.no_report)
+
+
+def load_corpus(run, env):
+    if run.data:
+        path = Path(run.data)
+    else:
+        path = textdata.default_data_dir() / textdata.CORPUS_FILE
+        if env.main and not path.exists():
+            textdata.install_corpus()
+        env.barrier()
+    corpus = textdata.TextData(path)
+    corpus.check_seq_len(run.train.seq_len)
+    return corpus
+
+
+def main(argv=None):
+    run = parse_config(argv)
+    config = run.train
+    env = init_dist(run.device)
+    if config.eval_windows < env.world:
+        raise SystemExit(f"ab: --eval-windows {config.eval_windows} is fewer than the {env.world} ranks: "
+                         "every rank needs a validation window")
+    torch.manual_seed(config.seed)
+    run_dir = Path(run.out) / run.name
+    t_start = time.perf_counter()
+    try:
+        corpus = load_corpus(run, env)
+        unigram = textdata.unigram_entropy(corpus.val)
+        if env.main:
+            if not run.resume:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(run_dir / "tb", ignore_errors=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            print(f"data: {corpus.path} ({len(corpus.train)} train / {len(corpus.val)} val bytes); "
+                  f"unigram entropy of val: {unigram:.4f} nats/byte")
+            print(f"preset {run.preset}: d_model={config.d_model} layers={config.n_layers} heads={config.n_heads} "
+                  f"d_ff={config.d_ff} seq={config.seq_len} batch={config.batch_size}x{env.world} "
+                  f"steps={config.steps} backend={config.backend} device={env.device} ranks={env.world}")
+        env.barrier()
+        log = MetricsLog(run_dir, env)
+        results = []
+        for spec, design in run.designs:
+            design_dir = run_dir / designgrammar.run_label(spec)
+            if run.resume and (design_dir / "result.json").exists():
+                results.append(DesignResult.load(design_dir))
+                continue
+            result = train_design(spec, design, run, corpus, env, log, run_dir)
+            if result is None:  # --stop-at
+                return 0
+            results.append(result)
+        wall = time.perf_counter() - t_start
+        if env.main:
+            meta = RunMeta(config=run.to_dict(), designs=[spec for spec, _ in run.designs], world_size=env.world,
+                           device=str(env.device), data=str(corpus.path), train_bytes=len(corpus.train),
+                           val_bytes=len(corpus.val), unigram_entropy=unigram, wall_s=wall,
+                           torch=torch.__version__, threads=torch.get_num_threads())
+            meta.save(run_dir)
+            from . import report
+
+            print(report.terminal_table(results, meta))
+            if run.report:
+                path = report.write_report(run_dir, results, meta)
+                print(f"report: {path}")
+            print(f"wall time: {wall:.1f} s")
+        return 0
+    finally:
+        env.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

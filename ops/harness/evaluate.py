@@ -1,0 +1,86 @@
+"""Evaluation of a trained design: validation loss and telemetry over fixed windows,
+and the post-training probes (mean shift, quantized FFN weights, quantized
+down-projection input)."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import telemetry
+from . import data as textdata
+from .model import shift_probe
+from .probes import norm_input_rms, shift_offsets
+from .quant import quantized_down_input, quantized_ffn_weights
+from .results import ShiftProbe
+
+QUANT_BITS = (8, 4)  # weight-only probes; the down-projection input probe is int8
+
+
+def eval_batches(tokens, config, env):
+    """The fixed validation windows of this rank (they are sharded over ranks), in batches."""
+    offsets = textdata.eval_offsets(len(tokens), config.seq_len, config.eval_windows)[env.rank::env.world]
+    for start in range(0, len(offsets), config.batch_size):
+        yield textdata.get_batch(tokens, offsets[start:start + config.batch_size], config.seq_len, env.device)
+
+
+def layer_summaries(stats, env):
+    """Per-layer telemetry summaries of raw sums [layers, fields], combined over ranks."""
+    if env.world > 1:
+        telemetry.all_reduce_(stats)
+    return [telemetry.summarize(layer) for layer in stats]
+
+
+@torch.no_grad()
+def evaluate(model, tokens, config, env, with_stats=False):
+    """(mean validation loss over the fixed windows, the per-layer telemetry summaries over
+    the same windows when asked, else None)."""
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of losses, windows)
+    layer_stats = None
+    for x, y in eval_batches(tokens, config, env):
+        stats = [] if with_stats else None
+        with env.autocast(config.amp):
+            _, loss = model(x, y, stats=stats)
+        loss_sum += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=env.device)
+        if with_stats:
+            batch = torch.stack(stats)
+            layer_stats = batch if layer_stats is None else telemetry.combine([layer_stats, batch])
+    env.all_reduce_(loss_sum)
+    val_loss = float(loss_sum[0] / loss_sum[1])
+    if not with_stats:
+        return val_loss, None
+    if layer_stats is None:  # this rank had no window
+        layer_stats = telemetry.neutral(len(model.blocks), device=env.device)
+    return val_loss, layer_summaries(layer_stats, env)
+
+
+@dataclass
+class Evaluation:
+    val_loss: float
+    telemetry_val: list | None
+    shift_probe: ShiftProbe | None
+    quantized_val_loss: dict  # probe name (int8, int4, int8_h) -> validation loss
+
+
+def evaluate_design(model, tokens, config, env, probe_shift):
+    """The end-of-training evaluation and probes of one model on the validation tokens."""
+    with_tel = config.telemetry_every > 0
+    reduce = env.all_reduce_ if env.world > 1 else None
+    val_loss, tel_val = evaluate(model, tokens, config, env, with_stats=with_tel)
+    probe = None
+    if probe_shift:
+        def inputs():
+            return (x for x, _ in eval_batches(tokens, config, env))
+
+        rms = norm_input_rms(model, inputs(), all_reduce=reduce)
+        shifts = [probe_shift * r for r in rms]
+        with shift_probe(model, shifts):
+            shifted_loss, tel_shifted = evaluate(model, tokens, config, env, with_stats=with_tel)
+        probe = ShiftProbe(shift_rms_units=probe_shift, norm_input_rms=rms, shifts=shifts, val_loss=shifted_loss,
+                           telemetry=tel_shifted, offsets=shift_offsets(model, inputs(), shifts, all_reduce=reduce))
+    quantized = {}
+    for bits in QUANT_BITS:
+        with quantized_ffn_weights(model, bits):
+            quantized[f"int{bits}"], _ = evaluate(model, tokens, config, env)
+    with quantized_down_input(model, 8):
+        quantized["int8_h"], _ = evaluate(model, tokens, config, env)
+    return Evaluation(val_loss, tel_val, probe, quantized)

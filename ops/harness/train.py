@@ -1,0 +1,216 @@
+"""The training loop of one design: same seed, batches and budget for every design;
+checkpoints and --resume; DDP when launched under torchrun."""
+
+import math
+import random
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, fields
+
+import torch
+
+from . import data as textdata
+from .designs import describe, run_label
+from .evaluate import evaluate, evaluate_design, layer_summaries
+from .files import atomic_write
+from .metrics import SKIP_TIMING_STEPS, cpu_step_memory, paired_overhead
+from .model import ModelConfig, TransformerLM, param_count
+from .results import DesignResult
+from ..modules import ffn_param_count
+
+# TrainConfig fields a checkpoint's losses do not depend on: resuming with any other
+# setting changed would silently continue a different run (e.g. --steps moves the LR schedule).
+_NOT_IDENTITY = ("batch_size", "eval_every", "eval_windows", "telemetry_every", "ckpt_every")
+
+
+def lr_at(step, config):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model, config):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95),
+    )
+
+
+def model_config(config, design):
+    return ModelConfig(vocab_size=textdata.VOCAB_SIZE, seq_len=config.seq_len, d_model=config.d_model,
+                       n_layers=config.n_layers, n_heads=config.n_heads, d_ff=config.d_ff,
+                       ffn_bias=config.ffn_bias, design=design, backend=config.backend)
+
+
+def run_identity(run, design, env):
+    """What a checkpoint's losses depend on: compared on --resume."""
+    train = {f.name: getattr(run.train, f.name) for f in fields(run.train) if f.name not in _NOT_IDENTITY}
+    return {**train, "data": run.data, "design": asdict(design), "global_batch": run.train.batch_size * env.world}
+
+
+def check_resumable(saved, current, ckpt_path):
+    changed = sorted(key for key in current.keys() | saved.keys() if saved.get(key) != current.get(key))
+    if changed:
+        diffs = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        raise SystemExit(f"ab: cannot --resume {ckpt_path}: it was trained with other settings ({diffs}); "
+                         "resume with the original flags or use another --name")
+
+
+def rng_state(env):
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    return state
+
+
+def set_rng_state(state, env):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], env.device)
+
+
+def atomic_torch_save(obj, path):
+    """A run killed mid-save keeps the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _progress(total, initial, desc, env, run):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not env.main or not run.progress,
+                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+
+def train_design(spec, design, run, corpus, env, log, run_dir):
+    """Trains one design for run.train.steps steps; returns its DesignResult, or None if
+    stopped early by run.stop_at."""
+    config = run.train
+    label = run_label(spec)
+    design_dir = run_dir / label
+    ckpt_path = design_dir / "ckpt.pt"
+    mconfig = model_config(config, design)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = TransformerLM(mconfig).to(env.device)
+    optimizer = make_optimizer(model, config)
+    start_step, history = 0, {"step_times": [], "cpu_times": [], "telemetry_steps": [], "losses": []}
+    identity = run_identity(run, design, env)
+    if run.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=True)
+        check_resumable(ckpt["run"], identity, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], env)
+        start_step, history = ckpt["step"], ckpt["history"]
+    elif env.main:
+        shutil.rmtree(design_dir, ignore_errors=True)
+    env.barrier()
+    if env.main:
+        design_dir.mkdir(parents=True, exist_ok=True)
+    train_model = model
+    if env.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+    log.open_design(label, start_step)
+    global_batch = config.batch_size * env.world
+    tokens_per_step = global_batch * config.seq_len
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+    progress = _progress(total=config.steps, initial=start_step, desc=f"{spec} ({describe(design)})", env=env, run=run)
+    for step in range(start_step, config.steps):
+        offsets = textdata.batch_offsets(len(corpus.train), config.seq_len, global_batch, config.seed, step)
+        x, y = textdata.get_batch(corpus.train, offsets[env.rank * config.batch_size:(env.rank + 1) * config.batch_size],
+                                  config.seq_len, env.device)
+        with_tel = config.telemetry_every > 0 and (step % config.telemetry_every == 0 or step == config.steps - 1)
+        stats = [] if with_tel else None
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        env.sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with env.autocast(config.amp):
+            _, loss = train_model(x, y, stats=stats)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        env.sync()
+        step_time, cpu_time = time.perf_counter() - t0, time.process_time() - c0
+        loss_value = float(env.all_reduce_(loss.detach().double().clone()) / env.world)
+        for key, value in (("step_times", step_time), ("cpu_times", cpu_time), ("telemetry_steps", with_tel),
+                           ("losses", loss_value)):
+            history[key].append(value)
+        log.record(label, step, "train", loss=loss_value, lr=lr, step_time=step_time, telemetry=with_tel)
+        if with_tel:
+            for layer, summary in enumerate(layer_summaries(torch.stack(stats), env)):
+                log.record(label, step, "telemetry", layer=layer, **summary)
+        if (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            val_loss, _ = evaluate(model, corpus.val, config, env)
+            log.record(label, step, "eval", val_loss=val_loss)
+            progress.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}")
+        else:
+            progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        progress.update(1)
+        if config.ckpt_every and ((step + 1) % config.ckpt_every == 0 or step + 1 == config.steps):
+            if env.main:
+                atomic_torch_save({"step": step + 1, "run": identity, "model": model.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "rng": rng_state(env),
+                                   "history": history}, ckpt_path)
+            env.barrier()
+        if run.stop_at is not None and step + 1 == run.stop_at:
+            progress.close()
+            log.close_design()
+            return None
+    progress.close()
+    result = finish_design(spec, design, mconfig, model, run, corpus, env, history)
+    log.record(label, config.steps - 1, "eval", val_loss=result.final_val_loss)
+    if env.main:
+        result.save(design_dir)
+    log.close_design()
+    return result
+
+
+def finish_design(spec, design, mconfig, model, run, corpus, env, history):
+    """The DesignResult of a trained model: evaluation and probes, performance figures."""
+    config = run.train
+    peak_cuda = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
+    evaluation = evaluate_design(model, corpus.val, config, env, run.probe_shift)
+    tokens_per_step = config.batch_size * env.world * config.seq_len
+    step_times = history["step_times"]
+    # CPU time per step on CPU (a shared machine's waits do not count), wall time on CUDA.
+    cost = step_times if env.device.type == "cuda" else history["cpu_times"]
+    plain = [t for t, tel in list(zip(step_times, history["telemetry_steps"]))[SKIP_TIMING_STEPS:] if not tel]
+    if peak_cuda is not None:
+        memory, memory_kind = peak_cuda, "cuda peak allocated"
+    else:
+        x, y = textdata.get_batch(corpus.train, textdata.batch_offsets(len(corpus.train), config.seq_len,
+                                                                        config.batch_size, config.seed, 0),
+                                  config.seq_len, env.device)
+        memory, memory_kind = cpu_step_memory(model, x, y), "cpu params+grads+adam+saved activations"
+    quantized = evaluation.quantized_val_loss
+    return DesignResult(
+        spec=spec, label=run_label(spec), description=describe(design), design=design, backend=config.backend,
+        params=param_count(model),
+        ffn_params_per_layer=ffn_param_count(mconfig.d_model, mconfig.ffn_width, design.gated, mconfig.ffn_bias),
+        d_ff=mconfig.ffn_width, steps=config.steps, tokens_seen=tokens_per_step * config.steps,
+        final_val_loss=evaluation.val_loss,
+        final_train_loss=statistics.fmean(history["losses"][-10:]),
+        tokens_per_s=tokens_per_step * len(step_times) / sum(step_times),
+        tokens_per_s_without_telemetry=tokens_per_step / statistics.median(plain) if plain else None,
+        telemetry_overhead=paired_overhead(cost, history["telemetry_steps"]),
+        telemetry_overhead_clock="wall" if env.device.type == "cuda" else "process cpu time",
+        memory_bytes=memory, memory_kind=memory_kind,
+        int8_val_loss=quantized["int8"], int4_val_loss=quantized["int4"], int8_h_val_loss=quantized["int8_h"],
+        int8_delta=quantized["int8"] - evaluation.val_loss, int4_delta=quantized["int4"] - evaluation.val_loss,
+        int8_h_delta=quantized["int8_h"] - evaluation.val_loss,
+        telemetry_val=evaluation.telemetry_val, shift_probe=evaluation.shift_probe,
+    )

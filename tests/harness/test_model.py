@@ -1,0 +1,140 @@
+"""The Transformer built from a Design: every flag on both backends, the ffn ops in training, telemetry from the model's own tensors, the mean shift."""
+
+import itertools
+
+import pytest
+import torch
+
+import ffn
+from ffn import telemetry
+from ffn.harness import designs
+from ffn.harness.designs import Design
+from ffn.harness.model import shift_probe
+from ffn.modules import ffn_param_count, gated_d_ff
+
+from .tiny import SUMMARY_KEYS, TINY, read_metrics, run_args, tiny_batch, tiny_model, train_losses
+
+
+@pytest.mark.parametrize("d_model,d_ff,bias", [(16, 32, True), (128, 512, True), (128, 512, False),
+                                                (512, 2048, True), (768, 3072, False), (100, 300, True)])
+def test_gated_ffn_width_keeps_parameter_count_within_one_percent(d_model, d_ff, bias):
+    width = gated_d_ff(d_model, d_ff, bias)
+    assert abs(width - 2 * d_ff / 3) <= 1.5
+    plain = ffn_param_count(d_model, d_ff, False, bias)
+    assert abs(ffn_param_count(d_model, width, True, bias) - plain) / plain < 0.01
+
+
+def test_gated_and_gelu_models_have_matching_parameter_counts():
+    counts = {ffn_name: sum(p.numel() for p in tiny_model(Design(norm="rmsnorm", ffn=ffn_name),
+                                                          d_model=64, d_ff=256).parameters())
+              for ffn_name in ("gelu", "swiglu", "geglu", "reglu")}
+    assert max(counts.values()) / min(counts.values()) < 1.01
+
+
+COMBINATIONS = list(itertools.product(("layernorm", "rmsnorm"), (None, True, False),
+                                      ("gelu", "swiglu", "geglu", "reglu"), ("pre", "post"),
+                                      ("serial", "parallel")))
+
+
+@pytest.mark.parametrize("norm,norm_bias,ffn_name,placement,layout", COMBINATIONS)
+def test_every_flag_combination_trains_the_same_on_both_backends(norm, norm_bias, ffn_name, placement, layout):
+    design = Design(norm=norm, ffn=ffn_name, norm_bias=norm_bias, placement=placement, layout=layout,
+                    mean_shift=0.5)
+    ours = train_losses(tiny_model(design, "ffn"), with_telemetry=True)
+    plain = train_losses(tiny_model(design, "torch"))
+    assert all(torch.isfinite(torch.tensor(ours)))
+    assert ours[-1] < ours[0]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(plain), rtol=1e-4, atol=1e-4)
+
+
+def test_training_code_calls_the_ffn_ops():
+    model = tiny_model(Design(norm="rmsnorm", ffn="swiglu"))
+    x, y = tiny_batch()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _, loss = model(x, y)
+        loss.backward()
+    names = {e.name for e in prof.events()}
+    assert {"ffn::rms_norm", "ffn::swiglu", "ffn::_gated_ffn_bwd", "ffn::_rms_norm_bwd"} <= names
+
+
+def test_norm_choices_build_the_right_modules():
+    def norm_of(spec):
+        return tiny_model(designs.parse_design(spec)).blocks[0].norm2
+
+    assert isinstance(norm_of("A"), ffn.LayerNorm) and norm_of("A").bias is not None
+    assert isinstance(norm_of("B"), ffn.RMSNorm) and norm_of("B").bias is None
+    assert isinstance(norm_of("B+bias"), ffn.RMSNorm) and norm_of("B+bias").bias is not None
+    assert isinstance(norm_of("B+recenter"), ffn.LayerNorm) and norm_of("B+recenter").bias is None
+    assert isinstance(tiny_model(designs.parse_design("B")).blocks[0].ffn, ffn.SwiGLU)
+    assert tiny_model(designs.parse_design("A+parallel")).blocks[0].norm2 is None
+
+
+@pytest.mark.parametrize("spec", ["A", "B", "ln+geglu+post", "rms+reglu+parallel"])
+def test_telemetry_has_every_key_for_every_layer_and_matches_the_torch_backend(spec):
+    design = designs.parse_design(spec)
+    x, y = tiny_batch()
+    summaries = {}
+    for backend in ("ffn", "torch"):
+        stats = []
+        tiny_model(design, backend)(x, y, stats=stats)
+        assert len(stats) == TINY["n_layers"]
+        summaries[backend] = [telemetry.summarize(s) for s in stats]
+    for ours, plain in zip(summaries["ffn"], summaries["torch"]):
+        assert set(ours) == SUMMARY_KEYS
+        gated = design.ffn != "gelu"
+        for key, value in ours.items():
+            if key.startswith("gate_") and not gated:
+                assert value != value, key  # NaN: not a gated FFN
+            else:
+                assert abs(value - plain[key]) <= 1e-4 * max(1.0, abs(plain[key])), key
+
+
+def test_telemetry_does_not_change_the_loss():
+    for spec in ("A", "B"):
+        model = tiny_model(designs.parse_design(spec))
+        x, y = tiny_batch()
+        _, plain = model(x, y)
+        _, observed = model(x, y, stats=[])
+        assert torch.equal(plain, observed)
+
+
+def test_telemetry_raw_sums_equal_the_reference_on_the_model_tensors():
+    model = tiny_model(designs.parse_design("B"))
+    block = model.blocks[0]
+    h = torch.randn(2, TINY["seq_len"], TINY["d_model"])
+    normed = block.norm2(h)
+    stats = []
+    block._ffn(normed, stats)
+    _, preact = block.ffn.forward_with_preact(normed)
+    expected = telemetry.reference_stats(normed, preact, "silu", True)
+    torch.testing.assert_close(stats[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_mean_shift_moves_the_ffn_input_mean_under_rmsnorm_only():
+    x, _ = tiny_batch()
+    means = {}
+    for spec in ("B", "B+recenter", "A"):
+        for shift in (0.0, 3.0):
+            stats = []
+            tiny_model(designs.parse_design(f"{spec}+shift={shift}"))(x, stats=stats)
+            means[spec, shift] = [telemetry.summarize(s) for s in stats]
+    for layer in range(TINY["n_layers"]):
+        # RMSNorm keeps a positive shift: the normalized input's mean moves up by a lot.
+        assert means["B", 3.0][layer]["input_mean"] - means["B", 0.0][layer]["input_mean"] > 0.5
+        # LayerNorm subtracts it: the input mean is unchanged up to rounding.
+        for spec in ("B+recenter", "A"):
+            assert abs(means[spec, 3.0][layer]["input_mean"] - means[spec, 0.0][layer]["input_mean"]) < 1e-5
+
+
+def test_shift_probe_equals_training_with_the_shift_and_is_undone():
+    x, y = tiny_batch()
+    model = tiny_model(designs.parse_design("B"))
+    _, before = model(x, y)
+    with shift_probe(model, 2.0):
+        _, probed = model(x, y)
+    _, after = model(x, y)
+    shifted_model = tiny_model(designs.parse_design("B+shift=2"))
+    _, trained_shifted = shifted_model(x, y)
+    assert torch.equal(before, after)
+    assert torch.equal(probed, trained_shifted)
+    assert not torch.equal(before, probed)

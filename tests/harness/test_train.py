@@ -1,0 +1,77 @@
+"""The training loop: checkpoints, resume, DDP with two processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ffn.harness import cli
+from ffn.harness.train import atomic_torch_save
+
+from .tiny import SUMMARY_KEYS, read_metrics, run_args
+
+def test_resume_gives_bit_identical_losses(tmp_path):
+    common = ("--designs", "A,B", "--steps", "6", "--ckpt-every", "2", "--no-report")
+    assert cli.main(run_args(tmp_path, "straight", *common)) == 0
+    assert cli.main(run_args(tmp_path, "resumed", *common, "--stop-at", "3")) == 0  # dies after step 3
+    assert not (tmp_path / "runs" / "resumed" / "A" / "result.json").exists()
+    assert cli.main(run_args(tmp_path, "resumed", *common, "--resume")) == 0
+    straight = read_metrics(tmp_path, "straight")
+    resumed = read_metrics(tmp_path, "resumed")
+    assert [(r["design"], r["step"]) for r in resumed] == [(r["design"], r["step"]) for r in straight]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    for label in ("A", "B"):
+        a = json.loads((tmp_path / "runs" / "straight" / label / "result.json").read_text())
+        b = json.loads((tmp_path / "runs" / "resumed" / label / "result.json").read_text())
+        for key in ("final_val_loss", "int8_val_loss", "int4_val_loss", "int8_h_val_loss"):
+            assert a[key] == b[key], key
+        assert a["shift_probe"]["offsets"] == b["shift_probe"]["offsets"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"step": 1}, path)
+
+    def dies_midway(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
+    common = ("--designs", "B", "--ckpt-every", "2", "--no-report")
+    assert cli.main(run_args(tmp_path, "changed", *common, "--steps", "6", "--stop-at", "2")) == 0
+    with pytest.raises(SystemExit, match=r"steps: 6 -> 8"):
+        cli.main(run_args(tmp_path, "changed", *common, "--steps", "8", "--resume"))
+
+
+def test_ddp_with_two_processes_matches_one_process(tmp_path):
+    common = ("--designs", "B", "--steps", "4", "--no-report")
+    assert cli.main(run_args(tmp_path, "single", *common, "--batch-size", "4")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ffn.harness", *run_args(tmp_path, "ddp", *common, "--batch-size", "2")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = read_metrics(tmp_path, "single"), read_metrics(tmp_path, "ddp")
+    assert len(single) == len(ddp) == 4
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in ddp]), torch.tensor([r["loss"] for r in single]),
+                               rtol=1e-5, atol=1e-5)
+    result = json.loads((tmp_path / "runs" / "ddp" / "B" / "result.json").read_text())
+    alone = json.loads((tmp_path / "runs" / "single" / "B" / "result.json").read_text())
+    assert json.loads((tmp_path / "runs" / "ddp" / "run.json").read_text())["world_size"] == 2
+    assert set(result["telemetry_val"][0]) == SUMMARY_KEYS
+    # Evaluation, telemetry and probes are sharded over the ranks and reduced: same numbers.
+    for key in ("final_val_loss", "int8_val_loss", "int8_h_val_loss"):
+        assert result[key] == pytest.approx(alone[key], rel=1e-5), key
+    for ours, theirs in zip(result["shift_probe"]["offsets"] + result["telemetry_val"],
+                            alone["shift_probe"]["offsets"] + alone["telemetry_val"]):
+        for key, value in ours.items():
+            assert value == pytest.approx(theirs[key], rel=1e-4, abs=1e-6, nan_ok=True), key
