@@ -190,8 +190,8 @@ def test_default_eps(op):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=SHORT.get)
 def test_layer_norm_large_mean(dtype):
-    """Rows with a mean far larger than their spread (the shifted inputs of seed 002):
-    the variance must not cancel to garbage."""
+    """Rows with a mean far larger than their spread: the variance must not cancel to
+    garbage (as a one-pass sum(x^2) / d - mean^2 would)."""
     x = randn(16, 1024, dtype=dtype, scale=1.0, shift=300.0)
     check_norm("layer_norm", x, *make_params("wb", 1024, dtype, "cpu"))
 
