@@ -16,6 +16,9 @@ and `assert_accurate` requires
       only where the result has at least 16 elements (a max over fewer is too
       noisy to rank two implementations) and is not float64 (there the
       reference is torch's own float64 result, not a more precise one).
+On an accelerator the check functions also run our op's CPU kernels on the same
+inputs, and `assert_agrees_with_cpu` requires
+  (c) max|ours - ours on CPU| <= 2 * the bound of (a): each may be that far from ref.
 """
 
 import math
@@ -52,6 +55,11 @@ def max_err(t, ref):
     return (t.detach().double() - ref.detach()).abs().max().item()
 
 
+def accuracy_bound(dtype, terms, rounded_terms, scale):
+    """The bound of (a) in the module docstring."""
+    return ACCURACY_C * (eps(dtype) * math.sqrt(rounded_terms) + acc_eps(dtype) * math.sqrt(terms)) * scale
+
+
 def assert_accurate(ours, ref, theirs=None, *, terms=1, rounded_terms=1, name="output", precision=None,
                     scale=None):
     """Checks (a) and (b) of the module docstring. `terms` (n): longest sum in the computation;
@@ -69,7 +77,7 @@ def assert_accurate(ours, ref, theirs=None, *, terms=1, rounded_terms=1, name="o
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
     scale = max(ref.detach().abs().max().item(), scale or 0.0)
     err = max_err(ours, ref)
-    bound = ACCURACY_C * (eps(dtype) * math.sqrt(rounded_terms) + acc_eps(dtype) * math.sqrt(terms)) * scale
+    bound = accuracy_bound(dtype, terms, rounded_terms, scale)
     assert err <= bound, (
         f"{name} ({dtype}): max error {err:.3e} > bound {bound:.3e} "
         f"(max|ref| = {scale:.3e}, {err / (eps(dtype) * scale) if scale else float('inf'):.2f} eps)"
@@ -120,6 +128,27 @@ def run_three_ways(ours_fn, ref_fn, inputs, grad_out=None, torch_grads=True):
         for i, (out, c, g) in enumerate(zip(outs, copies, (grad_out, grad_out, grad_out.double())))
     ]
     return outs, [None if g[0] is None else g for g in zip(*per_run)]
+
+
+def on_cpu(fn, inputs, grad_out=None):
+    """fn on CPU copies of `inputs` (requiring grad like them): (output, [gradient per input or None])."""
+    copies = [None if t is None else t.detach().cpu().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*copies)
+    return out, (None if grad_out is None else grads(out, copies, grad_out.cpu()))
+
+
+def assert_agrees_with_cpu(ours, cpu, ref, *, terms=1, rounded_terms=1, name="output", scale=None):
+    """(c) of the module docstring: ours (on an accelerator) vs `cpu`, our CPU kernels' result on
+    the same inputs; `ref`, terms, rounded_terms and scale as given to assert_accurate for ours."""
+    assert cpu.shape == ours.shape and cpu.dtype == ours.dtype, f"{name}: CPU gives {cpu.dtype} {tuple(cpu.shape)}"
+    if ours.numel() == 0:
+        return
+    scale = max(ref.detach().abs().max().item(), scale or 0.0)
+    err = max_err(ours, cpu.detach().to(ours.device).double())
+    bound = 2 * accuracy_bound(ours.dtype, terms, rounded_terms, scale)
+    assert err <= bound, (
+        f"{name} ({ours.dtype}): {ours.device} and CPU differ by {err:.3e} > {bound:.3e} (max|ref| = {scale:.3e})"
+    )
 
 
 def assert_same_across_threads(compute):

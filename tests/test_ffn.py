@@ -16,7 +16,9 @@ from helpers import (
     HALF_DTYPES,
     SHORT,
     assert_accurate,
+    assert_agrees_with_cpu,
     assert_same_across_threads,
+    on_cpu,
     randn,
     run_three_ways,
 )
@@ -89,12 +91,26 @@ def check_ffn(case, inputs, with_grad=False):
         "grad_w_out": (rows, rows),
         "grad_b_out": (rows, 1),
     }
-    assert_accurate(ours, ref, theirs, terms=sums["output"][0], rounded_terms=sums["output"][1])
-    if grads is not None:
-        for name, g in zip(("grad_x", "grad_w_in", "grad_b_in", "grad_w_out", "grad_b_out"), grads):
-            if g is not None:
-                terms, rounded = sums[name]
-                assert_accurate(g[0], g[2], g[1], terms=terms, rounded_terms=rounded, name=name)
+    # (name, ours, torch's, float64 reference) per result.
+    results = [("output", ours, theirs, ref)]
+    for name, g in zip(("grad_x", "grad_w_in", "grad_b_in", "grad_w_out", "grad_b_out"), grads or ()):
+        if g is not None:
+            results.append((name, *g))
+    if x.device.type != "cpu":
+        check_against_cpu(case.ours, inputs, grad_out, results, grads,
+                          {name: dict(terms=terms, rounded_terms=rounded) for name, (terms, rounded) in sums.items()})
+    for name, ours_r, theirs_r, ref_r in results:
+        terms, rounded = sums[name]
+        assert_accurate(ours_r, ref_r, theirs_r, terms=terms, rounded_terms=rounded, name=name)
+
+
+def check_against_cpu(ours_fn, inputs, grad_out, results, grads, bounds):
+    """(c) of helpers: ours_fn's `results` (name, ours, torch's, reference; output first, then
+    the gradients that `grads`, per input, has) against its CPU kernels on the same inputs."""
+    cpu_out, cpu_grads = on_cpu(ours_fn, inputs, grad_out)
+    cpu_results = [cpu_out] + [c for g, c in zip(grads or (), cpu_grads or ()) if g is not None]
+    for (name, ours_r, _, ref_r), cpu_r in zip(results, cpu_results, strict=True):
+        assert_agrees_with_cpu(ours_r, cpu_r, ref_r, name=name, **bounds[name])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
@@ -271,12 +287,17 @@ def check_elementwise(ours_fn, ref_fn, inputs, with_grad=False, grad_out=None):
         out_shape = ref_fn(*[None if t is None else t.detach() for t in inputs]).shape
         grad_out = torch.randn(out_shape, dtype=x.dtype, device=x.device)
     (ours, theirs, ref), grads = run_three_ways(ours_fn, ref_fn, inputs, grad_out)
-    assert_accurate(ours, ref, theirs)
+    results = [("output", ours, theirs, ref)]
     for name, g in zip(("grad_x", "grad_bias"), grads or ()):
         if g is not None:
-            # The bias gradient sums grad_x (rounded to the dtype) over rows.
-            terms = x[..., 0].numel() if name == "grad_bias" else 1
-            assert_accurate(g[0], g[2], g[1], terms=terms, rounded_terms=terms, name=name)
+            results.append((name, *g))
+    # The bias gradient sums grad_x (rounded to the dtype) over rows.
+    rows = x[..., 0].numel()
+    bounds = {name: dict(terms=rows, rounded_terms=rows) if name == "grad_bias" else {} for name, *_ in results}
+    if x.device.type != "cpu":
+        check_against_cpu(ours_fn, inputs, grad_out, results, grads, bounds)
+    for name, ours_r, theirs_r, ref_r in results:
+        assert_accurate(ours_r, ref_r, theirs_r, name=name, **bounds[name])
 
 
 def gated_activation_fns(act):

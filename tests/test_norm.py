@@ -12,8 +12,10 @@ from helpers import (
     NORM_DTYPES,
     SHORT,
     assert_accurate,
+    assert_agrees_with_cpu,
     assert_same_across_threads,
     ffn_op,
+    on_cpu,
     randn,
     reference_op,
     run_three_ways,
@@ -86,27 +88,37 @@ def check_layer_norm_d1(y, bias, grads):
 
 
 def check_norm(op, x, weight, bias, eps=None, grad_out=None):
-    """Forward (and backward with grad_out) of ffn's op against torch's, both judged on float64."""
+    """Forward (and backward with grad_out) of ffn's op against torch's, both judged on float64;
+    on CUDA also against ffn's CPU kernels on the same inputs."""
     kwargs = {} if eps is None else {"eps": eps}
     ours_fn = lambda x, w, b: ffn_op(op)(x, w, b, **kwargs)  # noqa: E731
     ref_fn = lambda x, w, b: reference_op(op)(x, w, b, **kwargs)  # noqa: E731
+    inputs = (x, weight, bias)
     (ours, theirs, ref), grads = run_three_ways(
-        ours_fn, ref_fn, (x, weight, bias), grad_out, torch_grads=torch_backward_works(op, x, weight, bias)
+        ours_fn, ref_fn, inputs, grad_out, torch_grads=torch_backward_works(op, x, weight, bias)
     )
     d, rows = x.shape[-1], x[..., 0].numel()
     assert ours.dtype == x.dtype
+    # (name, ours, torch's, float64 reference, longest sum, scale of the terms) per result.
+    results = [("output", ours, theirs, ref, d, None)]
+    if grads is not None:
+        default_eps = {"layer_norm": 1e-5, "rms_norm": 1e-6}[op]
+        scales = (grad_x_scale(op, x, weight, grad_out, kwargs.get("eps", default_eps)), None, None)
+        for name, t, g, terms, scale in zip(("grad_x", "grad_weight", "grad_bias"), inputs, grads, (d, rows, rows),
+                                            scales):
+            if g is not None:
+                assert g[0].dtype == t.dtype, f"{name}: dtype {g[0].dtype}, its input is {t.dtype}"
+                results.append((name, g[0], g[1], g[2], terms, scale))
+    if x.device.type != "cpu":
+        cpu_out, cpu_grads = on_cpu(ours_fn, inputs, grad_out)
+        cpu_results = [cpu_out] + [c for g, c in zip(grads or (), cpu_grads or ()) if g is not None]
+        for (name, ours_r, _, ref_r, terms, scale), cpu_r in zip(results, cpu_results, strict=True):
+            assert_agrees_with_cpu(ours_r, cpu_r, ref_r, terms=terms, name=name, scale=scale)
     if op == "layer_norm" and d == 1:
         check_layer_norm_d1(ours, bias, grads)
         return
-    assert_accurate(ours, ref, theirs, terms=d)
-    if grads is None:
-        return
-    default_eps = {"layer_norm": 1e-5, "rms_norm": 1e-6}[op]
-    scales = (grad_x_scale(op, x, weight, grad_out, kwargs.get("eps", default_eps)), None, None)
-    for name, g, terms, scale in zip(("grad_x", "grad_weight", "grad_bias"), grads, (d, rows, rows), scales):
-        if g is not None:
-            ours_g, torch_g, ref_g = g
-            assert_accurate(ours_g, ref_g, torch_g, terms=terms, name=name, scale=scale)
+    for name, ours_r, theirs_r, ref_r, terms, scale in results:
+        assert_accurate(ours_r, ref_r, theirs_r, terms=terms, name=name, scale=scale)
 
 
 @pytest.mark.parametrize("dtypes,affine", DTYPE_AFFINE, ids=DTYPE_AFFINE_IDS)
