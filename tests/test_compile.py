@@ -1,5 +1,6 @@
 """torch.library.opcheck for every op (public, internal forward/backward, elementwise),
-and Transformer sublayers built from the modules under torch.compile(fullgraph=True)."""
+and Transformer sublayers built from the modules, or from the ops, under
+torch.compile(fullgraph=True)."""
 
 import itertools
 
@@ -147,9 +148,18 @@ def run_block(block, x):
     return out, grads
 
 
+def skip_without_inductor(device):
+    if device == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            pytest.skip("torch.compile's inductor needs triton on CUDA")
+
+
 @pytest.mark.parametrize("dynamic", (False, True), ids=("static", "dynamic"))
 @pytest.mark.parametrize("design", ("rmsnorm-swiglu", "layernorm-gelu"))
 def test_compiled_block_matches_eager(design, dynamic, device):
+    skip_without_inductor(device)
     torch._dynamo.reset()
     block = Block(design).to(device)
     with torch.no_grad():
@@ -166,3 +176,31 @@ def test_compiled_block_matches_eager(design, dynamic, device):
         torch.testing.assert_close(out, out_eager)
         for g, g_eager in zip(grads, grads_eager):
             torch.testing.assert_close(g, g_eager)
+
+
+def ops_block(x, norm_w, norm_b, w_gate_up, w_down):
+    """The ops themselves, without the modules: layer_norm, rms_norm and swiglu in one graph."""
+    h = torch.ops.ffn.layer_norm(x, norm_w, norm_b, 1e-5)
+    h = torch.ops.ffn.rms_norm(h, norm_w, None, 1e-6)
+    return x + torch.ops.ffn.swiglu(h, w_gate_up, None, w_down, None)
+
+
+def test_compiled_ops_match_eager(device):
+    """Widths on the CUDA kernels' vectorized paths (d, d_ff multiples of 128-bit words)."""
+    skip_without_inductor(device)
+    torch._dynamo.reset()
+    d, d_ff = 256, 352
+    inputs = (randn(8, 16, d, device=device), randn(d, device=device, shift=1.0), randn(d, device=device),
+              randn(2 * d_ff, d, device=device, scale=d**-0.5), randn(d, d_ff, device=device, scale=d_ff**-0.5))
+    grad_out = randn(8, 16, d, device=device)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        return out, torch.autograd.grad(out, leaves, grad_out)
+
+    out, grads = run(torch.compile(ops_block, fullgraph=True))
+    out_eager, grads_eager = run(ops_block)
+    torch.testing.assert_close(out, out_eager)
+    for g, g_eager in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(g, g_eager)

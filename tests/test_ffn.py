@@ -120,6 +120,17 @@ def test_ffn_forward_backward(case, d, dtype, device):
     check_ffn(case, ffn_inputs(case, (5,), d, dtype, device, requires_grad=True), with_grad=True)
 
 
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "nobias"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("d_ff", (37, 96))
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_hidden_widths(case, d_ff, dtype, with_bias, device):
+    """d_ff a multiple of every dtype's 128-bit word (the CUDA elementwise passes' vectorized
+    path) and not (their scalar path, as D_FF), with 3-d x."""
+    inputs = ffn_inputs(case, (2, 3), 64, dtype, device, (with_bias, with_bias), d_ff=d_ff, requires_grad=True)
+    check_ffn(case, inputs, with_grad=True)
+
+
 @pytest.mark.parametrize("biases", [BIASES[k] for k in ("nobias", "bias_in", "bias_out")],
                          ids=("nobias", "bias_in", "bias_out"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
@@ -323,6 +334,27 @@ def test_relu_gate_gradient_at_zero_and_nan_follows_torch(device):
     d_ff = gate.numel()
     (torch.relu(theirs[:, :d_ff]) * theirs[:, d_ff:]).sum().backward()
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("act", GATED_ACTS)
+def test_gated_activation_float32_matches_torch(act, device):
+    """float32 results within assert_close's default tolerance of torch's act(gate) * up
+    (on CPU they are bit-exact: test_gated_activation_float32_bit_exact)."""
+    gate_up = randn(64, 2 * 256, device=device, scale=3.0)
+    torch.testing.assert_close(torch.ops.ffn.gated_activation(gate_up, act),
+                               ffn.reference.gated_activation(gate_up, act))
+
+
+def test_elementwise_misaligned(device):
+    """bfloat16 tensors starting 2 bytes past a 16-byte boundary, where the CUDA kernels
+    cannot use 128-bit accesses."""
+    x = randn(4 * 64 + 1, dtype=torch.bfloat16, device=device, scale=2.0)[1:].view(4, 64)
+    bias = randn(65, dtype=torch.bfloat16, device=device)[1:]
+    gate_up = randn(4 * 128 + 1, dtype=torch.bfloat16, device=device, scale=2.0)[1:].view(4, 128)
+    for t in (x, bias, gate_up):
+        assert t.data_ptr() % 16 != 0
+    check_elementwise(*bias_gelu_fns("none"), (x.requires_grad_(), bias.requires_grad_()), with_grad=True)
+    check_elementwise(*gated_activation_fns("silu"), (gate_up.requires_grad_(),), with_grad=True)
 
 
 def elementwise_input(kind, last, dtype, device):

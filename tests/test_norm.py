@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import (
+    HALF_DTYPES,
     NORM_DTYPE_IDS,
     NORM_DTYPES,
     SHORT,
@@ -27,7 +28,11 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 NORMS = ("layer_norm", "rms_norm")
-DIMS = (1, 7, 64, 127, 4097, 16384)
+# Row lengths: tails and odd sizes (the CUDA kernels' scalar path), one warp, several
+# warps, and on CUDA the long-row kernels: forward past 16384 bf16/fp16, 8192 fp32 and
+# 4096 fp64 elements, backward past 8192 (2048 fp64), and at 40000 the layer_norm
+# parameter gradients no longer fit the shared accumulators.
+DIMS = (1, 7, 64, 127, 4097, 8192, 16384, 40000)
 AFFINE = ("none", "w", "b", "wb")
 # (dtypes, affine): float32 parameters with half x only where there are parameters.
 DTYPE_AFFINE = [(dt, a) for dt in NORM_DTYPES for a in AFFINE if a != "none" or dt[0] == dt[1]]
@@ -133,6 +138,8 @@ def test_forward_backward(op, d, dtypes, affine, device):
 
 def shaped_input(kind, d, dtype, device):
     """x of the given layout: batched, empty, or a non-contiguous view."""
+    if kind == "1d":  # a single row
+        return randn(d, dtype=dtype, device=device, scale=2.0, shift=1.0)
     if kind == "3d":
         return randn(2, 5, d, dtype=dtype, device=device, scale=2.0, shift=1.0)
     if kind == "4d":
@@ -148,7 +155,7 @@ def shaped_input(kind, d, dtype, device):
     raise ValueError(kind)
 
 
-SHAPES = ("3d", "4d", "0rows", "0rows-3d", "transposed", "sliced")
+SHAPES = ("1d", "3d", "4d", "0rows", "0rows-3d", "transposed", "sliced")
 
 
 @pytest.mark.parametrize("kind", SHAPES)
@@ -206,6 +213,63 @@ def test_layer_norm_large_mean(dtype):
     garbage (as a one-pass sum(x^2) / d - mean^2 would)."""
     x = randn(16, 1024, dtype=dtype, scale=1.0, shift=300.0)
     check_norm("layer_norm", x, *make_params("wb", 1024, dtype, "cpu"))
+
+
+@pytest.mark.parametrize("op", NORMS)
+def test_matches_torch(op, device):
+    """float32 results within assert_close's default tolerance of F.layer_norm / F.rms_norm."""
+    x, weight, bias = randn(5, 4096, device=device), randn(4096, device=device), randn(4096, device=device)
+    if op == "layer_norm":
+        expected = torch.nn.functional.layer_norm(x, (4096,), weight, bias, 1e-5)
+        actual = ffn_op(op)(x, weight, bias, 1e-5)
+    else:
+        expected = torch.nn.functional.rms_norm(x, (4096,), weight, 1e-6)
+        actual = ffn_op(op)(x, weight, None, 1e-6)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("d", (64, 127, 4096, 20000))
+@pytest.mark.parametrize("op", NORMS)
+def test_float32_params_with_half_input(op, d, dtype, device):
+    """Half x with float32 weight and bias: x's dtype for y and grad_x, float32 parameter gradients."""
+    x = randn(4, d, dtype=dtype, device=device, requires_grad=True)
+    weight = randn(d, device=device, shift=1.0, requires_grad=True)
+    bias = randn(d, device=device, requires_grad=True)
+    check_norm(op, x, weight, bias, grad_out=torch.randn_like(x))
+
+
+# Long rows whose cached row (forward) or x and dy rows (backward without parameter
+# gradients) take just under 48 KiB of dynamic shared memory on CUDA: the kernels'
+# static scratch then pushes the total over the limit a kernel has without opting in.
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 12288), (torch.bfloat16, 24576), (torch.float64, 6144),
+                                     (torch.bfloat16, 12288), (torch.float64, 3072)],
+                         ids=lambda v: SHORT.get(v, str(v)))
+@pytest.mark.parametrize("op", NORMS)
+def test_long_rows_near_the_default_shared_memory_limit(op, dtype, d, device):
+    for frozen in (False, True):  # frozen weight and bias: backward computes grad_x only
+        x = randn(3, d, dtype=dtype, device=device, shift=3.0, requires_grad=True)
+        weight = randn(d, dtype=dtype, device=device, shift=1.0, requires_grad=not frozen)
+        bias = randn(d, dtype=dtype, device=device, requires_grad=not frozen)
+        check_norm(op, x, weight, bias, grad_out=torch.randn_like(x))
+
+
+@pytest.mark.parametrize("op", NORMS)
+def test_row_strided_and_misaligned(op, device):
+    """A row-strided view with contiguous rows, and (bfloat16) x, weight and bias starting
+    2 bytes past a 16-byte boundary, where the CUDA kernels cannot use 128-bit accesses."""
+    d = 64
+    x = randn(8, d + 1, device=device)[:, 1:].requires_grad_()
+    assert x.stride() == (d + 1, 1)
+    check_norm(op, x, *make_params("wb", d, torch.float32, device, requires_grad=True), grad_out=torch.randn_like(x))
+    misaligned_x = randn(8 * d + 1, dtype=torch.bfloat16, device=device)[1:].view(8, d)
+    params = randn(2 * d + 2, dtype=torch.bfloat16, device=device)
+    weight, bias = params[1 : d + 1], params[d + 2 :]
+    for t in (misaligned_x, weight, bias):
+        assert t.data_ptr() % 16 != 0
+    for x, b in ((misaligned_x, bias), (randn(8, d, dtype=torch.bfloat16, device=device), None)):
+        leaves = [None if t is None else t.detach().requires_grad_() for t in (x, weight, b)]
+        check_norm(op, *leaves, grad_out=torch.randn_like(x))
 
 
 # ----------------------------------------------------------------------------- backward
@@ -282,3 +346,20 @@ def test_weight_grad_deterministic_across_threads(op, dtypes):
         return weight.grad.clone(), bias.grad.clone()
 
     assert_same_across_threads(param_grads)
+
+
+@pytest.mark.parametrize("d", (64, 4096, 16384, 40000))
+@pytest.mark.parametrize("op", NORMS)
+def test_weight_grad_deterministic_run_to_run(op, d, device):
+    """bfloat16 x, float32 parameters: bit-identical gradients run to run, for many short rows
+    and (on CUDA) the register, long-row and column kernels of the parameter gradients."""
+    rows = 20000 if d == 64 else 300
+    x = randn(rows, d, dtype=torch.bfloat16, device=device, requires_grad=True)
+    grad_out = randn(rows, d, dtype=torch.bfloat16, device=device)
+    weight, bias = randn(d, device=device, requires_grad=True), randn(d, device=device, requires_grad=True)
+
+    def all_grads():
+        return torch.autograd.grad(ffn_op(op)(x, weight, bias), (x, weight, bias), grad_out)
+
+    for first, second in zip(all_grads(), all_grads(), strict=True):
+        assert torch.equal(first, second)
