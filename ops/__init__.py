@@ -23,6 +23,7 @@ from . import _C  # noqa: F401  (loads the C++/CUDA library: schemas and kernels
 from . import _registrations  # noqa: F401  (autograd and fake kernels)
 from . import activations, modules, reference, schema, telemetry
 from .modules import FFN, GatedFFN, GeGLU, GeluFFN, LayerNorm, ReGLU, RMSNorm, SwiGLU
+from .patch import patch  # ffn.patch(model): HF transformers models (imports transformers only when called)
 
 ops = torch.ops.ffn
 
