@@ -40,7 +40,7 @@ system-deps:
 # CUDA torch are present), installed editable so `import ffn` finds ops/.
 # pip rebuilds the extension from scratch, so it runs only when a source changed
 # (`make -B build` forces it, e.g. after changing FFN_CUDA or FFN_CPU_CAPABILITY).
-EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
 build: $(VENV)/.ffn-built
 

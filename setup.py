@@ -62,7 +62,7 @@ def want_cuda():
 
 def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    cpu_sources = sorted(glob.glob("csrc/*.cpp"))
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", "-DFFN_PYTHON_MODULE"] + cpu_capability_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():

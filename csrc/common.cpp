@@ -18,6 +18,10 @@ at::Tensor as_rows(const at::Tensor& t) {
   return t.contiguous().view({rows, t.size(-1)});
 }
 
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
 void check_input(std::string_view op, std::string_view name, const at::Tensor& x) {
   TORCH_CHECK(x.defined(), "ffn.", op, ": ", name, " is undefined");
   TORCH_CHECK(x.dim() >= 1, "ffn.", op, ": ", name,

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string_view>
 
 namespace ffn {
@@ -13,11 +14,14 @@ namespace ffn {
 // dims; also right for an empty last dim, where view({-1, 0}) is ambiguous).
 at::Tensor as_rows(const at::Tensor& t);
 
+// The tensor of an optional argument, contiguous; undefined when absent.
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
+
 // x: at least 1-D, a floating dtype we have kernels for (float64/32/16, bfloat16).
 void check_input(std::string_view op, std::string_view name, const at::Tensor& x);
 
-// A 1-D parameter (norm weight/bias, FFN bias) of `size` elements on x's device. With allow_float32, a float32 parameter is accepted for a half
-// precision x (the mixed-precision layout of many training setups).
+// A 1-D parameter (norm weight/bias, FFN bias) of `size` elements on x's device. With allow_float32, a
+// float32 parameter is accepted for a half precision x (the mixed-precision layout of many training setups).
 void check_vector_param(std::string_view op, std::string_view name, const at::Tensor& param,
                         const at::Tensor& x, int64_t size, bool allow_float32);
 

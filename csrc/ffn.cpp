@@ -12,39 +12,34 @@
 
 #include <ATen/ATen.h>
 
+#include <iterator>
+#include <string>
+
 namespace ffn {
 
 Activation parse_gelu_approximate(std::string_view op, std::string_view approximate) {
-  if (approximate == "none") return Activation::kGelu;
-  if (approximate == "tanh") return Activation::kGeluTanh;
-  TORCH_CHECK(false, "ffn.", op, ": approximate must be 'none' or 'tanh' (as in F.gelu), got '",
+  std::string expected;
+  for (const ActivationInfo& info : kActivations) {
+    if (info.approximate == nullptr) continue;
+    if (approximate == info.approximate) return info.act;
+    expected += (expected.empty() ? "'" : "' or '") + std::string(info.approximate);
+  }
+  TORCH_CHECK(false, "ffn.", op, ": approximate must be ", expected, "' (as in F.gelu), got '",
               approximate, "'");
 }
 
 Activation parse_gated_activation(std::string_view op, std::string_view activation) {
-  if (activation == "silu") return Activation::kSilu;
-  if (activation == "gelu") return Activation::kGelu;
-  if (activation == "gelu_tanh") return Activation::kGeluTanh;
-  if (activation == "relu") return Activation::kRelu;
-  TORCH_CHECK(false, "ffn.", op,
-              ": activation must be 'silu', 'gelu', 'gelu_tanh' or 'relu', got '", activation, "'");
-}
-
-const char* gated_ffn_name(Activation act) {
-  switch (act) {
-    case Activation::kSilu: return "swiglu";
-    case Activation::kGelu: return "geglu";
-    case Activation::kGeluTanh: return "geglu_tanh";
-    case Activation::kRelu: return "reglu";
+  std::string expected;
+  const size_t count = std::size(kActivations);
+  for (size_t i = 0; i < count; ++i) {
+    if (activation == kActivations[i].name) return kActivations[i].act;
+    expected += std::string(i == 0 ? "'" : i + 1 < count ? ", '" : " or '") +
+                kActivations[i].name + "'";
   }
-  return "gated_ffn";
+  TORCH_CHECK(false, "ffn.", op, ": activation must be ", expected, ", got '", activation, "'");
 }
 
 namespace {
-
-Tensor contiguous_or_undefined(const OptTensor& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
-}
 
 Tensor empty_placeholder(const Tensor& like) { return at::empty({0}, like.options()); }
 
@@ -128,6 +123,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
       need_w_out ? at::mm(g2d.t(), h) : empty_placeholder(x),
       need_b_out ? g2d.sum(0) : empty_placeholder(x),
   };
+}
+
+std::tuple<Tensor, Tensor> gelu_ffn_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                                            const Tensor& w2, const OptTensor& b2,
+                                            std::string_view approximate,
+                                            const ActivationKernels& kernels) {
+  return ffn_forward("gelu_ffn", x, w1, b1, w2, b2, parse_gelu_approximate("gelu_ffn", approximate),
+                     /*gated=*/false, kernels);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w1,
+    const Tensor& w2, std::string_view approximate, std::array<bool, 5> grad_mask,
+    const ActivationKernels& kernels) {
+  return ffn_backward(grad_out, x, preact, w1, w2, parse_gelu_approximate("gelu_ffn", approximate),
+                      /*gated=*/false, grad_mask, kernels);
+}
+
+std::tuple<Tensor, Tensor> gated_ffn_forward(const Tensor& x, const Tensor& w_gate_up,
+                                             const OptTensor& b_gate_up, const Tensor& w_down,
+                                             const OptTensor& b_down, std::string_view activation,
+                                             const ActivationKernels& kernels) {
+  const Activation act = parse_gated_activation("_gated_ffn_fwd", activation);
+  return ffn_forward(gated_ffn_name(act), x, w_gate_up, b_gate_up, w_down, b_down, act,
+                     /*gated=*/true, kernels);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w_gate_up,
+    const Tensor& w_down, std::string_view activation, std::array<bool, 5> grad_mask,
+    const ActivationKernels& kernels) {
+  return ffn_backward(grad_out, x, preact, w_gate_up, w_down,
+                      parse_gated_activation("_gated_ffn_bwd", activation), /*gated=*/true,
+                      grad_mask, kernels);
 }
 
 Tensor gated_activation_forward(const Tensor& gate_up, std::string_view activation,

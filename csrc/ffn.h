@@ -2,9 +2,15 @@
 //
 // Every op is written once here: argument checks, output allocation and (for the
 // FFN ops) the GEMMs through ATen. What differs per backend is a small table of
-// kernels (NormKernels, ActivationKernels) that the CPU file (csrc/*_cpu.cpp) and
-// the CUDA file (csrc/cuda/*.cu) pass in when they register the op.
+// kernels (NormKernels, ActivationKernels) that the CPU files (csrc/cpu/) and the
+// CUDA files (csrc/cuda/) pass in when they register the op (registration.h).
+//
+// Each internal op has one function here whose parameters are the op's, in
+// schema order, followed by the kernel table: registration.h derives the
+// registered kernel and the op's typed handle from that declaration.
 #pragma once
+
+#include "activation_table.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -17,17 +23,6 @@ namespace ffn {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-// ---------------------------------------------------------------------------
-// Activations of the FFN ops.
-enum class Activation { kGelu, kGeluTanh, kSilu, kRelu };
-
-// gelu_ffn's `approximate` ("none" | "tanh"), as in F.gelu.
-Activation parse_gelu_approximate(std::string_view op, std::string_view approximate);
-// Gated family: "silu" (SwiGLU), "gelu" (GeGLU), "gelu_tanh", "relu" (ReGLU).
-Activation parse_gated_activation(std::string_view op, std::string_view activation);
-// The public op a gated activation belongs to ("swiglu", "geglu", ...), for messages.
-const char* gated_ffn_name(Activation act);
 
 // ---------------------------------------------------------------------------
 // Norm kernels. All tensors are 2-D [rows, d] (or 1-D [d] / [rows]) and
@@ -85,6 +80,24 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w_in,
     const Tensor& w_out, Activation act, bool gated, std::array<bool, 5> grad_mask,
+    const ActivationKernels& kernels);
+
+// The internal FFN ops, as their schemas declare them.
+std::tuple<Tensor, Tensor> gelu_ffn_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                                            const Tensor& w2, const OptTensor& b2,
+                                            std::string_view approximate,
+                                            const ActivationKernels& kernels);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w1,
+    const Tensor& w2, std::string_view approximate, std::array<bool, 5> grad_mask,
+    const ActivationKernels& kernels);
+std::tuple<Tensor, Tensor> gated_ffn_forward(const Tensor& x, const Tensor& w_gate_up,
+                                             const OptTensor& b_gate_up, const Tensor& w_down,
+                                             const OptTensor& b_down, std::string_view activation,
+                                             const ActivationKernels& kernels);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w_gate_up,
+    const Tensor& w_down, std::string_view activation, std::array<bool, 5> grad_mask,
     const ActivationKernels& kernels);
 
 // The elementwise pieces, for users who run their own GEMMs.

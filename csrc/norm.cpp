@@ -1,5 +1,5 @@
 // layer_norm and rms_norm op bodies: checks, layout and allocation. The row
-// kernels live in norm_cpu.cpp and cuda/norm.cu.
+// kernels live in cpu/norm.cpp and cuda/norm.cu.
 #include "common.h"
 #include "ffn.h"
 
@@ -12,10 +12,6 @@ namespace {
 
 at::ScalarType stat_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-Tensor defined_or_empty(const OptTensor& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
 }
 
 std::tuple<Tensor, Tensor, Tensor> norm_forward(std::string_view op, const Tensor& x,
@@ -40,7 +36,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_forward(std::string_view op, const Tenso
   Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor rstd = at::empty(stat_sizes, x.options().dtype(stat_dtype(x)));
   Tensor mean = center ? at::empty(stat_sizes, rstd.options()) : Tensor();
-  kernels.forward(x2d, defined_or_empty(weight), defined_or_empty(bias), eps, center,
+  kernels.forward(x2d, contiguous_or_undefined(weight), contiguous_or_undefined(bias), eps, center,
                   as_rows(y), center ? mean.view({-1}) : mean, rstd.view({-1}));
   return {y, mean, rstd};
 }
@@ -54,7 +50,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(std::string_view op, const Tens
   check_input(op, "x", x);
   check_grad(op, grad_y, x.sizes(), x);
   const int64_t d = x.size(-1);
-  const Tensor w = defined_or_empty(weight);
+  const Tensor w = contiguous_or_undefined(weight);
   if (w.defined()) {
     check_vector_param(op, "weight", w, x, d, /*allow_float32=*/true);
   }
@@ -64,7 +60,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(std::string_view op, const Tens
               " of ", rstd.scalar_type());
   TORCH_CHECK(!center || (mean.numel() == rows && mean.scalar_type() == stat_dtype(x)), "ffn.",
               op, ": mean must hold one ", stat_dtype(x), " per row (", rows, ")");
-  const Tensor b = defined_or_empty(bias);
+  const Tensor b = contiguous_or_undefined(bias);
   if (b.defined()) {
     check_vector_param(op, "bias", b, x, d, /*allow_float32=*/true);
   }

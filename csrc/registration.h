@@ -1,6 +1,10 @@
-// Registers one backend's kernels for every op that has per-backend kernels.
-// CPU (ffn_cpu.cpp) and CUDA (cuda/registration.cpp) differ only in the kernel
-// tables they pass, so the op signatures are written once, here.
+// Registers one backend's kernels (cpu/registration.cpp, cuda/registration.cpp).
+//
+// Each op with per-backend kernels has one C++ declaration, the op body in
+// ffn.h / telemetry.h: the op's parameters in schema order, then the backend's
+// kernel table. The registered kernel is that function with the table bound
+// (WithKernels), and schemas.cpp calls the op through a handle typed by the same
+// declaration (OpSignature), so the parameter list is written nowhere else.
 #pragma once
 
 #include "ffn.h"
@@ -8,79 +12,63 @@
 
 #include <torch/library.h>
 
+#include <cstddef>
+#include <tuple>
+#include <utility>
+
 namespace ffn {
 
-template <const NormKernels& K>
-void register_norm_kernels(torch::Library& m) {
-  m.impl("_layer_norm_fwd", [](const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-    return layer_norm_forward(x, w, b, eps, K);
-  });
-  m.impl("_layer_norm_bwd", [](const Tensor& grad_y, const Tensor& x, const Tensor& mean,
-                               const Tensor& rstd, const OptTensor& w, const OptTensor& b,
-                               bool weight_grad, bool bias_grad) {
-    return layer_norm_backward(grad_y, x, mean, rstd, w, b, weight_grad, bias_grad, K);
-  });
-  m.impl("_rms_norm_fwd", [](const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-    return rms_norm_forward(x, w, b, eps, K);
-  });
-  m.impl("_rms_norm_bwd", [](const Tensor& grad_y, const Tensor& x, const Tensor& rstd,
-                             const OptTensor& w, const OptTensor& b, bool weight_grad,
-                             bool bias_grad) {
-    return rms_norm_backward(grad_y, x, rstd, w, b, weight_grad, bias_grad, K);
-  });
-}
+namespace detail {
 
-template <const ActivationKernels& K>
-void register_activation_kernels(torch::Library& m) {
-  m.impl("_gelu_ffn_fwd", [](const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                             const Tensor& w2, const OptTensor& b2, std::string_view approximate) {
-    return ffn_forward("gelu_ffn", x, w1, b1, w2, b2,
-                       parse_gelu_approximate("gelu_ffn", approximate), /*gated=*/false, K);
-  });
-  m.impl("_gelu_ffn_bwd", [](const Tensor& grad_out, const Tensor& x, const Tensor& preact,
-                             const Tensor& w1, const Tensor& w2, std::string_view approximate,
-                             std::array<bool, 5> grad_mask) {
-    return ffn_backward(grad_out, x, preact, w1, w2,
-                        parse_gelu_approximate("gelu_ffn", approximate), /*gated=*/false,
-                        grad_mask, K);
-  });
-  m.impl("_gated_ffn_fwd", [](const Tensor& x, const Tensor& w_gate_up, const OptTensor& b_gate_up,
-                              const Tensor& w_down, const OptTensor& b_down,
-                              std::string_view activation) {
-    const Activation act = parse_gated_activation("_gated_ffn_fwd", activation);
-    return ffn_forward(gated_ffn_name(act), x, w_gate_up, b_gate_up, w_down, b_down, act,
-                       /*gated=*/true, K);
-  });
-  m.impl("_gated_ffn_bwd", [](const Tensor& grad_out, const Tensor& x, const Tensor& preact,
-                              const Tensor& w_gate_up, const Tensor& w_down,
-                              std::string_view activation, std::array<bool, 5> grad_mask) {
-    return ffn_backward(grad_out, x, preact, w_gate_up, w_down,
-                        parse_gated_activation("_gated_ffn_bwd", activation), /*gated=*/true,
-                        grad_mask, K);
-  });
-  m.impl("gated_activation", [](const Tensor& gate_up, std::string_view activation) {
-    return gated_activation_forward(gate_up, activation, K);
-  });
-  m.impl("_gated_activation_bwd",
-         [](const Tensor& grad, const Tensor& gate_up, std::string_view activation) {
-           return gated_activation_backward(grad, gate_up, activation, K);
-         });
-  m.impl("bias_gelu", [](const Tensor& x, const OptTensor& bias, std::string_view approximate) {
-    return bias_gelu_forward(x, bias, approximate, K);
-  });
-  m.impl("_bias_gelu_bwd", [](const Tensor& grad, const Tensor& x, const OptTensor& bias,
-                              std::string_view approximate, bool bias_grad) {
-    return bias_gelu_backward(grad, x, bias, approximate, bias_grad, K);
-  });
-}
+template <auto kBody, typename = decltype(kBody)>
+struct OpBody;
 
-template <const TelemetryKernels& K>
-void register_telemetry_kernels(torch::Library& m) {
-  m.impl("ffn_stats", [](const Tensor& ffn_input, const Tensor& preact,
-                         std::string_view activation, bool gated, double near_zero, double large,
-                         double outlier) {
-    return ffn_stats(ffn_input, preact, activation, gated, near_zero, large, outlier, K);
-  });
+// kBody: R(P..., const Kernels&); Args = P... without the trailing table.
+template <auto kBody, typename R, typename... P>
+struct OpBody<kBody, R (*)(P...)> {
+  template <size_t I>
+  using Arg = std::tuple_element_t<I, std::tuple<P...>>;
+  using Indices = std::make_index_sequence<sizeof...(P) - 1>;
+
+  template <typename Seq>
+  struct Bound;
+  template <size_t... I>
+  struct Bound<std::index_sequence<I...>> {
+    using Signature = R(Arg<I>...);
+    template <const auto& kKernels>
+    static R call(Arg<I>... args) {
+      return kBody(args..., kKernels);
+    }
+  };
+};
+
+}  // namespace detail
+
+// The op's signature: kBody's, without the kernel table.
+template <auto kBody>
+using OpSignature =
+    typename detail::OpBody<kBody>::template Bound<typename detail::OpBody<kBody>::Indices>::Signature;
+
+// kBody with the kernel table bound: the backend kernel of the op.
+template <auto kBody, const auto& kKernels>
+constexpr auto WithKernels = &detail::OpBody<kBody>::template Bound<
+    typename detail::OpBody<kBody>::Indices>::template call<kKernels>;
+
+template <const NormKernels& kNorm, const ActivationKernels& kAct, const TelemetryKernels& kStats>
+void register_backend_kernels(torch::Library& m) {
+  m.impl("_layer_norm_fwd", WithKernels<&layer_norm_forward, kNorm>);
+  m.impl("_layer_norm_bwd", WithKernels<&layer_norm_backward, kNorm>);
+  m.impl("_rms_norm_fwd", WithKernels<&rms_norm_forward, kNorm>);
+  m.impl("_rms_norm_bwd", WithKernels<&rms_norm_backward, kNorm>);
+  m.impl("_gelu_ffn_fwd", WithKernels<&gelu_ffn_forward, kAct>);
+  m.impl("_gelu_ffn_bwd", WithKernels<&gelu_ffn_backward, kAct>);
+  m.impl("_gated_ffn_fwd", WithKernels<&gated_ffn_forward, kAct>);
+  m.impl("_gated_ffn_bwd", WithKernels<&gated_ffn_backward, kAct>);
+  m.impl("gated_activation", WithKernels<&gated_activation_forward, kAct>);
+  m.impl("_gated_activation_bwd", WithKernels<&gated_activation_backward, kAct>);
+  m.impl("bias_gelu", WithKernels<&bias_gelu_forward, kAct>);
+  m.impl("_bias_gelu_bwd", WithKernels<&bias_gelu_backward, kAct>);
+  m.impl("ffn_stats", WithKernels<&ffn_stats, kStats>);
 }
 
 }  // namespace ffn

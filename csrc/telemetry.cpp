@@ -1,5 +1,5 @@
 // ffn_stats op body: argument checks, layout and allocation. The kernels live in
-// telemetry_cpu.cpp and cuda/telemetry.cu.
+// cpu/telemetry.cpp and cuda/telemetry.cu.
 #include "telemetry.h"
 
 #include "common.h"

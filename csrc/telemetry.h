@@ -1,4 +1,4 @@
-// ffn_stats: per-layer FFN telemetry as one op (SPEC "Telemetry").
+// ffn_stats: per-layer FFN telemetry as one op.
 //
 // The op returns raw float64 sums, counts and one running max over the tokens of
 // one call, so micro-batches and DDP ranks combine by adding (and taking the max)

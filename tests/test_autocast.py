@@ -130,3 +130,25 @@ def test_block_under_autocast_matches_eager():
         assert p_ours.grad.dtype == torch.float32
         assert_accurate(p_ours.grad, p_ref.grad, p_torch.grad, terms=80, rounded_terms=80, precision=torch.bfloat16,
                         name=f"grad {name}")
+
+
+@pytest.mark.parametrize("case", ("gelu_ffn", "gelu_ffn-tanh", "swiglu", "geglu", "reglu"))
+def test_internal_forward_ops_autocast_like_the_public_ops(case):
+    """Calling _gelu_ffn_fwd / _gated_ffn_fwd directly (for the pre-activation) under CPU
+    autocast gives the public op's output bit for bit, in its dtype."""
+    gated = case not in ("gelu_ffn", "gelu_ffn-tanh")
+    d, d_ff = 32, 24
+    rows_in = 2 * d_ff if gated else d_ff
+    x, w_in, b_in = randn(2, 5, d), randn(rows_in, d, scale=d**-0.5), randn(rows_in, scale=0.5)
+    w_out, b_out = randn(d, d_ff, scale=d_ff**-0.5), randn(d, scale=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if gated:
+            public = getattr(torch.ops.ffn, case)(x, w_in, b_in, w_out, b_out)
+            activation = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}[case]
+            out, preact = torch.ops.ffn._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, activation)
+        else:
+            approximate = "tanh" if case == "gelu_ffn-tanh" else "none"
+            public = torch.ops.ffn.gelu_ffn(x, w_in, b_in, w_out, b_out, approximate)
+            out, preact = torch.ops.ffn._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, approximate)
+    assert public.dtype == out.dtype == preact.dtype == torch.bfloat16
+    assert torch.equal(out, public)

@@ -1,5 +1,5 @@
 // Activation formulas of the CUDA kernels, shared by the FFN elementwise
-// kernels (activation.cu) and the telemetry (telemetry.cu), so the statistics
+// kernels (ffn.cu) and the telemetry (telemetry.cu), so the statistics
 // describe exactly the activations the forward computes.
 //
 // The formulas are ATen's CUDA ones term for term (ActivationGeluKernel.cu,
@@ -7,10 +7,10 @@
 // match F.gelu / F.silu / F.relu. Math in float32 (float64 for float64).
 #pragma once
 
-#include "ffn.h"
+#include "activation_table.h"
 
 #include <cmath>
-#include <type_traits>
+#include <utility>
 
 namespace ffn::cuda {
 
@@ -21,7 +21,8 @@ __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 __device__ __forceinline__ float tanh_acc(float v) { return tanhf(v); }
 __device__ __forceinline__ double tanh_acc(double v) { return tanh(v); }
 
-// Each activation: value(x), and backward(x, dy) = dy * act'(x).
+// Each activation, with the same members as the CPU ones (cpu/activation.h):
+// value(x) = act(x), and value_and_grad(x, dy) = {act(x), dy * act'(x)}.
 template <Activation kAct>
 struct Act;
 
@@ -33,12 +34,12 @@ struct Act<Activation::kGelu> {
     return x * A(0.5) * (A(1) + erf_acc(x * kAlpha));
   }
   template <typename A>
-  __device__ static A backward(A x, A dy) {
+  __device__ static std::pair<A, A> value_and_grad(A x, A dy) {
     constexpr A kBeta = M_2_SQRTPI * M_SQRT1_2 * A(0.5);
     constexpr A kAlpha = M_SQRT1_2;
     const A cdf = A(0.5) * (A(1) + erf_acc(x * kAlpha));
     const A pdf = exp_acc(A(-0.5) * x * x) * kBeta;
-    return dy * (cdf + x * pdf);
+    return {value(x), dy * (cdf + x * pdf)};
   }
 };
 
@@ -53,7 +54,7 @@ struct Act<Activation::kGeluTanh> {
     return A(0.5) * x * (A(1) + tanh_acc(inner));
   }
   template <typename A>
-  __device__ static A backward(A x, A dy) {
+  __device__ static std::pair<A, A> value_and_grad(A x, A dy) {
     constexpr A kBeta = M_SQRT2 * M_2_SQRTPI * A(0.5);
     constexpr A kKappa = 0.044715;
     const A x_sq = x * x;
@@ -66,7 +67,7 @@ struct Act<Activation::kGeluTanh> {
     const A tanh_derivative = A(1) - tanh_inner * tanh_inner;
     const A inner_derivative = kBeta * (A(1) + A(3) * kKappa * x_sq);
     const A right_derivative = left * tanh_derivative * inner_derivative;
-    return dy * (left_derivative + right_derivative);
+    return {value(x), dy * (left_derivative + right_derivative)};
   }
 };
 
@@ -77,9 +78,9 @@ struct Act<Activation::kSilu> {
     return x / (A(1) + exp_acc(-x));
   }
   template <typename A>
-  __device__ static A backward(A x, A dy) {
+  __device__ static std::pair<A, A> value_and_grad(A x, A dy) {
     const A sigmoid = A(1) / (A(1) + exp_acc(-x));
-    return dy * sigmoid * (A(1) + x * (A(1) - sigmoid));
+    return {value(x), dy * sigmoid * (A(1) + x * (A(1) - sigmoid))};
   }
 };
 
@@ -90,21 +91,19 @@ struct Act<Activation::kRelu> {
     return x <= A(0) ? A(0) : x;  // NaN propagates, as clamp_min
   }
   template <typename A>
-  __device__ static A backward(A x, A dy) {
-    return x <= A(0) ? A(0) : dy;  // threshold_backward: zero gradient at 0
+  __device__ static std::pair<A, A> value_and_grad(A x, A dy) {
+    return {value(x), x <= A(0) ? A(0) : dy};  // threshold_backward: zero gradient at 0
   }
 };
 
-// Calls fn(std::integral_constant<Activation, act>{}): the activation as a
-// compile-time constant, for Act<decltype(kind)::value>.
+// Calls fn(Act<act>{}).
 template <typename Fn>
 void dispatch_activation(Activation act, const Fn& fn) {
   switch (act) {
-    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh:
-      return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
-    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kGelu: return fn(Act<Activation::kGelu>{});
+    case Activation::kGeluTanh: return fn(Act<Activation::kGeluTanh>{});
+    case Activation::kSilu: return fn(Act<Activation::kSilu>{});
+    case Activation::kRelu: return fn(Act<Activation::kRelu>{});
   }
 }
 

@@ -1,13 +1,22 @@
-// Row reductions for the CUDA norm kernels: a row is summed by a group of
+// Reductions of the CUDA kernels. The order of the operations depends only on
+// the launch shape, so results are reproducible.
+//
+// Norm rows (group_sum, row_sum): a row is summed by a group of
 // `threads_per_row` consecutive threads, either part of a warp (a power of two
 // <= 32: shuffles only) or whole warps (a multiple of 32: shuffles, then the
-// warp totals through shared memory).
+// warp totals through shared memory); every thread of a group ends with the
+// same bits.
 //
-// Every thread of a group ends with the same bits, and the order of the
-// additions depends only on the launch shape, so results are reproducible.
+// Telemetry (warp_reduce, block_reduce): one value per thread over a warp or a
+// whole block, in cub's order, with the total in lane / thread 0.
 #pragma once
 
 #include <c10/macros/Macros.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
+
+#include <type_traits>
 
 namespace ffn::cuda {
 
@@ -51,6 +60,42 @@ __device__ __forceinline__ void row_sum(A (&v)[N], int threads_per_row, A* scrat
     v[k] = total;
   }
   __syncthreads();  // scratch is free for the next call
+}
+
+// The operations of warp_reduce / block_reduce.
+struct Sum {};
+// max that returns NaN if either side is NaN (a diverged run must show up).
+struct NanMax {
+  template <typename V>
+  __device__ V operator()(const V& a, const V& b) const {
+    return (a != a || a > b) ? a : b;
+  }
+};
+
+template <typename V>
+using WarpReduceStorage = typename cub::WarpReduce<V>::TempStorage;
+template <typename V, int kThreads>
+using BlockReduceStorage = typename cub::BlockReduce<V, kThreads>::TempStorage;
+
+// v reduced over the (full) warp with op; valid in lane 0.
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_reduce(V v, Op op, WarpReduceStorage<V>& storage) {
+  if constexpr (std::is_same_v<Op, Sum>) {
+    return cub::WarpReduce<V>(storage).Sum(v);
+  } else {
+    return cub::WarpReduce<V>(storage).Reduce(v, op);
+  }
+}
+
+// v reduced over the block of kThreads threads with op; valid in thread 0.
+// Every thread must call it; storage is free again after a __syncthreads().
+template <int kThreads, typename V, typename Op>
+__device__ __forceinline__ V block_reduce(V v, Op op, BlockReduceStorage<V, kThreads>& storage) {
+  if constexpr (std::is_same_v<Op, Sum>) {
+    return cub::BlockReduce<V, kThreads>(storage).Sum(v);
+  } else {
+    return cub::BlockReduce<V, kThreads>(storage).Reduce(v, op);
+  }
 }
 
 }  // namespace ffn::cuda

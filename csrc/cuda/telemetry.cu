@@ -3,7 +3,7 @@
 // One warp per row (rows spread over a grid whose size depends only on the row
 // count), lanes striding over the features. Each lane accumulates its share of
 // a row in float32 (float64 for float64 input) and adds the row's totals to its
-// float64 accumulators; each block reduces those with cub::BlockReduce and
+// float64 accumulators; each block reduces those (block_reduce, reduce.cuh) and
 // writes one partial per field; reduce_partials_kernel then adds the blocks'
 // partials in a fixed order. No atomics, so the result is bit-reproducible.
 //
@@ -16,18 +16,16 @@
 //                         on the device (no host sync) and reads again only the
 //                         rows whose max |h| is above the threshold.
 #include "activation.cuh"
+#include "reduce.cuh"
 #include "telemetry.h"
+#include "vec.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include <cub/block/block_reduce.cuh>
-#include <cub/warp/warp_reduce.cuh>
 
 #include <algorithm>
 #include <cmath>
@@ -37,7 +35,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int64_t kMaxBlocks = 1024;
 
@@ -49,27 +46,18 @@ constexpr int kHiddenMaxField = kHAbsMax - kHCount;
 static_assert(kHOutliers == kGateLarge + 1 && kNumStatFields == kHOutliers + 1,
               "the partials layout follows StatField");
 
-// max that returns NaN if either side is NaN (a diverged run must show up).
-struct NanMax {
-  template <typename V>
-  __device__ V operator()(const V& a, const V& b) const {
-    return (a != a || a > b) ? a : b;
-  }
-};
-
 int num_blocks(int64_t rows) {
-  return static_cast<int>(std::clamp<int64_t>((rows + kWarps - 1) / kWarps, 1, kMaxBlocks));
+  return static_cast<int>(std::clamp<int64_t>(ceil_div(rows, kWarps), 1, kMaxBlocks));
 }
 
 // Reduces each thread's values[k] over the block (a sum, or for k == max_field
 // a NaN-propagating max) and thread 0 writes them to out[0..kFields).
 template <int kFields>
 __device__ void store_block_partials(const double (&values)[kFields], int max_field, double* out) {
-  using BlockReduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename BlockReduce::TempStorage storage;
+  __shared__ BlockReduceStorage<double, kThreads> storage;
   for (int k = 0; k < kFields; ++k) {
-    const double total = k == max_field ? BlockReduce(storage).Reduce(values[k], NanMax{})
-                                        : BlockReduce(storage).Sum(values[k]);
+    const double total = k == max_field ? block_reduce<kThreads>(values[k], NanMax{}, storage)
+                                        : block_reduce<kThreads>(values[k], Sum{}, storage);
     if (threadIdx.x == 0) out[k] = total;
     __syncthreads();  // the next field reuses storage
   }
@@ -78,9 +66,8 @@ __device__ void store_block_partials(const double (&values)[kFields], int max_fi
 template <typename T>
 __global__ void input_stats_kernel(const T* __restrict__ x, int64_t rows, int64_t d,
                                    double* __restrict__ partials) {
-  using Acc = at::opmath_type<T>;
-  using WarpReduce = cub::WarpReduce<Acc>;
-  __shared__ typename WarpReduce::TempStorage warp_storage[kWarps];
+  using Acc = acc_t<T>;
+  __shared__ WarpReduceStorage<Acc> warp_storage[kWarps];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   double values[kInputFields] = {};  // tokens, sum of row means, sum of |row mean|
   // r is the same for all lanes of a warp: the warp reduction below is never divergent.
@@ -89,7 +76,7 @@ __global__ void input_stats_kernel(const T* __restrict__ x, int64_t rows, int64_
     Acc sum = 0;
 #pragma unroll 4
     for (int64_t i = lane; i < d; i += kWarpSize) sum += static_cast<Acc>(xr[i]);
-    sum = WarpReduce(warp_storage[warp]).Sum(sum);  // valid in lane 0
+    sum = warp_reduce(sum, Sum{}, warp_storage[warp]);  // valid in lane 0
     __syncwarp();
     if (lane == 0) {
       const double mean = static_cast<double>(sum) / static_cast<double>(d);
@@ -107,7 +94,7 @@ struct HiddenElement {
   Acc gate, act, h;
 };
 
-template <typename A, typename T, typename Acc = at::opmath_type<T>>
+template <typename A, typename T, typename Acc = acc_t<T>>
 __device__ inline HiddenElement<Acc> hidden_at(const T* zr, int64_t F, bool gated, int64_t i) {
   const Acc gate = static_cast<Acc>(zr[i]);
   const Acc act = A::template value<Acc>(gate);
@@ -116,12 +103,11 @@ __device__ inline HiddenElement<Acc> hidden_at(const T* zr, int64_t F, bool gate
 
 template <typename T, typename A>
 __global__ void hidden_stats_kernel(const T* __restrict__ z, int64_t rows, int64_t F, bool gated,
-                                    at::opmath_type<T> near_zero, at::opmath_type<T> large,
+                                    acc_t<T> near_zero, acc_t<T> large,
                                     double* __restrict__ partials,
-                                    at::opmath_type<T>* __restrict__ row_abs_max) {
-  using Acc = at::opmath_type<T>;
-  using WarpReduce = cub::WarpReduce<Acc>;
-  __shared__ typename WarpReduce::TempStorage warp_storage[kWarps];
+                                    acc_t<T>* __restrict__ row_abs_max) {
+  using Acc = acc_t<T>;
+  __shared__ WarpReduceStorage<Acc> warp_storage[kWarps];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t cols = gated ? 2 * F : F;
   // StatField order from kHCount: h count, sums of h^1..4, max|h|, gate count,
@@ -147,7 +133,7 @@ __global__ void hidden_stats_kernel(const T* __restrict__ z, int64_t rows, int64
         large_count += act_abs > large ? Acc(1) : Acc(0);
       }
     }
-    const Acc row_max = WarpReduce(warp_storage[warp]).Reduce(abs_max, NanMax{});  // lane 0
+    const Acc row_max = warp_reduce(abs_max, NanMax{}, warp_storage[warp]);  // lane 0
     __syncwarp();
     if (lane == 0) {
       row_abs_max[r] = row_max;
@@ -170,10 +156,10 @@ __global__ void hidden_stats_kernel(const T* __restrict__ z, int64_t rows, int64
 
 template <typename T, typename A>
 __global__ void outlier_count_kernel(const T* __restrict__ z, int64_t rows, int64_t F, bool gated,
-                                     double outlier, const at::opmath_type<T>* __restrict__ row_abs_max,
+                                     double outlier, const acc_t<T>* __restrict__ row_abs_max,
                                      const double* __restrict__ stats,
                                      double* __restrict__ partials) {
-  using Acc = at::opmath_type<T>;
+  using Acc = acc_t<T>;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t cols = gated ? 2 * F : F;
   // NaN when h is empty or has a NaN: then no element counts.
@@ -203,10 +189,9 @@ __global__ void reduce_partials_kernel(const double* __restrict__ partials, int 
     const double p = partials[int64_t(b) * fields + k];
     value = is_max ? NanMax{}(value, p) : value + p;
   }
-  using BlockReduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename BlockReduce::TempStorage storage;
-  const double total = is_max ? BlockReduce(storage).Reduce(value, NanMax{})
-                              : BlockReduce(storage).Sum(value);
+  __shared__ BlockReduceStorage<double, kThreads> storage;
+  const double total = is_max ? block_reduce<kThreads>(value, NanMax{}, storage)
+                              : block_reduce<kThreads>(value, Sum{}, storage);
   if (threadIdx.x == 0) out[k] = total;
 }
 
@@ -239,11 +224,11 @@ void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, boo
   const Tensor outlier_partials = at::empty({blocks, 1}, stats.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, preact.scalar_type(),
                                   "ffn_stats_hidden_cuda", [&] {
-    using Acc = at::opmath_type<scalar_t>;
+    using Acc = acc_t<scalar_t>;
     const Tensor row_abs_max =
         at::empty({rows}, preact.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-    dispatch_activation(act, [&](auto kind) {
-      using A = Act<decltype(kind)::value>;
+    dispatch_activation(act, [&](auto fn) {
+      using A = decltype(fn);
       hidden_stats_kernel<scalar_t, A><<<blocks, kThreads, 0, stream>>>(
           preact.const_data_ptr<scalar_t>(), rows, F, gated, static_cast<Acc>(thresholds.near_zero),
           static_cast<Acc>(thresholds.large), hidden_partials.mutable_data_ptr<double>(),

@@ -1,6 +1,6 @@
-// Activation formulas of the CPU kernels, on Vectorized packs (cpu_vec.h):
-// the FFN ops' fused elementwise passes (ffn_cpu.cpp) and the telemetry
-// (telemetry_cpu.cpp) share them, so the statistics describe exactly the
+// Activation formulas of the CPU kernels, on Vectorized packs (vec.h): the
+// FFN ops' fused elementwise passes (ffn.cpp) and the telemetry (telemetry.cpp)
+// share them, so the statistics describe exactly the
 // activations the forward computes.
 //
 // The formulas follow ATen's vectorized CPU kernels (Activation.cpp) term for
@@ -10,7 +10,7 @@
 // ours in the last bit.)
 #pragma once
 
-#include "ffn.h"
+#include "activation_table.h"
 
 #include <c10/macros/Macros.h>
 
@@ -19,7 +19,8 @@
 
 namespace ffn::cpu {
 
-// Each activation: value(x), and value_and_grad(x) -> {act(x), act'(x)}.
+// Each activation, with the same members as the CUDA ones (cuda/activation.cuh):
+// value(x) = act(x), and value_and_grad(x, dy) = {act(x), dy * act'(x)}.
 template <Activation kAct>
 struct Act;
 
@@ -30,10 +31,10 @@ struct Act<Activation::kGelu> {
     return x * V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
   }
   template <typename V>
-  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x, const V& dy) {
     const V cdf = V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
     const V pdf = V(M_2_SQRTPI * M_SQRT1_2 * 0.5) * (x * x * V(-0.5)).exp();
-    return {x * cdf, cdf + x * pdf};
+    return {x * cdf, dy * (cdf + x * pdf)};
   }
 };
 
@@ -47,13 +48,13 @@ struct Act<Activation::kGeluTanh> {
     return V(0.5) * x * (V(1) + inner.tanh());
   }
   template <typename V>
-  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x, const V& dy) {
     const V x_sq = x * x;
     const V tanh_inner = (V(kBeta) * (x + V(kKappa) * (x_sq * x))).tanh();
     const V left = V(0.5) * x;
     const V right = V(1) + tanh_inner;
     const V right_grad = (V(1) - tanh_inner * tanh_inner) * (V(kBeta) * (V(1) + V(3 * kKappa) * x_sq));
-    return {left * right, V(0.5) * right + left * right_grad};
+    return {left * right, dy * (V(0.5) * right + left * right_grad)};
   }
 };
 
@@ -64,12 +65,12 @@ struct Act<Activation::kSilu> {
     return x / (V(1) + x.neg().exp());
   }
   template <typename V>
-  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x, const V& dy) {
     const V one_plus_exp = V(1) + x.neg().exp();
     const V sigmoid = V(1) / one_plus_exp;
     // The value as value() computes it (not x * sigmoid): the hidden activation
     // backward recomputes for w_down's gradient is then the forward's, bit for bit.
-    return {x / one_plus_exp, sigmoid * (V(1) + x * (V(1) - sigmoid))};
+    return {x / one_plus_exp, dy * (sigmoid * (V(1) + x * (V(1) - sigmoid)))};
   }
 };
 
@@ -80,10 +81,10 @@ struct Act<Activation::kRelu> {
     return maximum(x, V(0));  // propagates NaN like torch.relu
   }
   template <typename V>
-  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x) {
+  C10_ALWAYS_INLINE static std::pair<V, V> value_and_grad(const V& x, const V& dy) {
     // ATen's threshold_backward: derivative 0 where x <= 0 (x == 0 included), else 1,
     // so a NaN input passes its gradient through, as on CUDA.
-    return {maximum(x, V(0)), V::blendv(V(1), V(0), x <= V(0))};
+    return {maximum(x, V(0)), dy * V::blendv(V(1), V(0), x <= V(0))};
   }
 };
 

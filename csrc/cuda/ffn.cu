@@ -67,7 +67,7 @@ __device__ __forceinline__ void for_each_word(const ActivationArgs<T>& a, const 
   }
 }
 
-template <typename T, Activation kAct>
+template <typename T, typename ActFn>
 __global__ void activation_forward_kernel(const ActivationArgs<T> a) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
@@ -76,7 +76,7 @@ __global__ void activation_forward_kernel(const ActivationArgs<T> a) {
     A gate[V], out[V];
     load_preact(z, a.bias != nullptr ? a.bias + col : nullptr, count, a.vectorized, gate);
 #pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = Act<kAct>::value(gate[k]);
+    for (int k = 0; k < V; ++k) out[k] = ActFn::value(gate[k]);
     if (a.gated) {
       A up[V];
       load_preact(z + a.F, a.bias != nullptr ? a.bias + a.F + col : nullptr, count, a.vectorized,
@@ -88,7 +88,7 @@ __global__ void activation_forward_kernel(const ActivationArgs<T> a) {
   });
 }
 
-template <typename T, Activation kAct>
+template <typename T, typename ActFn>
 __global__ void activation_backward_kernel(const ActivationArgs<T> a) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
@@ -103,13 +103,13 @@ __global__ void activation_backward_kernel(const ActivationArgs<T> a) {
     if (!a.gated) {
       A grad_gate[V], act[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) grad_gate[k] = Act<kAct>::backward(gate[k], grad_h[k]);
-      store<V>(grad_z, count, a.vectorized, grad_gate);
-      if (h != nullptr) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) act[k] = Act<kAct>::value(gate[k]);
-        store<V>(h, count, a.vectorized, act);
+      for (int k = 0; k < V; ++k) {
+        const auto [value, grad] = ActFn::value_and_grad(gate[k], grad_h[k]);
+        act[k] = value;
+        grad_gate[k] = grad;
       }
+      store<V>(grad_z, count, a.vectorized, grad_gate);
+      if (h != nullptr) store<V>(h, count, a.vectorized, act);
       return;
     }
     A up[V], grad_gate[V], grad_up[V], hidden[V];
@@ -117,8 +117,8 @@ __global__ void activation_backward_kernel(const ActivationArgs<T> a) {
                 up);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const A act = Act<kAct>::value(gate[k]);
-      grad_gate[k] = Act<kAct>::backward(gate[k], grad_h[k] * up[k]);
+      const auto [act, grad] = ActFn::value_and_grad(gate[k], grad_h[k] * up[k]);
+      grad_gate[k] = grad;
       grad_up[k] = grad_h[k] * act;
       hidden[k] = act * up[k];
     }
@@ -127,7 +127,6 @@ __global__ void activation_backward_kernel(const ActivationArgs<T> a) {
     if (h != nullptr) store<V>(h, count, a.vectorized, hidden);
   });
 }
-
 
 constexpr int kBlockThreads = 256;
 constexpr int64_t kMaxGridDim = 65535;
@@ -162,8 +161,8 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
                                z.size(1),
                                gated,
                                false};
-    dispatch_activation(act, [&](auto kind) {
-      launch(activation_forward_kernel<scalar_t, decltype(kind)::value>, a);
+    dispatch_activation(act, [&](auto fn) {
+      launch(activation_forward_kernel<scalar_t, decltype(fn)>, a);
     });
   });
 }
@@ -182,8 +181,8 @@ void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad
                                z.size(1),
                                gated,
                                false};
-    dispatch_activation(act, [&](auto kind) {
-      launch(activation_backward_kernel<scalar_t, decltype(kind)::value>, a);
+    dispatch_activation(act, [&](auto fn) {
+      launch(activation_backward_kernel<scalar_t, decltype(fn)>, a);
     });
   });
 }

@@ -8,14 +8,13 @@
 // Backward, per row (g = dy * w, xhat = (x - mean) * rstd):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))       (RMSNorm: no mean(g))
 // in two passes: both row sums together, then dx. Weight/bias gradients are sums
-// over rows. Each of a fixed number of row chunks (a function of the shape only)
-// accumulates its own float32 partial sums and the chunks are added in order,
-// so the result does not depend on the thread count and is bit-reproducible.
+// over rows, reduced in fixed row chunks (parallel.h): bit-reproducible.
 // LayerNorm and RMSNorm are separate instantiations (kCenter), so RMSNorm does no
 // mean arithmetic.
-#include "cpu_vec.h"
 #include "dispatch.h"
 #include "ffn.h"
+#include "parallel.h"
+#include "vec.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,13 +27,6 @@
 namespace ffn {
 namespace cpu {
 namespace {
-
-// Rows per parallel task: about this many elements, so small d still splits well.
-constexpr int64_t kGrainElements = 32768;
-// Row chunks of the weight/bias gradient reduction (fixed: determinism).
-constexpr int64_t kMaxParamGradChunks = 64;
-
-int64_t row_grain(int64_t d) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(d, 1)); }
 
 // Mean and biased variance of a row. One pass sums x and x^2; only when the mean
 // is large next to the spread (mean^2 > var, where E[x^2] - mean^2 would lose more
@@ -154,31 +146,10 @@ void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* 
   }
 }
 
-// Row chunks of the weight/bias gradient: a fixed function of the shape (never of the thread
-// count), at most kMaxParamGradChunks, and few when there is little work, so that zeroing and
-// reducing the partial sums stays small next to the rows themselves.
+// Row chunks of the weight/bias gradient: few when there is little work, so that
+// zeroing and reducing the partial sums stays small next to the rows themselves.
 int64_t param_grad_chunks(int64_t rows, int64_t d) {
-  const int64_t by_work = rows * std::max<int64_t>(d, 1) / kGrainElements;
-  return std::clamp<int64_t>(std::min(by_work, rows), 1, kMaxParamGradChunks);
-}
-
-// out[i] = sum over c of partial[c * d + i], chunks added in order (vectorized along i).
-template <typename A, typename P>
-void reduce_chunks(const A* partial, int64_t chunks, int64_t d, P* out) {
-  using Vec = at::vec::Vectorized<A>;
-  auto load_part = [&](const A* p, int64_t n) { return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n); };
-  for (int64_t i = 0; i < d; i += Vec::size()) {
-    const int64_t n = std::min<int64_t>(Vec::size(), d - i);
-    Vec sum = load_part(partial + i, n);
-    for (int64_t c = 1; c < chunks; ++c) sum = sum + load_part(partial + c * d + i, n);
-    if constexpr (std::is_same_v<P, A>) {
-      sum.store(out + i, static_cast<int>(n));
-    } else {
-      A sums[Vec::size()];
-      sum.store(sums);
-      for (int64_t k = 0; k < n; ++k) out[i + k] = static_cast<P>(sums[k]);
-    }
-  }
+  return row_chunks(std::min(rows * std::max<int64_t>(d, 1) / kGrainElements, rows));
 }
 
 template <typename T, typename P, bool kCenter>
@@ -201,26 +172,23 @@ void backward_kernel(const Tensor& grad_y, const Tensor& x, const Tensor& mean, 
     return;
   }
 
-  // One parallel region: each chunk zeroes and fills its own partial sums; the (small)
-  // ordered reduction over chunks follows on this thread.
+  // Each chunk zeroes and fills its own partial sums; the (small) ordered reduction
+  // over chunks follows on this thread.
   const int64_t chunks = param_grad_chunks(rows, d);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
   const Tensor dw_partial = grad_weight.defined() ? at::empty({chunks, d}, acc_options) : Tensor();
   const Tensor db_partial = grad_bias.defined() ? at::empty({chunks, d}, acc_options) : Tensor();
   A* dw_acc = dw_partial.defined() ? dw_partial.mutable_data_ptr<A>() : nullptr;
   A* db_acc = db_partial.defined() ? db_partial.mutable_data_ptr<A>() : nullptr;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      A* dw_c = dw_acc != nullptr ? dw_acc + c * d : nullptr;
-      A* db_c = db_acc != nullptr ? db_acc + c * d : nullptr;
-      if (dw_c != nullptr) std::fill_n(dw_c, d, A(0));
-      if (db_c != nullptr) std::fill_n(db_c, d, A(0));
-      backward_rows<T, P, kCenter>(c * rows / chunks, (c + 1) * rows / chunks, d, DY, X, M, R, W,
-                                   DX, dw_c, db_c);
-    }
+  for_each_row_chunk(rows, d, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+    A* dw_c = dw_acc != nullptr ? dw_acc + c * d : nullptr;
+    A* db_c = db_acc != nullptr ? db_acc + c * d : nullptr;
+    if (dw_c != nullptr) std::fill_n(dw_c, d, A(0));
+    if (db_c != nullptr) std::fill_n(db_c, d, A(0));
+    backward_rows<T, P, kCenter>(begin, end, d, DY, X, M, R, W, DX, dw_c, db_c);
   });
-  if (dw_acc != nullptr) reduce_chunks(dw_acc, chunks, d, grad_weight.mutable_data_ptr<P>());
-  if (db_acc != nullptr) reduce_chunks(db_acc, chunks, d, grad_bias.mutable_data_ptr<P>());
+  if (dw_acc != nullptr) sum_chunk_columns(dw_acc, chunks, d, grad_weight.mutable_data_ptr<P>());
+  if (db_acc != nullptr) sum_chunk_columns(db_acc, chunks, d, grad_bias.mutable_data_ptr<P>());
 }
 
 void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,

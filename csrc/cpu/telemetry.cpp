@@ -1,8 +1,7 @@
 // CPU kernel of ffn_stats (telemetry.h).
 //
-// Rows are split into a fixed number of chunks (at most kMaxChunks, independent
-// of the thread count); each chunk accumulates float64 partials and the chunks
-// are added in order, so the result is bit-reproducible. Within a row the sums
+// Rows are reduced in fixed row chunks (parallel.h), each with float64
+// partials, so the result is bit-reproducible. Within a row the sums
 // run in float32 vector lanes (float64 for float64 input) and each row's totals
 // are added to the chunk's float64 partials.
 //
@@ -13,9 +12,10 @@
 //   pass 2 over preact:  the count of |h| > outlier * rms(h), which needs rms(h),
 //                        i.e. all of pass 1, first. Only rows whose max |h| is
 //                        above the threshold are read again (outliers are rare).
-#include "activation_cpu.h"
-#include "cpu_vec.h"
+#include "activation.h"
+#include "parallel.h"
 #include "telemetry.h"
+#include "vec.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,11 +28,6 @@ namespace ffn {
 namespace cpu {
 namespace {
 
-// Elements per parallel task, as in the other CPU kernels.
-constexpr int64_t kGrainElements = 32768;
-// Row chunks of the reduction (fixed: determinism).
-constexpr int64_t kMaxChunks = 64;
-
 // max that returns NaN if either side is NaN (a diverged run must show up).
 inline double nan_max(double a, double b) { return (std::isnan(a) || a > b) ? a : b; }
 
@@ -42,27 +37,13 @@ inline acc_t<T> max_lanes(const Pack<T>& v) {
       [](const auto& a, const auto& b) { return at::vec::maximum(a, b); }, v);
 }
 
-// Calls body(chunk, begin_row, end_row) for each of `chunks` fixed row chunks, in parallel.
-template <typename Body>
-void for_each_chunk(int64_t rows, int64_t cols, int64_t chunks, const Body& body) {
-  const int64_t elements_per_chunk = std::max<int64_t>(1, rows * cols / chunks);
-  at::parallel_for(0, chunks, std::max<int64_t>(1, kGrainElements / elements_per_chunk),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      body(c, c * rows / chunks, (c + 1) * rows / chunks);
-    }
-  });
-}
-
-int64_t num_chunks(int64_t rows) { return std::clamp<int64_t>(rows, 1, kMaxChunks); }
-
 template <typename T>
 void input_stats(const Tensor& x, double* out) {
   const int64_t rows = x.size(0), d = x.size(1);
   const T* X = x.const_data_ptr<T>();
-  const int64_t chunks = num_chunks(rows);
+  const int64_t chunks = row_chunks(rows);
   std::vector<double> mean_sum(chunks, 0.0), mean_abs_sum(chunks, 0.0);
-  for_each_chunk(rows, d, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+  for_each_row_chunk(rows, d, chunks, [&](int64_t c, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = X + r * d;
       const double mean =
@@ -110,12 +91,12 @@ void hidden_stats(const Tensor& preact, const StatThresholds& thresholds, double
   const T* Z = preact.const_data_ptr<T>();
   const Pack<T> near_zero(static_cast<Acc>(thresholds.near_zero));
   const Pack<T> large(static_cast<Acc>(thresholds.large));
-  const int64_t chunks = num_chunks(rows);
+  const int64_t chunks = row_chunks(rows);
   std::vector<HiddenPartial> partial(chunks);
   std::vector<Acc> row_abs_max(rows);
 
   // Pass 1.
-  for_each_chunk(rows, cols, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+  for_each_row_chunk(rows, cols, chunks, [&](int64_t c, int64_t begin, int64_t end) {
     HiddenPartial& p = partial[c];
     for (int64_t r = begin; r < end; ++r) {
       const T* zr = Z + r * cols;
@@ -182,7 +163,7 @@ void hidden_stats(const Tensor& preact, const StatThresholds& thresholds, double
   const Acc threshold = static_cast<Acc>(thresholds.outlier * std::sqrt(total.h_sq_sum / h_count));
   const Pack<T> threshold_v(threshold);
   std::vector<double> outliers(chunks, 0.0);
-  for_each_chunk(rows, cols, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+  for_each_row_chunk(rows, cols, chunks, [&](int64_t c, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (!(row_abs_max[r] > threshold)) continue;
       const T* zr = Z + r * cols;

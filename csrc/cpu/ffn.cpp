@@ -1,11 +1,10 @@
 // CPU kernels of the FFN ops' fused elementwise passes: bias + activation
 // (+ gate * up) forward, the activation's derivative backward (formulas:
-// activation_cpu.h). Registers the CPU kernels of every op (norm kernels:
-// norm_cpu.cpp, telemetry: telemetry_cpu.cpp).
-#include "activation_cpu.h"
-#include "cpu_vec.h"
+// activation.h).
+#include "activation.h"
 #include "ffn.h"
-#include "registration.h"
+#include "parallel.h"
+#include "vec.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,8 +13,6 @@
 namespace ffn {
 namespace cpu {
 namespace {
-
-constexpr int64_t kGrainElements = 32768;
 
 // z + bias as the pre-activation the forward stored (rounded to T).
 template <typename T>
@@ -30,8 +27,7 @@ void forward_kernel(const Tensor& z, const Tensor& bias, bool gated, const Tenso
   const T* Z = z.const_data_ptr<T>();
   const T* B = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* H = h.mutable_data_ptr<T>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(z_cols, 1)),
-                   [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* zr = Z + r * z_cols;
       T* hr = H + r * F;
@@ -57,8 +53,7 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
   const T* DH = grad_h.const_data_ptr<T>();
   T* DZ = grad_z.data_ptr<T>();  // may alias DH (plain): each step reads before it writes
   T* H = h.defined() ? h.mutable_data_ptr<T>() : nullptr;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(z_cols, 1)),
-                   [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* zr = Z + r * z_cols;
       const T* dhr = DH + r * F;
@@ -66,14 +61,15 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
       for_each_step<T>(F, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
         const auto g = preact_at<T>(zr, B, i, n);
         const auto dh = load<T>(dhr + i, n);
-        const auto [act, act_grad] = A::value_and_grad(g);
         if (!gated) {
-          store<T>(dzr + i, dh * act_grad, n);
+          const auto [act, grad_g] = A::value_and_grad(g, dh);
+          store<T>(dzr + i, grad_g, n);
           if (H != nullptr) store<T>(H + r * F + i, act, n);
           return;
         }
         const auto u = preact_at<T>(zr + F, B != nullptr ? B + F : nullptr, i, n);
-        store<T>(dzr + i, dh * u * act_grad, n);
+        const auto [act, grad_g] = A::value_and_grad(g, dh * u);
+        store<T>(dzr + i, grad_g, n);
         store<T>(dzr + F + i, dh * act, n);
         if (H != nullptr) store<T>(H + r * F + i, act * u, n);
       });
@@ -104,11 +100,5 @@ void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad
 const ActivationKernels kActivationKernels{&activation_forward, &activation_backward};
 
 }  // namespace cpu
-
-TORCH_LIBRARY_IMPL(ffn, CPU, m) {
-  register_norm_kernels<cpu::kNormKernels>(m);
-  register_activation_kernels<cpu::kActivationKernels>(m);
-  register_telemetry_kernels<cpu::kTelemetryKernels>(m);
-}
 
 }  // namespace ffn
