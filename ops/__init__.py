@@ -21,6 +21,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the C++/CUDA library: schemas and kernels)
 from . import _registrations  # noqa: F401  (autograd and fake kernels)
+from . import distributed  # noqa: F401  (DTensor strategies, registered when torch.distributed.tensor loads)
 from . import activations, modules, reference, schema, telemetry
 from .modules import FFN, GatedFFN, GeGLU, GeluFFN, LayerNorm, ReGLU, RMSNorm, SwiGLU
 from .patch import patch  # ffn.patch(model): HF transformers models (imports transformers only when called)
