@@ -13,7 +13,11 @@ the flags. The op library (`import ffn`) never imports this package.
     train.py        the training loop, checkpoints, --resume
     evaluate.py     validation loss and telemetry, the post-training probes
     probes.py       where a mean shift arrives (shift offsets)
-    quant.py        int8 / int4 quantization probes
+    quant.py        int8 / int4 weight-only, int8 down-proj input, W8A8 (per tensor, per channel, SmoothQuant)
+    outliers.py     outlier statistics: neuron-rms kurtosis, max/median, gate/up alignment, W8A8 error
+    health.py       divergence / spike / did-not-learn flags, gradient norms, update ratios
+    stats.py        95% t intervals over seeds and paired differences (SciPy)
+    studies.py      seed tables, paired differences and the case-study answers of the report
     metrics.py      metrics.jsonl + TensorBoard, telemetry overhead, memory
     results.py      DesignResult, RunMeta (result.json, run.json)
     report.py       the terminal table, report.md and plots

@@ -23,13 +23,13 @@ import torch
 
 from . import data as textdata
 from . import designs as designgrammar
-from .config import DEFAULT_DESIGNS, DEFAULT_PROBE_SHIFT, PRESETS, RunConfig, TrainConfig
+from .config import DEFAULT_DESIGNS, DEFAULT_PROBE_SHIFT, PRESETS, STUDY, RunConfig, TrainConfig
 from .designs import FFNS, LAYOUTS, NORMS, PLACEMENTS, Design
 from .distributed import init_dist
 from .metrics import MetricsLog
 from .model import BACKENDS
 from .results import DesignResult, RunMeta
-from .train import train_design
+from .train import member_label, train_design
 
 _SIZE_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch_size", "steps", "warmup",
                "eval_every", "eval_windows", "telemetry_every", "ckpt_every")
@@ -66,6 +66,12 @@ def build_parser():
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--no-ffn-bias", action="store_true", help="FFNs without biases (LLaMA-style)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seeds", type=int, default=None,
+                   help="train every design with N seeds (--seed, --seed+1, ...): initialization and batch order "
+                        "vary with the seed and are paired across designs; the report gives means, 95%% t intervals "
+                        f"and paired differences (default 1; the study preset: {STUDY['seeds']})")
+    p.add_argument("--lrs", default=None, metavar="LR,LR,...",
+                   help="a learning-rate sweep: every design at each peak lr (same seeds), e.g. 1e-3,3e-3,1e-2")
     p.add_argument("--data", default=None, help="a UTF-8 text file to train on (default: the bundled corpus)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--name", default="ab", help="the run's directory under --out")
@@ -97,16 +103,43 @@ def parse_config(argv=None):
             raise SystemExit("ab: --norm and --ffn go together")
         specs = f"{args.norm}+{args.ffn}"
     else:
-        specs = args.designs or DEFAULT_DESIGNS
+        specs = args.designs or (STUDY["designs"] if preset == "study" else DEFAULT_DESIGNS)
     if args.recenter:
         specs = ",".join(f"{spec.strip()}+recenter" for spec in specs.split(",") if spec.strip())
     try:
         designs = tuple(designgrammar.parse_designs(specs, base))
     except ValueError as e:
         raise SystemExit(f"ab: {e}") from None
+    seeds = args.seeds if args.seeds is not None else (STUDY["seeds"] if preset == "study" else 1)
+    if seeds < 1:
+        raise SystemExit("ab: --seeds must be at least 1")
+    lrs = None
+    if args.lrs:
+        try:
+            lrs = tuple(float(v) for v in args.lrs.split(",") if v.strip())
+        except ValueError:
+            raise SystemExit(f"ab: --lrs {args.lrs!r}: give comma-separated numbers, e.g. 1e-3,3e-3") from None
+        if not lrs or len(set(lrs)) != len(lrs) or min(lrs) <= 0:
+            raise SystemExit(f"ab: --lrs {args.lrs!r}: give distinct positive learning rates")
     return RunConfig(train=train, designs=designs, preset=preset, data=args.data, device=args.device,
                      name=args.name, out=args.out, resume=args.resume, stop_at=args.stop_at,
-                     probe_shift=args.probe_shift, progress=not args.no_progress, report=not args.no_report)
+                     probe_shift=args.probe_shift, progress=not args.no_progress, report=not args.no_report,
+                     seeds=seeds, lrs=lrs)
+
+
+def members(run):
+    """(spec, design, TrainConfig, label, group) of every training of the run, in order: per
+    learning rate, per seed, every design (so an interrupted run has whole seeds)."""
+    from dataclasses import replace
+
+    out = []
+    for lr in run.lrs or (run.train.lr,):
+        for k in range(run.seeds):
+            config = replace(run.train, seed=run.train.seed + k, lr=lr)
+            for spec, design in run.designs:
+                group = f"{spec}@lr={lr:g}" if run.lrs else spec
+                out.append((spec, design, config, member_label(spec, k, lr, run), group))
+    return out
 
 
 def load_corpus(run, env):
@@ -144,16 +177,18 @@ def main(argv=None):
                   f"unigram entropy of val: {unigram:.4f} nats/byte")
             print(f"preset {run.preset}: d_model={config.d_model} layers={config.n_layers} heads={config.n_heads} "
                   f"d_ff={config.d_ff} seq={config.seq_len} batch={config.batch_size}x{env.world} "
-                  f"steps={config.steps} backend={config.backend} device={env.device} ranks={env.world}")
+                  f"steps={config.steps} backend={config.backend} device={env.device} ranks={env.world} "
+                  f"seeds={run.seeds}" + (f" lrs={','.join(f'{v:g}' for v in run.lrs)}" if run.lrs else ""))
         env.barrier()
         log = MetricsLog(run_dir, env)
         results = []
-        for spec, design in run.designs:
-            design_dir = run_dir / designgrammar.run_label(spec)
+        todo = members(run)
+        for spec, design, member_config, label, group in todo:
+            design_dir = run_dir / label
             if run.resume and (design_dir / "result.json").exists():
                 results.append(DesignResult.load(design_dir))
                 continue
-            result = train_design(spec, design, run, corpus, env, log, run_dir)
+            result = train_design(spec, design, run, corpus, env, log, run_dir, member_config, label, group)
             if result is None:  # --stop-at
                 return 0
             results.append(result)
@@ -162,7 +197,9 @@ def main(argv=None):
             meta = RunMeta(config=run.to_dict(), designs=[spec for spec, _ in run.designs], world_size=env.world,
                            device=str(env.device), data=str(corpus.path), train_bytes=len(corpus.train),
                            val_bytes=len(corpus.val), unigram_entropy=unigram, wall_s=wall,
-                           torch=torch.__version__, threads=torch.get_num_threads())
+                           torch=torch.__version__, threads=torch.get_num_threads(),
+                           members=[m[3] for m in todo], seeds=[run.train.seed + k for k in range(run.seeds)],
+                           lrs=list(run.lrs) if run.lrs else None)
             meta.save(run_dir)
             from . import report
 

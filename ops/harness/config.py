@@ -13,11 +13,18 @@ PRESETS = {
     "gpu": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, seq_len=512, batch_size=64, steps=3000,
                 lr=1e-3, warmup=200, eval_every=250, eval_windows=1024, telemetry_every=25,
                 ckpt_every=500, amp=True),
+    # The multi-seed study (STUDY below): sized by pilot runs on a 2-core CPU (README).
+    "study": dict(d_model=96, n_layers=4, n_heads=4, d_ff=384, seq_len=128, batch_size=16, steps=400,
+                  lr=3e-3, warmup=20, eval_every=100, eval_windows=128, telemetry_every=20,
+                  ckpt_every=100, amp=False),
     # A few seconds per design: for tests and smoke runs.
     "tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=96, seq_len=32, batch_size=4, steps=4,
                  lr=3e-3, warmup=2, eval_every=2, eval_windows=8, telemetry_every=2,
                  ckpt_every=2, amp=False),
 }
+# The study (--preset study): several seeds of the default designs plus the per-sequence
+# shift experiment, sized by measurement to fit 30 minutes on a 2-core CPU (README).
+STUDY = dict(seeds=3, designs="A,B,B+bias,B+recenter")
 DEFAULT_DESIGNS = "A,B,B+bias,B+recenter"
 DEFAULT_PROBE_SHIFT = 1.0  # in units of the rms of each FFN norm's input
 
@@ -74,6 +81,8 @@ class RunConfig:
     resume: bool = False
     stop_at: int | None = None  # stop after this step, as if killed (resume tests)
     probe_shift: float = DEFAULT_PROBE_SHIFT  # 0: no shift probe
+    seeds: int = 1  # seed k of every design: train.seed + k (initialization and batches)
+    lrs: tuple[float, ...] | None = None  # a learning-rate sweep: every design at each
     progress: bool = True
     report: bool = True
 

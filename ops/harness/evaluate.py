@@ -8,12 +8,19 @@ import torch
 
 from .. import telemetry
 from . import data as textdata
-from .model import shift_probe
+from .model import shift_probe, var_shift_probe
+from .outliers import eval_outliers
 from .probes import norm_input_rms, shift_offsets
-from .quant import quantized_down_input, quantized_ffn_weights
+from .quant import W8A8_MODES, calibrate, quantized_down_input, quantized_ffn_weights, quantized_w8a8
 from .results import ShiftProbe
 
 QUANT_BITS = (8, 4)  # weight-only probes; the down-projection input probe is int8
+# W8A8 static activation scales are calibrated on this many training batches (a fixed
+# stream, the same for every design and seed); outlier statistics read this many
+# validation batches.
+CALIB_BATCHES = 4
+CALIB_SEED = 999_983
+OUTLIER_BATCHES = 4
 
 
 def eval_batches(tokens, config, env):
@@ -59,10 +66,21 @@ class Evaluation:
     telemetry_val: list | None
     shift_probe: ShiftProbe | None
     quantized_val_loss: dict  # probe name (int8, int4, int8_h) -> validation loss
+    w8a8_val_loss: dict | None = None  # W8A8 mode -> validation loss
+    outliers_val: list | None = None
+    vshift_probe: dict | None = None
 
 
-def evaluate_design(model, tokens, config, env, probe_shift):
-    """The end-of-training evaluation and probes of one model on the validation tokens."""
+def calibration_batches(train_tokens, config, env):
+    for i in range(CALIB_BATCHES):
+        offsets = textdata.batch_offsets(len(train_tokens), config.seq_len, config.batch_size, CALIB_SEED, i)
+        yield textdata.get_batch(train_tokens, offsets, config.seq_len, env.device)[0]
+
+
+def evaluate_design(model, corpus, config, env, probe_shift):
+    """The end-of-training evaluation and probes of one model on the validation tokens
+    (`corpus` a TextData; its training tokens calibrate the W8A8 probes)."""
+    tokens = corpus.val
     with_tel = config.telemetry_every > 0
     reduce = env.all_reduce_ if env.world > 1 else None
     val_loss, tel_val = evaluate(model, tokens, config, env, with_stats=with_tel)
@@ -77,10 +95,23 @@ def evaluate_design(model, tokens, config, env, probe_shift):
             shifted_loss, tel_shifted = evaluate(model, tokens, config, env, with_stats=with_tel)
         probe = ShiftProbe(shift_rms_units=probe_shift, norm_input_rms=rms, shifts=shifts, val_loss=shifted_loss,
                            telemetry=tel_shifted, offsets=shift_offsets(model, inputs(), shifts, all_reduce=reduce))
+        # The same mean shift, its size varying per sequence (x m, model.sequence_multipliers).
+        with var_shift_probe(model, shifts):
+            v_loss, v_tel = evaluate(model, tokens, config, env, with_stats=with_tel)
+        vprobe = {"shift_rms_units": probe_shift, "shifts": shifts, "val_loss": v_loss, "telemetry": v_tel}
+    else:
+        vprobe = None
     quantized = {}
     for bits in QUANT_BITS:
         with quantized_ffn_weights(model, bits):
             quantized[f"int{bits}"], _ = evaluate(model, tokens, config, env)
     with quantized_down_input(model, 8):
         quantized["int8_h"], _ = evaluate(model, tokens, config, env)
-    return Evaluation(val_loss, tel_val, probe, quantized)
+    calib = calibrate(model, calibration_batches(corpus.train, config, env))
+    w8a8 = {}
+    for mode in W8A8_MODES:
+        with quantized_w8a8(model, calib, mode):
+            w8a8[mode], _ = evaluate(model, tokens, config, env)
+    outliers = eval_outliers(model, (x for i, (x, _) in enumerate(eval_batches(tokens, config, env))
+                                     if i < OUTLIER_BATCHES))
+    return Evaluation(val_loss, tel_val, probe, quantized, w8a8, outliers, vprobe)

@@ -42,16 +42,16 @@ class MetricsLog:
         if not self.env.main:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"design": label, "step": step, "kind": kind, **values}) + "\n")
+            f.write(json.dumps({"design": label, "step": step, "kind": kind, **values}, allow_nan=True) + "\n")
         if kind == "train":
             self.writer.add_scalar("loss/train", values["loss"], step)
             self.writer.add_scalar("lr", values["lr"], step)
         elif kind == "eval":
             self.writer.add_scalar("loss/val", values["val_loss"], step)
-        elif kind == "telemetry":
+        elif kind in ("telemetry", "optim", "outliers"):
             for key, value in values.items():
                 if key != "layer" and isinstance(value, float) and math.isfinite(value):
-                    self.writer.add_scalar(f"telemetry/layer{values['layer']}/{key}", value, step)
+                    self.writer.add_scalar(f"{kind}/layer{values['layer']}/{key}", value, step)
 
 
 def paired_overhead(times, telemetry_steps, skip=SKIP_TIMING_STEPS):

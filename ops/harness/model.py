@@ -94,6 +94,8 @@ class Block(nn.Module):
         design = config.design
         self.design = design
         self.mean_shift = design.mean_shift  # shift_probe() raises it temporarily
+        self.var_shift = design.var_shift  # times the per-sequence multiplier; var_shift_probe() raises it
+        self.capture = None  # a dict: forward stores its residual input and FFN input there (outliers.py)
         self.attn = CausalSelfAttention(config.d_model, config.n_heads)
         self.norm1 = make_norm(design, config.d_model, config.backend)
         # The parallel layout shares one norm between attention and FFN (PaLM).
@@ -107,26 +109,43 @@ class Block(nn.Module):
 
     def _ffn(self, x, stats):
         """FFN of x; appends this layer's raw telemetry sums to `stats` when it is a list."""
+        if self.capture is not None:
+            self.capture["ffn_in"] = x.detach()
         if stats is None:
             return self.ffn(x)
         out, preact = self.ffn.forward_with_preact(x)
         stats.append(telemetry.ffn_stats(x.detach(), preact.detach(), self.ffn.activation, self.ffn.gated))
         return out
 
-    def forward(self, x, stats=None):
+    def shift(self, mult=None):
+        """What enters the FFN norm besides the residual: the constant shift (a float), plus
+        var_shift * mult ([batch, 1, 1], one multiplier per sequence) when var_shift is set."""
         c = self.mean_shift
+        if self.var_shift and mult is not None:
+            c = c + self.var_shift * mult
+        return c
+
+    def forward(self, x, stats=None, mult=None):
+        if self.capture is not None:
+            self.capture["resid"] = x.detach()
+        c = self.shift(mult)
+        shifted = torch.is_tensor(c) or c
+
+        def add(t):
+            return t + c if shifted else t
+
         if self.design.layout == "serial":
             if self.design.placement == "pre":
                 x = x + self.attn(self.norm1(x))
-                return x + self._ffn(self.norm2(x + c if c else x), stats)
+                return x + self._ffn(self.norm2(add(x)), stats)
             x = self.norm1(x + self.attn(x))
             y = x + self._ffn(x, stats)
-            return self.norm2(y + c if c else y)
+            return self.norm2(add(y))
         if self.design.placement == "pre":
-            n = self.norm1(x + c if c else x)
+            n = self.norm1(add(x))
             return x + self.attn(n) + self._ffn(n, stats)
         y = x + self.attn(x) + self._ffn(x, stats)
-        return self.norm1(y + c if c else y)
+        return self.norm1(add(y))
 
 
 class TransformerLM(nn.Module):
@@ -159,8 +178,9 @@ class TransformerLM(nn.Module):
         each block appends its raw telemetry sums, layer by layer."""
         t = idx.shape[1]
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(t, device=idx.device))
+        mult = sequence_multipliers(idx).to(x.dtype) if any(b.var_shift for b in self.blocks) else None
         for block in self.blocks:
-            x = block(x, stats)
+            x = block(x, stats, mult)
         if self.norm_f is not None:
             x = self.norm_f(x)
         logits = self.head(x)
@@ -188,6 +208,41 @@ def shift_probe(model, extra_shift):
     finally:
         for block in blocks:
             block.mean_shift = block.design.mean_shift
+
+
+@contextlib.contextmanager
+def var_shift_probe(model, extra):
+    """Within the block, every FFN norm's input gets an extra per-sequence shift extra[i] * m
+    in layer i (m: sequence_multipliers; mean 1, so the mean shift equals extra[i])."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    extra = list(extra) if isinstance(extra, (list, tuple)) else [extra] * len(blocks)
+    try:
+        for block, e in zip(blocks, extra):
+            block.var_shift = block.design.var_shift + e
+        yield model
+    finally:
+        for block in blocks:
+            block.var_shift = block.design.var_shift
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def sequence_multipliers(idx):
+    """One multiplier per sequence of idx [batch, t], m = exp(z - 1/2) with z ~ N(0, 1)
+    (log-normal: mean 1, median exp(-1/2) = 0.61): z is a fixed function of the sequence's
+    tokens (a 32-bit hash mapped through the normal quantile), so the same window gets the
+    same shift in training, evaluation, after --resume and on every DDP rank, and no
+    random-number stream is consumed. Returns float32 [batch, 1, 1]."""
+    t = idx.shape[1]
+    pos = torch.arange(t, device=idx.device, dtype=torch.int64)
+    h = ((idx.long() + 1) * ((pos * 2 + 1) * 0x9E3779B1 & _MASK32)).sum(1) & _MASK32
+    for _ in range(2):  # integer mixing (lowbias32-style)
+        h = ((h ^ (h >> 16)) * 0x7FEB352D) & _MASK32
+        h = ((h ^ (h >> 15)) * 0x846CA68B) & _MASK32
+    h = h ^ (h >> 16)
+    u = (h.double() + 0.5) / 2.0 ** 32
+    return torch.exp(torch.special.ndtri(u) - 0.5).float().view(-1, 1, 1)
 
 
 def param_count(model):

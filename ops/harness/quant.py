@@ -79,3 +79,123 @@ def quantized_down_input(model, bits=8):
     finally:
         for h in hooks:
             h.remove()
+
+
+# ----------------------------------------------------------------------------- W8A8
+# Weights int8 per output channel (as above) and activations int8 with static scales
+# from a calibration pass, for both FFN matmuls: the FFN input x (into W_in) and the
+# down-projection input h (into W_out). Modes:
+#   tensor   one scale per tensor: max|X| / 127 over the calibration data
+#   channel  one scale per input channel j: max|X_j| / 127 (a diagnostic: an integer GEMM
+#            cannot apply per-input-channel activation scales, but it shows how much of the
+#            error is the spread across channels)
+#   smooth   SmoothQuant (Xiao et al. 2023): X' = X / s, W' = W * s per input channel with
+#            s_j = max|X_j|^a / max|W_:,j|^(1-a), a = SMOOTH_ALPHA, then per-tensor W8A8
+W8A8_MODES = ("tensor", "channel", "smooth")
+SMOOTH_ALPHA = 0.5
+
+
+def smooth_scales(x_absmax, weight, alpha=SMOOTH_ALPHA):
+    """SmoothQuant's per-input-channel s_j = max|X_j|^a / max_i |W_ij|^(1-a) (weight [out, in])."""
+    w_absmax = weight.detach().float().abs().amax(dim=0)
+    s = x_absmax.float().clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+def fake_quantize_static(x, absmax, bits=8):
+    """x rounded to `bits`-bit symmetric integers with the static scale absmax / qmax (absmax a
+    number or one per last-dim channel); values beyond the calibrated range clamp."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = torch.as_tensor(absmax, dtype=torch.float32, device=x.device) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x.float() / scale).clamp_(-qmax, qmax) * scale
+
+
+def _quantized_pair(x, absmax, weight, mode, bits):
+    """(activation after its fake quantization, dequantized int8 weight) of one matmul x W^T."""
+    x = x.float()
+    if mode == "smooth":
+        s = smooth_scales(absmax, weight)
+        return fake_quantize_static(x / s, (absmax / s).max(), bits), dequantize(*quantize(weight * s, bits))
+    w = dequantize(*quantize(weight, bits))
+    if mode == "channel":
+        return fake_quantize_static(x, absmax, bits), w
+    if mode == "tensor":
+        return fake_quantize_static(x, absmax.max(), bits), w
+    raise ValueError(f"W8A8 mode must be one of {W8A8_MODES}, got {mode!r}")
+
+
+@contextlib.contextmanager
+def _weights(ffn, w_in, w_out):
+    """Within the block, the FFN's in/out projection weights hold w_in / w_out (restored on exit)."""
+    params = (ffn.in_proj()[0], ffn.out_proj()[0])
+    originals = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, w in zip(params, (w_in, w_out)):
+                p.copy_(w.to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, o in zip(params, originals):
+                p.copy_(o)
+
+
+@torch.no_grad()
+def channel_absmax(ffn, x):
+    """Calibration statistics of one FFN on input x: {"x": max|x_j|, "h": max|h_k|} per channel."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    _, h = ffn.hidden(x2)
+    return {"x": x2.abs().amax(0), "h": h.abs().amax(0)}
+
+
+@torch.no_grad()
+def w8a8_output(ffn, x, calib, mode, bits=8):
+    """The FFN output for x with both matmuls in W8A8 (`mode`, static activation scales from
+    `calib` = channel_absmax of the calibration data), in plain PyTorch, float32."""
+    (w_in, _), (w_out, _) = ffn.in_proj(), ffn.out_proj()
+    xq, w_in_q = _quantized_pair(x, calib["x"], w_in, mode, bits)
+    with _weights(ffn, w_in_q, w_out):
+        _, h = ffn.hidden(xq)
+    hq, w_out_q = _quantized_pair(h, calib["h"], w_out, mode, bits)
+    with _weights(ffn, w_in, w_out_q):
+        return ffn.down(hq)
+
+
+@torch.no_grad()
+def calibrate(model, batches):
+    """channel_absmax of every FFN over `batches` (input token tensors), max-combined."""
+    ffns = [m for m in model.modules() if isinstance(m, FFN)]
+    calib = [None] * len(ffns)
+
+    def hook(i):
+        def fn(module, args, out):
+            c = channel_absmax(module, args[0])
+            calib[i] = c if calib[i] is None else {k: torch.maximum(calib[i][k], c[k]) for k in c}
+        return fn
+
+    hooks = [m.register_forward_hook(hook(i)) for i, m in enumerate(ffns)]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calib
+
+
+@contextlib.contextmanager
+def quantized_w8a8(model, calib, mode, bits=8):
+    """Within the block, every FFN computes its output in W8A8 (w8a8_output) with the static
+    activation scales of `calib` (calibrate())."""
+    ffns = [m for m in model.modules() if isinstance(m, FFN)]
+
+    def hook(i):
+        return lambda module, args, out: w8a8_output(module, args[0], calib[i], mode, bits).to(out.dtype)
+
+    hooks = [m.register_forward_hook(hook(i)) for i, m in enumerate(ffns)]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()

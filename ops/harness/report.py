@@ -16,6 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..modules import gated_d_ff
+from . import stats as seedstats
+from . import studies
+from .health import THRESHOLDS
 from .results import load_run
 
 # A probe shift "reaches" a tensor when it leaves a systematic per-unit offset larger than
@@ -78,6 +81,8 @@ def summary_rows(results):
 
 
 def terminal_table(results, meta):
+    every = results
+    results = studies.representatives(results)
     rows = [SUMMARY_HEADER] + summary_rows(results)
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(SUMMARY_HEADER))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
@@ -93,6 +98,13 @@ def terminal_table(results, meta):
                              f"L{i} {_fmt(o['input_offset'], '.3f')}/{_fmt(o['gate_offset'], '.3f')}/"
                              f"{_fmt(o['down_in_offset'], '.3f')}" for i, o in enumerate(off))
                          + f"; val loss {probe.val_loss - r.final_val_loss:+.4f}")
+    flagged = [f"{r.label}: {studies.flag_text(r.health)}" for r in every if studies.flag_text(r.health) not in ("ok", "–")]
+    if flagged:
+        lines.append("health: " + "; ".join(flagged))
+    g = studies.groups(every)
+    if max(len(rs) for rs in g.values()) > 1:
+        lines.append("val loss over seeds, mean [95% t interval]: " + "; ".join(
+            f"{name} {studies.interval(rs, 'val loss').fmt()}" for name, rs in g.items()))
     return "\n".join(lines)
 
 
@@ -467,12 +479,115 @@ def plot_probe(run_dir, results):
     return _save(plt, fig, run_dir, "shift_probe.png", dpi=100)
 
 
+def plot_seeds(run_dir, results, metrics, unigram):
+    """Per-seed training curves (thin), their mean (thick) and 95% t band, per group."""
+    import numpy as np
+    from scipy import stats as scistats
+
+    g = studies.groups(results)
+    if max(len(rs) for rs in g.values()) < 2:
+        return None
+    plt = _pyplot()
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (name, rs) in enumerate(g.items()):
+        color = f"C{i % 10}"
+        for ax, kind, key, smooth in ((ax_train, "train", "loss", _ema), (ax_val, "eval", "val_loss", list)):
+            curves = []
+            for r in rs:
+                recs = metrics[kind].get(r.label, [])
+                steps = [t["step"] + (kind == "eval") for t in recs]
+                ys = smooth([t[key] for t in recs])
+                ax.plot(steps, ys, color=color, lw=0.6, alpha=0.5)
+                curves.append((steps, ys))
+            n = min(len(c[1]) for c in curves)
+            if n == 0:
+                continue
+            arr = np.array([c[1][:n] for c in curves], dtype=float)
+            mean = arr.mean(0)
+            steps = curves[0][0][:n]
+            ax.plot(steps, mean, color=color, lw=2, label=f"{name} (n={len(rs)})")
+            if len(rs) > 1:
+                half = scistats.t.ppf(0.975, len(rs) - 1) * arr.std(0, ddof=1) / np.sqrt(len(rs))
+                ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2)
+    for ax, title in ((ax_train, "train loss (EMA 0.1): seeds, mean, 95% band"), (ax_val, "validation loss")):
+        ax.axhline(unigram, color="gray", ls=":", label="unigram entropy")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats / byte")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(plt, fig, run_dir, "seeds.png", dpi=110)
+
+
+def plot_paired(run_dir, results):
+    """The paired differences vs the first design with their 95% intervals."""
+    g = studies.groups(results)
+    if max(len(rs) for rs in g.values()) < 2 or len(g) < 2:
+        return None
+    plt = _pyplot()
+    metrics = ("val loss", "W8A8 tensor Δ loss", "shift probe Δ loss", "per-sequence shift probe Δ loss")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.5 * len(g) + 2.5))
+    for ax, metric in zip(axes, metrics):
+        names, cis = [], []
+        for name, rs in g.items():
+            base = studies.baseline_of(rs, g)
+            if base is rs:
+                continue
+            names.append(f"{name} − {base[0].group}")
+            cis.append(studies.paired(rs, base, metric))
+        ys = list(range(len(names)))
+        for y, ci in zip(ys, cis):
+            if not _isnum(ci.mean):
+                continue
+            err = [[ci.mean - ci.lo], [ci.hi - ci.mean]] if ci.known else None
+            ax.errorbar([ci.mean], [y], xerr=err, fmt="o", color="C3" if ci.excludes_zero() else "C0", capsize=4)
+        ax.axvline(0, color="gray", ls=":")
+        ax.set_yticks(ys)
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_title(f"paired Δ {metric}", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle("paired differences vs the first design, mean and 95% t interval over seeds "
+                 "(red: the interval excludes 0)", fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, run_dir, "paired_diff.png", dpi=100)
+
+
+def plot_quant(run_dir, results):
+    """The quantization probes per design: Δ validation loss, mean over seeds with 95% intervals."""
+    g = studies.groups(results)
+    metrics = [m for m in studies.METRICS if m.endswith("Δ loss") and ("int" in m or "W8A8" in m)]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(metrics) * len(g) / 3), 4.5))
+    width = 0.8 / len(g)
+    for i, (name, rs) in enumerate(g.items()):
+        cis = [studies.interval(rs, m) for m in metrics]
+        xs = [j + i * width for j in range(len(metrics))]
+        means = [ci.mean if _isnum(ci.mean) else 0.0 for ci in cis]
+        err = [[ci.mean - ci.lo if ci.known else 0 for ci in cis], [ci.hi - ci.mean if ci.known else 0 for ci in cis]]
+        ax.bar(xs, means, width, yerr=err, capsize=3, color=f"C{i % 10}", label=f"{name} (n={len(rs)})")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))])
+    ax.set_xticklabels([m.replace(" Δ loss", "") for m in metrics], fontsize=8, rotation=15)
+    ax.set_ylabel("Δ validation loss (nats/byte)")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title("quantization probes per design (mean over seeds, 95% t interval)", fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, run_dir, "quant.png", dpi=100)
+
+
 # ----------------------------------------------------------------------------- report.md
 def write_report(run_dir, results, meta):
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
+    every = results
+    results = studies.representatives(every)
     plots = [plot_losses(run_dir, results, metrics, meta.unigram_entropy), plot_telemetry(run_dir, results, metrics),
-             plot_probe(run_dir, results)]
+             plot_probe(run_dir, results), plot_seeds(run_dir, every, metrics, meta.unigram_entropy),
+             plot_paired(run_dir, every), plot_quant(run_dir, every)]
+    n_seeds = len(meta.seeds or [1])
     a, run = meta.train_config(), meta.config
     lines = [
         f"# A/B report: {', '.join(meta.designs)}",
@@ -484,11 +599,16 @@ def write_report(run_dir, results, meta):
         f"parameter count within 1%), seq {a.seq_len}, FFN biases {'on' if a.ffn_bias else 'off'}, "
         f"backend `{a.backend}`",
         f"- training: {a.steps} steps of {a.batch_size}x{meta.world_size} sequences, AdamW lr {a.lr:g} "
-        f"(warmup {a.warmup}, cosine), seed {a.seed}, same batches for every design; device {meta.device}, "
+        f"(warmup {a.warmup}, cosine), seed {a.seed}" + (f" ({n_seeds} seeds: {', '.join(map(str, meta.seeds))})"
+                                                        if n_seeds > 1 else "")
+        + (f", learning rates {', '.join(f'{v:g}' for v in meta.lrs)}" if meta.lrs else "")
+        + f", same batches for every design (per seed); device {meta.device}, "
         f"{meta.world_size} rank(s), {meta.threads} threads, torch {meta.torch}",
         f"- telemetry every {a.telemetry_every} steps; post-training probes: a mean shift of {run['probe_shift']:g}× "
         "the rms of each FFN norm's input; weight-only int8 and int4 FFN weights (symmetric, per output channel); "
-        "int8 down-projection input (symmetric, per token)",
+        "int8 down-projection input (symmetric, per token); W8A8 (int8 weights per channel, int8 activations "
+        "with static per-tensor / per-channel scales, and SmoothQuant smoothing a = 0.5, both FFN matmuls); a "
+        "per-sequence mean shift (the probe's shift × m, m = exp(z − 1/2), z ~ N(0, 1) per sequence)",
         f"- wall time {meta.wall_s:.0f} s",
         "",
         "## Results",
@@ -501,9 +621,49 @@ def write_report(run_dir, results, meta):
         "validation windows. Telemetry step overhead: "
         f"{results[0].telemetry_overhead_clock} of a step with telemetry vs the plain steps beside it.",
         "",
+        ("Sections up to the telemetry tables show the first seed of each design; the seed sections below "
+         "give every seed." if n_seeds > 1 else ""),
+        "",
         "## Findings",
         "",
-        *[p + "\n" for p in findings(results, meta)],
+        *[p + "\n" for p in findings(results, meta) + studies.seed_findings(every)],
+        "## Training health",
+        "",
+        studies.health_table(every),
+        "",
+        f"diverged: a non-finite loss, a step above {THRESHOLDS['diverge_factor']:g}× the first step's loss, or the "
+        f"last 10 steps' mean above the first step's loss; spike: a step above {THRESHOLDS['spike_factor']:g}× the "
+        f"median of the {THRESHOLDS['spike_window']} steps before it; did not learn: final validation loss above "
+        f"the unigram entropy − {THRESHOLDS['learn_margin']:g} nats. Per-layer gradient norms and update-to-weight "
+        "ratios: metrics.jsonl (kind \"optim\") and TensorBoard, every telemetry step.",
+        "",
+        f"## Seeds: mean and 95% interval (t, {n_seeds} seed(s))",
+        "",
+        studies.seeds_table(every),
+        "",
+        "With one seed a cell reads 'value (n=1)': no interval exists.",
+        "",
+        "## Paired differences vs the first design",
+        "",
+        studies.paired_table(every) or "Only one design (per learning rate): nothing to pair.",
+        "",
+        "Per seed, the design's metric minus the first design's (same seed, same batches); mean and 95% interval "
+        "of scipy.stats.ttest_rel. 'not resolved': the interval contains 0, so no difference is claimed.",
+        "",
+        "## Outlier probes (validation windows, end of training)",
+        "",
+        _table(studies.OUTLIER_HEADER, studies.outlier_rows(every)),
+        "",
+        "kurtosis of neuron rms(h): Pearson kurtosis over down-projection input units of each unit's rms over "
+        "tokens (3 for a normal spread; He et al. 2024). max/median: of |h| and of the residual stream entering the "
+        "block (Sun et al. 2024). gate/up cos: cosine of each unit's gate and up rows of W_in (Fishman et al. "
+        "2025). W8A8 rel. err: ||FFN_W8A8(x) − FFN(x)|| / ||FFN(x)|| on these windows, static activation scales "
+        "calibrated on 4 training batches: per tensor, per input channel, and SmoothQuant (a = 0.5) + per tensor. "
+        "The same statistics over training: metrics.jsonl kind \"outliers\" (scales from the batch itself).",
+        "",
+        "## Case-study answers",
+        "",
+        *studies.case_studies(every, meta),
         "## Telemetry per layer (validation windows, end of training)",
         "",
         _table(TELEMETRY_HEADER, telemetry_rows(results)),

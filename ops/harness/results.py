@@ -54,6 +54,19 @@ class DesignResult:
     int8_h_delta: float
     telemetry_val: list[LayerStats] | None  # validation telemetry at the end of training
     shift_probe: ShiftProbe | None
+    # Seeds and learning-rate sweeps: which member of the run this is.
+    seed: int | None = None
+    lr: float | None = None
+    group: str | None = None  # the spec, or spec@lr=... in a learning-rate sweep: what seeds average over
+    health: dict | None = None  # health.health_flags
+    outliers_val: list[LayerStats] | None = None  # outliers.OUTLIER_KEYS per layer, validation windows
+    w8a8_val_loss: dict | None = None  # quant.W8A8_MODES -> validation loss
+    w8a8_delta: dict | None = None
+    vshift_probe: dict | None = None  # {shifts, val_loss, telemetry}: the per-sequence shift probe
+
+    def __post_init__(self):
+        if self.group is None:
+            self.group = self.spec
 
     def to_json(self):
         return json.dumps(asdict(self), indent=1)
@@ -87,13 +100,16 @@ class RunMeta:
     wall_s: float
     torch: str
     threads: int
+    members: list[str] | None = None  # the result directories, in order (None: one per design)
+    seeds: list[int] | None = None
+    lrs: list[float] | None = None
 
     def train_config(self):
         """The shared training settings of the run."""
         return TrainConfig(**self.config["train"])
 
     def labels(self):
-        return [run_label(spec) for spec in self.designs]
+        return self.members or [run_label(spec) for spec in self.designs]
 
     def save(self, run_dir):
         atomic_write_text(Path(run_dir) / "run.json", json.dumps(asdict(self), indent=1))
@@ -101,7 +117,7 @@ class RunMeta:
     @classmethod
     def load(cls, run_dir):
         data = json.loads((Path(run_dir) / "run.json").read_text())
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def load_run(run_dir):

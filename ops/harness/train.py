@@ -1,6 +1,7 @@
 """The training loop of one design: same seed, batches and budget for every design;
 checkpoints and --resume; DDP when launched under torchrun."""
 
+import contextlib
 import math
 import random
 import shutil
@@ -12,6 +13,8 @@ from dataclasses import asdict, fields
 import torch
 
 from . import data as textdata
+from . import health as healthmod
+from .outliers import captured, model_outliers
 from .designs import describe, run_label
 from .evaluate import evaluate, evaluate_design, layer_summaries
 from .files import atomic_write
@@ -48,10 +51,11 @@ def model_config(config, design):
                        ffn_bias=config.ffn_bias, design=design, backend=config.backend)
 
 
-def run_identity(run, design, env):
+def run_identity(run, design, env, config=None):
     """What a checkpoint's losses depend on: compared on --resume."""
-    train = {f.name: getattr(run.train, f.name) for f in fields(run.train) if f.name not in _NOT_IDENTITY}
-    return {**train, "data": run.data, "design": asdict(design), "global_batch": run.train.batch_size * env.world}
+    config = config or run.train
+    train = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _NOT_IDENTITY}
+    return {**train, "data": run.data, "design": asdict(design), "global_batch": config.batch_size * env.world}
 
 
 def check_resumable(saved, current, ckpt_path):
@@ -88,11 +92,22 @@ def _progress(total, initial, desc, env, run):
                 dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
 
-def train_design(spec, design, run, corpus, env, log, run_dir):
-    """Trains one design for run.train.steps steps; returns its DesignResult, or None if
-    stopped early by run.stop_at."""
-    config = run.train
+def member_label(spec, seed_index, lr, run):
+    """The result directory of one member of a run: the design's label, plus @lr=... in a
+    learning-rate sweep and @s<seed> with more than one seed (one seed, one lr: the label alone)."""
     label = run_label(spec)
+    if run.lrs:
+        label += f"@lr={lr:g}"
+    if run.seeds > 1:
+        label += f"@s{run.train.seed + seed_index}"
+    return label
+
+
+def train_design(spec, design, run, corpus, env, log, run_dir, config=None, label=None, group=None):
+    """Trains one design for config.steps steps (config: run.train, or a member's copy with
+    its own seed and lr); returns its DesignResult, or None if stopped early by run.stop_at."""
+    config = config or run.train
+    label = label or run_label(spec)
     design_dir = run_dir / label
     ckpt_path = design_dir / "ckpt.pt"
     mconfig = model_config(config, design)
@@ -101,7 +116,7 @@ def train_design(spec, design, run, corpus, env, log, run_dir):
     model = TransformerLM(mconfig).to(env.device)
     optimizer = make_optimizer(model, config)
     start_step, history = 0, {"step_times": [], "cpu_times": [], "telemetry_steps": [], "losses": []}
-    identity = run_identity(run, design, env)
+    identity = run_identity(run, design, env, config)
     if run.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=True)
         check_resumable(ckpt["run"], identity, ckpt_path)
@@ -133,18 +148,27 @@ def train_design(spec, design, run, corpus, env, log, run_dir):
         with_tel = config.telemetry_every > 0 and (step % config.telemetry_every == 0 or step == config.steps - 1)
         stats = [] if with_tel else None
         lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         env.sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        with env.autocast(config.amp):
-            _, loss = train_model(x, y, stats=stats)
+        with captured(model) if with_tel else contextlib.nullcontext() as caps:
+            with env.autocast(config.amp):
+                _, loss = train_model(x, y, stats=stats)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if with_tel:  # outside the timed step: its cost is not the telemetry kernels'
+            tel_t0, tel_c0 = time.perf_counter(), time.process_time()
+            layer_grads = healthmod.grad_norms(model)
+            before = [[p.detach().clone() for p in ps] for ps in healthmod.layer_params(model)]
+            outlier_tel = model_outliers(model, caps) if env.main else None
+            tel_wall, tel_cpu = time.perf_counter() - tel_t0, time.process_time() - tel_c0
+        total_grad = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         env.sync()
         step_time, cpu_time = time.perf_counter() - t0, time.process_time() - c0
+        if with_tel:
+            step_time, cpu_time = step_time - tel_wall, cpu_time - tel_cpu
         loss_value = float(env.all_reduce_(loss.detach().double().clone()) / env.world)
         for key, value in (("step_times", step_time), ("cpu_times", cpu_time), ("telemetry_steps", with_tel),
                            ("losses", loss_value)):
@@ -153,6 +177,16 @@ def train_design(spec, design, run, corpus, env, log, run_dir):
         if with_tel:
             for layer, summary in enumerate(layer_summaries(torch.stack(stats), env)):
                 log.record(label, step, "telemetry", layer=layer, **summary)
+            ratios = healthmod.update_ratios(before, model)
+            for layer, (g, u) in enumerate(zip(layer_grads, ratios)):
+                log.record(label, step, "optim", layer=layer, grad_norm=g, update_ratio=u,
+                           grad_norm_total=float(total_grad))
+            for layer, values in enumerate(outlier_tel or []):
+                log.record(label, step, "outliers", layer=layer, **values)
+            del before
+        if not math.isfinite(loss_value):  # diverged: nothing more to learn from this design
+            progress.update(1)
+            break
         if (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             val_loss, _ = evaluate(model, corpus.val, config, env)
             log.record(label, step, "eval", val_loss=val_loss)
@@ -171,7 +205,7 @@ def train_design(spec, design, run, corpus, env, log, run_dir):
             log.close_design()
             return None
     progress.close()
-    result = finish_design(spec, design, mconfig, model, run, corpus, env, history)
+    result = finish_design(spec, design, mconfig, model, run, corpus, env, history, config, label, group)
     log.record(label, config.steps - 1, "eval", val_loss=result.final_val_loss)
     if env.main:
         result.save(design_dir)
@@ -179,15 +213,16 @@ def train_design(spec, design, run, corpus, env, log, run_dir):
     return result
 
 
-def finish_design(spec, design, mconfig, model, run, corpus, env, history):
+def finish_design(spec, design, mconfig, model, run, corpus, env, history, config=None, label=None, group=None):
     """The DesignResult of a trained model: evaluation and probes, performance figures."""
-    config = run.train
+    config = config or run.train
     peak_cuda = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
-    evaluation = evaluate_design(model, corpus.val, config, env, run.probe_shift)
+    evaluation = evaluate_design(model, corpus, config, env, run.probe_shift)
     tokens_per_step = config.batch_size * env.world * config.seq_len
     step_times = history["step_times"]
     # CPU time per step on CPU (a shared machine's waits do not count), wall time on CUDA.
     cost = step_times if env.device.type == "cuda" else history["cpu_times"]
+    steps_run = len(step_times)
     plain = [t for t, tel in list(zip(step_times, history["telemetry_steps"]))[SKIP_TIMING_STEPS:] if not tel]
     if peak_cuda is not None:
         memory, memory_kind = peak_cuda, "cuda peak allocated"
@@ -197,8 +232,10 @@ def finish_design(spec, design, mconfig, model, run, corpus, env, history):
                                   config.seq_len, env.device)
         memory, memory_kind = cpu_step_memory(model, x, y), "cpu params+grads+adam+saved activations"
     quantized = evaluation.quantized_val_loss
+    health = healthmod.health_flags(history["losses"], evaluation.val_loss, textdata.unigram_entropy(corpus.val))
+    health["steps_run"] = steps_run
     return DesignResult(
-        spec=spec, label=run_label(spec), description=describe(design), design=design, backend=config.backend,
+        spec=spec, label=label or run_label(spec), description=describe(design), design=design, backend=config.backend,
         params=param_count(model),
         ffn_params_per_layer=ffn_param_count(mconfig.d_model, mconfig.ffn_width, design.gated, mconfig.ffn_bias),
         d_ff=mconfig.ffn_width, steps=config.steps, tokens_seen=tokens_per_step * config.steps,
@@ -213,4 +250,8 @@ def finish_design(spec, design, mconfig, model, run, corpus, env, history):
         int8_delta=quantized["int8"] - evaluation.val_loss, int4_delta=quantized["int4"] - evaluation.val_loss,
         int8_h_delta=quantized["int8_h"] - evaluation.val_loss,
         telemetry_val=evaluation.telemetry_val, shift_probe=evaluation.shift_probe,
+        seed=config.seed, lr=config.lr, group=group or spec, health=health, outliers_val=evaluation.outliers_val,
+        w8a8_val_loss=evaluation.w8a8_val_loss,
+        w8a8_delta={k: v - evaluation.val_loss for k, v in evaluation.w8a8_val_loss.items()},
+        vshift_probe=evaluation.vshift_probe,
     )

@@ -138,3 +138,33 @@ def test_shift_probe_equals_training_with_the_shift_and_is_undone():
     assert torch.equal(before, after)
     assert torch.equal(probed, trained_shifted)
     assert not torch.equal(before, probed)
+
+
+def test_per_sequence_shift_is_deterministic_log_normal_and_applied_per_sequence():
+    import torch
+
+    from ffn.harness import designs
+    from ffn.harness.model import sequence_multipliers, var_shift_probe
+
+    from .tiny import tiny_batch, tiny_model
+
+    assert designs.parse_design("B+vshift=2").var_shift == 2.0
+    assert designs.describe(designs.parse_design("B+vshift=2")) == "rms+swiglu+vshift=2"
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 256, (6000, 16), generator=g)
+    m = sequence_multipliers(idx).flatten()
+    assert torch.equal(m, sequence_multipliers(idx).flatten())
+    assert abs(m.mean().item() - 1) < 0.1 and abs(m.median().item() - 0.6065) < 0.05
+    assert abs(m.log().std().item() - 1) < 0.05
+    model = tiny_model(designs.parse_design("B"))
+    x, y = tiny_batch(batch=4)
+    _, base = model(x, y)
+    seen = []
+    model.blocks[0].ffn_norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    with var_shift_probe(model, 1.0):
+        logits_shifted = model(x)
+    model(x)
+    mult = sequence_multipliers(x).flatten()
+    torch.testing.assert_close((seen[0] - seen[1]).mean((1, 2)), mult)  # sequence b got 1.0 * m_b
+    assert model.blocks[0].var_shift == 0.0 and torch.equal(model(x, y)[1], base)
+    assert not torch.equal(logits_shifted, model(x))
