@@ -410,14 +410,14 @@ def train_tp(c, name, sequence_parallel):
     data = _data(n, d, STEPS, 2, 2 * n)  # every rank sees the whole batch
     one, ref_grads = _reference(net, data)
     if sequence_parallel:
-        parallelize_module(net, c.mesh, _sp_plan(net))
+        parallelize_module(net, c.mesh, _sp_plan(net, local=True))
         distribute_module(net.head, c.mesh)  # replicated
     else:
         parallelize_module(net, c.mesh, {f"blocks.{i}.ffn": FFNParallel() for i in range(len(net.blocks))})
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     losses, grad_err = [], 0.0
     for i, (x, y) in enumerate(data):
-        inp = distribute_tensor(x, c.mesh, [Shard(1)]) if sequence_parallel else x
+        inp = x.chunk(n, dim=1)[dist.get_rank()] if sequence_parallel else x  # this rank's part of the sequence
         loss = F.mse_loss(_full(net(inp)), y)
         loss.backward()
         if i == 0:
@@ -429,11 +429,14 @@ def train_tp(c, name, sequence_parallel):
     _record_losses(c, name, one, losses, TOL, grad_err)
 
 
-def _sp_plan(net, **ffn_style):
+def _sp_plan(net, local, **ffn_style):
+    """Sequence + tensor parallel: the norms SequenceParallel, the FFNs all-gather the sequence and
+    reduce-scatter it back. local: the residual stream is each rank's plain [B, T/n, d] shard
+    (torchtitan's way, and the README's); else it is a Shard(1) DTensor."""
     plan = {"norm": SequenceParallel(use_local_output=False)}
     for i in range(len(net.blocks)):
-        plan[f"blocks.{i}.norm"] = SequenceParallel(use_local_output=False)
-        plan[f"blocks.{i}.ffn"] = FFNParallel(input_layouts=Shard(1), output_layouts=Shard(1), use_local_output=False,
+        plan[f"blocks.{i}.norm"] = SequenceParallel()
+        plan[f"blocks.{i}.ffn"] = FFNParallel(input_layouts=Shard(1), output_layouts=Shard(1), use_local_output=local,
                                               **ffn_style)
     return plan
 
@@ -449,7 +452,7 @@ def train_fsdp_tp(c, name):
     net = Net(d, ff)
     data = _data(world, d, STEPS, 2 * n_dp, 2 * n_tp)
     one, ref_grads = _reference(net, data)
-    parallelize_module(net, tp, _sp_plan(net, replicate_in_bias=True))
+    parallelize_module(net, tp, _sp_plan(net, local=False, replicate_in_bias=True))
     distribute_module(net.head, tp)
     for block in net.blocks:
         fully_shard(block, mesh=dp, shard_placement_fn=fsdp_shard_placement)
