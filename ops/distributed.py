@@ -53,8 +53,13 @@ locally without changing what the op means are refused with a ValueError
 
 Tensor parallelism for the modules: FFNParallel (a ParallelStyle for
 parallelize_module) and parallelize_ffn; norms take torch's SequenceParallel
-unchanged. FSDP2 (fully_shard) needs nothing from here: it all-gathers
-parameters into plain tensors before each forward. See README.md, "Distributed".
+unchanged. FSDP2 (fully_shard) alone needs nothing from here: it all-gathers
+parameters into plain tensors before each forward. FSDP2 on top of TP (a 2-D
+("dp", "tp") mesh) takes fsdp_shard_placement as its shard_placement_fn (and,
+for a gated FFN with biases, FFNParallel(replicate_in_bias=True)) so that the
+global view of w_gate_up/b_gate_up stays exact. Without DTensor,
+gate_up_shard / interleave_gate_up / deinterleave_gate_up cut and repack the
+per-rank [gate_k; up_k] blocks. See README.md, "Distributed".
 """
 
 import importlib.abc
