@@ -216,6 +216,7 @@ class _FFNPatched(_Patched, FFN):
 
     backend = "ffn"
     _ffn_activation = None
+    _ffn_fused_op = None  # the fused op for the activation, or None (set by patch())
     _ffn_telemetry = None  # a list while telemetry records (see FFNTelemetry)
     _ffn_telemetry_args = ()
     _dropout_name = None  # dropout between activation and down projection (T5)
@@ -229,9 +230,7 @@ class _FFNPatched(_Patched, FFN):
         return "tanh" if self._ffn_activation == "gelu_tanh" else "none"
 
     def _fused_op(self):
-        if self.gated:
-            return _GATED_OP_OF.get(self._ffn_activation)
-        return "gelu_ffn" if self._ffn_activation in ("gelu", "gelu_tanh") else None
+        return self._ffn_fused_op
 
     def _mid_dropout(self):
         drop = getattr(self, self._dropout_name) if self._dropout_name else None
@@ -401,7 +400,8 @@ def _mlp_handler(mixin, act_attr, *, linears=()):
                 raise _Unknown(f"{name} is a {type(lin).__name__}, not a Linear layer")
         if not mixin.gated and act not in ("gelu", "gelu_tanh"):
             raise _Skip(f"no ffn op for a non-gated {act} FFN (there is no relu_ffn)")
-        return mixin, {"_ffn_activation": act}
+        fused = _GATED_OP_OF.get(act) if mixin.gated else "gelu_ffn"
+        return mixin, {"_ffn_activation": act, "_ffn_fused_op": fused if fused and hasattr(_ops, fused) else None}
 
     return handle
 
@@ -537,7 +537,7 @@ def unpatch(model):
     for module in model.modules():
         if isinstance(module, _Patched):
             orig = type(module)._ffn_original_class
-            for k in ("_ffn_activation", "_ffn_telemetry", "_ffn_telemetry_args"):
+            for k in ("_ffn_activation", "_ffn_fused_op", "_ffn_telemetry", "_ffn_telemetry_args"):
                 module.__dict__.pop(k, None)
             module.__class__ = orig
             counts[orig.__name__] = counts.get(orig.__name__, 0) + 1

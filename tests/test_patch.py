@@ -137,6 +137,9 @@ def test_patch_reports_what_it_replaced(arch):
         if isinstance(m, P._Patched):
             assert isinstance(m, type(m)._ffn_original_class)
             assert isinstance(m, ffn.FFN) == ("MLP" in type(m).__name__ or "Dense" in type(m).__name__)
+            if isinstance(m, ffn.FFN):  # the fused op where one exists (none yet for a tanh-GELU gate)
+                fused = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}.get(m.activation) if m.gated else "gelu_ffn"
+                assert m._fused_op() == fused
 
 
 # ----------------------------------------------------------------------------- float32: logits and gradients
