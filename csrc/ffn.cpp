@@ -82,9 +82,18 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
   Tensor z = bias_in.defined() ? at::addmm(bias_in, x2d, w_in.t()) : at::mm(x2d, w_in.t());
   Tensor h = at::empty({z.size(0), d_ff}, z.options());
   kernels.forward(z, Tensor(), act, gated, h);
-  Tensor out = b_out.has_value() && b_out->defined() ? at::addmm(*b_out, h, w_out.t())
-                                                     : at::mm(h, w_out.t());
-  return {out.view(with_last_dim(x.sizes(), w_out.size(0))), z};
+  // The output is allocated in its final shape and the GEMM writes into a [rows, d_out]
+  // view of it, so the op returns a tensor of its own, never a view of an internal
+  // [rows, d_out] buffer (autograd refuses in-place updates of such views, e.g.
+  // Falcon's `mlp_output += attention_output`), as the fake kernel does.
+  Tensor out = at::empty(with_last_dim(x.sizes(), w_out.size(0)), h.options());
+  Tensor out2d = out.view({h.size(0), w_out.size(0)});
+  if (b_out.has_value() && b_out->defined()) {
+    at::addmm_out(out2d, *b_out, h, w_out.t());
+  } else {
+    at::mm_out(out2d, h, w_out.t());
+  }
+  return {out, z};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
@@ -116,8 +125,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
   } else if (need_w_out) {
     kernels.forward(z, Tensor(), act, gated, h);
   }
+  // grad_x in x's shape, written through a [rows, d] view: a tensor of its own, as the fake's.
+  Tensor grad_x = empty_placeholder(x);
+  if (need_x) {
+    grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    Tensor grad_x2d = grad_x.view({x2d.size(0), x2d.size(1)});
+    at::mm_out(grad_x2d, grad_z, w_in);
+  }
   return {
-      need_x ? at::mm(grad_z, w_in).view(x.sizes()) : empty_placeholder(x),
+      grad_x,
       need_w_in ? at::mm(grad_z.t(), x2d) : empty_placeholder(x),
       need_b_in ? grad_z.sum(0) : empty_placeholder(x),
       need_w_out ? at::mm(g2d.t(), h) : empty_placeholder(x),

@@ -134,15 +134,6 @@ def _pack_rows(a, b):
         b.data = buf[a.shape[0]:]
 
 
-def _autocast_args(x, *tensors):
-    """What the public FFN ops' autocast rule does, for the internal ops (which have none)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dt = torch.get_autocast_dtype(device)
-        return x.to(dt), *(None if t is None else t.to(dt) for t in tensors)
-    return x, *tensors
-
-
 # ----------------------------------------------------------------------------- norms
 class _Patched:
     """Marks a patched class; _ffn_original_class is set on each generated subclass."""
@@ -258,11 +249,11 @@ class _FFNPatched(_Patched, FFN):
                 else:
                     out = getattr(_ops, op)(x, w_in, b_in, w_out, b_out)
                 return self._after(out)
-            xc, w_in, b_in, w_out, b_out = _autocast_args(x, w_in, b_in, w_out, b_out)
+            # The internal forward ops follow the public ops' autocast rule (csrc/schemas.cpp).
             if op == "gelu_ffn":
-                out, preact = _ops._gelu_ffn_fwd(xc, w_in, b_in, w_out, b_out, self.approximate)
+                out, preact = _ops._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, self.approximate)
             else:
-                out, preact = _ops._gated_ffn_fwd(xc, w_in, b_in, w_out, b_out, self._ffn_activation)
+                out, preact = _ops._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, self._ffn_activation)
         else:
             preact = F.linear(x, w_in, b_in)
             if self.gated:
@@ -275,8 +266,7 @@ class _FFNPatched(_Patched, FFN):
                 h = drop(h)
             out = F.linear(self._before_down(h, w_out), w_out, b_out)
             preact = preact.reshape(-1, preact.shape[-1])
-            xc = x
-        self._record(xc, preact)
+        self._record(x, preact)
         out = self._after(out)
         return (out, preact) if with_preact else out
 

@@ -60,10 +60,6 @@ ARCHS = {
                 "T5ForConditionalGeneration", {"T5LayerNorm": 12, "T5DenseGatedActDense": 4}),
 }
 ENC_DEC = {"t5_v1_0", "t5_v1_1"}
-FALCON_XFAIL = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="the public FFN ops return a view of an internal buffer, so Falcon's `mlp_output += attention_output` "
-           "fails under autograd (being fixed in C++; this flips to a pass when the fix lands)")
 
 
 def build(arch, seed=0):
@@ -143,7 +139,7 @@ def test_patch_reports_what_it_replaced(arch):
 
 
 # ----------------------------------------------------------------------------- float32: logits and gradients
-@pytest.mark.parametrize("arch", [a if a != "falcon" else pytest.param(a, marks=FALCON_XFAIL) for a in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_logits_and_gradients_match_fp32(arch):
     ref = build(arch)
     ours = patched_copy(ref)
