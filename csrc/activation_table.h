@@ -37,6 +37,17 @@ constexpr const ActivationInfo& activation_info(Activation act) {
   return kActivations[0];  // unreachable: every enum value is in the table
 }
 
+// Calls fn(Act<act>{}), with Act a backend's functor template (cpu::Act, cuda::Act).
+template <template <Activation> class Act, typename Fn>
+void dispatch_activation(Activation act, const Fn& fn) {
+  switch (act) {
+    case Activation::kGelu: return fn(Act<Activation::kGelu>{});
+    case Activation::kGeluTanh: return fn(Act<Activation::kGeluTanh>{});
+    case Activation::kSilu: return fn(Act<Activation::kSilu>{});
+    case Activation::kRelu: return fn(Act<Activation::kRelu>{});
+  }
+}
+
 // gelu_ffn's `approximate` ("none" | "tanh"), as in F.gelu.
 Activation parse_gelu_approximate(std::string_view op, std::string_view approximate);
 // Gated family: "silu" (SwiGLU), "gelu" (GeGLU), "gelu_tanh", "relu" (ReGLU).

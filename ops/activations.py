@@ -5,7 +5,7 @@ argument of gated_activation and ffn_stats), its plain PyTorch formula, and the
 public gated FFN op that uses it as the gate. The FFN modules (ffn.modules),
 the reference ops (ffn.reference), the telemetry reference and the A/B
 harness's design vocabulary read this table; the C++ twin is
-csrc/activation.h.
+csrc/activation_table.h.
 """
 
 from collections.abc import Callable

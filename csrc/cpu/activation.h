@@ -88,15 +88,4 @@ struct Act<Activation::kRelu> {
   }
 };
 
-// Calls fn(Act<act>{}).
-template <typename Fn>
-void dispatch_activation(Activation act, const Fn& fn) {
-  switch (act) {
-    case Activation::kGelu: return fn(Act<Activation::kGelu>{});
-    case Activation::kGeluTanh: return fn(Act<Activation::kGeluTanh>{});
-    case Activation::kSilu: return fn(Act<Activation::kSilu>{});
-    case Activation::kRelu: return fn(Act<Activation::kRelu>{});
-  }
-}
-
 }  // namespace ffn::cpu

@@ -80,7 +80,7 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
 void activation_forward(const Tensor& z, const Tensor& bias, Activation act, bool gated,
                         const Tensor& h) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_fwd_cpu", [&] {
-    dispatch_activation(act, [&](auto a) {
+    dispatch_activation<Act>(act, [&](auto a) {
       forward_kernel<scalar_t, decltype(a)>(z, bias, gated, h);
     });
   });
@@ -89,7 +89,7 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
 void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
                          bool gated, const Tensor& grad_z, const Tensor& h) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_bwd_cpu", [&] {
-    dispatch_activation(act, [&](auto a) {
+    dispatch_activation<Act>(act, [&](auto a) {
       backward_kernel<scalar_t, decltype(a)>(z, bias, grad_h, gated, grad_z, h);
     });
   });

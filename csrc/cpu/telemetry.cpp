@@ -185,7 +185,7 @@ void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, boo
                                   [&] { input_stats<scalar_t>(x, out); });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, preact.scalar_type(),
                                   "ffn_stats_hidden_cpu", [&] {
-    dispatch_activation(act, [&](auto a) {
+    dispatch_activation<Act>(act, [&](auto a) {
       if (gated) {
         hidden_stats<scalar_t, decltype(a), true>(preact, thresholds, out);
       } else {

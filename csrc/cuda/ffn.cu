@@ -161,7 +161,7 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
                                z.size(1),
                                gated,
                                false};
-    dispatch_activation(act, [&](auto fn) {
+    dispatch_activation<Act>(act, [&](auto fn) {
       launch(activation_forward_kernel<scalar_t, decltype(fn)>, a);
     });
   });
@@ -181,7 +181,7 @@ void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad
                                z.size(1),
                                gated,
                                false};
-    dispatch_activation(act, [&](auto fn) {
+    dispatch_activation<Act>(act, [&](auto fn) {
       launch(activation_backward_kernel<scalar_t, decltype(fn)>, a);
     });
   });

@@ -227,7 +227,7 @@ void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, boo
     using Acc = acc_t<scalar_t>;
     const Tensor row_abs_max =
         at::empty({rows}, preact.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-    dispatch_activation(act, [&](auto fn) {
+    dispatch_activation<Act>(act, [&](auto fn) {
       using A = decltype(fn);
       hidden_stats_kernel<scalar_t, A><<<blocks, kThreads, 0, stream>>>(
           preact.const_data_ptr<scalar_t>(), rows, F, gated, static_cast<Acc>(thresholds.near_zero),

@@ -194,35 +194,32 @@ class TransformerLM(nn.Module):
 
 
 @contextlib.contextmanager
+def _raised_shift(model, attr, extra):
+    """Within the block, each Block's `attr` (its mean_shift or var_shift) is its design's value
+    plus `extra` (a number) or extra[i] for layer i (a sequence); restored on exit."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    extras = list(extra) if isinstance(extra, (list, tuple)) else [extra] * len(blocks)
+    if len(extras) != len(blocks):
+        raise ValueError(f"{len(extras)} shifts for {len(blocks)} layers")
+    try:
+        for block, e in zip(blocks, extras):
+            setattr(block, attr, getattr(block.design, attr) + e)
+        yield model
+    finally:
+        for block in blocks:
+            setattr(block, attr, getattr(block.design, attr))
+
+
 def shift_probe(model, extra_shift):
     """Within the block, every FFN norm's input gets more mean shift: `extra_shift` (a number)
     or extra_shift[i] for layer i (a sequence)."""
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    shifts = list(extra_shift) if isinstance(extra_shift, (list, tuple)) else [extra_shift] * len(blocks)
-    if len(shifts) != len(blocks):
-        raise ValueError(f"shift_probe: {len(shifts)} shifts for {len(blocks)} layers")
-    try:
-        for block, shift in zip(blocks, shifts):
-            block.mean_shift = block.design.mean_shift + shift
-        yield model
-    finally:
-        for block in blocks:
-            block.mean_shift = block.design.mean_shift
+    return _raised_shift(model, "mean_shift", extra_shift)
 
 
-@contextlib.contextmanager
 def var_shift_probe(model, extra):
     """Within the block, every FFN norm's input gets an extra per-sequence shift extra[i] * m
     in layer i (m: sequence_multipliers; mean 1, so the mean shift equals extra[i])."""
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    extra = list(extra) if isinstance(extra, (list, tuple)) else [extra] * len(blocks)
-    try:
-        for block, e in zip(blocks, extra):
-            block.var_shift = block.design.var_shift + e
-        yield model
-    finally:
-        for block in blocks:
-            block.var_shift = block.design.var_shift
+    return _raised_shift(model, "var_shift", extra)
 
 
 _MASK32 = 0xFFFFFFFF

@@ -26,6 +26,17 @@ from .model import Block, shift_probe
 OFFSET_KEYS = ("input_offset", "gate_offset", "down_in_offset")
 
 
+def run_with_hooks(model, batches, handles):
+    """Runs the model on every batch of input tokens with the hooks behind `handles`
+    installed, and removes them afterwards (also on an error)."""
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def norm_input_rms(model, batches, all_reduce=None):
     """Per layer, the rms of the tensor entering the FFN norm (where the mean shift enters)."""
@@ -38,13 +49,7 @@ def norm_input_rms(model, batches, all_reduce=None):
                                         torch.tensor(args[0].numel(), dtype=torch.float64, device=args[0].device)])
         return pre_hook
 
-    hooks = [b.ffn_norm.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, batches, [b.ffn_norm.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)])
     if all_reduce is not None:
         for s in sums:
             all_reduce(s)

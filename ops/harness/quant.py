@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 from ..modules import FFN
+from .probes import run_with_hooks
 
 
 def quantize(weight, bits=8):
@@ -174,13 +175,7 @@ def calibrate(model, batches):
             calib[i] = c if calib[i] is None else {k: torch.maximum(calib[i][k], c[k]) for k in c}
         return fn
 
-    hooks = [m.register_forward_hook(hook(i)) for i, m in enumerate(ffns)]
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, batches, [m.register_forward_hook(hook(i)) for i, m in enumerate(ffns)])
     return calib
 
 
