@@ -13,8 +13,10 @@ and provides drop-in modules (LayerNorm, RMSNorm, GeluFFN, SwiGLU, GeGLU, ReGLU;
 the FFN modules share the ffn.modules.FFN interface). ffn.reference holds the same
 math in plain PyTorch; ffn.telemetry names, combines and summarizes the telemetry
 sums; ffn.activations is the table of activations and ffn.schema reads the ops'
-defaults. The A/B harness is the separate subpackage ffn.harness, which
-`import ffn` does not load.
+defaults. ffn.patch(model) puts a Hugging Face transformers model on the ops;
+ffn.distributed holds their DTensor sharding strategies and tensor-parallel plans.
+The A/B harness is the separate subpackage ffn.harness, which `import ffn` does
+not load.
 """
 
 import torch
@@ -28,6 +30,6 @@ from .patch import patch  # ffn.patch(model): HF transformers models (imports tr
 
 ops = torch.ops.ffn
 
-__all__ = ["FFN", "GatedFFN", "GeGLU", "GeluFFN", "LayerNorm", "ReGLU", "RMSNorm", "SwiGLU", "activations", "modules",
-           "ops", "reference", "schema", "telemetry"]
+__all__ = ["FFN", "GatedFFN", "GeGLU", "GeluFFN", "LayerNorm", "ReGLU", "RMSNorm", "SwiGLU", "activations",
+           "distributed", "modules", "ops", "patch", "reference", "schema", "telemetry"]
 __version__ = "0.1.0"
