@@ -107,6 +107,19 @@ def _p():
     return Partial, Replicate, Shard, _StridedShard
 
 
+# DTensor redistributes _StridedShard placements (the tensor-parallel gate/up packing, and the
+# strided layouts some strategies produce) from torch 2.13 on: seen working on 2.13.0 and 2.14.1,
+# while torch 2.11 rejects them ("... is unable to be interpreted into a corresponding
+# shard_order"); 2.12 is untested. Everything else here works on 2.11 too.
+STRIDED_SHARD_MIN_TORCH = (2, 13)
+
+
+def strided_shard_supported():
+    """Whether this torch's DTensor handles _StridedShard placements (STRIDED_SHARD_MIN_TORCH)."""
+    major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= STRIDED_SHARD_MIN_TORCH
+
+
 def gate_up_placement(dim=0):
     """The tensor-parallel placement of w_gate_up (dim 0) and b_gate_up, or of a gate_up
     activation (dim -1): _StridedShard(dim, split_factor=2), rank k holding [gate_k; up_k]."""
@@ -470,6 +483,11 @@ def _make_ffn_parallel():
                 raise TypeError(f"FFNParallel applies to ffn FFN modules, got {type(module).__name__}")
             _, replicate, shard, _ = _p()
             (w_in, b_in), (w_out, b_out) = module.in_proj(), module.out_proj()
+            if module.gated and not strided_shard_supported():
+                raise RuntimeError(
+                    f"ffn.distributed: tensor-parallel gated FFNs shard w_gate_up as _StridedShard, which DTensor "
+                    f"in torch {torch.__version__} cannot redistribute; use torch >= "
+                    f"{'.'.join(map(str, STRIDED_SHARD_MIN_TORCH))}")
             p_in = gate_up_placement(0) if module.gated else shard(0)
             p_b_in = replicate() if self.replicate_in_bias else p_in
             placements = {id(w_in): p_in, id(b_in): p_b_in, id(w_out): shard(1), id(b_out): replicate()}

@@ -42,9 +42,21 @@ def results(tmp_path_factory):
     return found
 
 
+STRIDED_OK = fd.strided_shard_supported()
+NEEDS_STRIDED = pytest.mark.skipif(
+    not STRIDED_OK, reason=f"tensor parallel of gated FFNs needs _StridedShard support (torch >= "
+                           f"{'.'.join(map(str, fd.STRIDED_SHARD_MIN_TORCH))}); this is torch {torch.__version__}")
+
+
+def _strided_rejection(check):
+    """A check that failed only because this torch's DTensor rejects _StridedShard placements."""
+    detail = str(check["detail"])
+    return not STRIDED_OK and "_StridedShard" in detail and ("shard_order" in detail or "cannot redistribute" in detail)
+
+
 def _failures(checks, prefix=None):
     return {k: (v["err"], v["detail"]) for k, v in checks.items()
-            if (prefix is None or k.startswith(prefix)) and not v["ok"]}
+            if (prefix is None or k.startswith(prefix)) and not v["ok"] and not _strided_rejection(v)}
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -66,8 +78,9 @@ def test_every_op_checked(results, world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("mode, tol", [("fsdp_fp32", FP32_TOL), ("fsdp_bf16", BF16_TOL), ("tp", FP32_TOL),
-                                       ("tp_sp", FP32_TOL)])
+@pytest.mark.parametrize("mode, tol", [("fsdp_fp32", FP32_TOL), ("fsdp_bf16", BF16_TOL),
+                                       pytest.param("tp", FP32_TOL, marks=NEEDS_STRIDED),
+                                       pytest.param("tp_sp", FP32_TOL, marks=NEEDS_STRIDED)])
 def test_training_matches_one_process(results, world, mode, tol):
     run = results[world]["losses"].get(mode)
     assert run is not None, _failures(results[world]["checks"], f"train/{mode}") or results[world]["checks"].get(mode)
@@ -76,6 +89,7 @@ def test_training_matches_one_process(results, world, mode, tol):
     assert results[world]["checks"][f"train/{mode}"]["ok"]
 
 
+@NEEDS_STRIDED
 def test_fsdp_x_tp_2d_matches_one_process(results):
     run = results[4]["losses"].get("fsdp_tp")
     assert run is not None, results[4]["checks"].get("fsdp_tp")
