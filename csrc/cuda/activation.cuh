@@ -8,6 +8,7 @@
 #pragma once
 
 #include "activation_table.h"
+#include "runtime.cuh"
 
 #include <cmath>
 #include <utility>

@@ -11,13 +11,11 @@
 // before the single rounding to the output dtype.
 #include "activation.cuh"
 #include "ffn.h"
+#include "runtime.cuh"
 #include "vec.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cmath>
@@ -132,8 +130,8 @@ constexpr int kBlockThreads = 256;
 constexpr int64_t kMaxGridDim = 65535;
 
 // Threads along a row's words (a power of two up to a block), the rest over rows.
-template <typename T, typename Kernel>
-void launch(Kernel kernel, ActivationArgs<T> a) {
+template <typename T>
+void launch_activation(void (*kernel)(ActivationArgs<T>), ActivationArgs<T> a) {
   constexpr int V = kVecWidth<T>;
   const int64_t words = ceil_div(a.F, V);
   if (a.rows == 0 || words == 0) return;
@@ -143,13 +141,12 @@ void launch(Kernel kernel, ActivationArgs<T> a) {
   const dim3 block(threads_x, kBlockThreads / threads_x);
   const dim3 grid(static_cast<unsigned>(std::min(ceil_div(words, block.x), kMaxGridDim)),
                   static_cast<unsigned>(std::min(ceil_div(a.rows, block.y), kMaxGridDim)));
-  kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(kernel, {grid, block}, a);
 }
 
 void activation_forward(const Tensor& z, const Tensor& bias, Activation act, bool gated,
                         const Tensor& h) {
-  const c10::cuda::CUDAGuard guard(z.device());
+  const DeviceGuard guard(z.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_fwd_cuda", [&] {
     ActivationArgs<scalar_t> a{z.const_data_ptr<scalar_t>(),
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
@@ -162,14 +159,14 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
                                gated,
                                false};
     dispatch_activation<Act>(act, [&](auto fn) {
-      launch(activation_forward_kernel<scalar_t, decltype(fn)>, a);
+      launch_activation(activation_forward_kernel<scalar_t, decltype(fn)>, a);
     });
   });
 }
 
 void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
                          bool gated, const Tensor& grad_z, const Tensor& h) {
-  const c10::cuda::CUDAGuard guard(z.device());
+  const DeviceGuard guard(z.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_bwd_cuda", [&] {
     ActivationArgs<scalar_t> a{z.const_data_ptr<scalar_t>(),
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
@@ -182,7 +179,7 @@ void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad
                                gated,
                                false};
     dispatch_activation<Act>(act, [&](auto fn) {
-      launch(activation_backward_kernel<scalar_t, decltype(fn)>, a);
+      launch_activation(activation_backward_kernel<scalar_t, decltype(fn)>, a);
     });
   });
 }

@@ -33,14 +33,12 @@
 #include "dispatch.h"
 #include "ffn.h"
 #include "reduce.cuh"
+#include "runtime.cuh"
 #include "vec.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -58,7 +56,6 @@ constexpr int kForwardBlock = 256;
 constexpr int kBackwardBlock = 512;
 // One block per row for rows too long for registers.
 constexpr int kLongRowBlock = 1024;
-constexpr int kMaxThreadsPerSm = 2048;  // sm_80 and sm_90
 
 struct RowLayout {
   int threads_per_row;  // a power of two <= 32, or a multiple of 32 <= 1024
@@ -81,28 +78,14 @@ RowLayout row_layout(int64_t words, int words_per_thread, int target_block) {
   return {threads_per_row, rows_per_block, threads_per_row * rows_per_block};
 }
 
-int device_attribute(cudaDeviceAttr attribute) {
-  int device = 0, value = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
-  return value;
-}
+int sm_count() { return device_limits().sm_count; }
 
-int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
-
-// Dynamic shared memory a kernel with a little static shared memory may ask for.
-size_t max_dynamic_shared_memory() {
-  return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)) - 1024;
-}
-
-// Without this opt-in, static plus dynamic shared memory must fit in 48 KiB, so
-// it is made for any dynamic size (the kernels' static scratch counts too).
+// Blocks of `kernel` in one wave on the whole device: SMs times the blocks of
+// this size and dynamic shared memory one SM holds (the occupancy calculator's
+// answer, cached by runtime.cuh).
 template <typename Kernel>
-void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
+int64_t resident_grid(Kernel kernel, int block, size_t dynamic_smem) {
+  return int64_t{sm_count()} * std::max(resident_blocks_per_sm(kernel, block, dynamic_smem), 1);
 }
 
 template <typename T>
@@ -193,7 +176,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     norm_forward_kernel(const ForwardArgs<T, P> a) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
-  __shared__ A scratch[kMaxWarps];
+  FFN_SHARED(scratch, A[kMaxWarps]);
   const int tpr = a.threads_per_row;
   const int lane = threadIdx.x % tpr;
   const int groups = blockDim.x / tpr;
@@ -248,8 +231,8 @@ __global__ void __launch_bounds__(kLongRowBlock)
     norm_forward_long_row_kernel(const ForwardArgs<T, P> a, bool cache_row) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
-  extern __shared__ __align__(16) unsigned char dynamic_smem[];
-  __shared__ A scratch[kMaxWarps];
+  FFN_DYNAMIC_SHARED(dynamic_smem);
+  FFN_SHARED(scratch, A[kMaxWarps]);
   Vec<T>* cache = cache_row ? reinterpret_cast<Vec<T>*>(dynamic_smem) : nullptr;
   const int64_t d = a.d;
   const int64_t words = ceil_div(d, V);
@@ -309,27 +292,23 @@ void forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double e
   if (a.rows == 0) return;
   a.vectorized = a.d % V == 0 && all_aligned16({a.x, a.weight, a.bias, a.y});
   const int64_t words = ceil_div(a.d, V);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   if (words <= static_cast<int64_t>(kMaxBlockThreads) * kForwardWords) {
     const RowLayout layout = row_layout(words, kForwardWords, kForwardBlock);
     a.threads_per_row = layout.threads_per_row;
+    const auto kernel = norm_forward_kernel<T, P, kForwardWords>;
+    // One wave of the blocks the SMs actually hold (registers decide, not threads).
     const int64_t grid = std::min<int64_t>(ceil_div(a.rows, layout.rows_per_block),
-                                           int64_t{sm_count()} * (kMaxThreadsPerSm / layout.block));
-    norm_forward_kernel<T, P, kForwardWords>
-        <<<static_cast<unsigned>(grid), layout.block, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                           resident_grid(kernel, layout.block, 0));
+    launch(kernel, {static_cast<unsigned>(grid), static_cast<unsigned>(layout.block)}, a);
     return;
   }
+  const auto kernel = norm_forward_long_row_kernel<T, P>;
   const size_t cache_bytes = static_cast<size_t>(words) * sizeof(Vec<T>);
-  const bool cache_row = cache_bytes <= max_dynamic_shared_memory();
+  const bool cache_row = cache_bytes <= allow_dynamic_shared_memory(kernel);
   const size_t smem = cache_row ? cache_bytes : 0;
-  allow_dynamic_shared_memory(norm_forward_long_row_kernel<T, P>, smem);
-  const int64_t grid =
-      std::min<int64_t>(a.rows, int64_t{sm_count()} * (kMaxThreadsPerSm / kLongRowBlock));
-  norm_forward_long_row_kernel<T, P>
-      <<<static_cast<unsigned>(grid), kLongRowBlock, smem, stream>>>(a, cache_row);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t grid = std::min<int64_t>(a.rows, resident_grid(kernel, kLongRowBlock, smem));
+  launch(kernel, {static_cast<unsigned>(grid), kLongRowBlock, smem}, a, cache_row);
 }
 
 // ---------------------------------------------------------------------------
@@ -442,8 +421,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     norm_backward_kernel(const BackwardArgs<T, P> a) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
-  extern __shared__ __align__(16) unsigned char dynamic_smem[];
-  __shared__ A scratch[2 * kMaxWarps];
+  FFN_DYNAMIC_SHARED(dynamic_smem);
+  FFN_SHARED(scratch, A[2 * kMaxWarps]);
   const int tpr = a.threads_per_row;
   const int lane = threadIdx.x % tpr;
   const int groups = blockDim.x / tpr;
@@ -520,8 +499,8 @@ __global__ void __launch_bounds__(kLongRowBlock)
     norm_backward_long_row_kernel(const BackwardArgs<T, P> a, const LongRowShared shared) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
-  extern __shared__ __align__(16) unsigned char dynamic_smem[];
-  __shared__ A scratch[2 * kMaxWarps];
+  FFN_DYNAMIC_SHARED(dynamic_smem);
+  FFN_SHARED(scratch, A[2 * kMaxWarps]);
   const int64_t d = a.d;
   const int64_t words = ceil_div(d, V);
   // Accumulator element k of word i lives at [k * words + i]: a warp's accesses
@@ -629,7 +608,7 @@ template <typename A, typename P>
 __global__ void __launch_bounds__(kWarpSize * kSumRows)
     sum_partials_kernel(const A* __restrict__ partial, int64_t slots, int64_t d,
                         P* __restrict__ out) {
-  __shared__ A part[kSumRows][kWarpSize + 1];
+  FFN_SHARED(part, A[kSumRows][kWarpSize + 1]);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
   A total = 0;
   if (col < d) {
@@ -646,12 +625,11 @@ __global__ void __launch_bounds__(kWarpSize * kSumRows)
 }
 
 template <typename A, typename P>
-void sum_partials(const Tensor& partial, const Tensor& out, cudaStream_t stream) {
+void sum_partials(const Tensor& partial, const Tensor& out) {
   const int64_t slots = partial.size(0), d = partial.size(1);
-  const dim3 block(kWarpSize, kSumRows);
-  sum_partials_kernel<A, P><<<static_cast<unsigned>(ceil_div(d, kWarpSize)), block, 0, stream>>>(
-      partial.const_data_ptr<A>(), slots, d, out.mutable_data_ptr<P>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(sum_partials_kernel<A, P>,
+         {static_cast<unsigned>(ceil_div(d, kWarpSize)), dim3(kWarpSize, kSumRows)},
+         partial.const_data_ptr<A>(), slots, d, out.mutable_data_ptr<P>());
 }
 
 template <typename T, typename P>
@@ -684,7 +662,6 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
   const bool param_grads = grad_weight.defined() || grad_bias.defined();
   const auto partial_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
   const int64_t words = ceil_div(d, V);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Tensor dw_partial, db_partial;
 
   if (words <= static_cast<int64_t>(kMaxBlockThreads) * kWords) {
@@ -696,20 +673,16 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
                             : 0;
     // One wave of resident blocks: each accumulates over many rows, so there are
     // few partial rows, and their number depends only on the device and the shape.
-    int blocks_per_sm = 0;
-    C10_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, layout.block, smem));
     const int64_t grid = std::min<int64_t>(ceil_div(rows, layout.rows_per_block),
-                                           int64_t{sm_count()} * std::max(blocks_per_sm, 1));
+                                           resident_grid(kernel, layout.block, smem));
     if (grad_weight.defined()) dw_partial = at::empty({grid, d}, partial_options);
     if (grad_bias.defined()) db_partial = at::empty({grid, d}, partial_options);
     a.dw_partial = mutable_data_or_null<A>(dw_partial);
     a.db_partial = mutable_data_or_null<A>(db_partial);
-    kernel<<<static_cast<unsigned>(grid), layout.block, smem, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(kernel, {static_cast<unsigned>(grid), static_cast<unsigned>(layout.block), smem}, a);
   } else {
     const auto kernel = norm_backward_long_row_kernel<T, P>;
-    const size_t budget = max_dynamic_shared_memory();
+    const size_t budget = allow_dynamic_shared_memory(kernel);
     const size_t accumulator_bytes = (int{grad_weight.defined()} + int{grad_bias.defined()}) *
                                      static_cast<size_t>(words) * V * sizeof(A);
     const size_t cache_bytes = 2 * static_cast<size_t>(words) * sizeof(Vec<T>);
@@ -717,21 +690,15 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
     const size_t used = shared.accumulate ? accumulator_bytes : 0;
     shared.cache_rows = used + cache_bytes <= budget;
     const size_t smem = used + (shared.cache_rows ? cache_bytes : 0);
-    allow_dynamic_shared_memory(kernel, smem);
-    int64_t grid = std::min<int64_t>(rows, int64_t{sm_count()} * (kMaxThreadsPerSm / kLongRowBlock));
+    // One wave of resident blocks, as above.
+    const int64_t grid = std::min<int64_t>(rows, resident_grid(kernel, kLongRowBlock, smem));
     if (shared.accumulate) {
-      // One wave of resident blocks, as above.
-      int blocks_per_sm = 0;
-      C10_CUDA_CHECK(
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kLongRowBlock, smem));
-      grid = std::min<int64_t>(rows, int64_t{sm_count()} * std::max(blocks_per_sm, 1));
       if (grad_weight.defined()) dw_partial = at::empty({grid, d}, partial_options);
       if (grad_bias.defined()) db_partial = at::empty({grid, d}, partial_options);
       a.dw_partial = mutable_data_or_null<A>(dw_partial);
       a.db_partial = mutable_data_or_null<A>(db_partial);
     }
-    kernel<<<static_cast<unsigned>(grid), kLongRowBlock, smem, stream>>>(a, shared);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(kernel, {static_cast<unsigned>(grid), kLongRowBlock, smem}, a, shared);
     if (param_grads && !shared.accumulate) {
       const int64_t column_blocks = ceil_div(d, kColumnBlock);
       const int64_t chunks = std::clamp<int64_t>(ceil_div(int64_t{sm_count()} * 8, column_blocks),
@@ -740,19 +707,18 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
       if (grad_weight.defined()) dw_partial = at::empty({chunks, d}, partial_options);
       if (grad_bias.defined()) db_partial = at::empty({chunks, d}, partial_options);
       const dim3 grid_2d(static_cast<unsigned>(column_blocks), static_cast<unsigned>(chunks));
-      norm_param_grad_columns_kernel<T><<<grid_2d, kColumnBlock, 0, stream>>>(
-          a.dy, a.x, a.mean, a.rstd, rows, d, rows_per_chunk, mutable_data_or_null<A>(dw_partial),
-          mutable_data_or_null<A>(db_partial));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(norm_param_grad_columns_kernel<T>, {grid_2d, kColumnBlock}, a.dy, a.x, a.mean, a.rstd,
+             rows, d, rows_per_chunk, mutable_data_or_null<A>(dw_partial),
+             mutable_data_or_null<A>(db_partial));
     }
   }
-  if (grad_weight.defined()) sum_partials<A, P>(dw_partial, grad_weight, stream);
-  if (grad_bias.defined()) sum_partials<A, P>(db_partial, grad_bias, stream);
+  if (grad_weight.defined()) sum_partials<A, P>(dw_partial, grad_weight);
+  if (grad_bias.defined()) sum_partials<A, P>(db_partial, grad_bias);
 }
 
 void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
                   bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   dispatch_norm_types(x, weight.defined() ? weight : bias, [&](auto t, auto p) {
     forward<decltype(t), decltype(p)>(x, weight, bias, eps, center, y, mean, rstd);
   });
@@ -761,7 +727,7 @@ void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
 void norm_backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
                    const Tensor& weight, bool center, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   dispatch_norm_types(x, weight.defined() ? weight : grad_bias, [&](auto t, auto p) {
     backward<decltype(t), decltype(p)>(grad_y, x, mean, rstd, weight, center, grad_x,
                                        grad_weight, grad_bias);

@@ -7,16 +7,11 @@
 // warp totals through shared memory); every thread of a group ends with the
 // same bits.
 //
-// Telemetry (warp_reduce, block_reduce): one value per thread over a warp or a
-// whole block, in cub's order, with the total in lane / thread 0.
+// Telemetry (warp_all_reduce, block_all_reduce): one value per thread over a
+// warp or a whole block, every thread ending with the same result.
 #pragma once
 
-#include <c10/macros/Macros.h>
-
-#include <cub/block/block_reduce.cuh>
-#include <cub/warp/warp_reduce.cuh>
-
-#include <type_traits>
+#include "runtime.cuh"
 
 namespace ffn::cuda {
 
@@ -62,8 +57,13 @@ __device__ __forceinline__ void row_sum(A (&v)[N], int threads_per_row, A* scrat
   __syncthreads();  // scratch is free for the next call
 }
 
-// The operations of warp_reduce / block_reduce.
-struct Sum {};
+// The operations of warp_all_reduce / block_all_reduce.
+struct Sum {
+  template <typename V>
+  __device__ V operator()(const V& a, const V& b) const {
+    return a + b;
+  }
+};
 // max that returns NaN if either side is NaN (a diverged run must show up).
 struct NanMax {
   template <typename V>
@@ -72,30 +72,32 @@ struct NanMax {
   }
 };
 
-template <typename V>
-using WarpReduceStorage = typename cub::WarpReduce<V>::TempStorage;
-template <typename V, int kThreads>
-using BlockReduceStorage = typename cub::BlockReduce<V, kThreads>::TempStorage;
-
-// v reduced over the (full) warp with op; valid in lane 0.
+// v reduced with op over the (full) warp; every lane ends with the result
+// (a butterfly, so every lane adds the same values in the same order).
 template <typename V, typename Op>
-__device__ __forceinline__ V warp_reduce(V v, Op op, WarpReduceStorage<V>& storage) {
-  if constexpr (std::is_same_v<Op, Sum>) {
-    return cub::WarpReduce<V>(storage).Sum(v);
-  } else {
-    return cub::WarpReduce<V>(storage).Reduce(v, op);
+__device__ __forceinline__ V warp_all_reduce(V v, Op op) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   }
+  return v;
 }
 
-// v reduced over the block of kThreads threads with op; valid in thread 0.
-// Every thread must call it; storage is free again after a __syncthreads().
+// v reduced with op over a 1-D block of kThreads threads (a multiple of 32);
+// every thread ends with the result. Every thread must call it.
 template <int kThreads, typename V, typename Op>
-__device__ __forceinline__ V block_reduce(V v, Op op, BlockReduceStorage<V, kThreads>& storage) {
-  if constexpr (std::is_same_v<Op, Sum>) {
-    return cub::BlockReduce<V, kThreads>(storage).Sum(v);
-  } else {
-    return cub::BlockReduce<V, kThreads>(storage).Reduce(v, op);
-  }
+__device__ __forceinline__ V block_all_reduce(V v, Op op) {
+  static_assert(kThreads % kWarpSize == 0 && kThreads <= kMaxBlockThreads, "whole warps");
+  constexpr int kWarps = kThreads / kWarpSize;
+  FFN_SHARED(warp_totals, V[kWarps]);
+  v = warp_all_reduce(v, op);
+  if (threadIdx.x % kWarpSize == 0) warp_totals[threadIdx.x / kWarpSize] = v;
+  __syncthreads();
+  V total = warp_totals[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) total = op(total, warp_totals[w]);
+  __syncthreads();  // warp_totals is free for the next call
+  return total;
 }
 
 }  // namespace ffn::cuda

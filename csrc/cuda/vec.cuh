@@ -9,6 +9,8 @@
 // and are not written.
 #pragma once
 
+#include "runtime.cuh"
+
 #include <ATen/OpMathType.h>
 #include <c10/macros/Macros.h>
 

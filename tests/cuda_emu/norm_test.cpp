@@ -1,0 +1,158 @@
+// The CUDA norm kernels (csrc/cuda/norm.cu), emulated, against the CPU kernels:
+// forward and backward in every row policy of the launchers, on shapes at the
+// policy boundaries and with row tails, every dtype, with and without affine
+// parameters, float32 parameters for 16-bit inputs, misaligned inputs.
+#include "emu_testing.h"
+
+namespace ffn::testing {
+namespace {
+
+struct Case {
+  at::ScalarType dtype;
+  int64_t rows, d;
+  const char* policy;  // what the launchers pick for it (norm.cu)
+};
+
+// 128-bit words per row: d / 8 for 16-bit types, d / 4 for float32, d / 2 for float64.
+const std::vector<Case> kForwardCases = {
+    {at::kBFloat16, 5, 1, "1 thread per row, a 1-element tail word"},
+    {at::kHalf, 67, 24, "2 threads per row, 128 rows per block: one partial block"},
+    {at::kFloat, 300, 100, "16 threads per row (25 words), two blocks of 16"},
+    {at::kBFloat16, 3, 513, "two warps per row, a 1-element last word"},
+    {at::kDouble, 9, 130, "warp per row (65 words)"},
+    {at::kBFloat16, 4, 4096, "256 threads per row"},
+    {at::kFloat, 3, 4100, "544 threads per row, last warp partly idle"},
+    {at::kBFloat16, 2, 16384, "1024 threads per row: the longest register row"},
+    {at::kHalf, 3, 16392, "long row, cached in shared memory"},
+    {at::kDouble, 3, 4101, "long row (float64), cached, tail"},
+    {at::kFloat, 2, 60000, "long row too long for shared memory: re-read"},
+    {at::kFloat, 0, 64, "no rows"},
+};
+
+const std::vector<Case> kBackwardCases = {
+    {at::kBFloat16, 5, 1, "1 thread per row"},
+    {at::kHalf, 300, 24, "3 threads per row -> 4, 128 rows per block: block partials"},
+    {at::kFloat, 67, 100, "16 threads per row, many row groups per block"},
+    {at::kBFloat16, 3, 513, "warps per row, tail"},
+    {at::kDouble, 4, 130, "3 warps per row (float64)"},
+    {at::kBFloat16, 3, 8192, "1024 threads per row: the longest register row"},
+    {at::kFloat, 5, 8193, "1025 words: long row, accumulators and rows in shared memory"},
+    {at::kBFloat16, 3, 8200, "long row, cached"},
+    {at::kFloat, 3, 20000, "long row: shared accumulators, rows re-read"},
+    {at::kFloat, 3, 30000, "long row: accumulators too big, column kernel for dw/db"},
+    {at::kFloat, 0, 64, "no rows: zero parameter gradients"},
+};
+
+struct Affine {
+  bool weight, bias;
+};
+
+Tensor input(const Case& c) { return (at::randn({c.rows, c.d}, at::kDouble) * 2 + 1.5).to(c.dtype); }
+
+Tensor param(bool present, int64_t d, at::ScalarType dtype, double shift) {
+  return present ? (at::randn({d}, at::kDouble) + shift).to(dtype) : Tensor();
+}
+
+// The parameter dtypes a case runs with: its own, and float32 for 16-bit x.
+std::vector<at::ScalarType> param_dtypes(at::ScalarType dtype) {
+  if (dtype == at::kBFloat16 || dtype == at::kHalf) return {dtype, at::kFloat};
+  return {dtype};
+}
+
+void check_forward(const Case& c, bool center, Affine affine, at::ScalarType pdtype,
+                   bool misaligned) {
+  SCOPED_TRACE(describe(c.policy, "| rows", c.rows, "d", c.d, c.dtype, center ? "layer_norm" : "rms_norm",
+                        "weight", affine.weight, "bias", affine.bias, "params", pdtype,
+                        misaligned ? "misaligned" : ""));
+  Tensor x = input(c);
+  if (misaligned) x = misaligned_copy(x);
+  const Tensor w = param(affine.weight, c.d, pdtype, 1.0), b = param(affine.bias, c.d, pdtype, 0.0);
+  const double eps = 1e-5;
+  if (center) {
+    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, cuda::kNormKernels);
+    const auto [y_ref, mean_ref, rstd_ref] = layer_norm_forward(x, opt(w), opt(b), eps, cpu::kNormKernels);
+    EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
+    EXPECT_TRUE(matches(mean, mean_ref, compute_dtype(c.dtype))) << "mean";
+    EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
+  } else {
+    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, cuda::kNormKernels);
+    const auto [y_ref, rstd_ref] = rms_norm_forward(x, opt(w), opt(b), eps, cpu::kNormKernels);
+    EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
+    EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
+  }
+}
+
+void check_backward(const Case& c, bool center, Affine affine, at::ScalarType pdtype,
+                    bool misaligned) {
+  SCOPED_TRACE(describe(c.policy, "| rows", c.rows, "d", c.d, c.dtype, center ? "layer_norm" : "rms_norm",
+                        "weight", affine.weight, "bias", affine.bias, "params", pdtype,
+                        misaligned ? "misaligned" : ""));
+  Tensor x = input(c);
+  Tensor dy = at::randn({c.rows, c.d}, at::kDouble).to(c.dtype);
+  if (misaligned) {
+    x = misaligned_copy(x);
+    dy = misaligned_copy(dy);
+  }
+  const Tensor w = param(affine.weight, c.d, pdtype, 1.0), b = param(affine.bias, c.d, pdtype, 0.0);
+  const double eps = 1e-5;
+  std::tuple<Tensor, Tensor, Tensor> got, want;
+  if (center) {
+    // Statistics from the CPU kernel: both backward passes see the same inputs.
+    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, cpu::kNormKernels);
+    got = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias,
+                              cuda::kNormKernels);
+    want = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias,
+                               cpu::kNormKernels);
+  } else {
+    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, cpu::kNormKernels);
+    got = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, cuda::kNormKernels);
+    want = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, cpu::kNormKernels);
+  }
+  EXPECT_TRUE(matches(std::get<0>(got), std::get<0>(want), c.dtype)) << "grad_x";
+  // Parameter gradients: float32 sums over the rows (float64 for float64).
+  EXPECT_TRUE(matches(std::get<1>(got), std::get<1>(want), pdtype)) << "grad_weight";
+  EXPECT_TRUE(matches(std::get<2>(got), std::get<2>(want), pdtype)) << "grad_bias";
+}
+
+const std::vector<Affine> kAffine = {{true, true}, {true, false}, {false, true}, {false, false}};
+
+TEST_F(SeededTest, EmulatedNormForwardMatchesCpu) {
+  for (const Case& c : kForwardCases) {
+    for (const bool center : {true, false}) {
+      for (const Affine affine : kAffine) {
+        for (const at::ScalarType pdtype : param_dtypes(c.dtype)) {
+          if (!affine.weight && !affine.bias && pdtype != c.dtype) continue;
+          check_forward(c, center, affine, pdtype, /*misaligned=*/false);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(SeededTest, EmulatedNormBackwardMatchesCpu) {
+  for (const Case& c : kBackwardCases) {
+    for (const bool center : {true, false}) {
+      for (const Affine affine : kAffine) {
+        for (const at::ScalarType pdtype : param_dtypes(c.dtype)) {
+          if (!affine.weight && !affine.bias && pdtype != c.dtype) continue;
+          check_backward(c, center, affine, pdtype, /*misaligned=*/false);
+        }
+      }
+    }
+  }
+}
+
+// Pointers off 16-byte alignment take the element-wise loads and stores.
+TEST_F(SeededTest, EmulatedNormMisalignedMatchesCpu) {
+  for (const Case& c : {Case{at::kBFloat16, 7, 1024, "misaligned, warps per row"},
+                        Case{at::kFloat, 3, 9000, "misaligned long row"},
+                        Case{at::kHalf, 33, 64, "misaligned, sub-warp rows"}}) {
+    for (const bool center : {true, false}) {
+      check_forward(c, center, {true, true}, c.dtype, /*misaligned=*/true);
+      check_backward(c, center, {true, true}, c.dtype, /*misaligned=*/true);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace ffn::testing

@@ -1,0 +1,3 @@
+// csrc/cuda/telemetry.cu compiled for the CUDA emulation (FFN_CUDA_EMU): its kernels
+// and launchers, unchanged, running on the CPU.
+#include "cuda/telemetry.cu"

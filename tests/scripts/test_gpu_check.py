@@ -1,0 +1,51 @@
+"""scripts/gpu_check.py where there is no GPU (as in CI): it must say so, write its
+summary and exit 0; and a stage that runs past its limit is reported, not lost.
+The GPU path itself runs on the GPU machine (make gpu-check)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("ffn_gpu_check", SCRIPTS / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_a_gpu_it_says_so_and_exits_cleanly(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "gpu_check.py"), str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no GPU here" in proc.stdout
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert summary["status"] == "no-gpu"
+    assert summary["environment"]["torch"] == torch.__version__
+    assert summary["environment"]["gpu"] is False
+    assert summary["stages"] == {}
+
+
+def test_a_stage_past_its_limit_is_reported(gpu_check, tmp_path):
+    result = gpu_check.run_stage("slow", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
+                                 str(tmp_path), limit=2)
+    assert result["status"] == "timeout" and result["returncode"] is None
+    assert result["seconds"] < 20
+    assert "started" in (tmp_path / "slow.log").read_text()
+
+
+def test_a_failing_stage_is_reported_with_its_output(gpu_check, tmp_path):
+    result = gpu_check.run_stage("fails", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                                 str(tmp_path), limit=30)
+    assert result["status"] == "failed" and result["returncode"] == 3
+    assert "boom" in result["tail"]
