@@ -6,11 +6,17 @@ events, checkpoints, report.md, plots).
     python -m ffn.harness                         # Design A vs B (+ interventions) on Shakespeare
     python -m ffn.harness --designs A,B,rms+gelu,ln+swiglu
     python -m ffn.harness --data my.txt --preset gpu
-    torchrun --nproc_per_node=2 -m ffn.harness ... # DDP: gloo on CPU, nccl on GPU
+    torchrun --standalone --nproc-per-node=2 -m ffn.harness ...                 # DDP: gloo on CPU, nccl on GPU
+    torchrun --standalone --nproc-per-node=4 -m ffn.harness --parallel fsdp ... # FSDP2
+    torchrun --standalone --nproc-per-node=2 -m ffn.harness --parallel tp ...   # tensor parallel
+    torchrun --standalone --nproc-per-node=8 -m ffn.harness --parallel fsdp+tp --tp 4 ...
 
 Every design trains from the same seed on the same batches (a function of the seed
-and the step), for the same number of steps. The global batch is split across DDP
-ranks, so a DDP run sees exactly the batches of a one-process run.
+and the step), for the same number of steps. The global batch (--batch-size times the
+number of data-parallel groups) is split across the data-parallel groups, and the ranks
+of a tensor-parallel group read the same rows, so a run sees exactly the batches of a
+one-process run with that batch. Checkpoints (torch.distributed.checkpoint) resume in any
+mode and world size.
 """
 
 import argparse
@@ -25,7 +31,7 @@ from . import data as textdata
 from . import designs as designgrammar
 from .config import DEFAULT_DESIGNS, DEFAULT_PROBE_SHIFT, PRESETS, STUDY, RunConfig, TrainConfig
 from .designs import FFNS, LAYOUTS, NORMS, PLACEMENTS, Design
-from .distributed import init_dist
+from .distributed import PARALLEL_MODES, init_dist
 from .metrics import MetricsLog
 from .model import BACKENDS
 from .results import DesignResult, RunMeta
@@ -74,6 +80,12 @@ def build_parser():
                    help="a learning-rate sweep: every design at each peak lr (same seeds), e.g. 1e-3,3e-3,1e-2")
     p.add_argument("--data", default=None, help="a UTF-8 text file to train on (default: the bundled corpus)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--parallel", choices=list(PARALLEL_MODES), default="ddp",
+                   help="under torchrun: ddp (default), fsdp (FSDP2), tp (tensor parallel over all ranks), "
+                        "fsdp+tp (a 2-D mesh: tensor parallel in groups of --tp ranks, FSDP2 across them); "
+                        "--batch-size is per data-parallel group. One process ignores it")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="the tensor-parallel degree of --parallel fsdp+tp (consecutive ranks: keep it within a host)")
     p.add_argument("--name", default="ab", help="the run's directory under --out")
     p.add_argument("--out", default="runs")
     p.add_argument("--resume", action="store_true",
@@ -157,8 +169,9 @@ def load_corpus(run, env):
 
 def main(argv=None):
     run = parse_config(argv)
+    args = build_parser().parse_args(argv)
     config = run.train
-    env = init_dist(run.device)
+    env = init_dist(run.device, args.parallel, args.tp)
     if config.eval_windows < env.world:
         raise SystemExit(f"ab: --eval-windows {config.eval_windows} is fewer than the {env.world} ranks: "
                          "every rank needs a validation window")
@@ -176,8 +189,10 @@ def main(argv=None):
             print(f"data: {corpus.path} ({len(corpus.train)} train / {len(corpus.val)} val bytes); "
                   f"unigram entropy of val: {unigram:.4f} nats/byte")
             print(f"preset {run.preset}: d_model={config.d_model} layers={config.n_layers} heads={config.n_heads} "
-                  f"d_ff={config.d_ff} seq={config.seq_len} batch={config.batch_size}x{env.world} "
+                  f"d_ff={config.d_ff} seq={config.seq_len} batch={config.batch_size}x{env.dp_world} "
                   f"steps={config.steps} backend={config.backend} device={env.device} ranks={env.world} "
+                  + (f"parallel={env.parallel}" + (f" tp={env.tp_world} " if env.uses_tp else " ")
+                     if env.world > 1 else "") +
                   f"seeds={run.seeds}" + (f" lrs={','.join(f'{v:g}' for v in run.lrs)}" if run.lrs else ""))
         env.barrier()
         log = MetricsLog(run_dir, env)
@@ -194,7 +209,8 @@ def main(argv=None):
             results.append(result)
         wall = time.perf_counter() - t_start
         if env.main:
-            meta = RunMeta(config=run.to_dict(), designs=[spec for spec, _ in run.designs], world_size=env.world,
+            parallel = {"parallel": env.parallel, "tp": env.tp_world, "dp": env.dp_world}
+            meta = RunMeta(config={**run.to_dict(), **parallel}, designs=[spec for spec, _ in run.designs], world_size=env.world,
                            device=str(env.device), data=str(corpus.path), train_bytes=len(corpus.train),
                            val_bytes=len(corpus.val), unigram_entropy=unigram, wall_s=wall,
                            torch=torch.__version__, threads=torch.get_num_threads(),

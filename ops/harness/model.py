@@ -75,17 +75,23 @@ def make_ffn(config):
 
 
 class CausalSelfAttention(nn.Module):
+    """qkv packs the q, k and v rows ([3 * d_model, d_model]). The head count is read from the
+    qkv output, so that under tensor parallelism (harness/parallel.py: qkv column-parallel with
+    each rank holding its heads' q, k and v rows, proj row-parallel) the same code runs on a
+    rank's heads."""
+
     def __init__(self, d_model, n_heads):
         super().__init__()
         self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):

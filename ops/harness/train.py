@@ -1,5 +1,6 @@
 """The training loop of one design: same seed, batches and budget for every design;
-checkpoints and --resume; DDP when launched under torchrun."""
+checkpoints (DCP, checkpoint.py) and --resume; under torchrun DDP, FSDP2, tensor parallel
+or FSDP2 x TP (distributed.py, parallel.py), on the batches of a one-process run."""
 
 import contextlib
 import math
@@ -12,8 +13,11 @@ from dataclasses import asdict, fields
 
 import torch
 
+from . import checkpoint
 from . import data as textdata
 from . import health as healthmod
+from . import parallel as par
+from .. import telemetry
 from .outliers import captured, model_outliers
 from .designs import describe, run_label
 from .evaluate import evaluate, evaluate_design, layer_summaries
@@ -55,7 +59,7 @@ def run_identity(run, design, env, config=None):
     """What a checkpoint's losses depend on: compared on --resume."""
     config = config or run.train
     train = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _NOT_IDENTITY}
-    return {**train, "data": run.data, "design": asdict(design), "global_batch": config.batch_size * env.world}
+    return {**train, "data": run.data, "design": asdict(design), "global_batch": config.batch_size * env.dp_world}
 
 
 def check_resumable(saved, current, ckpt_path):
@@ -92,6 +96,16 @@ def _progress(total, initial, desc, env, run):
                 dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
 
+def _train_summaries(stats, env):
+    """Per-layer telemetry summaries of a training step's raw sums, combined over the
+    data-parallel groups (the ranks of a tensor-parallel group computed the same sums)."""
+    if env.parallel in ("tp", "fsdp+tp"):
+        if env.dp_world > 1:
+            telemetry.all_reduce_(stats, group=env.dp_group)
+        return [telemetry.summarize(layer) for layer in stats]
+    return layer_summaries(stats, env)
+
+
 def member_label(spec, seed_index, lr, run):
     """The result directory of one member of a run: the design's label, plus @lr=... in a
     learning-rate sweep and @s<seed> with more than one seed (one seed, one lr: the label alone)."""
@@ -109,41 +123,50 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
     config = config or run.train
     label = label or run_label(spec)
     design_dir = run_dir / label
-    ckpt_path = design_dir / "ckpt.pt"
     mconfig = model_config(config, design)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = TransformerLM(mconfig).to(env.device)
+    replica = None  # sharded modes: a plain copy on every rank for evaluation, probes, telemetry
+    if env.sharded:
+        par.parallelize(model, config, env)
+        replica = par.make_replica(mconfig, env.device)
     optimizer = make_optimizer(model, config)
     start_step, history = 0, {"step_times": [], "cpu_times": [], "telemetry_steps": [], "losses": []}
     identity = run_identity(run, design, env, config)
-    if run.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=True)
-        check_resumable(ckpt["run"], identity, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], env)
-        start_step, history = ckpt["step"], ckpt["history"]
+    ckpt_path = checkpoint.find(design_dir) if run.resume else None
+    if ckpt_path is not None:
+        state = checkpoint.read_train_state(ckpt_path)
+        check_resumable(state["run"], identity, ckpt_path)
+        checkpoint.load(ckpt_path, model, optimizer, env)
+        set_rng_state(state["rng"], env)
+        start_step, history = state["step"], state["history"]
     elif env.main:
         shutil.rmtree(design_dir, ignore_errors=True)
     env.barrier()
     if env.main:
         design_dir.mkdir(parents=True, exist_ok=True)
     train_model = model
-    if env.world > 1:
+    if env.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # FSDP2's MixedPrecisionPolicy replaces autocast (torchtitan's way); other modes autocast.
+    train_autocast = par.mixed_precision(config, env) is None or not env.uses_fsdp
+
+    def plain_model():
+        """The model as plain tensors: itself, or the replica with the current parameters."""
+        return model if replica is None else par.sync_replica(model, replica)
 
     log.open_design(label, start_step)
-    global_batch = config.batch_size * env.world
-    tokens_per_step = global_batch * config.seq_len
+    global_batch = config.batch_size * env.dp_world
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     progress = _progress(total=config.steps, initial=start_step, desc=f"{spec} ({describe(design)})", env=env, run=run)
     for step in range(start_step, config.steps):
         offsets = textdata.batch_offsets(len(corpus.train), config.seq_len, global_batch, config.seed, step)
-        x, y = textdata.get_batch(corpus.train, offsets[env.rank * config.batch_size:(env.rank + 1) * config.batch_size],
+        x, y = textdata.get_batch(corpus.train, offsets[env.dp_rank * config.batch_size:
+                                                        (env.dp_rank + 1) * config.batch_size],
                                   config.seq_len, env.device)
         with_tel = config.telemetry_every > 0 and (step % config.telemetry_every == 0 or step == config.steps - 1)
         stats = [] if with_tel else None
@@ -153,31 +176,35 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
         env.sync()
         t0, c0 = time.perf_counter(), time.process_time()
         with captured(model) if with_tel else contextlib.nullcontext() as caps:
-            with env.autocast(config.amp):
+            with env.autocast(config.amp and train_autocast):
                 _, loss = train_model(x, y, stats=stats)
         loss.backward()
         if with_tel:  # outside the timed step: its cost is not the telemetry kernels'
             tel_t0, tel_c0 = time.perf_counter(), time.process_time()
-            layer_grads = healthmod.grad_norms(model)
-            before = [[p.detach().clone() for p in ps] for ps in healthmod.layer_params(model)]
-            outlier_tel = model_outliers(model, caps) if env.main else None
+            view = model if replica is None else par.sync_replica(model, replica, grads=True)
+            layer_grads = healthmod.grad_norms(view)
+            before = [[p.detach().clone() for p in ps] for ps in healthmod.layer_params(view)]
+            outlier_tel = model_outliers(view, caps) if env.main else None
             tel_wall, tel_cpu = time.perf_counter() - tel_t0, time.process_time() - tel_c0
-        total_grad = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if env.sharded:
+            total_grad = par.clip_grad_norm_(model.parameters(), config.grad_clip)
+        else:
+            total_grad = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         env.sync()
         step_time, cpu_time = time.perf_counter() - t0, time.process_time() - c0
         if with_tel:
             step_time, cpu_time = step_time - tel_wall, cpu_time - tel_cpu
-        loss_value = float(env.all_reduce_(loss.detach().double().clone()) / env.world)
+        loss_value = float(env.dp_all_reduce_(loss.detach().double().clone()) / env.dp_world)
         for key, value in (("step_times", step_time), ("cpu_times", cpu_time), ("telemetry_steps", with_tel),
                            ("losses", loss_value)):
             history[key].append(value)
         log.record(label, step, "train", loss=loss_value, lr=lr, step_time=step_time, telemetry=with_tel)
         if with_tel:
-            for layer, summary in enumerate(layer_summaries(torch.stack(stats), env)):
+            for layer, summary in enumerate(_train_summaries(torch.stack(stats), env)):
                 log.record(label, step, "telemetry", layer=layer, **summary)
-            ratios = healthmod.update_ratios(before, model)
+            ratios = healthmod.update_ratios(before, plain_model())
             for layer, (g, u) in enumerate(zip(layer_grads, ratios)):
                 log.record(label, step, "optim", layer=layer, grad_norm=g, update_ratio=u,
                            grad_norm_total=float(total_grad))
@@ -188,24 +215,21 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
             progress.update(1)
             break
         if (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            val_loss, _ = evaluate(model, corpus.val, config, env)
+            val_loss, _ = evaluate(plain_model(), corpus.val, config, env)
             log.record(label, step, "eval", val_loss=val_loss)
             progress.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}")
         else:
             progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         progress.update(1)
         if config.ckpt_every and ((step + 1) % config.ckpt_every == 0 or step + 1 == config.steps):
-            if env.main:
-                atomic_torch_save({"step": step + 1, "run": identity, "model": model.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "rng": rng_state(env),
-                                   "history": history}, ckpt_path)
-            env.barrier()
+            checkpoint.save(design_dir, model, optimizer,
+                            {"step": step + 1, "run": identity, "rng": rng_state(env), "history": history}, env)
         if run.stop_at is not None and step + 1 == run.stop_at:
             progress.close()
             log.close_design()
             return None
     progress.close()
-    result = finish_design(spec, design, mconfig, model, run, corpus, env, history, config, label, group)
+    result = finish_design(spec, design, mconfig, plain_model(), run, corpus, env, history, config, label, group)
     log.record(label, config.steps - 1, "eval", val_loss=result.final_val_loss)
     if env.main:
         result.save(design_dir)
@@ -218,7 +242,7 @@ def finish_design(spec, design, mconfig, model, run, corpus, env, history, confi
     config = config or run.train
     peak_cuda = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
     evaluation = evaluate_design(model, corpus, config, env, run.probe_shift)
-    tokens_per_step = config.batch_size * env.world * config.seq_len
+    tokens_per_step = config.batch_size * env.dp_world * config.seq_len
     step_times = history["step_times"]
     # CPU time per step on CPU (a shared machine's waits do not count), wall time on CUDA.
     cost = step_times if env.device.type == "cuda" else history["cpu_times"]
@@ -231,6 +255,8 @@ def finish_design(spec, design, mconfig, model, run, corpus, env, history, confi
                                                                         config.batch_size, config.seed, 0),
                                   config.seq_len, env.device)
         memory, memory_kind = cpu_step_memory(model, x, y), "cpu params+grads+adam+saved activations"
+        if env.sharded:  # measured on the plain replica: one process's memory, not a shard's
+            memory_kind += " (unsharded model)"
     quantized = evaluation.quantized_val_loss
     health = healthmod.health_flags(history["losses"], evaluation.val_loss, textdata.unigram_entropy(corpus.val))
     health["steps_run"] = steps_run
