@@ -210,7 +210,8 @@ def main(argv=None):
         wall = time.perf_counter() - t_start
         if env.main:
             parallel = {"parallel": env.parallel, "tp": env.tp_world, "dp": env.dp_world}
-            meta = RunMeta(config={**run.to_dict(), **parallel}, designs=[spec for spec, _ in run.designs], world_size=env.world,
+            meta = RunMeta(config={**run.to_dict(), **parallel}, designs=[spec for spec, _ in run.designs],
+                           world_size=env.world,
                            device=str(env.device), data=str(corpus.path), train_bytes=len(corpus.train),
                            val_bytes=len(corpus.val), unigram_entropy=unigram, wall_s=wall,
                            torch=torch.__version__, threads=torch.get_num_threads(),

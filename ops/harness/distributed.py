@@ -109,7 +109,8 @@ def _check_mode(parallel, tp, world):
                              "for data parallelism across tensor-parallel groups use --parallel fsdp+tp")
     elif parallel == "fsdp+tp":
         if tp is None:
-            raise SystemExit("ab: --parallel fsdp+tp needs --tp N, the tensor-parallel degree (e.g. the GPUs of a host)")
+            raise SystemExit("ab: --parallel fsdp+tp needs --tp N, the tensor-parallel degree "
+                             "(e.g. the GPUs of a host)")
         if tp < 1 or world % tp:
             raise SystemExit(f"ab: --tp {tp} must divide the world size {world}")
     elif tp not in (None, 1):
