@@ -143,6 +143,9 @@ def init_dist(device_arg, parallel="ddp", tp=None):
 
     if parallel == "fsdp+tp":
         mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        # A flattened view of both dims (torchtitan's way): DTensor then reduces a value that is
+        # partial along both (e.g. the gradient norm) with one collective instead of two.
+        mesh["dp", "tp"]._flatten("dp_tp")
         dp_rank, dp_world = mesh["dp"].get_local_rank(), world // tp
     elif parallel == "tp":
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("tp",))

@@ -30,6 +30,8 @@ full_tensor()), so that they are the one-process code; each rank evaluates its s
 the validation windows.
 """
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -68,6 +70,10 @@ def parallelize(model, config, env):
 
 def apply_fsdp(model, mesh, mp_policy=None, tp=False):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # The root returns the logits as nn.Linear makes them (a view of the 2-D GEMM's output);
+    # the harness never changes them in place, which is what FSDP2 warns against.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTransformerLM\) returned a view tensor")
 
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     if tp:
