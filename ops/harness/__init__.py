@@ -9,8 +9,10 @@ the flags. The op library (`import ffn`) never imports this package.
     designs.py      Design and the design vocabulary and grammar (--designs)
     model.py        the Transformer LM built from a Design
     data.py         the bundled corpus, byte tokens, batches
-    distributed.py  one process or DDP ranks
-    train.py        the training loop, checkpoints, --resume
+    distributed.py  one process, or ranks under torchrun: the process group and device mesh (--parallel)
+    parallel.py     FSDP2 and tensor parallelism of the model, the gathered replica for evaluation
+    checkpoint.py   checkpoints (torch.distributed.checkpoint) that load into any mode and world size
+    train.py        the training loop, --resume
     evaluate.py     validation loss and telemetry, the post-training probes
     probes.py       where a mean shift arrives (shift offsets)
     quant.py        int8 / int4 weight-only, int8 down-proj input, W8A8 (per tensor, per channel, SmoothQuant)

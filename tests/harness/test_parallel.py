@@ -12,6 +12,7 @@ the module fixture runs them once and the tests read their metrics.jsonl and res
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,26 @@ def test_parallel_mode_errors():
     run = cli.parse_config(["--preset", "tiny", "--designs", "B"])
     with pytest.raises(SystemExit, match="--n-heads \\(2\\)"):
         check_tp_sizes(model_config(run.train, run.designs[0][1]), 4)
+
+
+def test_checkpoint_of_an_older_version_still_resumes(tmp_path):
+    """A design directory holding a ckpt.pt in the torch.save format of earlier versions
+    resumes in one process, bit-exact."""
+    common = ("--designs", "B", "--steps", "4", "--ckpt-every", "2", "--no-report", *QUIET)
+    assert cli.main(run_args(tmp_path, "straight", *common)) == 0
+    assert cli.main(run_args(tmp_path, "old", *common, "--stop-at", "3")) == 0
+    design_dir = tmp_path / "runs" / "old" / "B"
+    run = cli.parse_config(run_args(tmp_path, "old", *common))
+    model = TransformerLM(model_config(run.train, run.designs[0][1]))
+    optimizer = make_optimizer(model, run.train)
+    path = checkpoint.find(design_dir)
+    checkpoint.load(path, model, optimizer, Dist())
+    state = checkpoint.read_train_state(path)
+    torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+               design_dir / checkpoint.LEGACY_FILE)
+    shutil.rmtree(path)
+    assert checkpoint.find(design_dir) == design_dir / checkpoint.LEGACY_FILE
+    assert cli.main(run_args(tmp_path, "old", *common, "--resume")) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path, "old")]
+    assert len(losses) == 4 and losses == [r["loss"] for r in read_metrics(tmp_path, "straight")]
+    assert checkpoint.find(design_dir) == checkpoint.path_of(design_dir)  # saved in the new format since
