@@ -61,6 +61,12 @@ def mixed_precision(config, env):
 def parallelize(model, config, env):
     """Applies env.parallel's tensor parallelism and/or FSDP2 to `model` in place; returns it."""
     if env.uses_tp:
+        from ..distributed import STRIDED_SHARD_MIN_TORCH, strided_shard_supported
+
+        if not strided_shard_supported():
+            raise SystemExit(f"ab: --parallel {env.parallel} shards the packed qkv (and gated w_gate_up) weights as "
+                             f"_StridedShard, which DTensor in torch {torch.__version__} cannot redistribute; use "
+                             f"torch >= {'.'.join(map(str, STRIDED_SHARD_MIN_TORCH))}, or --parallel ddp|fsdp")
         check_tp_sizes(model.config, env.tp_world)
         apply_tp(model, env.tp_mesh, replicate_in_bias=env.uses_fsdp)
     if env.uses_fsdp:
