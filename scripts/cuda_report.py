@@ -34,8 +34,8 @@ RESERVED_SMEM_PER_BLOCK = 1024
 
 # Block sizes each kernel family is launched with (see the launchers).
 BLOCKS = {
-    "norm_forward_kernel": [256, 512, 1024],
-    "norm_backward_kernel": [512, 1024],
+    "norm_forward_kernel": [256],
+    "norm_backward_kernel": [256],
     "norm_forward_long_row_kernel": [1024],
     "norm_backward_long_row_kernel": [1024],
     "norm_param_grad_columns_kernel": [256],
@@ -151,6 +151,65 @@ def report(arch):
     return rows
 
 
+# The register kernels' row plan, as row_plan() in csrc/cuda/norm.cu decides it
+# (block 256 threads; keep the two in step).
+ROW_BLOCK = 256
+MAX_WORDS = {"forward": 8, "backward": {2: 4, 4: 8, 8: 8}}
+BENCH_SHAPES = [(16384, d) for d in (1024, 4096, 8192, 16384)]  # scripts/bench.py --device cuda (rows do not matter)
+
+
+def row_plan(d, words, max_words):
+    target = 8 if d <= 64 else 16 if d <= 128 else 64 if d <= 3072 else 128 if d <= 6144 else ROW_BLOCK
+    threads = 1
+    while threads < target and threads < words:
+        threads *= 2
+    while -(-words // threads) > max_words and threads < ROW_BLOCK:
+        threads *= 2
+    needed = -(-words // threads)
+    if needed > max_words:
+        return threads, 0
+    per_thread = 1
+    while per_thread < needed:
+        per_thread *= 2
+    return threads, per_thread
+
+
+def bench_plans(rows):
+    """Threads per row, words per thread, resident blocks and bytes in flight per SM for the benchmark shapes."""
+    by_name = {r["kernel"]: r for r in rows}
+    plans = []
+    for elt, dtype in ((2, "BFloat16"), (4, "float")):
+        for _rows, d in BENCH_SHAPES:
+            words = -(-d * elt // 16)
+            for pass_name, max_words in (("forward", MAX_WORDS["forward"]), ("backward", MAX_WORDS["backward"][elt])):
+                threads, per_thread = row_plan(d, words, max_words)
+                entry = dict(dtype=dtype, d=d, pass_=pass_name, threads_per_row=threads if per_thread else 1024,
+                             words_per_thread=per_thread)
+                if per_thread:
+                    kernel = by_name.get(f"norm_{pass_name}_kernel<{dtype}, {dtype}, {per_thread}, true>")
+                    blocks = kernel["occupancy"][0]["blocks_per_sm"] if kernel else None
+                    # Loads in flight per SM: each thread's words of x (and dy), and the forward's prefetched next row.
+                    tensors = 2  # forward: the row and the prefetched next one; backward: x and dy
+                    entry.update(kernel="register rows", blocks_per_sm=blocks,
+                                 bytes_in_flight_per_sm=None if blocks is None else
+                                 blocks * ROW_BLOCK * per_thread * 16 * tensors)
+                else:
+                    entry.update(kernel="long rows (1024 threads per row)")
+                plans.append(entry)
+    return plans
+
+
+def print_plans(plans):
+    print("\nBenchmark shapes (scripts/bench.py --device cuda), vectorized rows, weights in the input dtype:")
+    print(f"{'dtype':<9} {'d':>6} {'pass':<9} {'kernel':<34} {'threads/row':>11} {'words/thread':>12} "
+          f"{'blocks/SM':>9} {'KiB in flight/SM':>16}")
+    for p in plans:
+        kib = p.get("bytes_in_flight_per_sm")
+        print(f"{p['dtype']:<9} {p['d']:>6} {p['pass_']:<9} {p['kernel']:<34} {p['threads_per_row']:>11} "
+              f"{p['words_per_thread'] or '-':>12} {p.get('blocks_per_sm') or '-':>9} "
+              f"{'-' if kib is None else kib // 1024:>16}")
+
+
 def print_table(rows, arch):
     print(f"CUDA kernels on {arch}: ptxas resource usage and residency per SM (dynamic shared memory excluded)")
     print(f"{'kernel':<88} {'regs':>4} {'spill st/ld':>11} {'smem':>6}  residency at block size")
@@ -170,9 +229,11 @@ def main():
     args = p.parse_args()
     rows = report(args.arch)
     print_table(rows, args.arch)
+    plans = bench_plans(rows)
+    print_plans(plans)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(arch=args.arch, kernels=rows), f, indent=1)
+            json.dump(dict(arch=args.arch, kernels=rows, benchmark_plans=plans), f, indent=1)
 
 
 if __name__ == "__main__":

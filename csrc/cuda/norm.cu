@@ -4,14 +4,18 @@
 // HBM and writing y (dx) once, with 128-bit accesses.
 //
 // Register kernels (norm_forward_kernel, norm_backward_kernel): a group of
-// `threads_per_row` threads holds a row in registers as raw 128-bit words
-// (kForwardWords / kBackwardWords<T> per thread) while the statistics are reduced
-// in float32: shuffles within a warp, shared memory across warps. Short rows take
-// part of a warp (a power of two lanes, several rows per warp), longer ones whole
-// warps, up to a 1024-thread block. Forward: up to 2048 words (16384 bf16/fp16,
-// 8192 fp32, 4096 fp64 elements); backward, with x and dy and the parameter
-// gradient accumulators in registers: 8192 elements (2048 fp64). The word
-// counts keep the kernels within 64 registers at 1024 threads without spills.
+// `threads_per_row` threads holds a row in registers as raw 128-bit words while
+// the statistics are reduced in float32: shuffles within a warp, shared memory
+// across warps. Blocks are 256 threads (several rows per block for short rows);
+// row_plan picks threads per row from d as quack's norms do and the words per
+// thread (1, 2, 4 or 8, a template parameter, with the vectorization) from
+// that, up to 256 threads x 8 words (16384 bf16/fp16, 8192 fp32, 4096 fp64
+// elements) forward and 256 x 4 (8192 16-bit) or 256 x 8 backward, where x, dy
+// and the weight/bias gradient accumulators share the registers. Each
+// instantiation's __launch_bounds__ minimum of resident blocks is the
+// occupancy it is built for, and the grid is one wave of what the occupancy
+// calculator then gives. The forward loads the next row while it reduces and
+// stores the current one, and keeps small weights and biases in registers.
 //
 // Longer rows (norm_*_long_row_kernel): one 1024-thread block per row loops over
 // it, keeping the words it read in shared memory when they fit (else the second
@@ -41,44 +45,86 @@
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace ffn {
 namespace cuda {
 namespace {
 
-// 128-bit words of a row per thread in the register kernels (see above).
-constexpr int kForwardWords = 2;
+// Register kernels: blocks of kRowBlock threads, 1-8 words per thread, threads
+// per row from row_plan. The occupancy each instantiation is built for is its
+// __launch_bounds__ minimum of resident blocks: register budgets that hold the
+// row (forward: and the prefetched next row; backward: x, dy and the weight and
+// bias gradient accumulators) without spills, for 16-64 KiB of loads in flight
+// per SM (scripts/cuda_report.py shows what ptxas made of them).
+constexpr int kRowBlock = 256;
+constexpr int kMaxForwardWords = 8;
+template <int kWords>
+inline constexpr int kForwardMinBlocks = kWords >= 8 ? 1 : kWords >= 4 ? 2 : kWords >= 2 ? 3 : 4;
+// Backward: the accumulators take V floats per word, so 16-bit rows (V = 8)
+// stop at 4 words per thread.
 template <typename T>
-inline constexpr int kBackwardWords = sizeof(T) == 4 ? 2 : 1;
-
-// Threads per block the row layout aims at (several rows per block for short rows).
-constexpr int kForwardBlock = 256;
-constexpr int kBackwardBlock = 512;
+inline constexpr int kMaxBackwardWords = sizeof(T) == 2 ? 4 : 8;
+template <int kWords>
+inline constexpr int kBackwardMinBlocks = kWords >= 4 ? 1 : kWords >= 2 ? 2 : 3;
 // One block per row for rows too long for registers.
 constexpr int kLongRowBlock = 1024;
 
-struct RowLayout {
-  int threads_per_row;  // a power of two <= 32, or a multiple of 32 <= 1024
-  int rows_per_block;
-  int block;  // threads_per_row * rows_per_block, a multiple of 32
+int sm_count() { return device_limits().sm_count; }
+
+// Threads per row and words per thread of a register kernel, or
+// words_per_thread = 0 for rows it cannot hold. Threads per row follow the
+// row length as quack's norms do (8 / 16 / 64 / 128 / 256 threads up to 64 /
+// 128 / 3072 / 6144 / 16384 elements, fewer for rows of fewer words): enough
+// words per thread to keep loads in flight, few enough threads per row that
+// most of the reduction stays within warps.
+struct RowPlan {
+  int threads_per_row;   // a power of two <= kRowBlock
+  int words_per_thread;  // 1, 2, 4 or 8 (<= max_words), or 0
 };
 
-// The layout for rows of `words` 128-bit words with up to `words_per_thread`
-// words per thread; the caller makes sure one block can hold a row.
-RowLayout row_layout(int64_t words, int words_per_thread, int target_block) {
-  const int64_t threads = std::max<int64_t>(1, ceil_div(words, words_per_thread));
-  TORCH_INTERNAL_ASSERT(threads <= kMaxBlockThreads);
-  int threads_per_row = 1;
-  if (threads <= kWarpSize) {
-    while (threads_per_row < threads) threads_per_row *= 2;
-  } else {
-    threads_per_row = static_cast<int>(ceil_div(threads, kWarpSize) * kWarpSize);
-  }
-  const int rows_per_block = std::max(1, target_block / threads_per_row);
-  return {threads_per_row, rows_per_block, threads_per_row * rows_per_block};
+RowPlan row_plan(int64_t d, int64_t words, int max_words) {
+  const int target = d <= 64 ? 8 : d <= 128 ? 16 : d <= 3072 ? 64 : d <= 6144 ? 128 : kRowBlock;
+  int threads = 1;
+  while (threads < target && threads < words) threads *= 2;
+  while (ceil_div(words, threads) > max_words && threads < kRowBlock) threads *= 2;
+  const int64_t needed = ceil_div(words, threads);
+  if (needed > max_words) return {threads, 0};
+  int per_thread = 1;
+  while (per_thread < needed) per_thread *= 2;
+  return {threads, per_thread};
 }
 
-int sm_count() { return device_limits().sm_count; }
+// Calls fn(std::integral_constant<int, W>{}, std::bool_constant<V>{}) with the
+// plan's words per thread W (1, 2, 4 or 8, at most kMaxWords) and V = vectorized:
+// one kernel instantiation per row shape.
+template <int kMaxWords, typename Fn>
+void dispatch_row_kernel(const RowPlan& plan, bool vectorized, const Fn& fn) {
+  const auto with_words = [&](auto vec) {
+    switch (plan.words_per_thread) {
+      case 1: fn(std::integral_constant<int, 1>{}, vec); return;
+      case 2: fn(std::integral_constant<int, 2>{}, vec); return;
+      case 4:
+        if constexpr (kMaxWords >= 4) {
+          fn(std::integral_constant<int, 4>{}, vec);
+          return;
+        }
+        break;
+      case 8:
+        if constexpr (kMaxWords >= 8) {
+          fn(std::integral_constant<int, 8>{}, vec);
+          return;
+        }
+        break;
+    }
+    TORCH_INTERNAL_ASSERT(false, "ffn: no register kernel for ", plan.words_per_thread, " words");
+  };
+  if (vectorized) {
+    with_words(std::true_type{});
+  } else {
+    with_words(std::false_type{});
+  }
+}
 
 // Blocks of `kernel` in one wave on the whole device: SMs times the blocks of
 // this size and dynamic shared memory one SM holds (the occupancy calculator's
@@ -124,11 +170,15 @@ struct ForwardArgs {
   bool vectorized;
 };
 
-// y for one word at column `col` (< d) of a row; index = row * d + col.
+// y for one word at column `col` (< d) of a row; index = row * d + col. w and b
+// are the word's weight and bias when the caller holds them in registers, else
+// null: then they are read here (from L1/L2, the same columns for every row).
 template <typename T, typename P>
 __device__ __forceinline__ void store_output(const ForwardArgs<T, P>& a, const Vec<T>& xw,
                                              int64_t index, int64_t col, acc_t<T> mu,
-                                             acc_t<T> rs) {
+                                             acc_t<T> rs, bool vectorized,
+                                             const acc_t<T>* w = nullptr,
+                                             const acc_t<T>* b = nullptr) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
   const int64_t count = a.d - col;
@@ -136,18 +186,24 @@ __device__ __forceinline__ void store_output(const ForwardArgs<T, P>& a, const V
 #pragma unroll
   for (int k = 0; k < V; ++k) out[k] = (static_cast<A>(xw.val[k]) - mu) * rs;
   if (a.weight != nullptr) {
-    A w[V];
-    load<V>(a.weight + col, count, a.vectorized, w);
+    A loaded[V];
+    if (w == nullptr) {
+      load<V>(a.weight + col, count, vectorized, loaded);
+      w = loaded;
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = out[k] * w[k];
   }
   if (a.bias != nullptr) {
-    A b[V];
-    load<V>(a.bias + col, count, a.vectorized, b);
+    A loaded[V];
+    if (b == nullptr) {
+      load<V>(a.bias + col, count, vectorized, loaded);
+      b = loaded;
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = out[k] + b[k];
   }
-  store<V>(a.y + index, count, a.vectorized, out);
+  store<V>(a.y + index, count, vectorized, out);
 }
 
 // Sum over the valid elements of a word (loads zero-fill, but x - mean does not
@@ -171,30 +227,61 @@ __device__ __forceinline__ acc_t<T> word_sum(const Vec<T>& xw) {
   return s;
 }
 
-template <typename T, typename P, int kWords>
-__global__ void __launch_bounds__(kMaxBlockThreads)
+// Register rows (see the top of the file): kWords words per thread; the grid
+// strides over groups of rows, and each thread loads its words of the next
+// group's row before reducing and storing the current one, so HBM stays busy
+// during the reductions. A thread keeps the same columns for every row, so the
+// weight and bias stay in registers when they are small (kWords * V <= 8
+// elements each); longer rows re-read them, from L1/L2.
+template <typename T, typename P, int kWords, bool kVectorized>
+__global__ void __launch_bounds__(kRowBlock, kForwardMinBlocks<kWords>)
     norm_forward_kernel(const ForwardArgs<T, P> a) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
+  constexpr bool kParamsInRegisters = kWords * V <= 8;
+  constexpr int kParamWords = kParamsInRegisters ? kWords : 1;
   FFN_SHARED(scratch, A[kMaxWarps]);
   const int tpr = a.threads_per_row;
   const int lane = threadIdx.x % tpr;
-  const int groups = blockDim.x / tpr;
+  const int groups = kRowBlock / tpr;
   const int d = static_cast<int>(a.d);  // a row fits a block: small
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * groups;
 
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < a.rows;
-       first += static_cast<int64_t>(gridDim.x) * groups) {
-    const int64_t row = first + threadIdx.x / tpr;
-    const bool valid = row < a.rows;  // the whole group agrees; shuffles need every lane
-    const int64_t offset = (valid ? row : 0) * d;
-
-    Vec<T> xw[kWords];
+  A w[kParamWords][V], b[kParamWords][V];
+  if constexpr (kParamsInRegisters) {
 #pragma unroll
     for (int j = 0; j < kWords; ++j) {
       const int col = (j * tpr + lane) * V;
-      xw[j] = valid && col < d ? load_word(a.x + offset + col, d - col, a.vectorized)
-                               : zero_word<T>();
+      if (col >= d) continue;
+      if (a.weight != nullptr) load<V>(a.weight + col, d - col, kVectorized, w[j]);
+      if (a.bias != nullptr) load<V>(a.bias + col, d - col, kVectorized, b[j]);
     }
+  }
+  // This thread's words of `row`, zero past the end of the row or of the rows.
+  // Vectorized rows are whole words (d % V == 0): one 128-bit load each.
+  const auto load_row = [&](int64_t row, Vec<T> (&words)[kWords]) {
+    const T* x = a.x + (row < a.rows ? row : 0) * d;
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) {
+      const int col = (j * tpr + lane) * V;
+      if (row >= a.rows || col >= d) {
+        words[j] = zero_word<T>();
+      } else if constexpr (kVectorized) {
+        words[j] = *reinterpret_cast<const Vec<T>*>(x + col);
+      } else {
+        words[j] = load_word(x + col, d - col, false);
+      }
+    }
+  };
+
+  int64_t row = static_cast<int64_t>(blockIdx.x) * groups + threadIdx.x / tpr;
+  Vec<T> xw[kWords];
+  load_row(row, xw);
+  // `first` is the same for the whole block: every thread runs every row_sum.
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < a.rows;
+       first += stride, row += stride) {
+    Vec<T> next[kWords];
+    load_row(row + stride, next);
 
     A mu = 0;
     if (a.mean != nullptr) {
@@ -210,16 +297,24 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     row_sum<1>(sq, tpr, scratch);
     const A rs = A(1) / sqrt_acc(sq[0] / static_cast<A>(d) + a.eps);
 
-    if (!valid) continue;
+    if (row < a.rows) {
 #pragma unroll
-    for (int j = 0; j < kWords; ++j) {
-      const int col = (j * tpr + lane) * V;
-      if (col < d) store_output(a, xw[j], offset + col, col, mu, rs);
+      for (int j = 0; j < kWords; ++j) {
+        const int col = (j * tpr + lane) * V;
+        if (col >= d) continue;
+        if constexpr (kParamsInRegisters) {
+          store_output(a, xw[j], row * d + col, col, mu, rs, kVectorized, w[j], b[j]);
+        } else {
+          store_output(a, xw[j], row * d + col, col, mu, rs, kVectorized);
+        }
+      }
+      if (lane == 0) {
+        if (a.mean != nullptr) a.mean[row] = mu;
+        a.rstd[row] = rs;
+      }
     }
-    if (lane == 0) {
-      if (a.mean != nullptr) a.mean[row] = mu;
-      a.rstd[row] = rs;
-    }
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) xw[j] = next[j];
   }
 }
 
@@ -264,7 +359,7 @@ __global__ void __launch_bounds__(kLongRowBlock)
     const A rs = A(1) / sqrt_acc(var_sum / static_cast<A>(d) + a.eps);
 
     for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
-      store_output(a, word(i), row * d + i * V, i * V, mu, rs);
+      store_output(a, word(i), row * d + i * V, i * V, mu, rs, a.vectorized);
     }
     if (threadIdx.x == 0) {
       if (a.mean != nullptr) a.mean[row] = mu;
@@ -293,14 +388,17 @@ void forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double e
   a.vectorized = a.d % V == 0 && all_aligned16({a.x, a.weight, a.bias, a.y});
   const int64_t words = ceil_div(a.d, V);
 
-  if (words <= static_cast<int64_t>(kMaxBlockThreads) * kForwardWords) {
-    const RowLayout layout = row_layout(words, kForwardWords, kForwardBlock);
-    a.threads_per_row = layout.threads_per_row;
-    const auto kernel = norm_forward_kernel<T, P, kForwardWords>;
-    // One wave of the blocks the SMs actually hold (registers decide, not threads).
-    const int64_t grid = std::min<int64_t>(ceil_div(a.rows, layout.rows_per_block),
-                                           resident_grid(kernel, layout.block, 0));
-    launch(kernel, {static_cast<unsigned>(grid), static_cast<unsigned>(layout.block)}, a);
+  const RowPlan plan = row_plan(a.d, words, kMaxForwardWords);
+  if (plan.words_per_thread > 0) {
+    a.threads_per_row = plan.threads_per_row;
+    dispatch_row_kernel<kMaxForwardWords>(plan, a.vectorized, [&](auto words_per_thread, auto vectorized) {
+      const auto kernel = norm_forward_kernel<T, P, decltype(words_per_thread)::value,
+                                              decltype(vectorized)::value>;
+      // One wave of the blocks the SMs actually hold (registers decide, not threads).
+      const int64_t grid = std::min<int64_t>(ceil_div(a.rows, kRowBlock / plan.threads_per_row),
+                                             resident_grid(kernel, kRowBlock, 0));
+      launch(kernel, {static_cast<unsigned>(grid), kRowBlock}, a);
+    });
     return;
   }
   const auto kernel = norm_forward_long_row_kernel<T, P>;
@@ -416,16 +514,18 @@ __device__ __forceinline__ void write_block_partial(const A (&acc)[kWords][V], A
   __syncthreads();  // buffer is free again
 }
 
-template <typename T, typename P, int kWords>
-__global__ void __launch_bounds__(kMaxBlockThreads)
-    norm_backward_kernel(const BackwardArgs<T, P> a) {
+template <typename T, typename P, int kWords, bool kVectorized>
+__global__ void __launch_bounds__(kRowBlock, kBackwardMinBlocks<kWords>)
+    norm_backward_kernel(const BackwardArgs<T, P> args) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
+  BackwardArgs<T, P> a = args;
+  a.vectorized = kVectorized;  // a constant from here on: no runtime branches on it
   FFN_DYNAMIC_SHARED(dynamic_smem);
   FFN_SHARED(scratch, A[2 * kMaxWarps]);
   const int tpr = a.threads_per_row;
   const int lane = threadIdx.x % tpr;
-  const int groups = blockDim.x / tpr;
+  const int groups = kRowBlock / tpr;
   const int d = static_cast<int>(a.d);  // a row fits a block: small
 
   A dw[kWords][V], db[kWords][V];
@@ -638,7 +738,6 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
               const Tensor& grad_bias) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
-  constexpr int kWords = kBackwardWords<T>;
   const int64_t rows = x.size(0), d = x.size(1);
   if (rows == 0) {  // sums over no rows
     if (grad_weight.defined()) grad_weight.zero_();
@@ -664,22 +763,27 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
   const int64_t words = ceil_div(d, V);
   Tensor dw_partial, db_partial;
 
-  if (words <= static_cast<int64_t>(kMaxBlockThreads) * kWords) {
-    const RowLayout layout = row_layout(words, kWords, kBackwardBlock);
-    a.threads_per_row = layout.threads_per_row;
-    const auto kernel = norm_backward_kernel<T, P, kWords>;
-    const size_t smem = param_grads && layout.rows_per_block > 1
-                            ? static_cast<size_t>(layout.block) * kWords * V * sizeof(A)
-                            : 0;
-    // One wave of resident blocks: each accumulates over many rows, so there are
-    // few partial rows, and their number depends only on the device and the shape.
-    const int64_t grid = std::min<int64_t>(ceil_div(rows, layout.rows_per_block),
-                                           resident_grid(kernel, layout.block, smem));
-    if (grad_weight.defined()) dw_partial = at::empty({grid, d}, partial_options);
-    if (grad_bias.defined()) db_partial = at::empty({grid, d}, partial_options);
-    a.dw_partial = mutable_data_or_null<A>(dw_partial);
-    a.db_partial = mutable_data_or_null<A>(db_partial);
-    launch(kernel, {static_cast<unsigned>(grid), static_cast<unsigned>(layout.block), smem}, a);
+  const RowPlan plan = row_plan(d, words, kMaxBackwardWords<T>);
+  if (plan.words_per_thread > 0) {
+    a.threads_per_row = plan.threads_per_row;
+    const int rows_per_block = kRowBlock / plan.threads_per_row;
+    dispatch_row_kernel<kMaxBackwardWords<T>>(plan, a.vectorized, [&](auto words_per_thread, auto vectorized) {
+      constexpr int kWords = decltype(words_per_thread)::value;
+      const auto kernel = norm_backward_kernel<T, P, kWords, decltype(vectorized)::value>;
+      const size_t smem = param_grads && rows_per_block > 1
+                              ? static_cast<size_t>(kRowBlock) * kWords * V * sizeof(A)
+                              : 0;
+      // One wave of resident blocks: each accumulates over many rows, so there are
+      // few partial rows (one per SM for the longest rows), and their number
+      // depends only on the device and the shape.
+      const int64_t grid = std::min<int64_t>(ceil_div(rows, rows_per_block),
+                                             resident_grid(kernel, kRowBlock, smem));
+      if (grad_weight.defined()) dw_partial = at::empty({grid, d}, partial_options);
+      if (grad_bias.defined()) db_partial = at::empty({grid, d}, partial_options);
+      a.dw_partial = mutable_data_or_null<A>(dw_partial);
+      a.db_partial = mutable_data_or_null<A>(db_partial);
+      launch(kernel, {static_cast<unsigned>(grid), kRowBlock, smem}, a);
+    });
   } else {
     const auto kernel = norm_backward_long_row_kernel<T, P>;
     const size_t budget = allow_dynamic_shared_memory(kernel);

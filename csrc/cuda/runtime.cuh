@@ -61,10 +61,9 @@ struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
 
-inline const DeviceLimits& device_limits() {
-  static const DeviceLimits limits{emu::device_spec().sm_count, emu::device_spec().max_threads_per_sm,
-                                   emu::device_spec().max_shared_per_block_optin};
-  return limits;
+inline DeviceLimits device_limits() {
+  const emu::DeviceSpec& spec = emu::device_spec();
+  return {spec.sm_count, spec.max_threads_per_sm, spec.max_shared_per_block_optin};
 }
 
 // The dynamic shared memory `kernel` may use (its static shared memory is not

@@ -139,7 +139,9 @@ __global__ void __launch_bounds__(kThreads)
     Acc h1 = 0, h2 = 0, h3 = 0, h4 = 0, abs_max = 0, g1 = 0, g2 = 0, near_count = 0, large_count = 0;
     for_lane_words<T>(F, lane, [&](int64_t col, int64_t count) {
       const HiddenWord<T> w = hidden_word<A>(zr, F, gated, vectorized, col, count);
-      for (int k = 0; k < count; ++k) {
+#pragma unroll
+      for (int k = 0; k < kVecWidth<T>; ++k) {  // constant bounds: w stays in registers
+        if (k >= count) break;
         const Acc h_sq = w.h[k] * w.h[k];
         h1 += w.h[k];
         h2 += h_sq;
@@ -192,7 +194,10 @@ __global__ void __launch_bounds__(kThreads)
     Acc count_above = 0;
     for_lane_words<T>(F, lane, [&](int64_t col, int64_t count) {
       const HiddenWord<T> w = hidden_word<A>(zr, F, gated, vectorized, col, count);
-      for (int k = 0; k < count; ++k) count_above += fabs(w.h[k]) > threshold ? Acc(1) : Acc(0);
+#pragma unroll
+      for (int k = 0; k < kVecWidth<T>; ++k) {
+        if (k < count) count_above += fabs(w.h[k]) > threshold ? Acc(1) : Acc(0);
+      }
     });
     values[0] += count_above;
   }

@@ -3,6 +3,7 @@
 // policy boundaries and with row tails, every dtype, with and without affine
 // parameters, float32 parameters for 16-bit inputs, misaligned inputs.
 #include "emu_testing.h"
+#include "runtime.cuh"
 
 namespace ffn::testing {
 namespace {
@@ -13,16 +14,19 @@ struct Case {
   const char* policy;  // what the launchers pick for it (norm.cu)
 };
 
-// 128-bit words per row: d / 8 for 16-bit types, d / 4 for float32, d / 2 for float64.
+// 128-bit words per row: d / 8 for 16-bit types, d / 4 for float32, d / 2 for
+// float64; the policy row_plan (norm.cu) gives each shape.
 const std::vector<Case> kForwardCases = {
-    {at::kBFloat16, 5, 1, "1 thread per row, a 1-element tail word"},
-    {at::kHalf, 67, 24, "2 threads per row, 128 rows per block: one partial block"},
-    {at::kFloat, 300, 100, "16 threads per row (25 words), two blocks of 16"},
-    {at::kBFloat16, 3, 513, "two warps per row, a 1-element last word"},
-    {at::kDouble, 9, 130, "warp per row (65 words)"},
-    {at::kBFloat16, 4, 4096, "256 threads per row"},
-    {at::kFloat, 3, 4100, "544 threads per row, last warp partly idle"},
-    {at::kBFloat16, 2, 16384, "1024 threads per row: the longest register row"},
+    {at::kBFloat16, 5, 1, "1 thread per row, 1 word, a 1-element word"},
+    {at::kHalf, 67, 24, "4 threads per row, 1 word, 64 rows per block: one partial block"},
+    {at::kFloat, 300, 100, "16 threads per row, 2 words"},
+    {at::kBFloat16, 3, 513, "64 threads per row, 2 words, a 1-element last word"},
+    {at::kDouble, 9, 130, "64 threads per row, 2 words (float64)"},
+    {at::kFloat, 6, 1024, "64 threads per row, 4 words: weight and bias from L1"},
+    {at::kBFloat16, 4, 3000, "64 threads per row, 8 words, tail"},
+    {at::kBFloat16, 4, 4096, "128 threads per row, 4 words"},
+    {at::kFloat, 3, 4100, "256 threads per row, 8 words, tail"},
+    {at::kBFloat16, 2, 16384, "256 threads per row, 8 words: the longest register row"},
     {at::kHalf, 3, 16392, "long row, cached in shared memory"},
     {at::kDouble, 3, 4101, "long row (float64), cached, tail"},
     {at::kFloat, 2, 60000, "long row too long for shared memory: re-read"},
@@ -30,13 +34,15 @@ const std::vector<Case> kForwardCases = {
 };
 
 const std::vector<Case> kBackwardCases = {
-    {at::kBFloat16, 5, 1, "1 thread per row"},
-    {at::kHalf, 300, 24, "3 threads per row -> 4, 128 rows per block: block partials"},
-    {at::kFloat, 67, 100, "16 threads per row, many row groups per block"},
-    {at::kBFloat16, 3, 513, "warps per row, tail"},
-    {at::kDouble, 4, 130, "3 warps per row (float64)"},
-    {at::kBFloat16, 3, 8192, "1024 threads per row: the longest register row"},
-    {at::kFloat, 5, 8193, "1025 words: long row, accumulators and rows in shared memory"},
+    {at::kBFloat16, 5, 1, "1 thread per row, 1 word"},
+    {at::kHalf, 300, 24, "4 threads per row, 64 rows per block: block partials"},
+    {at::kFloat, 67, 100, "16 threads per row, 2 words, many row groups per block"},
+    {at::kBFloat16, 3, 513, "64 threads per row, 2 words, tail"},
+    {at::kDouble, 4, 130, "64 threads per row, 2 words (float64)"},
+    {at::kFloat, 5, 2048, "64 threads per row, 8 words"},
+    {at::kBFloat16, 3, 8192, "256 threads per row, 4 words: the longest 16-bit register row"},
+    {at::kDouble, 2, 4096, "256 threads per row, 8 words (float64)"},
+    {at::kFloat, 5, 8193, "2049 words: long row, accumulators and rows in shared memory"},
     {at::kBFloat16, 3, 8200, "long row, cached"},
     {at::kFloat, 3, 20000, "long row: shared accumulators, rows re-read"},
     {at::kFloat, 3, 30000, "long row: accumulators too big, column kernel for dw/db"},
@@ -138,6 +144,30 @@ TEST_F(SeededTest, EmulatedNormBackwardMatchesCpu) {
           check_backward(c, center, affine, pdtype, /*misaligned=*/false);
         }
       }
+    }
+  }
+}
+
+// With one SM the grids are a single wave of a few blocks: every block strides
+// over many rows (the forward's next-row prefetch, the backward's accumulation
+// over row groups before its one partial row).
+class OneSmTest : public SeededTest {
+ protected:
+  void SetUp() override {
+    SeededTest::SetUp();
+    emu::set_sm_count(1);
+  }
+  void TearDown() override { emu::set_sm_count(emu::DeviceSpec{}.sm_count); }
+};
+
+TEST_F(OneSmTest, EmulatedNormStridingOverRowsMatchesCpu) {
+  for (const Case& c : {Case{at::kHalf, 1000, 24, "4 threads per row, 64 rows per block"},
+                        Case{at::kBFloat16, 37, 4096, "128 threads per row"},
+                        Case{at::kFloat, 21, 1000, "warps per row"},
+                        Case{at::kBFloat16, 9, 8200, "long rows"}}) {
+    for (const bool center : {true, false}) {
+      check_forward(c, center, {true, true}, c.dtype, /*misaligned=*/false);
+      check_backward(c, center, {true, true}, c.dtype, /*misaligned=*/false);
     }
   }
 }

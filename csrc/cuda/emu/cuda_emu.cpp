@@ -422,11 +422,18 @@ size_t check_launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_sm
   return total;
 }
 
+DeviceSpec& mutable_device_spec() {
+  static DeviceSpec spec;
+  return spec;
+}
+
 }  // namespace
 
-const DeviceSpec& device_spec() {
-  static const DeviceSpec spec;
-  return spec;
+const DeviceSpec& device_spec() { return mutable_device_spec(); }
+
+void set_sm_count(int sm_count) {
+  if (sm_count < 1) throw Error("cuda emulation: sm_count must be >= 1");
+  mutable_device_spec().sm_count = sm_count;
 }
 
 const ThreadCoords& current() { return current_thread("threadIdx").coords; }

@@ -76,6 +76,9 @@ struct DeviceSpec {
   size_t reserved_shared_per_block = 1024;
 };
 const DeviceSpec& device_spec();
+// Tests set a smaller SM count, so that the launchers' grids (one wave of
+// resident blocks) are small and each block strides over many rows.
+void set_sm_count(int sm_count);
 
 class Error : public std::runtime_error {
  public:
