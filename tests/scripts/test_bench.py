@@ -2,7 +2,6 @@
 on CPU at tiny sizes (a few seconds). Not timing tests: they check the scripts run and write what
 they should."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,15 +15,13 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import benchmarking  # noqa: E402
+from script_loader import load_script  # noqa: E402
 from ffn.modules import gated_d_ff  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ffn_bench", SCRIPTS / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 # ----------------------------------------------------------------------------- shared helper

@@ -2,25 +2,20 @@
 summary and exit 0; and a stage that runs past its limit is reported, not lost.
 The GPU path itself runs on the GPU machine (make gpu-check)."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from script_loader import SCRIPTS, load_script
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("ffn_gpu_check", SCRIPTS / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 def test_without_a_gpu_it_says_so_and_exits_cleanly(tmp_path):
