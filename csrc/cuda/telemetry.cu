@@ -123,8 +123,10 @@ __device__ __forceinline__ HiddenWord<T> hidden_word(const T* zr, int64_t F, boo
   return w;
 }
 
+// Three 128-bit words of h terms and a dozen accumulators per thread: built
+// for 2 resident blocks (up to 128 registers) so that no instantiation spills.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     hidden_stats_kernel(const T* __restrict__ z, int64_t rows, int64_t F, bool gated,
                         bool vectorized, acc_t<T> near_zero, acc_t<T> large,
                         double* __restrict__ partials, acc_t<T>* __restrict__ row_abs_max) {
