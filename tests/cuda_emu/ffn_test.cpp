@@ -82,23 +82,18 @@ TEST_F(SeededTest, EmulatedFfnOpsMatchCpu) {
       const Tensor w_out = (at::randn({d, F}, at::kDouble) * 0.2).to(dtype);
       const Tensor b_out = at::randn({d}, at::kDouble).to(dtype);
       const Tensor g = at::randn({rows, d}, at::kDouble).to(dtype);
-      std::tuple<Tensor, Tensor> out, out_ref;
-      std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grads, grads_ref;
-      if (gated) {
-        out = gated_ffn_forward(x, w_in, b_in, w_out, b_out, "silu", cuda::kActivationKernels);
-        out_ref = gated_ffn_forward(x, w_in, b_in, w_out, b_out, "silu", cpu::kActivationKernels);
-        grads = gated_ffn_backward(g, x, std::get<1>(out_ref), w_in, w_out, "silu", all_grads,
-                                   cuda::kActivationKernels);
-        grads_ref = gated_ffn_backward(g, x, std::get<1>(out_ref), w_in, w_out, "silu", all_grads,
-                                       cpu::kActivationKernels);
-      } else {
-        out = gelu_ffn_forward(x, w_in, b_in, w_out, b_out, "none", cuda::kActivationKernels);
-        out_ref = gelu_ffn_forward(x, w_in, b_in, w_out, b_out, "none", cpu::kActivationKernels);
-        grads = gelu_ffn_backward(g, x, std::get<1>(out_ref), w_in, w_out, "none", all_grads,
-                                  cuda::kActivationKernels);
-        grads_ref = gelu_ffn_backward(g, x, std::get<1>(out_ref), w_in, w_out, "none", all_grads,
-                                      cpu::kActivationKernels);
-      }
+      const auto forward = [&](const ActivationKernels& kernels) {
+        return gated ? gated_ffn_forward(x, w_in, b_in, w_out, b_out, "silu", kernels)
+                     : gelu_ffn_forward(x, w_in, b_in, w_out, b_out, "none", kernels);
+      };
+      const auto backward = [&](const Tensor& preact, const ActivationKernels& kernels) {
+        return gated ? gated_ffn_backward(g, x, preact, w_in, w_out, "silu", all_grads, kernels)
+                     : gelu_ffn_backward(g, x, preact, w_in, w_out, "none", all_grads, kernels);
+      };
+      const auto out = forward(cuda::kActivationKernels), out_ref = forward(cpu::kActivationKernels);
+      // Both backward passes from the CPU forward's preact: the same inputs.
+      const auto grads = backward(std::get<1>(out_ref), cuda::kActivationKernels);
+      const auto grads_ref = backward(std::get<1>(out_ref), cpu::kActivationKernels);
       EXPECT_TRUE(matches(std::get<0>(out), std::get<0>(out_ref), dtype)) << "out";
       EXPECT_TRUE(matches(std::get<1>(out), std::get<1>(out_ref), dtype)) << "preact";
       EXPECT_TRUE(matches(std::get<0>(grads), std::get<0>(grads_ref), dtype)) << "grad_x";
