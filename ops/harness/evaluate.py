@@ -10,7 +10,7 @@ from .. import telemetry
 from . import data as textdata
 from .model import shift_probe, var_shift_probe
 from .outliers import eval_outliers
-from .probes import norm_input_rms, shift_offsets
+from .probes import ShiftRecorder
 from .quant import W8A8_MODES, calibrate, quantized_down_input, quantized_ffn_weights, quantized_w8a8
 from .results import ShiftProbe
 
@@ -38,15 +38,18 @@ def layer_summaries(stats, env):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, config, env, with_stats=False):
+def evaluate(model, tokens, config, env, with_stats=False, on_batch=None):
     """(mean validation loss over the fixed windows, the per-layer telemetry summaries over
-    the same windows when asked, else None)."""
+    the same windows when asked, else None). `on_batch()`, when given, is called after each
+    batch's forward (probes.ShiftRecorder reads what that forward captured)."""
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of losses, windows)
     layer_stats = None
     for x, y in eval_batches(tokens, config, env):
         stats = [] if with_stats else None
         with env.autocast(config.amp):
             _, loss = model(x, y, stats=stats)
+        if on_batch is not None:
+            on_batch()
         loss_sum += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=env.device)
         if with_stats:
             batch = torch.stack(stats)
@@ -83,23 +86,27 @@ def evaluate_design(model, corpus, config, env, probe_shift):
     tokens = corpus.val
     with_tel = config.telemetry_every > 0
     reduce = env.all_reduce_ if env.world > 1 else None
-    val_loss, tel_val = evaluate(model, tokens, config, env, with_stats=with_tel)
     probe = None
     if probe_shift:
-        def inputs():
-            return (x for x, _ in eval_batches(tokens, config, env))
-
-        rms = norm_input_rms(model, inputs(), all_reduce=reduce)
+        # The shift probe reads the forwards of the plain and the shifted evaluation (the same
+        # windows): the norm input rms and the base FFN tensors from the first, the shifted
+        # ones from the second, instead of running the model again for them.
+        recorder = ShiftRecorder(model)
+        with recorder.recording("base"):
+            val_loss, tel_val = evaluate(model, tokens, config, env, with_stats=with_tel, on_batch=recorder.batch)
+        rms = recorder.rms(all_reduce=reduce)
         shifts = [probe_shift * r for r in rms]
-        with shift_probe(model, shifts):
-            shifted_loss, tel_shifted = evaluate(model, tokens, config, env, with_stats=with_tel)
+        with shift_probe(model, shifts), recorder.recording("shifted"):
+            shifted_loss, tel_shifted = evaluate(model, tokens, config, env, with_stats=with_tel,
+                                                 on_batch=recorder.batch)
         probe = ShiftProbe(shift_rms_units=probe_shift, norm_input_rms=rms, shifts=shifts, val_loss=shifted_loss,
-                           telemetry=tel_shifted, offsets=shift_offsets(model, inputs(), shifts, all_reduce=reduce))
+                           telemetry=tel_shifted, offsets=recorder.offsets(all_reduce=reduce))
         # The same mean shift, its size varying per sequence (x m, model.sequence_multipliers).
         with var_shift_probe(model, shifts):
             v_loss, v_tel = evaluate(model, tokens, config, env, with_stats=with_tel)
         vprobe = {"shift_rms_units": probe_shift, "shifts": shifts, "val_loss": v_loss, "telemetry": v_tel}
     else:
+        val_loss, tel_val = evaluate(model, tokens, config, env, with_stats=with_tel)
         vprobe = None
     quantized = {}
     for bits in QUANT_BITS:

@@ -19,6 +19,8 @@ given in units of it. It is an evaluation-time
 analysis on plain PyTorch copies of the FFN math, not training telemetry.
 """
 
+import contextlib
+
 import torch
 
 from .model import Block, shift_probe
@@ -57,27 +59,33 @@ def norm_input_rms(model, batches, all_reduce=None):
 
 
 class _Accumulator:
-    """Per-unit sums of (shifted - base) and the base tensor's moments, for one tensor of one layer."""
+    """Per-unit sums of the shifted and the base tensor and the base tensor's moments, for one
+    tensor of one layer. The two passes need not be paired batch by batch: the per-unit mean
+    of (shifted - base) over the same windows is the difference of the per-unit means, so one
+    pass can record the base and a later one the shifted tensors."""
 
     def __init__(self):
-        self.diff = self.total = self.total_sq = None
+        self.base = self.shifted = self.total = self.total_sq = None
         self.count = 0
 
-    def add(self, base, shifted):
-        diff = (shifted - base).double().sum(0)
-        total = base.double().sum()
-        total_sq = base.double().square().sum()
-        if self.diff is None:
-            self.diff, self.total, self.total_sq = diff, total, total_sq
+    def add_base(self, base):
+        base = base.double()
+        s, total, total_sq = base.sum(0), base.sum(), base.square().sum()
+        if self.base is None:
+            self.base, self.total, self.total_sq = s, total, total_sq
         else:
-            self.diff += diff
+            self.base += s
             self.total += total
             self.total_sq += total_sq
         self.count += base.shape[0]
 
+    def add_shifted(self, shifted):
+        s = shifted.double().sum(0)
+        self.shifted = s if self.shifted is None else self.shifted + s
+
     def packed(self):
-        return torch.cat([self.diff, self.total.view(1), self.total_sq.view(1),
-                          self.diff.new_tensor([self.count])])
+        return torch.cat([self.shifted - self.base, self.total.view(1), self.total_sq.view(1),
+                          self.base.new_tensor([self.count])])
 
     @staticmethod
     def offset(packed, centered):
@@ -88,44 +96,95 @@ class _Accumulator:
         return float((diff / rows).abs().mean() / scale) if scale > 0 else float("nan")
 
 
+class ShiftRecorder:
+    """Records what the shift probe needs from forward passes the evaluation runs anyway: in a
+    "base" pass the rms entering each FFN norm (norm_input_rms) and the per-unit sums of the
+    FFN input, gate pre-activation and h; in a "shifted" pass (the same windows, more shift)
+    their shifted sums. Use `with recorder.recording(phase):` around the forwards and call
+    recorder.batch() after each one; then rms() and offsets()."""
+
+    def __init__(self, model):
+        self.blocks = [m for m in model.modules() if isinstance(m, Block)]
+        device = next(model.parameters()).device
+        self.sums = [torch.zeros(2, dtype=torch.float64, device=device) for _ in self.blocks]
+        self.acc = [{key: _Accumulator() for key in OFFSET_KEYS} for _ in self.blocks]
+        self.phase = None
+        self.caps = None
+
+    @contextlib.contextmanager
+    def recording(self, phase):
+        if phase not in ("base", "shifted"):
+            raise ValueError(f"phase must be 'base' or 'shifted', got {phase!r}")
+        handles = []
+        if phase == "base":
+            def hook(layer):
+                def pre_hook(module, args):
+                    self.sums[layer] += torch.stack([
+                        args[0].double().square().sum(),
+                        torch.tensor(args[0].numel(), dtype=torch.float64, device=args[0].device)])
+                return pre_hook
+
+            handles = [b.ffn_norm.register_forward_pre_hook(hook(i)) for i, b in enumerate(self.blocks)]
+        self.phase, self.caps = phase, [{} for _ in self.blocks]
+        try:
+            for b, c in zip(self.blocks, self.caps):
+                b.capture = c
+            yield self
+        finally:
+            for b in self.blocks:
+                b.capture = None
+            for handle in handles:
+                handle.remove()
+            self.phase, self.caps = None, None
+
+    @torch.no_grad()
+    def batch(self):
+        """Records the FFN inputs of the forward just run."""
+        for block, cap, acc in zip(self.blocks, self.caps, self.acc):
+            x = cap.pop("ffn_in")
+            x = x.reshape(-1, x.shape[-1])
+            gate, h = block.ffn.hidden(x)
+            add = "add_base" if self.phase == "base" else "add_shifted"
+            getattr(acc["input_offset"], add)(x.float())
+            getattr(acc["down_in_offset"], add)(h)
+            if gate is not None:
+                getattr(acc["gate_offset"], add)(gate)
+            cap.clear()
+
+    def rms(self, all_reduce=None):
+        if all_reduce is not None:
+            for s in self.sums:
+                all_reduce(s)
+        return [float((s[0] / s[1]).sqrt()) for s in self.sums]
+
+    def offsets(self, all_reduce=None):
+        out = []
+        for layer_acc in self.acc:
+            layer = {}
+            for key, a in layer_acc.items():
+                if a.base is None or a.shifted is None:
+                    layer[key] = float("nan")
+                    continue
+                packed = a.packed()
+                if all_reduce is not None:
+                    all_reduce(packed)
+                layer[key] = _Accumulator.offset(packed, centered=key == "gate_offset")
+            out.append(layer)
+        return out
+
+
 @torch.no_grad()
 def shift_offsets(model, batches, shift, all_reduce=None):
     """Per layer {input_offset, gate_offset (NaN for GELU FFNs), down_in_offset} of an extra
     `shift` (a number, or one per layer) into every FFN norm, over `batches` (an iterable
     of input token tensors).
     `all_reduce(tensor)` sums the accumulators over DDP ranks when given."""
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    captured = []
-    hooks = [b.ffn.register_forward_hook(lambda mod, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1])))
-             for b in blocks]
-    acc = [{key: _Accumulator() for key in OFFSET_KEYS} for _ in blocks]
-    try:
-        for x in batches:
-            captured.clear()
+    recorder = ShiftRecorder(model)
+    for x in batches:
+        with recorder.recording("base"):
             model(x)
-            base = list(captured)
-            captured.clear()
-            with shift_probe(model, shift):
-                model(x)
-            for layer, (block, xb, xs) in enumerate(zip(blocks, base, captured)):
-                (gb, hb), (gs, hs) = block.ffn.hidden(xb), block.ffn.hidden(xs)
-                acc[layer]["input_offset"].add(xb.float(), xs.float())
-                acc[layer]["down_in_offset"].add(hb, hs)
-                if gb is not None:
-                    acc[layer]["gate_offset"].add(gb, gs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    out = []
-    for layer_acc in acc:
-        layer = {}
-        for key, a in layer_acc.items():
-            if a.diff is None:
-                layer[key] = float("nan")
-                continue
-            packed = a.packed()
-            if all_reduce is not None:
-                all_reduce(packed)
-            layer[key] = _Accumulator.offset(packed, centered=key == "gate_offset")
-        out.append(layer)
-    return out
+            recorder.batch()
+        with shift_probe(model, shift), recorder.recording("shifted"):
+            model(x)
+            recorder.batch()
+    return recorder.offsets(all_reduce)
