@@ -70,16 +70,36 @@ def quantized_ffn_weights(model, bits=8):
 def quantized_down_input(model, bits=8):
     """Within the block, every FFN computes its output from h quantized per token (plain PyTorch)."""
 
-    def hook(module, args, out):
-        _, h = module.hidden(args[0])
-        return module.down(fake_quantize_rows(h, bits)).to(out.dtype)
+    def make(i, module):
+        def forward(x):
+            _, h = module.hidden(x)
+            return module.down(fake_quantize_rows(h, bits)).to(_out_dtype(module, x))
+        return forward
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, FFN)]
+    with _replaced_forwards(model, make):
+        yield model
+
+
+def _out_dtype(module, x):
+    """The dtype the FFN module's own forward returns for x: the autocast dtype under autocast,
+    else that of x and the weights."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, module.out_proj()[0].dtype)
+
+
+@contextlib.contextmanager
+def _replaced_forwards(model, make):
+    """Within the block, every FFN module's forward is make(index, module) (the probes compute
+    the FFN themselves: a forward hook would run the op first only to discard its output)."""
+    ffns = [m for m in model.modules() if isinstance(m, FFN)]
     try:
+        for i, m in enumerate(ffns):
+            m.forward = make(i, m)
         yield model
     finally:
-        for h in hooks:
-            h.remove()
+        for m in ffns:
+            m.__dict__.pop("forward", None)
 
 
 # ----------------------------------------------------------------------------- W8A8
@@ -183,14 +203,8 @@ def calibrate(model, batches):
 def quantized_w8a8(model, calib, mode, bits=8):
     """Within the block, every FFN computes its output in W8A8 (w8a8_output) with the static
     activation scales of `calib` (calibrate())."""
-    ffns = [m for m in model.modules() if isinstance(m, FFN)]
+    def make(i, module):
+        return lambda x: w8a8_output(module, x, calib[i], mode, bits).to(_out_dtype(module, x))
 
-    def hook(i):
-        return lambda module, args, out: w8a8_output(module, args[0], calib[i], mode, bits).to(out.dtype)
-
-    hooks = [m.register_forward_hook(hook(i)) for i, m in enumerate(ffns)]
-    try:
+    with _replaced_forwards(model, make):
         yield model
-    finally:
-        for h in hooks:
-            h.remove()
