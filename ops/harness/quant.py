@@ -132,18 +132,28 @@ def fake_quantize_static(x, absmax, bits=8):
     return torch.round(x.float() / scale).clamp_(-qmax, qmax) * scale
 
 
-def _quantized_pair(x, absmax, weight, mode, bits):
-    """(activation after its fake quantization, dequantized int8 weight) of one matmul x W^T."""
-    x = x.float()
+def _quantized_weight(absmax, weight, mode, bits):
+    """What one matmul x W^T of `mode` needs besides x: (SmoothQuant's s or None, the activation's
+    static absmax, the dequantized int8 weight). A function of the calibration and the weight only,
+    so a probe computes it once per FFN, not once per batch."""
     if mode == "smooth":
         s = smooth_scales(absmax, weight)
-        return fake_quantize_static(x / s, (absmax / s).max(), bits), dequantize(*quantize(weight * s, bits))
+        return s, (absmax / s).max(), dequantize(*quantize(weight * s, bits))
+    if mode not in W8A8_MODES:
+        raise ValueError(f"W8A8 mode must be one of {W8A8_MODES}, got {mode!r}")
     w = dequantize(*quantize(weight, bits))
-    if mode == "channel":
-        return fake_quantize_static(x, absmax, bits), w
-    if mode == "tensor":
-        return fake_quantize_static(x, absmax.max(), bits), w
-    raise ValueError(f"W8A8 mode must be one of {W8A8_MODES}, got {mode!r}")
+    return None, absmax if mode == "channel" else absmax.max(), w
+
+
+def _quantized_act(x, s, absmax, bits):
+    x = x.float()
+    return fake_quantize_static(x if s is None else x / s, absmax, bits)
+
+
+def _quantized_pair(x, absmax, weight, mode, bits):
+    """(activation after its fake quantization, dequantized int8 weight) of one matmul x W^T."""
+    s, act_absmax, w = _quantized_weight(absmax, weight, mode, bits)
+    return _quantized_act(x, s, act_absmax, bits), w
 
 
 @contextlib.contextmanager
@@ -171,14 +181,25 @@ def channel_absmax(ffn, x):
 
 
 @torch.no_grad()
-def w8a8_output(ffn, x, calib, mode, bits=8):
-    """The FFN output for x with both matmuls in W8A8 (`mode`, static activation scales from
-    `calib` = channel_absmax of the calibration data), in plain PyTorch, float32."""
+def w8a8_plan(ffn, calib, mode, bits=8):
+    """The per-FFN part of w8a8_output (weights quantized, static scales) for its current weights."""
     (w_in, _), (w_out, _) = ffn.in_proj(), ffn.out_proj()
-    xq, w_in_q = _quantized_pair(x, calib["x"], w_in, mode, bits)
+    return {"x": _quantized_weight(calib["x"], w_in, mode, bits), "h": _quantized_weight(calib["h"], w_out, mode, bits)}
+
+
+@torch.no_grad()
+def w8a8_output(ffn, x, calib, mode, bits=8, plan=None):
+    """The FFN output for x with both matmuls in W8A8 (`mode`, static activation scales from
+    `calib` = channel_absmax of the calibration data), in plain PyTorch, float32. `plan`:
+    w8a8_plan(ffn, calib, mode, bits), computed here when not given."""
+    plan = plan or w8a8_plan(ffn, calib, mode, bits)
+    (w_in, _), (w_out, _) = ffn.in_proj(), ffn.out_proj()
+    s, absmax, w_in_q = plan["x"]
+    xq = _quantized_act(x, s, absmax, bits)
     with _weights(ffn, w_in_q, w_out):
         _, h = ffn.hidden(xq)
-    hq, w_out_q = _quantized_pair(h, calib["h"], w_out, mode, bits)
+    s, absmax, w_out_q = plan["h"]
+    hq = _quantized_act(h, s, absmax, bits)
     with _weights(ffn, w_in, w_out_q):
         return ffn.down(hq)
 
@@ -204,7 +225,8 @@ def quantized_w8a8(model, calib, mode, bits=8):
     """Within the block, every FFN computes its output in W8A8 (w8a8_output) with the static
     activation scales of `calib` (calibrate())."""
     def make(i, module):
-        return lambda x: w8a8_output(module, x, calib[i], mode, bits).to(_out_dtype(module, x))
+        plan = w8a8_plan(module, calib[i], mode, bits)  # the weights stay fixed within the block
+        return lambda x: w8a8_output(module, x, calib[i], mode, bits, plan).to(_out_dtype(module, x))
 
     with _replaced_forwards(model, make):
         yield model
