@@ -9,7 +9,7 @@ import torch
 from .. import telemetry
 from . import data as textdata
 from .model import shift_probe, var_shift_probe
-from .outliers import eval_outliers
+from .outliers import captured_outliers, eval_outliers
 from .probes import ShiftRecorder
 from .quant import W8A8_MODES, calibrate, quantized_down_input, quantized_ffn_weights, quantized_w8a8
 from .results import ShiftProbe
@@ -91,9 +91,21 @@ def evaluate_design(model, corpus, config, env, probe_shift):
         # The shift probe reads the forwards of the plain and the shifted evaluation (the same
         # windows): the norm input rms and the base FFN tensors from the first, the shifted
         # ones from the second, instead of running the model again for them.
+        # The outlier statistics read the first OUTLIER_BATCHES of that first forward as well.
         recorder = ShiftRecorder(model)
+        ffn_in, resid = [[] for _ in recorder.blocks], [[] for _ in recorder.blocks]
+
+        def base_batch():
+            if len(ffn_in[0]) < OUTLIER_BATCHES:
+                for i, c in enumerate(recorder.caps):
+                    ffn_in[i].append(c["ffn_in"].reshape(-1, c["ffn_in"].shape[-1]))
+                    resid[i].append(c["resid"].reshape(-1, c["resid"].shape[-1]))
+            recorder.batch()
+
         with recorder.recording("base"):
-            val_loss, tel_val = evaluate(model, tokens, config, env, with_stats=with_tel, on_batch=recorder.batch)
+            val_loss, tel_val = evaluate(model, tokens, config, env, with_stats=with_tel, on_batch=base_batch)
+        outliers = captured_outliers(model, ffn_in, resid)
+        del ffn_in, resid
         rms = recorder.rms(all_reduce=reduce)
         shifts = [probe_shift * r for r in rms]
         with shift_probe(model, shifts), recorder.recording("shifted"):
@@ -108,6 +120,8 @@ def evaluate_design(model, corpus, config, env, probe_shift):
     else:
         val_loss, tel_val = evaluate(model, tokens, config, env, with_stats=with_tel)
         vprobe = None
+        outliers = eval_outliers(model, (x for i, (x, _) in enumerate(eval_batches(tokens, config, env))
+                                         if i < OUTLIER_BATCHES))
     quantized = {}
     for bits in QUANT_BITS:
         with quantized_ffn_weights(model, bits):
@@ -119,6 +133,4 @@ def evaluate_design(model, corpus, config, env, probe_shift):
     for mode in W8A8_MODES:
         with quantized_w8a8(model, calib, mode):
             w8a8[mode], _ = evaluate(model, tokens, config, env)
-    outliers = eval_outliers(model, (x for i, (x, _) in enumerate(eval_batches(tokens, config, env))
-                                     if i < OUTLIER_BATCHES))
     return Evaluation(val_loss, tel_val, probe, quantized, w8a8, outliers, vprobe)

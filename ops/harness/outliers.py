@@ -106,6 +106,14 @@ def eval_outliers(model, batches):
             for i, c in enumerate(caps):
                 ffn_in[i].append(c["ffn_in"].reshape(-1, c["ffn_in"].shape[-1]))
                 resid[i].append(c["resid"].reshape(-1, c["resid"].shape[-1]))
+    return captured_outliers(model, ffn_in, resid)
+
+
+@torch.no_grad()
+def captured_outliers(model, ffn_in, resid):
+    """eval_outliers of tensors captured elsewhere: per layer, the lists of FFN input and residual
+    input tensors ([rows, d_model]) of the batches (None when there were none)."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not ffn_in or not ffn_in[0]:
         return None
     return [layer_outliers(b.ffn, torch.cat(f), torch.cat(r)) for b, f, r in zip(blocks, ffn_in, resid)]
