@@ -176,8 +176,7 @@ struct ForwardArgs {
 template <typename T, typename P>
 __device__ __forceinline__ void store_output(const ForwardArgs<T, P>& a, const Vec<T>& xw,
                                              int64_t index, int64_t col, acc_t<T> mu,
-                                             acc_t<T> rs, bool vectorized,
-                                             const acc_t<T>* w = nullptr,
+                                             acc_t<T> rs, const acc_t<T>* w = nullptr,
                                              const acc_t<T>* b = nullptr) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
@@ -188,7 +187,7 @@ __device__ __forceinline__ void store_output(const ForwardArgs<T, P>& a, const V
   if (a.weight != nullptr) {
     A loaded[V];
     if (w == nullptr) {
-      load<V>(a.weight + col, count, vectorized, loaded);
+      load<V>(a.weight + col, count, a.vectorized, loaded);
       w = loaded;
     }
 #pragma unroll
@@ -197,13 +196,13 @@ __device__ __forceinline__ void store_output(const ForwardArgs<T, P>& a, const V
   if (a.bias != nullptr) {
     A loaded[V];
     if (b == nullptr) {
-      load<V>(a.bias + col, count, vectorized, loaded);
+      load<V>(a.bias + col, count, a.vectorized, loaded);
       b = loaded;
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = out[k] + b[k];
   }
-  store<V>(a.y + index, count, vectorized, out);
+  store<V>(a.y + index, count, a.vectorized, out);
 }
 
 // Sum over the valid elements of a word (loads zero-fill, but x - mean does not
@@ -235,9 +234,11 @@ __device__ __forceinline__ acc_t<T> word_sum(const Vec<T>& xw) {
 // elements each); longer rows re-read them, from L1/L2.
 template <typename T, typename P, int kWords, bool kVectorized>
 __global__ void __launch_bounds__(kRowBlock, kForwardMinBlocks<kWords>)
-    norm_forward_kernel(const ForwardArgs<T, P> a) {
+    norm_forward_kernel(const ForwardArgs<T, P> args) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
+  ForwardArgs<T, P> a = args;
+  a.vectorized = kVectorized;  // a constant from here on: no runtime branches on it
   constexpr bool kParamsInRegisters = kWords * V <= 8;
   constexpr int kParamWords = kParamsInRegisters ? kWords : 1;
   FFN_SHARED(scratch, A[kMaxWarps]);
@@ -253,8 +254,8 @@ __global__ void __launch_bounds__(kRowBlock, kForwardMinBlocks<kWords>)
     for (int j = 0; j < kWords; ++j) {
       const int col = (j * tpr + lane) * V;
       if (col >= d) continue;
-      if (a.weight != nullptr) load<V>(a.weight + col, d - col, kVectorized, w[j]);
-      if (a.bias != nullptr) load<V>(a.bias + col, d - col, kVectorized, b[j]);
+      if (a.weight != nullptr) load<V>(a.weight + col, d - col, a.vectorized, w[j]);
+      if (a.bias != nullptr) load<V>(a.bias + col, d - col, a.vectorized, b[j]);
     }
   }
   // This thread's words of `row`, zero past the end of the row or of the rows.
@@ -303,9 +304,9 @@ __global__ void __launch_bounds__(kRowBlock, kForwardMinBlocks<kWords>)
         const int col = (j * tpr + lane) * V;
         if (col >= d) continue;
         if constexpr (kParamsInRegisters) {
-          store_output(a, xw[j], row * d + col, col, mu, rs, kVectorized, w[j], b[j]);
+          store_output(a, xw[j], row * d + col, col, mu, rs, w[j], b[j]);
         } else {
-          store_output(a, xw[j], row * d + col, col, mu, rs, kVectorized);
+          store_output(a, xw[j], row * d + col, col, mu, rs);
         }
       }
       if (lane == 0) {
@@ -359,7 +360,7 @@ __global__ void __launch_bounds__(kLongRowBlock)
     const A rs = A(1) / sqrt_acc(var_sum / static_cast<A>(d) + a.eps);
 
     for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
-      store_output(a, word(i), row * d + i * V, i * V, mu, rs, a.vectorized);
+      store_output(a, word(i), row * d + i * V, i * V, mu, rs);
     }
     if (threadIdx.x == 0) {
       if (a.mean != nullptr) a.mean[row] = mu;
