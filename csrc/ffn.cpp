@@ -157,6 +157,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_backward(
                       /*gated=*/false, grad_mask, kernels);
 }
 
+std::tuple<Tensor, Tensor> relu_ffn_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                                            const Tensor& w2, const OptTensor& b2,
+                                            const ActivationKernels& kernels) {
+  return ffn_forward("relu_ffn", x, w1, b1, w2, b2, Activation::kRelu, /*gated=*/false, kernels);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> relu_ffn_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w1,
+    const Tensor& w2, std::array<bool, 5> grad_mask, const ActivationKernels& kernels) {
+  return ffn_backward(grad_out, x, preact, w1, w2, Activation::kRelu, /*gated=*/false, grad_mask,
+                      kernels);
+}
+
 std::tuple<Tensor, Tensor> gated_ffn_forward(const Tensor& x, const Tensor& w_gate_up,
                                              const OptTensor& b_gate_up, const Tensor& w_down,
                                              const OptTensor& b_down, std::string_view activation,

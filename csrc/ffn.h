@@ -29,32 +29,51 @@ using OptTensor = std::optional<Tensor>;
 // contiguous; an absent weight/bias, or a gradient nobody asked for, is an
 // undefined Tensor. `center` selects LayerNorm (subtract the mean) over RMSNorm.
 // mean/rstd are float32 (float64 for float64 inputs); mean is undefined for RMSNorm.
+// The weight scales as (weight + weight_offset), formed in the accumulation type
+// (weight_offset 1: Gemma's zero-centered gamma).
 struct NormKernels {
-  void (*forward)(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
-                  bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd);
-  void (*backward)(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
-                   const Tensor& weight, bool center, const Tensor& grad_x,
+  // With a residual (fused residual add), the row normalized is s = x + residual
+  // rounded to x's dtype, written to `sum`; else residual and sum are undefined.
+  void (*forward)(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
+                  double eps, double weight_offset, bool center, const Tensor& y, const Tensor& sum,
+                  const Tensor& mean, const Tensor& rstd);
+  // x is the normalized input (s for the fused add). grad_sum, if defined, is
+  // added to grad_x (the fused add's gradient of s).
+  void (*backward)(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x,
+                   const Tensor& mean, const Tensor& rstd, const Tensor& weight,
+                   double weight_offset, bool center, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias);
 };
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,
                                                       const OptTensor& bias, double eps,
+                                                      double weight_offset,
                                                       const NormKernels& kernels);
 std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const OptTensor& weight,
                                             const OptTensor& bias, double eps,
-                                            const NormKernels& kernels);
+                                            double weight_offset, const NormKernels& kernels);
+// Fused residual add + norm: (y, s, [mean,] rstd) with s = x + residual in x's
+// dtype and y = norm(s), the same numbers as the unfused pair.
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(
+    const Tensor& x, const Tensor& residual, const OptTensor& weight, const OptTensor& bias,
+    double eps, double weight_offset, const NormKernels& kernels);
+std::tuple<Tensor, Tensor, Tensor> add_rms_norm_forward(const Tensor& x, const Tensor& residual,
+                                                        const OptTensor& weight,
+                                                        const OptTensor& bias, double eps,
+                                                        double weight_offset,
+                                                        const NormKernels& kernels);
 // Returns (grad_x, grad_weight, grad_bias); parameter gradients take the
 // parameter's dtype, and those nobody asked for come back as empty [0] tensors.
-// The bias is passed only for its dtype.
-std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_y, const Tensor& x,
-                                                       const Tensor& mean, const Tensor& rstd,
-                                                       const OptTensor& weight,
-                                                       const OptTensor& bias, bool weight_grad,
-                                                       bool bias_grad, const NormKernels& kernels);
-std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(const Tensor& grad_y, const Tensor& x,
-                                                     const Tensor& rstd, const OptTensor& weight,
-                                                     const OptTensor& bias, bool weight_grad,
-                                                     bool bias_grad, const NormKernels& kernels);
+// The bias is passed only for its dtype. grad_s (the fused add's gradient of its
+// sum output) is added to grad_x when given.
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+    const OptTensor& weight, const OptTensor& bias, bool weight_grad, bool bias_grad,
+    double weight_offset, const OptTensor& grad_s, const NormKernels& kernels);
+std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& rstd, const OptTensor& weight,
+    const OptTensor& bias, bool weight_grad, bool bias_grad, double weight_offset,
+    const OptTensor& grad_s, const NormKernels& kernels);
 
 // ---------------------------------------------------------------------------
 // Fused elementwise passes of the FFN ops. z is the pre-activation, [rows, F]
@@ -70,7 +89,7 @@ struct ActivationKernels {
                    bool gated, const Tensor& grad_z, const Tensor& h);
 };
 
-// out = down(act(x w_in^T + b_in)) for gelu_ffn (gated = false) and the gated
+// out = down(act(x w_in^T + b_in)) for gelu_ffn and relu_ffn (gated = false) and the gated
 // family (gated = true, w_in = w_gate_up). Returns (out, preact [rows, w_in.size(0)]).
 std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, const Tensor& w_in,
                                        const OptTensor& b_in, const Tensor& w_out,
@@ -91,6 +110,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w1,
     const Tensor& w2, std::string_view approximate, std::array<bool, 5> grad_mask,
     const ActivationKernels& kernels);
+std::tuple<Tensor, Tensor> relu_ffn_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                                            const Tensor& w2, const OptTensor& b2,
+                                            const ActivationKernels& kernels);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> relu_ffn_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w1,
+    const Tensor& w2, std::array<bool, 5> grad_mask, const ActivationKernels& kernels);
 std::tuple<Tensor, Tensor> gated_ffn_forward(const Tensor& x, const Tensor& w_gate_up,
                                              const OptTensor& b_gate_up, const Tensor& w_down,
                                              const OptTensor& b_down, std::string_view activation,

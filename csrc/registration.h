@@ -60,8 +60,12 @@ void register_backend_kernels(torch::Library& m) {
   m.impl("_layer_norm_bwd", WithKernels<&layer_norm_backward, kNorm>);
   m.impl("_rms_norm_fwd", WithKernels<&rms_norm_forward, kNorm>);
   m.impl("_rms_norm_bwd", WithKernels<&rms_norm_backward, kNorm>);
+  m.impl("_add_layer_norm_fwd", WithKernels<&add_layer_norm_forward, kNorm>);
+  m.impl("_add_rms_norm_fwd", WithKernels<&add_rms_norm_forward, kNorm>);
   m.impl("_gelu_ffn_fwd", WithKernels<&gelu_ffn_forward, kAct>);
   m.impl("_gelu_ffn_bwd", WithKernels<&gelu_ffn_backward, kAct>);
+  m.impl("_relu_ffn_fwd", WithKernels<&relu_ffn_forward, kAct>);
+  m.impl("_relu_ffn_bwd", WithKernels<&relu_ffn_backward, kAct>);
   m.impl("_gated_ffn_fwd", WithKernels<&gated_ffn_forward, kAct>);
   m.impl("_gated_ffn_bwd", WithKernels<&gated_ffn_backward, kAct>);
   m.impl("gated_activation", WithKernels<&gated_activation_forward, kAct>);

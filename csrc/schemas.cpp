@@ -1,9 +1,10 @@
 // The ffn op library: schemas, the public ops and their autocast rules.
 //
-// Public ops (layer_norm, rms_norm, gelu_ffn, swiglu, geglu, reglu) are
-// CompositeImplicitAutograd, like aten::layer_norm over aten::native_layer_norm:
-// each calls an internal `_<op>_fwd` that also returns what backward needs
-// (mean/rstd, the pre-activation). The internal ops have one kernel per backend
+// Public ops (layer_norm, rms_norm, add_layer_norm, add_rms_norm, gelu_ffn,
+// relu_ffn, swiglu, geglu, reglu) are CompositeImplicitAutograd, like
+// aten::layer_norm over aten::native_layer_norm: each calls an internal
+// `_<op>_fwd` that also returns what backward needs (mean/rstd, the
+// pre-activation). The fused add + norms share the norms' backward ops. The internal ops have one kernel per backend
 // (registration.h; cpu/ and cuda/), autograd and fake kernels in
 // ops/_registrations.py, and an `_<op>_bwd` op for their backward. The
 // elementwise pieces (gated_activation, bias_gelu) need nothing saved and have
@@ -33,7 +34,10 @@ namespace {
 
 constexpr char kLayerNormFwd[] = "ffn::_layer_norm_fwd";
 constexpr char kRmsNormFwd[] = "ffn::_rms_norm_fwd";
+constexpr char kAddLayerNormFwd[] = "ffn::_add_layer_norm_fwd";
+constexpr char kAddRmsNormFwd[] = "ffn::_add_rms_norm_fwd";
 constexpr char kGeluFfnFwd[] = "ffn::_gelu_ffn_fwd";
+constexpr char kReluFfnFwd[] = "ffn::_relu_ffn_fwd";
 constexpr char kGatedFfnFwd[] = "ffn::_gated_ffn_fwd";
 constexpr char kFfnStats[] = "ffn::ffn_stats";
 
@@ -55,6 +59,13 @@ struct Call<R(Args...)> {
   template <auto kBody, const char* kName>
   static auto first_output(Args... args) {
     return std::get<0>(op_handle<kBody, kName>().call(args...));
+  }
+
+  // A public fused add + norm: (y, s), the first two outputs of its internal op.
+  template <auto kBody, const char* kName>
+  static std::tuple<Tensor, Tensor> first_two_outputs(Args... args) {
+    auto out = op_handle<kBody, kName>().call(args...);
+    return {std::get<0>(out), std::get<1>(out)};
   }
 
   // Autocast: the FFN ops are linear layers (lower-precision list on every
@@ -84,15 +95,29 @@ struct Call<R(Args...)> {
 
 template <auto kBody, const char* kName>
 constexpr auto kFirstOutput = &Call<OpSignature<kBody>>::template first_output<kBody, kName>;
+template <auto kBody, const char* kName>
+constexpr auto kFirstTwoOutputs = &Call<OpSignature<kBody>>::template first_two_outputs<kBody, kName>;
 template <auto kBody, const char* kName, c10::DeviceType kDevice, bool kFloat32 = false>
 constexpr auto kAutocast = &Call<OpSignature<kBody>>::template autocast<kBody, kName, kDevice, kFloat32>;
+
+// The gate activation of a public gated op: the table's, or for a GELU gate its
+// tanh form when approximate is "tanh" (as in F.gelu).
+const char* gate_activation(const ActivationInfo& info, std::string_view approximate) {
+  if (info.approximate != nullptr) {
+    return activation_info(parse_gelu_approximate(info.gated_op, approximate)).name;
+  }
+  TORCH_CHECK(approximate == "none", "ffn.", info.gated_op,
+              ": approximate applies to GELU gates (geglu) only; expected \"none\", got \"",
+              approximate, "\"");
+  return info.name;
+}
 
 // The public gated ops (activation_table.h): _gated_ffn_fwd with the table's activation.
 template <size_t kIndex>
 Tensor gated_ffn(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b_gate_up,
-                 const Tensor& w_down, const OptTensor& b_down) {
+                 const Tensor& w_down, const OptTensor& b_down, std::string_view approximate) {
   return std::get<0>(op_handle<&gated_ffn_forward, kGatedFfnFwd>().call(
-      x, w_gate_up, b_gate_up, w_down, b_down, kActivations[kIndex].name));
+      x, w_gate_up, b_gate_up, w_down, b_down, gate_activation(kActivations[kIndex], approximate)));
 }
 
 template <size_t... kIndex>
@@ -106,36 +131,58 @@ constexpr auto kGatedFfnKernels = gated_ffn_kernels(std::make_index_sequence<std
 TORCH_LIBRARY(ffn, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   // Public ops.
-  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-05) -> Tensor", tags);
-  m.def("rms_norm(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-06) -> Tensor", tags);
+  // weight_offset: the weight scales as (weight + weight_offset); 1 for Gemma's
+  // zero-centered gamma.
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-05, "
+        "float weight_offset=0.0) -> Tensor", tags);
+  m.def("rms_norm(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-06, "
+        "float weight_offset=0.0) -> Tensor", tags);
+  // Fused residual add + norm: s = x + residual (in x's dtype), y = norm(s).
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
+        "float eps=1e-05, float weight_offset=0.0) -> (Tensor y, Tensor s)", tags);
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
+        "float eps=1e-06, float weight_offset=0.0) -> (Tensor y, Tensor s)", tags);
   m.def("gelu_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
         "str approximate=\"none\") -> Tensor", tags);
+  m.def("relu_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) -> Tensor", tags);
   // swiglu, geglu, reglu: one schema, named by activation_table.h.
   for (const ActivationInfo& info : kActivations) {
     if (!info.public_gated_op) continue;
     const std::string schema =
         std::string(info.gated_op) +
-        "(Tensor x, Tensor w_gate_up, Tensor? b_gate_up, Tensor w_down, Tensor? b_down) -> Tensor";
+        "(Tensor x, Tensor w_gate_up, Tensor? b_gate_up, Tensor w_down, Tensor? b_down, "
+        "str approximate=\"none\") -> Tensor";
     m.def(schema.c_str(), tags);
   }
   m.def("gated_activation(Tensor gate_up, str activation=\"silu\") -> Tensor", tags);
   m.def("bias_gelu(Tensor x, Tensor? bias, str approximate=\"none\") -> Tensor", tags);
 
   // Internal: forward with what backward needs, and the backward ops.
-  m.def("_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) "
-        "-> (Tensor y, Tensor mean, Tensor rstd)", tags);
+  // The backward ops serve the fused add + norms too: x is then s, and grad_s
+  // (the gradient of the s output) is added to grad_x.
+  m.def("_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, "
+        "float weight_offset=0.0) -> (Tensor y, Tensor mean, Tensor rstd)", tags);
   m.def("_layer_norm_bwd(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
-        "Tensor? bias, bool weight_grad, bool bias_grad) "
-        "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)", tags);
-  m.def("_rms_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) "
-        "-> (Tensor y, Tensor rstd)", tags);
+        "Tensor? bias, bool weight_grad, bool bias_grad, float weight_offset=0.0, "
+        "Tensor? grad_s=None) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)", tags);
+  m.def("_rms_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, "
+        "float weight_offset=0.0) -> (Tensor y, Tensor rstd)", tags);
   m.def("_rms_norm_bwd(Tensor grad_y, Tensor x, Tensor rstd, Tensor? weight, Tensor? bias, "
-        "bool weight_grad, bool bias_grad) "
+        "bool weight_grad, bool bias_grad, float weight_offset=0.0, Tensor? grad_s=None) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)", tags);
+  m.def("_add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
+        "float weight_offset=0.0) -> (Tensor y, Tensor s, Tensor mean, Tensor rstd)", tags);
+  m.def("_add_rms_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
+        "float weight_offset=0.0) -> (Tensor y, Tensor s, Tensor rstd)", tags);
   m.def("_gelu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) "
         "-> (Tensor out, Tensor preact)", tags);
   m.def("_gelu_ffn_bwd(Tensor grad_out, Tensor x, Tensor preact, Tensor w1, Tensor w2, "
         "str approximate, bool[5] grad_mask) "
+        "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)", tags);
+  m.def("_relu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) "
+        "-> (Tensor out, Tensor preact)", tags);
+  m.def("_relu_ffn_bwd(Tensor grad_out, Tensor x, Tensor preact, Tensor w1, Tensor w2, "
+        "bool[5] grad_mask) "
         "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)", tags);
   m.def("_gated_ffn_fwd(Tensor x, Tensor w_gate_up, Tensor? b_gate_up, Tensor w_down, "
         "Tensor? b_down, str activation) -> (Tensor out, Tensor preact)", tags);
@@ -155,7 +202,10 @@ TORCH_LIBRARY(ffn, m) {
 TORCH_LIBRARY_IMPL(ffn, CompositeImplicitAutograd, m) {
   m.impl("layer_norm", kFirstOutput<&layer_norm_forward, kLayerNormFwd>);
   m.impl("rms_norm", kFirstOutput<&rms_norm_forward, kRmsNormFwd>);
+  m.impl("add_layer_norm", kFirstTwoOutputs<&add_layer_norm_forward, kAddLayerNormFwd>);
+  m.impl("add_rms_norm", kFirstTwoOutputs<&add_rms_norm_forward, kAddRmsNormFwd>);
   m.impl("gelu_ffn", kFirstOutput<&gelu_ffn_forward, kGeluFfnFwd>);
+  m.impl("relu_ffn", kFirstOutput<&relu_ffn_forward, kReluFfnFwd>);
   for (size_t i = 0; i < std::size(kActivations); ++i) {
     if (kActivations[i].public_gated_op) m.impl(kActivations[i].gated_op, kGatedFfnKernels[i]);
   }
@@ -170,15 +220,21 @@ TORCH_LIBRARY_IMPL(ffn, Autograd, m) {
 TORCH_LIBRARY_IMPL(ffn, AutocastCPU, m) {
   constexpr auto kCpu = c10::DeviceType::CPU;
   m.impl("_gelu_ffn_fwd", kAutocast<&gelu_ffn_forward, kGeluFfnFwd, kCpu>);
+  m.impl("_relu_ffn_fwd", kAutocast<&relu_ffn_forward, kReluFfnFwd, kCpu>);
   m.impl("_gated_ffn_fwd", kAutocast<&gated_ffn_forward, kGatedFfnFwd, kCpu>);
 }
 
 TORCH_LIBRARY_IMPL(ffn, AutocastCUDA, m) {
   constexpr auto kCuda = c10::DeviceType::CUDA;
   m.impl("_gelu_ffn_fwd", kAutocast<&gelu_ffn_forward, kGeluFfnFwd, kCuda>);
+  m.impl("_relu_ffn_fwd", kAutocast<&relu_ffn_forward, kReluFfnFwd, kCuda>);
   m.impl("_gated_ffn_fwd", kAutocast<&gated_ffn_forward, kGatedFfnFwd, kCuda>);
   m.impl("_layer_norm_fwd", kAutocast<&layer_norm_forward, kLayerNormFwd, kCuda, /*kFloat32=*/true>);
   m.impl("_rms_norm_fwd", kAutocast<&rms_norm_forward, kRmsNormFwd, kCuda, /*kFloat32=*/true>);
+  m.impl("_add_layer_norm_fwd",
+         kAutocast<&add_layer_norm_forward, kAddLayerNormFwd, kCuda, /*kFloat32=*/true>);
+  m.impl("_add_rms_norm_fwd",
+         kAutocast<&add_rms_norm_forward, kAddRmsNormFwd, kCuda, /*kFloat32=*/true>);
 }
 
 }  // namespace ffn

@@ -2,14 +2,17 @@
 
 `import ffn` registers the ops as torch.ops.ffn.*:
 
-    layer_norm(x, weight, bias, eps=1e-5)      rms_norm(x, weight, bias, eps=1e-6)
-    gelu_ffn(x, w1, b1, w2, b2, approximate="none")
-    swiglu / geglu / reglu(x, w_gate_up, b_gate_up, w_down, b_down)
+    layer_norm(x, weight, bias, eps=1e-5, weight_offset=0.)
+    rms_norm(x, weight, bias, eps=1e-6, weight_offset=0.)
+    add_layer_norm / add_rms_norm(x, residual, weight, bias, eps, weight_offset) -> (y, x + residual)
+    gelu_ffn(x, w1, b1, w2, b2, approximate="none")      relu_ffn(x, w1, b1, w2, b2)
+    swiglu / geglu / reglu(x, w_gate_up, b_gate_up, w_down, b_down, approximate="none")
     gated_activation(gate_up, activation="silu")   bias_gelu(x, bias, approximate="none")
 
     ffn_stats(ffn_input, preact, activation, gated, ...)   (per-layer FFN telemetry)
 
-and provides drop-in modules (LayerNorm, RMSNorm, GeluFFN, SwiGLU, GeGLU, ReGLU;
+and provides drop-in modules (LayerNorm, RMSNorm, GemmaRMSNorm, AddLayerNorm,
+AddRMSNorm, GeluFFN, ReluFFN, SwiGLU, GeGLU, ReGLU;
 the FFN modules share the ffn.modules.FFN interface). ffn.reference holds the same
 math in plain PyTorch; ffn.telemetry names, combines and summarizes the telemetry
 sums; ffn.activations is the table of activations and ffn.schema reads the ops'
@@ -25,11 +28,13 @@ from . import _C  # noqa: F401  (loads the C++/CUDA library: schemas and kernels
 from . import _registrations  # noqa: F401  (autograd and fake kernels)
 from . import distributed  # noqa: F401  (DTensor strategies, registered when torch.distributed.tensor loads)
 from . import activations, modules, reference, schema, telemetry
-from .modules import FFN, GatedFFN, GeGLU, GeluFFN, LayerNorm, ReGLU, RMSNorm, SwiGLU
+from .modules import (FFN, AddLayerNorm, AddRMSNorm, GatedFFN, GeGLU, GeluFFN, GemmaRMSNorm, LayerNorm, ReGLU,
+                      ReluFFN, RMSNorm, SwiGLU)
 from .patch import patch  # ffn.patch(model): HF transformers models (imports transformers only when called)
 
 ops = torch.ops.ffn
 
-__all__ = ["FFN", "GatedFFN", "GeGLU", "GeluFFN", "LayerNorm", "ReGLU", "RMSNorm", "SwiGLU", "activations",
+__all__ = ["FFN", "AddLayerNorm", "AddRMSNorm", "GatedFFN", "GeGLU", "GeluFFN", "GemmaRMSNorm", "LayerNorm", "ReGLU",
+           "ReluFFN", "RMSNorm", "SwiGLU", "activations",
            "distributed", "modules", "ops", "patch", "reference", "schema", "telemetry"]
 __version__ = "0.1.0"

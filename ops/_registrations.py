@@ -6,8 +6,8 @@ to nothing but the registrations:
   FakeTensor can trace them (same shapes, dtypes and strides as the real ones);
 - autograd for the internal forward ops; their backward calls only registered
   `_*_bwd` ops, so AOTAutograd traces the backward too.
-The public layer_norm/rms_norm/gelu_ffn/swiglu/geglu/reglu are
-CompositeImplicitAutograd in C++ and need neither.
+The public layer_norm/rms_norm/add_layer_norm/add_rms_norm/gelu_ffn/relu_ffn/
+swiglu/geglu/reglu are CompositeImplicitAutograd in C++ and need neither.
 """
 
 import math
@@ -47,77 +47,132 @@ def _empty_grad(t, size, param):
 
 
 # ----------------------------------------------------------------------------- norms
+def _like_x(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake(_lib + "_layer_norm_fwd")
-def _layer_norm_fwd_fake(x, weight, bias, eps):
+def _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0):
     _check_devices("layer_norm", x, weight=weight, bias=bias)
     stats = x.shape[:-1]
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty(stats, dtype=_stat_dtype(x)),
-        x.new_empty(stats, dtype=_stat_dtype(x)),
-    )
+    return _like_x(x), x.new_empty(stats, dtype=_stat_dtype(x)), x.new_empty(stats, dtype=_stat_dtype(x))
 
 
 @torch.library.register_fake(_lib + "_rms_norm_fwd")
-def _rms_norm_fwd_fake(x, weight, bias, eps):
+def _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0):
     _check_devices("rms_norm", x, weight=weight, bias=bias)
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty(x.shape[:-1], dtype=_stat_dtype(x)),
-    )
+    return _like_x(x), x.new_empty(x.shape[:-1], dtype=_stat_dtype(x))
 
 
-def _norm_bwd_fake(op, grad_y, x, stats, weight, bias, weight_grad, bias_grad):
-    _check_devices(op, x, **{"the output gradient": grad_y}, **stats, weight=weight, bias=bias)
+def _check_residual(op, x, residual):
+    _check_devices(op, x, residual=residual)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise RuntimeError(f"ffn.{op}: residual must have x's shape {list(x.shape)} and dtype {x.dtype}, "
+                           f"got {list(residual.shape)} of {residual.dtype}")
+
+
+@torch.library.register_fake(_lib + "_add_layer_norm_fwd")
+def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps, weight_offset=0.0):
+    _check_residual("add_layer_norm", x, residual)
+    y, mean, rstd = _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset)
+    return y, _like_x(x), mean, rstd
+
+
+@torch.library.register_fake(_lib + "_add_rms_norm_fwd")
+def _add_rms_norm_fwd_fake(x, residual, weight, bias, eps, weight_offset=0.0):
+    _check_residual("add_rms_norm", x, residual)
+    y, rstd = _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset)
+    return y, _like_x(x), rstd
+
+
+def _norm_bwd_fake(op, grad_y, x, stats, weight, bias, weight_grad, bias_grad, grad_s):
+    _check_devices(op, x, **{"the output gradient": grad_y, "grad_s": grad_s}, **stats, weight=weight, bias=bias)
     d = x.shape[-1]
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        _like_x(x),
         _empty_grad(x, d if weight_grad else 0, weight),
         _empty_grad(x, d if bias_grad else 0, bias),
     )
 
 
 @torch.library.register_fake(_lib + "_layer_norm_bwd")
-def _layer_norm_bwd_fake(grad_y, x, mean, rstd, weight, bias, weight_grad, bias_grad):
-    return _norm_bwd_fake("layer_norm", grad_y, x, {"mean": mean, "rstd": rstd}, weight, bias, weight_grad, bias_grad)
+def _layer_norm_bwd_fake(grad_y, x, mean, rstd, weight, bias, weight_grad, bias_grad, weight_offset=0.0,
+                         grad_s=None):
+    return _norm_bwd_fake("layer_norm", grad_y, x, {"mean": mean, "rstd": rstd}, weight, bias, weight_grad,
+                          bias_grad, grad_s)
 
 
 @torch.library.register_fake(_lib + "_rms_norm_bwd")
-def _rms_norm_bwd_fake(grad_y, x, rstd, weight, bias, weight_grad, bias_grad):
-    return _norm_bwd_fake("rms_norm", grad_y, x, {"rstd": rstd}, weight, bias, weight_grad, bias_grad)
+def _rms_norm_bwd_fake(grad_y, x, rstd, weight, bias, weight_grad, bias_grad, weight_offset=0.0, grad_s=None):
+    return _norm_bwd_fake("rms_norm", grad_y, x, {"rstd": rstd}, weight, bias, weight_grad, bias_grad, grad_s)
 
 
 def _norm_setup_context(ctx, inputs, output):
-    x, weight, bias, _eps = inputs
+    x, weight, bias, _eps, *offset = inputs
     _y, *stats = output
     ctx.mark_non_differentiable(*stats)
     ctx.set_materialize_grads(False)  # no zero gradients built for the statistics
     ctx.save_for_backward(x, weight, bias, *stats)
+    ctx.weight_offset = offset[0] if offset else 0.0
+    ctx.n_static = 1 + len(offset)
 
 
-def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    if grad_y is None:
-        return None, None, None, None
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = torch.ops.ffn._layer_norm_bwd(grad_y, x, mean, rstd, weight, bias, need_w, need_b)
-    return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
+def _make_norm_backward(bwd_op):
+    def backward(ctx, grad_y, *_grad_stats):
+        if grad_y is None:
+            return (None,) * (3 + ctx.n_static)
+        x, weight, bias, *stats = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = bwd_op(grad_y, x, *stats, weight, bias, need_w, need_b, ctx.weight_offset)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
+                *(None,) * ctx.n_static)
 
-
-def _rms_norm_backward(ctx, grad_y, _grad_rstd):
-    if grad_y is None:
-        return None, None, None, None
-    x, weight, bias, rstd = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = torch.ops.ffn._rms_norm_bwd(grad_y, x, rstd, weight, bias, need_w, need_b)
-    return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
+    return backward
 
 
 torch.library.register_autograd(
-    _lib + "_layer_norm_fwd", _layer_norm_backward, setup_context=_norm_setup_context
+    _lib + "_layer_norm_fwd", _make_norm_backward(torch.ops.ffn._layer_norm_bwd), setup_context=_norm_setup_context
 )
 torch.library.register_autograd(
-    _lib + "_rms_norm_fwd", _rms_norm_backward, setup_context=_norm_setup_context
+    _lib + "_rms_norm_fwd", _make_norm_backward(torch.ops.ffn._rms_norm_bwd), setup_context=_norm_setup_context
+)
+
+
+# Fused residual add + norm: s = x + residual, y = norm(s). Backward saves s (an output)
+# and runs the norm's backward op on it with grad_s added to its grad_x, which is then
+# the gradient of both x and residual.
+def _add_norm_setup_context(ctx, inputs, output):
+    _x, _residual, weight, bias, _eps, *offset = inputs
+    _y, s, *stats = output
+    ctx.mark_non_differentiable(*stats)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(s, weight, bias, *stats)
+    ctx.weight_offset = offset[0] if offset else 0.0
+    ctx.n_static = 1 + len(offset)
+
+
+def _make_add_norm_backward(bwd_op):
+    def backward(ctx, grad_y, grad_s, *_grad_stats):
+        need_x, need_residual, need_w, need_b = ctx.needs_input_grad[:4]
+        gw = gb = None
+        if grad_y is None:
+            gx = grad_s  # y unused: s = x + residual passes grad_s through
+        else:
+            s, weight, bias, *stats = ctx.saved_tensors
+            gx, gw, gb = bwd_op(grad_y, s, *stats, weight, bias, need_w, need_b, ctx.weight_offset, grad_s)
+        return (gx if need_x else None, gx if need_residual else None, gw if need_w else None,
+                gb if need_b else None, *(None,) * ctx.n_static)
+
+    return backward
+
+
+torch.library.register_autograd(
+    _lib + "_add_layer_norm_fwd", _make_add_norm_backward(torch.ops.ffn._layer_norm_bwd),
+    setup_context=_add_norm_setup_context,
+)
+torch.library.register_autograd(
+    _lib + "_add_rms_norm_fwd", _make_add_norm_backward(torch.ops.ffn._rms_norm_bwd),
+    setup_context=_add_norm_setup_context,
 )
 
 
@@ -134,6 +189,11 @@ def _ffn_fwd_fake(op, x, w_in, b_in, w_out, b_out, gated):
 @torch.library.register_fake(_lib + "_gelu_ffn_fwd")
 def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate):
     return _ffn_fwd_fake("gelu_ffn", x, w1, b1, w2, b2, gated=False)
+
+
+@torch.library.register_fake(_lib + "_relu_ffn_fwd")
+def _relu_ffn_fwd_fake(x, w1, b1, w2, b2):
+    return _ffn_fwd_fake("relu_ffn", x, w1, b1, w2, b2, gated=False)
 
 
 @torch.library.register_fake(_lib + "_gated_ffn_fwd")
@@ -156,13 +216,18 @@ def _gelu_ffn_bwd_fake(grad_out, x, preact, w1, w2, approximate, grad_mask):
     return _ffn_bwd_fake("_gelu_ffn_bwd", grad_out, x, preact, w1, w2, grad_mask)
 
 
+@torch.library.register_fake(_lib + "_relu_ffn_bwd")
+def _relu_ffn_bwd_fake(grad_out, x, preact, w1, w2, grad_mask):
+    return _ffn_bwd_fake("_relu_ffn_bwd", grad_out, x, preact, w1, w2, grad_mask)
+
+
 @torch.library.register_fake(_lib + "_gated_ffn_bwd")
 def _gated_ffn_bwd_fake(grad_out, x, preact, w_gate_up, w_down, activation, grad_mask):
     return _ffn_bwd_fake("_gated_ffn_bwd", grad_out, x, preact, w_gate_up, w_down, grad_mask)
 
 
 def _ffn_setup_context(ctx, inputs, output):
-    x, w_in, _b_in, w_out, _b_out, activation = inputs
+    x, w_in, _b_in, w_out, _b_out, *activation = inputs  # relu_ffn has no activation argument
     _out, preact = output
     ctx.mark_non_differentiable(preact)
     # Else autograd fills a zero gradient for the pre-activation, as large as it is,
@@ -176,11 +241,11 @@ def _ffn_setup_context(ctx, inputs, output):
 def _make_ffn_backward(bwd_op):
     def backward(ctx, grad_out, _grad_preact):
         if grad_out is None:
-            return (None,) * 6
+            return (None,) * (5 + len(ctx.activation))
         x, preact, w_in, w_out = ctx.saved_tensors
         grad_mask = list(ctx.needs_input_grad[:5])
-        grads = bwd_op(grad_out, x, preact, w_in, w_out, ctx.activation, grad_mask)
-        return (*(g if needed else None for g, needed in zip(grads, grad_mask)), None)
+        grads = bwd_op(grad_out, x, preact, w_in, w_out, *ctx.activation, grad_mask)
+        return (*(g if needed else None for g, needed in zip(grads, grad_mask)), *(None,) * len(ctx.activation))
 
     return backward
 
@@ -188,6 +253,11 @@ def _make_ffn_backward(bwd_op):
 torch.library.register_autograd(
     _lib + "_gelu_ffn_fwd",
     _make_ffn_backward(torch.ops.ffn._gelu_ffn_bwd),
+    setup_context=_ffn_setup_context,
+)
+torch.library.register_autograd(
+    _lib + "_relu_ffn_fwd",
+    _make_ffn_backward(torch.ops.ffn._relu_ffn_bwd),
     setup_context=_ffn_setup_context,
 )
 torch.library.register_autograd(
@@ -289,6 +359,7 @@ for _name in (
     "_layer_norm_bwd",
     "_rms_norm_bwd",
     "_gelu_ffn_bwd",
+    "_relu_ffn_bwd",
     "_gated_ffn_bwd",
     "_gated_activation_bwd",
     "_bias_gelu_bwd",

@@ -13,14 +13,16 @@ public op itself. Both paths have strategies.
 
 Strategies, for one mesh dimension (each mesh dimension independently):
 
-- layer_norm / rms_norm (and _layer_norm_fwd/_bwd, _rms_norm_fwd/_bwd): x and the
+- layer_norm / rms_norm / add_layer_norm / add_rms_norm (and their _fwd ops,
+  _layer_norm_bwd, _rms_norm_bwd): x (the residual, s, grad_s) and the
   output sharded alike on any dim but the normalized (last) one, e.g.
   Shard(0) or Shard(1) of [B, T, d] (sequence parallel); weight and bias
   Replicate; the weight and bias gradients Partial (summed by DTensor when they
   are redistributed, e.g. by the optimizer step or full_tensor()).
-- gelu_ffn, swiglu/geglu/reglu (and _gelu_ffn_fwd/_bwd, _gated_ffn_fwd/_bwd):
+- gelu_ffn, relu_ffn, swiglu/geglu/reglu (and _gelu_ffn_fwd/_bwd, _relu_ffn_fwd/_bwd,
+  _gated_ffn_fwd/_bwd):
     * tensor parallel: x Replicate, the input projection column-parallel, the
-      down projection row-parallel, the output Partial. For gelu_ffn w1 and b1
+      down projection row-parallel, the output Partial. For gelu_ffn and relu_ffn w1 and b1
       are Shard(0); for the gated ops w_gate_up and b_gate_up are
       `_StridedShard(0, split_factor=2)` (GATE_UP_SHARD): rank k holds
       [gate_k; up_k], the k-th block of the gate rows followed by the k-th
@@ -92,7 +94,9 @@ GATE_UP_SHARD_SPLIT_FACTOR = 2
 # Every op that gets a strategy: (name, overload).
 SHARDED_OPS = (
     "layer_norm", "rms_norm", "_layer_norm_fwd", "_rms_norm_fwd", "_layer_norm_bwd", "_rms_norm_bwd",
-    "gelu_ffn", "swiglu", "geglu", "reglu", "_gelu_ffn_fwd", "_gated_ffn_fwd", "_gelu_ffn_bwd", "_gated_ffn_bwd",
+    "add_layer_norm", "add_rms_norm", "_add_layer_norm_fwd", "_add_rms_norm_fwd",
+    "gelu_ffn", "relu_ffn", "swiglu", "geglu", "reglu", "_gelu_ffn_fwd", "_relu_ffn_fwd", "_gated_ffn_fwd",
+    "_gelu_ffn_bwd", "_relu_ffn_bwd", "_gated_ffn_bwd",
     "gated_activation", "_gated_activation_bwd", "bias_gelu", "_bias_gelu_bwd", "ffn_stats",
 )
 
@@ -162,11 +166,17 @@ def _norm_strategies(op, x):
     return [replicate()] + [shard(d) for d in range(n - 1)]
 
 
-def _norm_fwd(op, n_out):
-    def strategy(x, weight, bias, eps=None):
+def _norm_fwd(op, n_out, fused_add=False):
+    """layer_norm/rms_norm (and their _fwd ops) or, with fused_add, the add + norms: the
+    residual, s and the statistics are placed like x."""
+    def strategy(x, *args):
+        tensors = 2 if fused_add else 1
+        residual = args[:tensors - 1]
+        weight, bias, *static = args[tensors - 1:]
         out = []
         for px in _norm_strategies(op, x):
-            out.append(([px] * n_out, [px, _rep(weight), _rep(bias), None]))
+            inputs = [px, *([px] * len(residual)), _rep(weight), _rep(bias), *([None] * len(static))]
+            out.append(([px] * n_out, inputs))
         return out
 
     return strategy
@@ -174,13 +184,17 @@ def _norm_fwd(op, n_out):
 
 def _norm_bwd(op, n_stats):
     def strategy(grad_y, x, *rest):
-        stats, (weight, bias, weight_grad, bias_grad) = rest[:n_stats], rest[n_stats:]
+        stats, (weight, bias, weight_grad, bias_grad, *extra) = rest[:n_stats], rest[n_stats:]
+        grad_s = extra[1] if len(extra) > 1 else None
         partial, replicate, _, _ = _p()
         out = []
         for px in _norm_strategies(op, x):
             red = replicate() if isinstance(px, replicate) else partial()
             grads = [red if weight_grad else replicate(), red if bias_grad else replicate()]
-            out.append(([px, *grads], [px, px, *([px] * n_stats), _rep(weight), _rep(bias), None, None]))
+            inputs = [px, px, *([px] * n_stats), _rep(weight), _rep(bias), None, None]
+            # weight_offset, then grad_s (shaped like x), when passed
+            inputs += [None, _same(grad_s, px)][:len(extra)]
+            out.append(([px, *grads], inputs))
         return out
 
     return strategy
@@ -234,7 +248,8 @@ def _ffn_fwd(op, gated, with_preact):
 
 
 def _ffn_bwd(op, gated):
-    def strategy(grad_out, x, preact, w_in, w_out, activation, grad_mask):
+    def strategy(grad_out, x, preact, w_in, w_out, *static):
+        grad_mask = static[-1]  # after the activation, for the ops that take one
         partial, replicate, shard, _ = _p()
         out = []
         for kind, px, pre in _ffn_layouts(op, x, gated):
@@ -250,7 +265,7 @@ def _ffn_bwd(op, gated):
                 inputs = [replicate()] * 5
             # A gradient not asked for is an empty [0] tensor: Replicate.
             grads = [g if needed else replicate() for g, needed in zip(grads, grad_mask)]
-            out.append((grads, inputs + [None, None]))
+            out.append((grads, inputs + [None] * len(static)))
         return out
 
     return strategy
@@ -316,7 +331,14 @@ def _strategies():
         "_rms_norm_fwd": _norm_fwd("rms_norm", 2),
         "_layer_norm_bwd": _norm_bwd("_layer_norm_bwd", 2),
         "_rms_norm_bwd": _norm_bwd("_rms_norm_bwd", 1),
+        "add_layer_norm": _norm_fwd("add_layer_norm", 2, fused_add=True),
+        "add_rms_norm": _norm_fwd("add_rms_norm", 2, fused_add=True),
+        "_add_layer_norm_fwd": _norm_fwd("add_layer_norm", 4, fused_add=True),
+        "_add_rms_norm_fwd": _norm_fwd("add_rms_norm", 3, fused_add=True),
         "gelu_ffn": _ffn_fwd("gelu_ffn", gated=False, with_preact=False),
+        "relu_ffn": _ffn_fwd("relu_ffn", gated=False, with_preact=False),
+        "_relu_ffn_fwd": _ffn_fwd("relu_ffn", gated=False, with_preact=True),
+        "_relu_ffn_bwd": _ffn_bwd("_relu_ffn_bwd", gated=False),
         **{op: _ffn_fwd(op, gated=True, with_preact=False) for op in ("swiglu", "geglu", "reglu")},
         "_gelu_ffn_fwd": _ffn_fwd("gelu_ffn", gated=False, with_preact=True),
         "_gated_ffn_fwd": _ffn_fwd("_gated_ffn_fwd", gated=True, with_preact=True),

@@ -2,7 +2,10 @@
 
 LayerNorm and RMSNorm are drop-in replacements for torch.nn.LayerNorm and
 torch.nn.RMSNorm: same constructor, same parameter names, so their state_dicts
-load unchanged and give the same outputs. The FFN modules hold the weights in
+load unchanged and give the same outputs. `weight_offset=1` makes their weight
+zero-centered (scale 1 + weight, stored weight starting at 0; GemmaRMSNorm);
+AddLayerNorm / AddRMSNorm take (x, residual) and return (norm(x + residual),
+x + residual) in one fused pass. The FFN modules hold the weights in
 the ops' layout (nn.Linear's [out_features, in_features]; the gated ones pack
 gate and up into one `w_gate_up` so one GEMM computes both).
 
@@ -27,6 +30,7 @@ from torch import nn
 
 from . import reference
 from .activations import GATED_OPS, gelu_activation
+from .activations import activation as _activation
 from .schema import op_default
 
 
@@ -46,11 +50,14 @@ class _Norm(nn.Module):
 
     _op_name = ""
 
-    def __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype, backend):
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset=0.0):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.normalized_shape = _shape_tuple(normalized_shape)
         self.eps = eps
+        if weight_offset and not elementwise_affine:
+            raise ValueError(f"weight_offset={weight_offset} needs a weight (elementwise_affine=True)")
+        self.weight_offset = float(weight_offset)
         self.elementwise_affine = elementwise_affine
         self.backend = _check_backend(backend)
         if elementwise_affine:
@@ -65,29 +72,42 @@ class _Norm(nn.Module):
 
     def reset_parameters(self):
         if self.weight is not None:
-            nn.init.ones_(self.weight)
+            # A scale of 1 either way: weight 1, or weight 0 with weight_offset 1.
+            nn.init.constant_(self.weight, 1.0 - self.weight_offset)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def _eps_for(self, x):
         return self.eps
 
-    def forward(self, x):
+    def _check_shape(self, x, name="input"):
         n = len(self.normalized_shape)
         if tuple(x.shape[-n:]) != self.normalized_shape:
             raise ValueError(
-                f"{type(self).__name__}: expected input with trailing shape {self.normalized_shape}, "
+                f"{type(self).__name__}: expected {name} with trailing shape {self.normalized_shape}, "
                 f"got {tuple(x.shape)}"
             )
+
+    def _call(self, op_name, *xs):
+        """The op on the inputs xs (x, and the residual for the fused add), their trailing
+        normalized_shape dims flattened into one; outputs reshaped back."""
+        n = len(self.normalized_shape)
         flat = lambda t: t if t is None or n == 1 else t.reshape(-1)  # noqa: E731
-        x_rows = x if n == 1 else x.flatten(-n)
-        y = getattr(reference.backend(self.backend), self._op_name)(x_rows, flat(self.weight), flat(self.bias), self._eps_for(x))
-        return y if n == 1 else y.view(x.shape)
+        rows = [x if n == 1 else x.flatten(-n) for x in xs]
+        out = getattr(reference.backend(self.backend), op_name)(
+            *rows, flat(self.weight), flat(self.bias), self._eps_for(xs[0]), self.weight_offset)
+        unflat = lambda t: t if n == 1 else t.view(xs[0].shape)  # noqa: E731
+        return tuple(unflat(t) for t in out) if isinstance(out, tuple) else unflat(out)
+
+    def forward(self, x):
+        self._check_shape(x)
+        return self._call(self._op_name, x)
 
     def extra_repr(self):
+        offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
         return (
             f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            f"bias={self.bias is not None}, backend={self.backend!r}"
+            f"bias={self.bias is not None}{offset}, backend={self.backend!r}"
         )
 
 
@@ -97,9 +117,8 @@ class LayerNorm(_Norm):
     _op_name = "layer_norm"
 
     def __init__(self, normalized_shape, eps=op_default("layer_norm", "eps"), elementwise_affine=True, bias=True,
-                 device=None,
-                 dtype=None, backend="ffn"):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend)
+                 device=None, dtype=None, backend="ffn", weight_offset=0.0):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset)
 
 
 class RMSNorm(_Norm):
@@ -114,13 +133,43 @@ class RMSNorm(_Norm):
     _op_name = "rms_norm"
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, bias=False, device=None,
-                 dtype=None, backend="ffn"):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend)
+                 dtype=None, backend="ffn", weight_offset=0.0):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset)
 
     def _eps_for(self, x):
         if self.eps is not None:
             return self.eps
         return torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: zero-centered gamma, y = x_hat * (1 + weight) with 1 + weight
+    formed in float32 (weight_offset=1, the stored weight starts at 0), eps 1e-6."""
+
+    def __init__(self, normalized_shape, eps=1e-6, elementwise_affine=True, bias=False, device=None,
+                 dtype=None, backend="ffn"):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset=1.0)
+
+
+class _AddNorm:
+    """forward(x, residual) -> (y, s): s = x + residual (in x's dtype, the new residual
+    stream) and y = the norm of s, in one fused pass with the same numbers as the
+    unfused pair. Parameters as the norm's, so a state_dict of the plain norm loads."""
+
+    def forward(self, x, residual):
+        self._check_shape(x)
+        if residual.shape != x.shape:
+            raise ValueError(f"{type(self).__name__}: residual must have the input's shape {tuple(x.shape)}, "
+                             f"got {tuple(residual.shape)}")
+        return self._call("add_" + self._op_name, x, residual)
+
+
+class AddLayerNorm(_AddNorm, LayerNorm):
+    """Residual add + LayerNorm on torch.ops.ffn.add_layer_norm: (y, s) = (layer_norm(x + residual), x + residual)."""
+
+
+class AddRMSNorm(_AddNorm, RMSNorm):
+    """Residual add + RMSNorm on torch.ops.ffn.add_rms_norm: (y, s) = (rms_norm(x + residual), x + residual)."""
 
 
 def _linear_init(weight, bias):
@@ -184,22 +233,18 @@ class FFN(nn.Module):
     def _activate(self, preact):
         if self.gated:
             return reference.gated_activation(preact, self.activation)
-        return F.gelu(preact, approximate=self.approximate)
+        return _activation(self.activation).fn(preact)
 
 
-class GeluFFN(FFN):
-    """out = gelu(x w1^T + b1) w2^T + b2 on torch.ops.ffn.gelu_ffn.
+class _PlainFFN(FFN):
+    """out = act(x w1^T + b1) w2^T + b2. w1: [d_ff, d_model], w2: [d_out, d_ff] with
+    d_out = d_model unless given."""
 
-    w1: [d_ff, d_model], w2: [d_out, d_ff] with d_out = d_model unless given.
-    """
-
-    def __init__(self, d_model, d_ff, bias=True, approximate=op_default("gelu_ffn", "approximate"), d_out=None,
-                 device=None, dtype=None, backend="ffn"):
+    def __init__(self, d_model, d_ff, bias=True, d_out=None, device=None, dtype=None, backend="ffn"):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         d_out = d_model if d_out is None else d_out
         self.d_model, self.d_ff, self.d_out = d_model, d_ff, d_out
-        self.approximate = approximate
         self.backend = _check_backend(backend)
         self.w1 = nn.Parameter(torch.empty(d_ff, d_model, **factory))
         self.b1 = nn.Parameter(torch.empty(d_ff, **factory)) if bias else None
@@ -207,19 +252,55 @@ class GeluFFN(FFN):
         self.b2 = nn.Parameter(torch.empty(d_out, **factory)) if bias else None
         self.reset_parameters()
 
-    @property
-    def activation(self):
-        return gelu_activation(self.approximate)
-
     def reset_parameters(self):
         _linear_init(self.w1, self.b1)
         _linear_init(self.w2, self.b2)
+
+    @classmethod
+    def from_linear(cls, fc1, fc2, backend="ffn", **kwargs):
+        """The FFN of two nn.Linear layers (fc1: d_model -> d_ff, fc2: d_ff -> d_out), weights
+        copied; kwargs go to the constructor (GeluFFN: approximate)."""
+        if fc1.weight.shape[0] != fc2.weight.shape[1]:
+            raise ValueError(f"fc1's out_features ({fc1.weight.shape[0]}) must be fc2's in_features "
+                             f"({fc2.weight.shape[1]})")
+        if (fc1.bias is None) != (fc2.bias is None):
+            raise ValueError("fc1 and fc2 must both have biases or both have none")
+        d_ff, d_model = fc1.weight.shape
+        module = cls(d_model, d_ff, bias=fc1.bias is not None, d_out=fc2.weight.shape[0],
+                     device=fc1.weight.device, dtype=fc1.weight.dtype, backend=backend, **kwargs)
+        with torch.no_grad():
+            module.w1.copy_(fc1.weight)
+            module.w2.copy_(fc2.weight)
+            if fc1.bias is not None:
+                module.b1.copy_(fc1.bias)
+                module.b2.copy_(fc2.bias)
+        return module
 
     def in_proj(self):
         return self.w1, self.b1
 
     def out_proj(self):
         return self.w2, self.b2
+
+    def extra_repr(self):
+        return (
+            f"d_model={self.d_model}, d_ff={self.d_ff}, d_out={self.d_out}, bias={self.b1 is not None}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class GeluFFN(_PlainFFN):
+    """out = gelu(x w1^T + b1) w2^T + b2 on torch.ops.ffn.gelu_ffn."""
+
+    def __init__(self, d_model, d_ff, bias=True, approximate=op_default("gelu_ffn", "approximate"), d_out=None,
+                 device=None, dtype=None, backend="ffn"):
+        gelu_activation(approximate)  # raises on an unknown value
+        super().__init__(d_model, d_ff, bias, d_out, device, dtype, backend)
+        self.approximate = approximate
+
+    @property
+    def activation(self):
+        return gelu_activation(self.approximate)
 
     def _ops_forward(self, ops, x):
         return ops.gelu_ffn(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
@@ -228,10 +309,19 @@ class GeluFFN(FFN):
         return torch.ops.ffn._gelu_ffn_fwd(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
 
     def extra_repr(self):
-        return (
-            f"d_model={self.d_model}, d_ff={self.d_ff}, d_out={self.d_out}, bias={self.b1 is not None}, "
-            f"approximate={self.approximate!r}, backend={self.backend!r}"
-        )
+        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+
+
+class ReluFFN(_PlainFFN):
+    """out = relu(x w1^T + b1) w2^T + b2 on torch.ops.ffn.relu_ffn (T5 v1.0, OPT)."""
+
+    activation = "relu"
+
+    def _ops_forward(self, ops, x):
+        return ops.relu_ffn(x, self.w1, self.b1, self.w2, self.b2)
+
+    def _ops_forward_with_preact(self, x):
+        return torch.ops.ffn._relu_ffn_fwd(x, self.w1, self.b1, self.w2, self.b2)
 
 
 class GatedFFN(FFN):
@@ -244,6 +334,7 @@ class GatedFFN(FFN):
 
     gated = True
     op = ""
+    approximate = "none"  # GeGLU: F.gelu's approximate for the gate
 
     def __init__(self, d_model, d_ff, bias=False, d_out=None, device=None, dtype=None, backend="ffn"):
         super().__init__()
@@ -274,15 +365,16 @@ class GatedFFN(FFN):
         _linear_init(self.w_down, self.b_down)
 
     @classmethod
-    def from_linear(cls, gate, up, down, backend="ffn"):
-        """Packs three nn.Linear layers (gate, up: d_model -> d_ff; down: d_ff -> d_out)."""
+    def from_linear(cls, gate, up, down, backend="ffn", **kwargs):
+        """Packs three nn.Linear layers (gate, up: d_model -> d_ff; down: d_ff -> d_out); kwargs
+        go to the constructor (GeGLU: approximate)."""
         if gate.weight.shape != up.weight.shape or (gate.bias is None) != (up.bias is None):
             raise ValueError("gate and up must be nn.Linear layers of the same shape and bias setting")
         if (gate.bias is None) != (down.bias is None):
             raise ValueError("gate/up and down must all have biases or all have none")
         d_ff, d_model = gate.weight.shape
         module = cls(d_model, d_ff, bias=gate.bias is not None, d_out=down.weight.shape[0],
-                     device=gate.weight.device, dtype=gate.weight.dtype, backend=backend)
+                     device=gate.weight.device, dtype=gate.weight.dtype, backend=backend, **kwargs)
         with torch.no_grad():
             module.w_gate_up.copy_(torch.cat([gate.weight, up.weight]))
             module.w_down.copy_(down.weight)
@@ -298,7 +390,7 @@ class GatedFFN(FFN):
         return self.w_down, self.b_down
 
     def _ops_forward(self, ops, x):
-        return getattr(ops, self.op)(x, self.w_gate_up, self.b_gate_up, self.w_down, self.b_down)
+        return getattr(ops, self.op)(x, self.w_gate_up, self.b_gate_up, self.w_down, self.b_down, self.approximate)
 
     def _ops_forward_with_preact(self, x):
         return torch.ops.ffn._gated_ffn_fwd(x, self.w_gate_up, self.b_gate_up, self.w_down, self.b_down,
@@ -318,9 +410,23 @@ class SwiGLU(GatedFFN):
 
 
 class GeGLU(GatedFFN):
-    """Gated FFN with a GELU (erf) gate, on torch.ops.ffn.geglu."""
+    """Gated FFN with a GELU gate, on torch.ops.ffn.geglu: erf, or with approximate="tanh"
+    the tanh GELU (Gemma, Gemma2, T5 v1.1)."""
 
     op = "geglu"
+
+    def __init__(self, d_model, d_ff, bias=False, d_out=None, device=None, dtype=None, backend="ffn",
+                 approximate=op_default("geglu", "approximate")):
+        gelu_activation(approximate)  # raises on an unknown value
+        super().__init__(d_model, d_ff, bias, d_out, device, dtype, backend)
+        self.approximate = approximate
+
+    @property
+    def activation(self):
+        return gelu_activation(self.approximate)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, approximate={self.approximate!r}"
 
 
 class ReGLU(GatedFFN):
@@ -330,8 +436,8 @@ class ReGLU(GatedFFN):
 
 
 # The FFN module of each FFN op: gelu_ffn and every gated op of the activation table.
-FFN_MODULES = {"gelu_ffn": GeluFFN, **{cls.op: cls for cls in (SwiGLU, GeGLU, ReGLU)}}
-assert set(FFN_MODULES) == {"gelu_ffn", *GATED_OPS}, "a gated op of ffn.activations has no module"
+FFN_MODULES = {"gelu_ffn": GeluFFN, "relu_ffn": ReluFFN, **{cls.op: cls for cls in (SwiGLU, GeGLU, ReGLU)}}
+assert set(FFN_MODULES) == {"gelu_ffn", "relu_ffn", *GATED_OPS}, "a gated op of ffn.activations has no module"
 
 
 def ffn_param_count(d_model, d_ff, gated, bias):

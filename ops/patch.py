@@ -78,7 +78,7 @@ def _mixed_ok(x, w):
     return w is None or w.dtype == x.dtype or (x.dtype in _HALF and w.dtype == torch.float32)
 
 
-def _norm_call(op, x, weight, bias, eps, out_dtype):
+def _norm_call(op, x, weight, bias, eps, out_dtype, weight_offset=0.0):
     if not (_mixed_ok(x, weight) and _mixed_ok(x, bias) and (weight is None or bias is None
                                                                or weight.dtype == bias.dtype)):
         dt = x.dtype
@@ -88,7 +88,7 @@ def _norm_call(op, x, weight, bias, eps, out_dtype):
         x = x.to(dt)
         weight = None if weight is None else weight.to(dt)
         bias = None if bias is None else bias.to(dt)
-    return op(x, weight, bias, eps).to(out_dtype)
+    return op(x, weight, bias, eps, weight_offset).to(out_dtype)
 
 
 def _compiling():
@@ -157,12 +157,10 @@ class _Olmo2RMSNorm(_Patched):
 
 
 class _GemmaRMSNorm(_Patched):
-    """x_hat * (1 + weight) in float32 (zero-centered gamma), returned in x's dtype."""
+    """x_hat * (1 + weight) in float32 (zero-centered gamma: weight_offset 1), returned in x's dtype."""
 
     def forward(self, x):
-        scale = 1.0 + self.weight.float()
-        xc = x if x.dtype in (torch.float32, *_HALF) else x.float()
-        return _ops.rms_norm(xc, scale, None, self.eps).to(x.dtype)
+        return _norm_call(_ops.rms_norm, x, self.weight, None, self.eps, x.dtype, weight_offset=1.0)
 
 
 class _T5LayerNorm(_Patched):
@@ -199,10 +197,10 @@ class _TorchRMSNorm(_Patched):
 class _FFNPatched(_Patched, FFN):
     """A patched HF MLP: the ffn.modules.FFN interface over HF's own Linear layers.
 
-    forward runs the fused op (swiglu/geglu/reglu/gelu_ffn) when one exists for the
-    activation and no dropout sits between activation and down projection; else
-    (tanh-GELU gate, active dropout) F.linear, the ffn elementwise op
-    (gated_activation / bias_gelu), dropout, F.linear.
+    forward runs the fused op (swiglu/geglu/reglu/gelu_ffn/relu_ffn) when no dropout
+    is active between activation and down projection (T5 in training); else F.linear,
+    the ffn elementwise op (gated_activation / bias_gelu; torch.relu for a plain ReLU
+    FFN), dropout, F.linear.
     """
 
     backend = "ffn"
@@ -242,24 +240,28 @@ class _FFNPatched(_Patched, FFN):
     def _run(self, x, with_preact=False):
         (w_in, b_in), (w_out, b_out) = self.in_proj(), self.out_proj()
         op, drop = self._fused_op(), self._mid_dropout()
-        if op is not None and drop is None:
+        # The fused ops take one dtype (autocast casts to it); T5 keeps `wo` in float32
+        # next to half activations and casts h to it, which the unfused path does.
+        same_dtype = x.dtype == w_in.dtype == w_out.dtype or torch.is_autocast_enabled(x.device.type)
+        if op is not None and drop is None and same_dtype:
             if self._ffn_telemetry is None and not with_preact:
-                if op == "gelu_ffn":
-                    out = _ops.gelu_ffn(x, w_in, b_in, w_out, b_out, self.approximate)
-                else:
-                    out = getattr(_ops, op)(x, w_in, b_in, w_out, b_out)
-                return self._after(out)
+                extra = () if op == "relu_ffn" else (self.approximate,)
+                return self._after(getattr(_ops, op)(x, w_in, b_in, w_out, b_out, *extra))
             # The internal forward ops follow the public ops' autocast rule (csrc/schemas.cpp).
-            if op == "gelu_ffn":
-                out, preact = _ops._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, self.approximate)
-            else:
+            if self.gated:
                 out, preact = _ops._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, self._ffn_activation)
+            elif op == "relu_ffn":
+                out, preact = _ops._relu_ffn_fwd(x, w_in, b_in, w_out, b_out)
+            else:
+                out, preact = _ops._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, self.approximate)
         else:
             preact = F.linear(x, w_in, b_in)
             if self.gated:
                 h = _ops.gated_activation(preact, self._ffn_activation)
             elif self._ffn_activation in ("gelu", "gelu_tanh"):
                 h = _ops.bias_gelu(preact, None, self.approximate)
+            elif self._ffn_activation == "relu":
+                h = torch.relu(preact)
             else:  # no ffn op for this activation (not reached: such modules are not patched)
                 raise RuntimeError(f"ffn.patch: no ffn op for activation {self._ffn_activation!r}")
             if drop is not None:
@@ -388,9 +390,12 @@ def _mlp_handler(mixin, act_attr, *, linears=()):
             lin = getattr(module, name)
             if type(lin).__name__ not in ("Linear", "FalconLinear", "Conv1D"):
                 raise _Unknown(f"{name} is a {type(lin).__name__}, not a Linear layer")
-        if not mixin.gated and act not in ("gelu", "gelu_tanh"):
-            raise _Skip(f"no ffn op for a non-gated {act} FFN (there is no relu_ffn)")
-        fused = _GATED_OP_OF.get(act) if mixin.gated else "gelu_ffn"
+        if not mixin.gated and act not in ("gelu", "gelu_tanh", "relu"):
+            raise _Skip(f"no ffn op for a non-gated {act} FFN")
+        if mixin.gated:
+            fused = _GATED_OP_OF.get("gelu" if act == "gelu_tanh" else act)  # geglu, approximate="tanh"
+        else:
+            fused = "relu_ffn" if act == "relu" else "gelu_ffn"
         return mixin, {"_ffn_activation": act, "_ffn_fused_op": fused if fused and hasattr(_ops, fused) else None}
 
     return handle
@@ -474,9 +479,9 @@ def patch(model, *, skip_unknown=False):
     Returns a PatchReport: {original class name: count} of what it replaced (a
     second call replaces nothing). Raises UnsupportedModuleError naming the class
     for a norm/MLP module (or a model type) it does not understand; with
-    skip_unknown=True those are left alone. Known modules that have no ffn op yet
-    (T5 v1.0's ReLU DenseReluDense) are left alone and listed in `.skipped`, with a
-    warning.
+    skip_unknown=True those are left alone. Known modules that have no ffn op (a
+    non-gated FFN with an activation other than GELU or ReLU) are left alone and
+    listed in `.skipped`, with a warning.
     """
     import transformers  # noqa: F401  (lazily: `import ffn` must not import transformers)
 

@@ -66,7 +66,8 @@ CORE = {
     "_gated_ffn_bwd/tp", "_gated_ffn_bwd/tp-mask", "forward_with_preact/tp/SwiGLU",
     "gated_activation/silu/_S(2, 2)", "gated_activation/gelu/S(1)", "gated_activation/refuse-plain-last-dim",
     "_gated_activation_bwd/SS", "bias_gelu/tanh/xS2-biasS0", "bias_gelu/none/xS1", "_bias_gelu_bwd/xS0",
-    "ffn_stats/gathered",
+    "ffn_stats/gathered", "add_layer_norm/xS(1)", "add_rms_norm/xS(0)", "_add_rms_norm_fwd/xS1",
+    "_rms_norm_bwd/grad_s-xS1", "relu_ffn/tp", "_relu_ffn_fwd/tp", "_relu_ffn_bwd/tp", "geglu/tanh-tp",
 }
 
 
@@ -215,6 +216,33 @@ def op_checks(c):
               [g, x3, *stats, w, b], [Shard(0)] * (2 + n_stats) + [R, R], grad=False, quiet=True,
               out_placements=[[Shard(0)], [R], [R]])
 
+    # ---- fused residual add + norm (public op: autograd -> _add_*_fwd, and _*_bwd with grad_s),
+    # zero-centered weight; the internal ops directly
+    res3 = torch.randn(B, T, d)
+    for op in ("layer_norm", "rms_norm"):
+        f = getattr(OPS, "add_" + op)
+        fn = lambda x, r, w, b, f=f: f(x, r, w, b, 1e-5, 1.0)  # noqa: E731
+        for pl in (Shard(0), Shard(1)):
+            c.run(f"add_{op}/x{pl}", check_op, fn, [x3, res3, w, b], [pl, pl, R, R], quiet=True,
+                  out_placements=[[pl], [pl]], grad_placements=[[pl], [pl], [P], [P]])
+        c.run(f"add_{op}/refuse-normalized-dim", check_refused, fn, [x3, res3, w, b], [Shard(2), Shard(2), R, R],
+              "normalizes over")
+        with torch.inference_mode():
+            c.run(f"add_{op}/inference-mode", check_op, fn, [x3, res3, w, b], [Shard(1), Shard(1), R, R],
+                  grad=False, quiet=True)
+        fwd = getattr(OPS, f"_add_{op}_fwd")
+        n_out = 4 if op == "layer_norm" else 3
+        c.run(f"_add_{op}_fwd/xS1", check_op, lambda x, r, w, b, fwd=fwd: fwd(x, r, w, b, 1e-5, 1.0),
+              [x3, res3, w, b], [Shard(1), Shard(1), R, R], grad=False, quiet=True,
+              out_placements=[[Shard(1)]] * n_out)
+        _y, s3, *stats = fwd(x3, res3, w, b, 1e-5, 1.0)
+        bwd = getattr(OPS, f"_{op}_bwd")
+        g, gs = torch.randn_like(x3), torch.randn_like(x3)
+        c.run(f"_{op}_bwd/grad_s-xS1", check_op,
+              lambda g, x, *rest, bwd=bwd: bwd(g, x, *rest[:-3], rest[-3], rest[-2], True, True, 1.0, rest[-1]),
+              [g, s3, *stats, w, b, gs], [Shard(1)] * (2 + len(stats)) + [R, R, Shard(1)], grad=False, quiet=True,
+              out_placements=[[Shard(1)], [P], [P]])
+
     # ---- FFNs
     w1, b1, w2, b2 = torch.randn(ff, d) / 3, torch.randn(ff), torch.randn(d, ff) / 3, torch.randn(d)
     wgu, bgu = torch.randn(2 * ff, d) / 3, torch.randn(2 * ff)
@@ -231,6 +259,16 @@ def op_checks(c):
     c.run("gelu_ffn/dp-rows-uneven", check_op, gelu, [x2, w1, b1, w2, b2], [Shard(0), R, R, R, R], quiet=True)
     c.run("gelu_ffn/sp-input-gathered", check_op, gelu, [x3, w1, b1, w2, b2], [Shard(1), *tp_gelu[1:]])
     c.run("gelu_ffn/refuse-d_model", check_refused, gelu, [x3, w1, b1, w2, b2], [Shard(2), R, R, R, R], "contracts")
+    c.run("relu_ffn/tp", check_op, OPS.relu_ffn, [x3, w1, b1, w2, b2], tp_gelu, quiet=True, out_placements=[[P]],
+          grad_placements=[[P], [Shard(0)], [Shard(0)], [Shard(1)], [R]])
+    c.run("relu_ffn/dp-xS0", check_op, OPS.relu_ffn, [x3, w1, b1, w2, b2], [Shard(0), R, R, R, R], quiet=True,
+          out_placements=[[Shard(0)]], grad_placements=[[Shard(0)], [P], [P], [P], [P]])
+    with torch.inference_mode():
+        c.run("relu_ffn/inference-mode-tp", check_op, OPS.relu_ffn, [x3, w1, b1, w2, b2], tp_gelu, grad=False,
+              quiet=True)
+    c.run("geglu/tanh-tp", check_op, lambda x, wgu, bgu, w2, b2: OPS.geglu(x, wgu, bgu, w2, b2, "tanh"),
+          [x3, wgu, bgu, w2, b2], tp_gated, quiet=True, out_placements=[[P]],
+          grad_placements=[[P], [SS(0)], [SS(0)], [Shard(1)], [R]])
     for op in ("swiglu", "geglu", "reglu"):
         f = getattr(OPS, op)
         c.run(f"{op}/tp", check_op, f, [x3, wgu, bgu, w2, b2], tp_gated, quiet=True, out_placements=[[P]],
@@ -247,9 +285,13 @@ def op_checks(c):
         c.run("gelu_ffn/inference-mode-tp", check_op, gelu, [x3, w1, b1, w2, b2], tp_gelu, grad=False, quiet=True)
 
     # ---- FFN internal ops directly (pre-activation placement; backward op)
-    for gated, (wi, bi, pin) in ((False, (w1, b1, Shard(0))), (True, (wgu, bgu, SS(0)))):
-        name = "_gated_ffn" if gated else "_gelu_ffn"
+    for name, (wi, bi, pin) in (("_gelu_ffn", (w1, b1, Shard(0))), ("_relu_ffn", (w1, b1, Shard(0))),
+                                ("_gated_ffn", (wgu, bgu, SS(0)))):
+        gated = name == "_gated_ffn"
         fwd, bwd = getattr(OPS, name + "_fwd"), getattr(OPS, name + "_bwd")
+        if name == "_relu_ffn":  # no activation argument
+            fwd = lambda x, wi, bi, w2, b2, act, f=fwd: f(x, wi, bi, w2, b2)  # noqa: E731
+            bwd = lambda g, x, pre, wi, w2, act, mask, f=bwd: f(g, x, pre, wi, w2, mask)  # noqa: E731
         act = "silu" if gated else "none"
         pre_tp = SS(1) if gated else Shard(1)
         c.run(f"{name}_fwd/tp", check_op, lambda x, wi, bi, w2, b2, fwd=fwd, act=act: fwd(x, wi, bi, w2, b2, act),

@@ -79,29 +79,37 @@ def test_opcheck_norm_backward_ops(op, device):
 GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
-@pytest.mark.parametrize("op", ("gelu_ffn", "swiglu", "geglu", "reglu"))
+@pytest.mark.parametrize("op", ("gelu_ffn", "relu_ffn", "swiglu", "geglu", "reglu"))
 def test_opcheck_ffns(op, device):
-    samples = ffn_samples(op != "gelu_ffn", device)
+    samples = ffn_samples(op not in ("gelu_ffn", "relu_ffn"), device)
     if op == "gelu_ffn":
         opcheck(torch.ops.ffn.gelu_ffn, (*samples[0], "tanh"))
         for args, approximate in itertools.product(samples, ("none", "tanh")):
             opcheck(torch.ops.ffn._gelu_ffn_fwd, (*args, approximate))
+    elif op == "relu_ffn":
+        opcheck(torch.ops.ffn.relu_ffn, samples[0])
+        for args in samples:
+            opcheck(torch.ops.ffn._relu_ffn_fwd, args)
     else:
         opcheck(getattr(torch.ops.ffn, op), samples[0])
+        if op == "geglu":
+            opcheck(torch.ops.ffn.geglu, (*samples[0], "tanh"))
         for args in samples:
             opcheck(torch.ops.ffn._gated_ffn_fwd, (*args, GATED[op]))
 
 
-@pytest.mark.parametrize("activation", ("none", "tanh", "silu", "gelu", "gelu_tanh", "relu"))
+# "none"/"tanh": gelu_ffn's approximate; "plain relu": relu_ffn; the rest: the gated activations.
+@pytest.mark.parametrize("activation", ("none", "tanh", "plain relu", "silu", "gelu", "gelu_tanh", "relu"))
 def test_opcheck_ffn_backward_ops(activation, device):
-    gated = activation not in ("none", "tanh")
-    fwd = torch.ops.ffn._gated_ffn_fwd if gated else torch.ops.ffn._gelu_ffn_fwd
-    bwd = torch.ops.ffn._gated_ffn_bwd if gated else torch.ops.ffn._gelu_ffn_bwd
+    gated = activation not in ("none", "tanh", "plain relu")
+    name = "_gated_ffn" if gated else "_relu_ffn" if activation == "plain relu" else "_gelu_ffn"
+    fwd, bwd = getattr(torch.ops.ffn, name + "_fwd"), getattr(torch.ops.ffn, name + "_bwd")
+    static = () if name == "_relu_ffn" else (activation,)
     x, w_in, b_in, w_out, b_out = (None if t is None else t.detach() for t in ffn_samples(gated, device)[0])
-    out, preact = fwd(x, w_in, b_in, w_out, b_out, activation)
+    out, preact = fwd(x, w_in, b_in, w_out, b_out, *static)
     for grad_mask in ([True] * 5, [True, False, False, True, True], [False, True, True, False, False],
                       [False, False, False, True, False]):
-        opcheck(bwd, (torch.randn_like(out), x, preact, w_in, w_out, activation, grad_mask))
+        opcheck(bwd, (torch.randn_like(out), x, preact, w_in, w_out, *static, grad_mask))
 
 
 @pytest.mark.parametrize("activation", ("silu", "gelu", "gelu_tanh", "relu"))

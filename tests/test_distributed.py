@@ -70,7 +70,7 @@ def test_ops_on_dtensor(results, world):
 def test_every_op_checked(results, world):
     """Each op with a strategy was called on DTensors (directly, or as the op autograd runs)."""
     names = {k.split("/")[0] for k in results[world]["checks"]}
-    via_autograd = {"_layer_norm_fwd", "_rms_norm_fwd", "_gelu_ffn_fwd", "_gated_ffn_fwd",
+    via_autograd = {"_layer_norm_fwd", "_rms_norm_fwd", "_add_layer_norm_fwd", "_gelu_ffn_fwd", "_gated_ffn_fwd",
                     "_layer_norm_bwd", "_rms_norm_bwd", "_gelu_ffn_bwd", "_gated_ffn_bwd",
                     "_gated_activation_bwd", "_bias_gelu_bwd"}
     missing = set(fd.SHARDED_OPS) - names - (via_autograd if world != 2 else set())

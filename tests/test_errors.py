@@ -19,7 +19,7 @@ def ffn_args(gated, d=8, d_ff=6, dtype=torch.float32):
             torch.randn(d, d_ff, dtype=dtype), torch.randn(d, dtype=dtype))
 
 
-FFN_OPS = ("gelu_ffn", "swiglu", "geglu", "reglu")
+FFN_OPS = ("gelu_ffn", "relu_ffn", "swiglu", "geglu", "reglu")
 NORM_OPS = ("layer_norm", "rms_norm")
 # Names of the FFN arguments in messages: gelu_ffn's and the gated family's.
 ARG_NAMES = {False: ("x", "w1", "b1", "w2", "b2"), True: ("x", "w_gate_up", "b_gate_up", "w_down", "b_down")}
@@ -96,7 +96,7 @@ def test_norm_0dim_input(op):
 # ----------------------------------------------------------------------------- FFNs
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_last_dim_mismatch(op):
-    gated = op != "gelu_ffn"
+    gated = op not in ("gelu_ffn", "relu_ffn")
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     x_, w_in_, b_in_, w_out_, b_out_ = ARG_NAMES[gated]
     rows_in = w_in.shape[0]
@@ -108,7 +108,7 @@ def test_ffn_last_dim_mismatch(op):
 
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_bias_wrong_size(op):
-    gated = op != "gelu_ffn"
+    gated = op not in ("gelu_ffn", "relu_ffn")
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     _, _, b_in_, _, b_out_ = ARG_NAMES[gated]
     with raises(f"ffn.{op}: {b_in_} must have shape [{w_in.shape[0]}], got [5]"):
@@ -119,7 +119,7 @@ def test_ffn_bias_wrong_size(op):
 
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_weight_not_2d(op):
-    gated = op != "gelu_ffn"
+    gated = op not in ("gelu_ffn", "relu_ffn")
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     w_in_ = ARG_NAMES[gated][1]
     with raises(f"ffn.{op}: {w_in_} must be a 2-D [out_features, in_features] weight, got shape"):
@@ -129,7 +129,7 @@ def test_ffn_weight_not_2d(op):
 @pytest.mark.parametrize("dtype", (torch.int64, torch.int32, torch.bool))
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_integer_dtypes(op, dtype):
-    gated = op != "gelu_ffn"
+    gated = op not in ("gelu_ffn", "relu_ffn")
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     with raises(f"ffn.{op}: x must be float64, float32, float16 or bfloat16, got"):
         call_ffn(op, (x.to(dtype), w_in.to(dtype), b_in.to(dtype), w_out.to(dtype), b_out.to(dtype)))
@@ -139,7 +139,7 @@ def test_ffn_integer_dtypes(op, dtype):
 
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_mixed_dtypes(op):
-    gated = op != "gelu_ffn"
+    gated = op not in ("gelu_ffn", "relu_ffn")
     _, w_in_, b_in_, w_out_, b_out_ = ARG_NAMES[gated]
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     with raises(f"ffn.{op}: {w_in_} must have x's dtype (BFloat16), got Float", "autocast"):
@@ -155,7 +155,7 @@ def test_ffn_mixed_dtypes(op):
 
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_0dim_input(op):
-    gated = op != "gelu_ffn"
+    gated = op not in ("gelu_ffn", "relu_ffn")
     _, w_in, b_in, w_out, b_out = ffn_args(gated)
     with raises(f"ffn.{op}: x must have at least 1 dimension"):
         call_ffn(op, (torch.tensor(1.0), w_in, b_in, w_out, b_out))
@@ -171,6 +171,14 @@ def test_gated_odd_rows(op):
 def test_gelu_ffn_bad_approximate():
     with raises("ffn.gelu_ffn: approximate must be 'none' or 'tanh' (as in F.gelu), got 'erf'"):
         torch.ops.ffn.gelu_ffn(*ffn_args(False), "erf")
+
+
+def test_gated_ffn_bad_approximate():
+    with raises("ffn.geglu: approximate must be 'none' or 'tanh' (as in F.gelu), got 'erf'"):
+        torch.ops.ffn.geglu(*ffn_args(True), "erf")
+    for op in ("swiglu", "reglu"):
+        with raises(f'ffn.{op}: approximate applies to GELU gates (geglu) only; expected "none", got "tanh"'):
+            getattr(torch.ops.ffn, op)(*ffn_args(True), "tanh")
 
 
 def test_gated_ffn_bad_activation():
@@ -216,7 +224,7 @@ def device_cases():
         for i, name in ((1, "weight"), (2, "bias")):
             yield op, fn, (x, w, b), i, name
     for op in FFN_OPS:
-        gated = op != "gelu_ffn"
+        gated = op not in ("gelu_ffn", "relu_ffn")
         for i in range(1, 5):
             yield op, getattr(torch.ops.ffn, op), ffn_args(gated), i, ARG_NAMES[gated][i]
     yield "bias_gelu", torch.ops.ffn.bias_gelu, (x, b), 1, "bias"

@@ -30,20 +30,29 @@ class FfnCase:
     gated: bool
     approximate: str = "none"
 
-    def ours(self, x, w_in, b_in, w_out, b_out):
-        if self.gated:
-            return getattr(torch.ops.ffn, self.name)(x, w_in, b_in, w_out, b_out)
-        return torch.ops.ffn.gelu_ffn(x, w_in, b_in, w_out, b_out, self.approximate)
+    def _call(self, ops, x, w_in, b_in, w_out, b_out):
+        extra = () if self.name == "relu_ffn" else (self.approximate,)
+        return getattr(ops, self.name)(x, w_in, b_in, w_out, b_out, *extra)
 
-    def ref(self, x, w_in, b_in, w_out, b_out):
-        if self.gated:
-            return getattr(ffn.reference, self.name)(x, w_in, b_in, w_out, b_out)
-        return ffn.reference.gelu_ffn(x, w_in, b_in, w_out, b_out, self.approximate)
+    def ours(self, *inputs):
+        return self._call(torch.ops.ffn, *inputs)
+
+    def ref(self, *inputs):
+        return self._call(ffn.reference, *inputs)
 
     @property
     def activation(self):
         """The gated op's activation string (as taken by _gated_ffn_fwd and gated_activation)."""
+        if self.name == "geglu" and self.approximate == "tanh":
+            return "gelu_tanh"
         return {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}[self.name]
+
+    @property
+    def internal(self):
+        """(the internal op's name without _fwd/_bwd, its arguments after the tensors)."""
+        if self.gated:
+            return "gated_ffn", (self.activation,)
+        return self.name, (() if self.name == "relu_ffn" else (self.approximate,))
 
     def __str__(self):
         return self.name if self.approximate == "none" else f"{self.name}-{self.approximate}"
@@ -52,10 +61,13 @@ class FfnCase:
 FFNS = [
     FfnCase("gelu_ffn", gated=False),
     FfnCase("gelu_ffn", gated=False, approximate="tanh"),
+    FfnCase("relu_ffn", gated=False),
     FfnCase("swiglu", gated=True),
     FfnCase("geglu", gated=True),
+    FfnCase("geglu", gated=True, approximate="tanh"),
     FfnCase("reglu", gated=True),
 ]
+SWIGLU = next(c for c in FFNS if c.name == "swiglu")
 BIASES = {"bias": (True, True), "nobias": (False, False), "bias_in": (True, False), "bias_out": (False, True)}
 D_FF = 19  # odd: the elementwise passes run their tail code
 
@@ -153,10 +165,8 @@ def test_ffn_preactivation_is_linear(case, dtype, device):
     """The saved pre-activation is F.linear(x, w_in, b_in) to the bit: the bias is added
     inside the GEMM's accumulation, not after a rounded x w_in^T."""
     x, w_in, b_in, w_out, b_out = ffn_inputs(case, (2, 8), 32, dtype, device)
-    if case.gated:
-        _out, preact = torch.ops.ffn._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, case.activation)
-    else:
-        _out, preact = torch.ops.ffn._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, case.approximate)
+    op, static = case.internal
+    _out, preact = getattr(torch.ops.ffn, f"_{op}_fwd")(x, w_in, b_in, w_out, b_out, *static)
     expected = torch.nn.functional.linear(x.reshape(-1, 32), w_in, b_in)
     torch.testing.assert_close(preact, expected, rtol=0, atol=0)
 
@@ -245,14 +255,14 @@ def test_ffn_backward_grad_subsets(case, with_bias, subset, device):
 def test_ffn_backward_op_grad_mask(case, device):
     """The backward op returns [0] tensors for the gradients nobody asked for."""
     x, w_in, b_in, w_out, b_out = ffn_inputs(case, (3,), 8, torch.float32, device)
-    op, act = ("gated_ffn", case.activation) if case.gated else ("gelu_ffn", case.approximate)
+    op, act = case.internal
     fwd, bwd = getattr(torch.ops.ffn, f"_{op}_fwd"), getattr(torch.ops.ffn, f"_{op}_bwd")
-    _out, preact = fwd(x, w_in, b_in, w_out, b_out, act)
+    _out, preact = fwd(x, w_in, b_in, w_out, b_out, *act)
     grad_out = torch.ones(3, 8, device=device)
-    full = bwd(grad_out, x, preact, w_in, w_out, act, [True] * 5)
+    full = bwd(grad_out, x, preact, w_in, w_out, *act, [True] * 5)
     singles = [[i == j for j in range(5)] for i in range(5)]
     for mask in singles + [[not m for m in single] for single in singles]:
-        got = bwd(grad_out, x, preact, w_in, w_out, act, list(mask))
+        got = bwd(grad_out, x, preact, w_in, w_out, *act, list(mask))
         for wanted, g, ref in zip(mask, got, full):
             if wanted:
                 torch.testing.assert_close(g, ref, rtol=0, atol=0)
@@ -271,14 +281,14 @@ def test_ffn_gradcheck(case, biases, device):
 def test_ffn_double_backward_raises(case, device):
     inputs = ffn_inputs(case, (3,), 5, torch.float64, device, d_ff=4, requires_grad=True)
     (gx,) = torch.autograd.grad(case.ours(*inputs).pow(2).sum(), inputs[0], create_graph=True)
-    op = "gelu_ffn" if not case.gated else "gated_ffn"
+    op = case.internal[0]
     with pytest.raises(RuntimeError, match=f"double backward through {op} is not supported"):
         gx.sum().backward()
 
 
 def test_ffn_saves_only_input_and_preactivation():
     """Saved for backward: x, the pre-activation and the (parameter) weights; not the hidden tensor."""
-    case = FFNS[2]
+    case = SWIGLU
     x, w_in, b_in, w_out, b_out = ffn_inputs(case, (64,), 32, torch.float32, "cpu", requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -490,7 +500,7 @@ def test_elementwise_double_backward_raises(device):
 
 
 # ----------------------------------------------------------------------------- determinism
-@pytest.mark.parametrize("case", [FFNS[0], FFNS[2]], ids=str)
+@pytest.mark.parametrize("case", [FFNS[0], SWIGLU], ids=str)
 def test_ffn_weight_grads_deterministic(case):
     """Weight and bias gradients are bit-identical run to run and for 1 vs 2 threads."""
     inputs = ffn_inputs(case, (512,), 64, torch.float32, "cpu", d_ff=48, requires_grad=True)

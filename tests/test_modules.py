@@ -110,7 +110,11 @@ def test_rms_norm_with_bias():
     (ffn.SwiGLU, {"d_ff": 24}),
     (ffn.SwiGLU, {"d_ff": 24, "bias": True, "d_out": 8}),
     (ffn.GeGLU, {"d_ff": 24}),
+    (ffn.GeGLU, {"d_ff": 24, "approximate": "tanh"}),
     (ffn.ReGLU, {"d_ff": 24, "bias": True}),
+    (ffn.ReluFFN, {"d_ff": 24}),
+    (ffn.LayerNorm, {"weight_offset": 1.0}),
+    (ffn.GemmaRMSNorm, {}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else "-".join(f"{k}={w}" for k, w in v.items()))
 def test_state_dict_round_trip_and_deepcopy(cls, kwargs):
     module = randomize(cls(16, **kwargs))
@@ -144,6 +148,37 @@ def test_from_linear_equals_three_linear_block(cls, act, bias, device):
     assert_same(gx_ours, gx_theirs)
 
 
+@pytest.mark.parametrize("cls,kwargs,act", [
+    (ffn.GeluFFN, {}, F.gelu),
+    (ffn.GeluFFN, {"approximate": "tanh"}, lambda z: F.gelu(z, approximate="tanh")),
+    (ffn.ReluFFN, {}, F.relu),
+], ids=("gelu", "gelu-tanh", "relu"))
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_plain_from_linear_equals_two_linear_block(cls, kwargs, act, bias, device):
+    fc1, fc2 = nn.Linear(16, 40, bias=bias, device=device), nn.Linear(40, 12, bias=bias, device=device)
+    module = cls.from_linear(fc1, fc2, **kwargs)
+    assert module.w1.shape == (40, 16) and module.w2.shape == (12, 40) and (module.b1 is None) == (not bias)
+    assert module.w1.data_ptr() != fc1.weight.data_ptr()  # a copy: the Linear layers stay as they are
+    x = randn(3, 7, 16, device=device, requires_grad=True)
+    assert_same(module(x), fc2(act(fc1(x))))
+    grad = torch.randn(3, 7, 12, device=device)
+    (gx_ours,) = torch.autograd.grad(module(x), x, grad)
+    (gx_theirs,) = torch.autograd.grad(fc2(act(fc1(x))), x, grad)
+    assert_same(gx_ours, gx_theirs)
+    with pytest.raises(ValueError, match="fc1's out_features \\(40\\) must be fc2's in_features \\(12\\)"):
+        cls.from_linear(fc1, nn.Linear(12, 4))
+
+
+def test_geglu_tanh_from_linear():
+    gate, up, down = nn.Linear(16, 40), nn.Linear(16, 40), nn.Linear(40, 16)
+    module = ffn.GeGLU.from_linear(gate, up, down, approximate="tanh")
+    assert module.activation == "gelu_tanh" and "approximate='tanh'" in repr(module)
+    x = randn(5, 16)
+    assert_same(module(x), down(F.gelu(gate(x), approximate="tanh") * up(x)))
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        ffn.GeGLU(16, 8, approximate="fast")
+
+
 def test_gelu_ffn_module_equals_two_linear_block():
     module = randomize(ffn.GeluFFN(16, 48, approximate="tanh"))
     x = randn(4, 16)
@@ -157,11 +192,14 @@ BACKEND_CASES = [
     (ffn.GeluFFN, {"d_ff": 32}, (32, 32)),
     (ffn.SwiGLU, {"d_ff": 20, "bias": True}, (40, 40)),
     (ffn.GeGLU, {"d_ff": 20}, (40, 40)),
+    (ffn.GeGLU, {"d_ff": 20, "approximate": "tanh"}, (40, 40)),
     (ffn.ReGLU, {"d_ff": 20}, (40, 40)),
+    (ffn.ReluFFN, {"d_ff": 32}, (32, 32)),
+    (ffn.GemmaRMSNorm, {}, (16, 1)),
 ]
 
 
-@pytest.mark.parametrize("case", BACKEND_CASES, ids=[c[0].__name__ for c in BACKEND_CASES])
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=[f"{c[0].__name__}-{i}" for i, c in enumerate(BACKEND_CASES)])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_backends_agree_forward_and_backward(case, dtype, device):
     """backend="ffn" and backend="torch": same outputs and gradients, to the accuracy of
@@ -215,7 +253,9 @@ FFN_CASES = [
     (ffn.GeluFFN, {"d_ff": 24, "bias": False, "approximate": "tanh"}),
     (ffn.SwiGLU, {"d_ff": 24, "bias": True}),
     (ffn.GeGLU, {"d_ff": 24}),
+    (ffn.GeGLU, {"d_ff": 24, "approximate": "tanh"}),
     (ffn.ReGLU, {"d_ff": 24, "bias": True}),
+    (ffn.ReluFFN, {"d_ff": 24}),
 ]
 
 

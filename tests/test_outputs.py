@@ -24,7 +24,12 @@ def public_calls(device):
     calls = [
         ("layer_norm", "layer_norm", (x, w, b, 1e-5)),
         ("rms_norm", "rms_norm", (x, w, b, 1e-6)),
+        ("gemma_rms_norm", "rms_norm", (x, w, b, 1e-6, 1.0)),
+        ("add_layer_norm", "add_layer_norm", (x, z, w, b, 1e-5)),
+        ("add_rms_norm", "add_rms_norm", (x, z, w, b, 1e-6, 1.0)),
         ("gelu_ffn", "gelu_ffn", (x, w1, b1, w2, b2, "tanh")),
+        ("relu_ffn", "relu_ffn", (x, w1, b1, w2, b2)),
+        ("geglu_tanh", "geglu", (x, wgu, bgu, w2, b2, "tanh")),
         ("gated_activation", "gated_activation", (gate_up, "silu")),
         ("bias_gelu", "bias_gelu", (z, b, "none")),
     ] + [(op, op, (x, wgu, bgu, w2, b2)) for op in ffn.activations.GATED_OPS]
@@ -35,9 +40,13 @@ def public_calls(device):
 
 def add_in_place_and_backward(fn, args):
     y = fn(*args)
+    s = None
+    if isinstance(y, tuple):  # the fused add + norms: (y, s); s is saved for backward, y is free
+        y, s = y
     y += 1  # raises "... is a view and is being modified inplace" for a view output
     y.mul_(2)
-    y.square().sum().backward()
+    loss = y.square().sum() + (0 if s is None else s.square().sum())
+    loss.backward()
     grads = [a.grad for a in args if isinstance(a, torch.Tensor)]
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -45,7 +54,8 @@ def add_in_place_and_backward(fn, args):
     return y.detach(), grads
 
 
-@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "gelu_ffn", "gated_activation", "bias_gelu",
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "gemma_rms_norm", "add_layer_norm", "add_rms_norm",
+                                  "gelu_ffn", "relu_ffn", "geglu_tanh", "gated_activation", "bias_gelu",
                                   *ffn.activations.GATED_OPS])
 def test_outputs_can_be_modified_in_place_under_autograd(name, device):
     _, op, ref, args = next(c for c in public_calls(device) if c[0] == name)
@@ -56,11 +66,16 @@ def test_outputs_can_be_modified_in_place_under_autograd(name, device):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("op_name", ["_layer_norm_fwd", "_rms_norm_fwd", "_gelu_ffn_fwd", "_gated_ffn_fwd"])
+@pytest.mark.parametrize("op_name", ["_layer_norm_fwd", "_rms_norm_fwd", "_add_layer_norm_fwd", "_add_rms_norm_fwd",
+                                     "_gelu_ffn_fwd", "_relu_ffn_fwd", "_gated_ffn_fwd"])
 def test_internal_outputs_own_their_storage(op_name, device):
     x = randn(2, 3, D, device=device)
     if op_name in ("_layer_norm_fwd", "_rms_norm_fwd"):
         args = (x, randn(D, device=device), None, 1e-5)
+    elif op_name in ("_add_layer_norm_fwd", "_add_rms_norm_fwd"):
+        args = (x, randn(2, 3, D, device=device), randn(D, device=device), None, 1e-5, 1.0)
+    elif op_name == "_relu_ffn_fwd":
+        args = (x, randn(D_FF, D, device=device), None, randn(D, D_FF, device=device), None)
     elif op_name == "_gelu_ffn_fwd":
         args = (x, randn(D_FF, D, device=device), None, randn(D, D_FF, device=device), None, "none")
     else:

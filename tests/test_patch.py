@@ -51,10 +51,10 @@ ARCHS = {
     "falcon": (lambda: T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
                                       eos_token_id=1, bos_token_id=1),
                "FalconForCausalLM", {"LayerNorm": 3, "FalconMLP": 2}),
-    # T5 v1.0: ReLU DenseReluDense (no ffn op for a plain ReLU FFN: left as it is), T5LayerNorm patched.
+    # T5 v1.0: a plain ReLU FFN (relu_ffn); v1.1: GeGLU with the tanh GELU (geglu, approximate="tanh").
     "t5_v1_0": (lambda: T.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=VOCAB,
                                    feed_forward_proj="relu", **T5_TOKENS),
-                "T5ForConditionalGeneration", {"T5LayerNorm": 12}),
+                "T5ForConditionalGeneration", {"T5LayerNorm": 12, "T5DenseActDense": 4}),
     "t5_v1_1": (lambda: T.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=VOCAB,
                                    feed_forward_proj="gated-gelu", **T5_TOKENS),
                 "T5ForConditionalGeneration", {"T5LayerNorm": 12, "T5DenseGatedActDense": 4}),
@@ -122,19 +122,16 @@ def test_patch_reports_what_it_replaced(arch):
         warnings.simplefilter("always")
         report = ffn.patch(model)
     assert dict(report) == ARCHS[arch][2]
-    if arch == "t5_v1_0":
-        assert set(report.skipped) == {"T5DenseActDense"} and "relu" in report.skipped["T5DenseActDense"]
-        assert any("T5DenseActDense" in str(w.message) for w in caught)
-    else:
-        assert report.skipped == {}
+    assert report.skipped == {} and not any("ffn.patch" in str(w.message) for w in caught)
     assert ffn.patch(model) == {}  # a second call has nothing left to replace
     # Patched modules keep their classes' identity (isinstance) and implement ffn's FFN interface.
     for m in model.modules():
         if isinstance(m, P._Patched):
             assert isinstance(m, type(m)._ffn_original_class)
             assert isinstance(m, ffn.FFN) == ("MLP" in type(m).__name__ or "Dense" in type(m).__name__)
-            if isinstance(m, ffn.FFN):  # the fused op where one exists (none yet for a tanh-GELU gate)
-                fused = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}.get(m.activation) if m.gated else "gelu_ffn"
+            if isinstance(m, ffn.FFN):  # every MLP of these architectures runs on a fused op
+                gated = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu"}
+                fused = gated[m.activation] if m.gated else "relu_ffn" if m.activation == "relu" else "gelu_ffn"
                 assert m._fused_op() == fused
 
 
@@ -437,6 +434,14 @@ def test_unknown_activation_is_refused_naming_module_and_activation():
     with pytest.raises(P.UnsupportedModuleError, match="LlamaMLP.*ReLUSquared"):
         ffn.patch(model)
     assert dict(ffn.patch(model, skip_unknown=True)) == {"LlamaRMSNorm": 5}
+
+
+def test_known_mlp_without_an_ffn_op_is_skipped_with_a_warning():
+    """A non-gated SiLU FFN (GPT-NeoX with hidden_act="silu") has no ffn op: left alone, reported."""
+    model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**DECODER, num_attention_heads=4, hidden_act="silu"))
+    with pytest.warns(UserWarning, match="ffn.patch left these modules unpatched: GPTNeoXMLP: no ffn op"):
+        report = ffn.patch(model)
+    assert dict(report) == {"LayerNorm": 5} and set(report.skipped) == {"GPTNeoXMLP"}
 
 
 def test_import_ffn_does_not_import_transformers():

@@ -32,8 +32,12 @@
 // Formulas (as the CPU kernels, two-pass variance, statistics in float32 or
 // float64 for double; g = dy * w, xhat = (x - mean) * rstd):
 //   mean = sum(x) / d,  rstd = 1 / sqrt(sum((x - mean)^2) / d + eps)   (RMSNorm: mean = 0)
-//   y = xhat * w + b
+//   y = xhat * (w + weight_offset) + b
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))                   (RMSNorm: no mean(g))
+// with g = dy * (w + weight_offset). The fused residual add normalizes
+// s = x + residual (rounded to T), which the kernel writes as it loads x, and
+// its backward adds the gradient of s to dx (rounded to T first, as autograd
+// adds the unfused pair's two gradients).
 #include "dispatch.h"
 #include "ffn.h"
 #include "reduce.cuh"
@@ -153,26 +157,56 @@ __device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
 // rstd times the product's rounding error).
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+// A sum rounded on its own: the fused add's grad_s joins dx after dx is rounded,
+// never contracted into an FMA with the product that formed dx (as autograd adds
+// the unfused pair's two gradients of s).
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
 // ---------------------------------------------------------------------------
 // Forward.
 template <typename T, typename P>
 struct ForwardArgs {
   const T* __restrict__ x;
-  const P* __restrict__ weight;  // nullable
-  const P* __restrict__ bias;    // nullable
+  const T* __restrict__ residual;  // nullable: no fused add
+  const P* __restrict__ weight;    // nullable
+  const P* __restrict__ bias;      // nullable
   T* __restrict__ y;
+  T* __restrict__ sum;          // s = x + residual, with residual
   acc_t<T>* __restrict__ mean;  // nullable: RMSNorm
   acc_t<T>* __restrict__ rstd;
   int64_t rows, d;
-  acc_t<T> eps;
+  acc_t<T> eps, weight_offset;
   int threads_per_row;
   bool vectorized;
 };
 
+// s = x + residual for one word, rounded to T (what the unfused add stores).
+template <typename T>
+__device__ __forceinline__ Vec<T> sum_word(const Vec<T>& xw, const Vec<T>& rw) {
+  Vec<T> s;
+#pragma unroll
+  for (int k = 0; k < kVecWidth<T>; ++k) {
+    s.val[k] = static_cast<T>(static_cast<acc_t<T>>(xw.val[k]) + static_cast<acc_t<T>>(rw.val[k]));
+  }
+  return s;
+}
+
+// The word of the row to normalize at index = row * d + col: x's, or with a
+// residual s = x + residual, which is also stored.
+template <typename T, typename P>
+__device__ __forceinline__ Vec<T> input_word(const ForwardArgs<T, P>& a, Vec<T> xw, int64_t index,
+                                             int64_t count) {
+  if (a.residual == nullptr) return xw;
+  const Vec<T> s = sum_word(xw, load_word(a.residual + index, count, a.vectorized));
+  store_word(a.sum + index, count, a.vectorized, s);
+  return s;
+}
+
 // y for one word at column `col` (< d) of a row; index = row * d + col. w and b
-// are the word's weight and bias when the caller holds them in registers, else
-// null: then they are read here (from L1/L2, the same columns for every row).
+// are the word's weight (plus weight_offset) and bias when the caller holds them
+// in registers, else null: then they are read here (from L1/L2, the same columns
+// for every row).
 template <typename T, typename P>
 __device__ __forceinline__ void store_output(const ForwardArgs<T, P>& a, const Vec<T>& xw,
                                              int64_t index, int64_t col, acc_t<T> mu,
@@ -188,6 +222,8 @@ __device__ __forceinline__ void store_output(const ForwardArgs<T, P>& a, const V
     A loaded[V];
     if (w == nullptr) {
       load<V>(a.weight + col, count, a.vectorized, loaded);
+#pragma unroll
+      for (int k = 0; k < V; ++k) loaded[k] += a.weight_offset;
       w = loaded;
     }
 #pragma unroll
@@ -254,23 +290,28 @@ __global__ void __launch_bounds__(kRowBlock, kForwardMinBlocks<kWords>)
     for (int j = 0; j < kWords; ++j) {
       const int col = (j * tpr + lane) * V;
       if (col >= d) continue;
-      if (a.weight != nullptr) load<V>(a.weight + col, d - col, a.vectorized, w[j]);
+      if (a.weight != nullptr) {
+        load<V>(a.weight + col, d - col, a.vectorized, w[j]);
+#pragma unroll
+        for (int k = 0; k < V; ++k) w[j][k] += a.weight_offset;
+      }
       if (a.bias != nullptr) load<V>(a.bias + col, d - col, a.vectorized, b[j]);
     }
   }
-  // This thread's words of `row`, zero past the end of the row or of the rows.
-  // Vectorized rows are whole words (d % V == 0): one 128-bit load each.
+  // This thread's words of `row` (of s with the fused add), zero past the end
+  // of the row or of the rows. Vectorized rows are whole words (d % V == 0): one
+  // 128-bit load each.
   const auto load_row = [&](int64_t row, Vec<T> (&words)[kWords]) {
-    const T* x = a.x + (row < a.rows ? row : 0) * d;
 #pragma unroll
     for (int j = 0; j < kWords; ++j) {
       const int col = (j * tpr + lane) * V;
       if (row >= a.rows || col >= d) {
         words[j] = zero_word<T>();
-      } else if constexpr (kVectorized) {
-        words[j] = *reinterpret_cast<const Vec<T>*>(x + col);
       } else {
-        words[j] = load_word(x + col, d - col, false);
+        const int64_t index = row * d + col;
+        const Vec<T> xw = kVectorized ? *reinterpret_cast<const Vec<T>*>(a.x + index)
+                                      : load_word(a.x + index, d - col, false);
+        words[j] = input_word(a, xw, index, d - col);
       }
     }
   };
@@ -335,14 +376,19 @@ __global__ void __launch_bounds__(kLongRowBlock)
 
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const T* x = a.x + row * d;
+    // Later passes re-read the row they normalize: the cache, else x, or s as
+    // this thread stored it in the first pass.
     auto word = [&](int64_t i) {
-      return cache != nullptr ? cache[i] : load_word(x + i * V, d - i * V, a.vectorized);
+      if (cache != nullptr) return cache[i];
+      return load_word((a.residual != nullptr ? a.sum : a.x) + row * d + i * V, d - i * V,
+                       a.vectorized);
     };
 
     A mu = 0;
     A s[1] = {0};
     for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
-      const Vec<T> xw = load_word(x + i * V, d - i * V, a.vectorized);
+      const Vec<T> xw =
+          input_word(a, load_word(x + i * V, d - i * V, a.vectorized), row * d + i * V, d - i * V);
       if (cache != nullptr) cache[i] = xw;
       s[0] += a.mean != nullptr ? word_sum(xw) : word_sum_sq(xw, A(0), d - i * V);
     }
@@ -370,23 +416,28 @@ __global__ void __launch_bounds__(kLongRowBlock)
 }
 
 template <typename T, typename P>
-void forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, bool center,
-             const Tensor& y, const Tensor& mean, const Tensor& rstd) {
+void forward(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
+             double eps, double weight_offset, bool center, const Tensor& y, const Tensor& sum,
+             const Tensor& mean, const Tensor& rstd) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
   ForwardArgs<T, P> a{x.const_data_ptr<T>(),
+                      data_or_null<T>(residual),
                       data_or_null<P>(weight),
                       data_or_null<P>(bias),
                       y.mutable_data_ptr<T>(),
+                      mutable_data_or_null<T>(sum),
                       center ? mean.mutable_data_ptr<A>() : nullptr,
                       rstd.mutable_data_ptr<A>(),
                       x.size(0),
                       x.size(1),
                       static_cast<A>(eps),
+                      static_cast<A>(weight_offset),
                       1,
                       false};
   if (a.rows == 0) return;
-  a.vectorized = a.d % V == 0 && all_aligned16({a.x, a.weight, a.bias, a.y});
+  a.vectorized =
+      a.d % V == 0 && all_aligned16({a.x, a.residual, a.weight, a.bias, a.y, a.sum});
   const int64_t words = ceil_div(a.d, V);
 
   const RowPlan plan = row_plan(a.d, words, kMaxForwardWords);
@@ -415,6 +466,7 @@ void forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double e
 template <typename T, typename P>
 struct BackwardArgs {
   const T* __restrict__ dy;
+  const T* __restrict__ dsum;  // nullable: the fused add's gradient of s, added to dx
   const T* __restrict__ x;
   const acc_t<T>* __restrict__ mean;  // nullable: RMSNorm
   const acc_t<T>* __restrict__ rstd;
@@ -423,11 +475,12 @@ struct BackwardArgs {
   acc_t<T>* __restrict__ dw_partial;  // nullable: [partial rows, d]
   acc_t<T>* __restrict__ db_partial;  // nullable: [partial rows, d]
   int64_t rows, d;
+  acc_t<T> weight_offset;
   int threads_per_row;
   bool vectorized;
 };
 
-// g = dy * w and xhat = (x - mean) * rstd for one word. Past the end of the row
+// g = dy * (w + weight_offset) and xhat = (x - mean) * rstd for one word. Past the end of the row
 // dy loads as zero, so g and every product with it vanish there.
 template <typename T>
 struct WordTerms {
@@ -443,6 +496,8 @@ __device__ __forceinline__ WordTerms<T> word_terms(const BackwardArgs<T, P>& a, 
   A w[V];
   if (a.weight != nullptr) {
     load<V>(a.weight + col, a.d - col, a.vectorized, w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) w[k] += a.weight_offset;
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) w[k] = A(1);
@@ -478,6 +533,12 @@ __device__ __forceinline__ void store_grad_input(const BackwardArgs<T, P>& a, co
   A out[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) out[k] = rs * (t.g[k] - mean_g - t.xhat[k] * mean_gx);
+  if (a.dsum != nullptr) {
+    A ds[V];
+    load<V>(a.dsum + index, a.d - col, a.vectorized, ds);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = add_rn(static_cast<A>(static_cast<T>(out[k])), ds[k]);
+  }
   store<V>(a.dx + index, a.d - col, a.vectorized, out);
 }
 
@@ -734,9 +795,9 @@ void sum_partials(const Tensor& partial, const Tensor& out) {
 }
 
 template <typename T, typename P>
-void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
-              const Tensor& weight, bool center, const Tensor& grad_x, const Tensor& grad_weight,
-              const Tensor& grad_bias) {
+void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, const Tensor& mean,
+              const Tensor& rstd, const Tensor& weight, double weight_offset, bool center,
+              const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias) {
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
   const int64_t rows = x.size(0), d = x.size(1);
@@ -747,6 +808,7 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
   }
   if (d == 0) return;
   BackwardArgs<T, P> a{grad_y.const_data_ptr<T>(),
+                       data_or_null<T>(grad_sum),
                        x.const_data_ptr<T>(),
                        center ? mean.const_data_ptr<A>() : nullptr,
                        rstd.const_data_ptr<A>(),
@@ -756,9 +818,10 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
                        nullptr,
                        rows,
                        d,
+                       static_cast<A>(weight_offset),
                        1,
                        false};
-  a.vectorized = d % V == 0 && all_aligned16({a.dy, a.x, a.weight, a.dx});
+  a.vectorized = d % V == 0 && all_aligned16({a.dy, a.dsum, a.x, a.weight, a.dx});
   const bool param_grads = grad_weight.defined() || grad_bias.defined();
   const auto partial_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
   const int64_t words = ceil_div(d, V);
@@ -821,21 +884,24 @@ void backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const T
   if (grad_bias.defined()) sum_partials<A, P>(db_partial, grad_bias);
 }
 
-void norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
-                  bool center, const Tensor& y, const Tensor& mean, const Tensor& rstd) {
+void norm_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                  const Tensor& bias, double eps, double weight_offset, bool center,
+                  const Tensor& y, const Tensor& sum, const Tensor& mean, const Tensor& rstd) {
   const DeviceGuard guard(x.device());
   dispatch_norm_types(x, weight.defined() ? weight : bias, [&](auto t, auto p) {
-    forward<decltype(t), decltype(p)>(x, weight, bias, eps, center, y, mean, rstd);
+    forward<decltype(t), decltype(p)>(x, residual, weight, bias, eps, weight_offset, center, y, sum,
+                                      mean, rstd);
   });
 }
 
-void norm_backward(const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
-                   const Tensor& weight, bool center, const Tensor& grad_x,
+void norm_backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x,
+                   const Tensor& mean, const Tensor& rstd, const Tensor& weight,
+                   double weight_offset, bool center, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias) {
   const DeviceGuard guard(x.device());
   dispatch_norm_types(x, weight.defined() ? weight : grad_bias, [&](auto t, auto p) {
-    backward<decltype(t), decltype(p)>(grad_y, x, mean, rstd, weight, center, grad_x,
-                                       grad_weight, grad_bias);
+    backward<decltype(t), decltype(p)>(grad_y, grad_sum, x, mean, rstd, weight, weight_offset,
+                                       center, grad_x, grad_weight, grad_bias);
   });
 }
 

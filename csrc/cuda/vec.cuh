@@ -63,6 +63,19 @@ __device__ __forceinline__ Vec<T> load_word(const T* p, int64_t count, bool vect
   return v;
 }
 
+// Stores the first `count` elements of the word v at p.
+template <typename T>
+__device__ __forceinline__ void store_word(T* p, int64_t count, bool vectorized, const Vec<T>& v) {
+  if (vectorized && count >= kVecWidth<T>) {
+    *reinterpret_cast<Vec<T>*>(p) = v;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVecWidth<T>; ++k) {
+    if (k < count) p[k] = v.val[k];
+  }
+}
+
 // N consecutive elements of U at p, converted to A. N is a multiple of U's word
 // (a float32 weight next to bfloat16 x: 8 floats, two words).
 template <int N, typename A, typename U>

@@ -32,9 +32,9 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-using NormSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, double);
+using NormSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, double, double);
 using FfnSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                      const OptTensor&);
+                      const OptTensor&, std::string_view);
 using FfnFwdSig = Tensors2(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
                            const OptTensor&, std::string_view);
 using FfnBwdSig = Tensors5(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -43,37 +43,40 @@ using FfnBwdSig = Tensors5(const Tensor&, const Tensor&, const Tensor&, const Te
 namespace ops {
 inline Tensor layer_norm(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
   static const auto h = op<NormSig>("ffn::layer_norm");
-  return h.call(x, w, b, eps);
+  return h.call(x, w, b, eps, 0.0);
 }
 inline Tensor rms_norm(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
   static const auto h = op<NormSig>("ffn::rms_norm");
-  return h.call(x, w, b, eps);
+  return h.call(x, w, b, eps, 0.0);
 }
 inline Tensors3 layer_norm_fwd(const Tensor& x, const OptTensor& w, const OptTensor& b,
                                double eps) {
-  static const auto h = op<Tensors3(const Tensor&, const OptTensor&, const OptTensor&, double)>(
-      "ffn::_layer_norm_fwd");
-  return h.call(x, w, b, eps);
+  static const auto h =
+      op<Tensors3(const Tensor&, const OptTensor&, const OptTensor&, double, double)>(
+          "ffn::_layer_norm_fwd");
+  return h.call(x, w, b, eps, 0.0);
 }
 inline Tensors2 rms_norm_fwd(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-  static const auto h = op<Tensors2(const Tensor&, const OptTensor&, const OptTensor&, double)>(
-      "ffn::_rms_norm_fwd");
-  return h.call(x, w, b, eps);
+  static const auto h =
+      op<Tensors2(const Tensor&, const OptTensor&, const OptTensor&, double, double)>(
+          "ffn::_rms_norm_fwd");
+  return h.call(x, w, b, eps, 0.0);
 }
 inline Tensors3 layer_norm_bwd(const Tensor& gy, const Tensor& x, const Tensor& mean,
                                const Tensor& rstd, const OptTensor& w, const OptTensor& b,
                                bool weight_grad, bool bias_grad) {
   static const auto h =
       op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                  const OptTensor&, bool, bool)>("ffn::_layer_norm_bwd");
-  return h.call(gy, x, mean, rstd, w, b, weight_grad, bias_grad);
+                  const OptTensor&, bool, bool, double, const OptTensor&)>("ffn::_layer_norm_bwd");
+  return h.call(gy, x, mean, rstd, w, b, weight_grad, bias_grad, 0.0, std::nullopt);
 }
 inline Tensors3 rms_norm_bwd(const Tensor& gy, const Tensor& x, const Tensor& rstd,
                              const OptTensor& w, const OptTensor& b, bool weight_grad,
                              bool bias_grad) {
-  static const auto h = op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                    const OptTensor&, bool, bool)>("ffn::_rms_norm_bwd");
-  return h.call(gy, x, rstd, w, b, weight_grad, bias_grad);
+  static const auto h =
+      op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                  bool, bool, double, const OptTensor&)>("ffn::_rms_norm_bwd");
+  return h.call(gy, x, rstd, w, b, weight_grad, bias_grad, 0.0, std::nullopt);
 }
 
 inline Tensor gelu_ffn(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
@@ -85,7 +88,7 @@ inline Tensor gelu_ffn(const Tensor& x, const Tensor& w1, const OptTensor& b1, c
 // swiglu, geglu or reglu (the public op of that name).
 inline Tensor gated_ffn(const char* name, const Tensor& x, const Tensor& w_gate_up,
                         const OptTensor& b_gate_up, const Tensor& w_down, const OptTensor& b_down) {
-  return op<FfnSig>(name).call(x, w_gate_up, b_gate_up, w_down, b_down);
+  return op<FfnSig>(name).call(x, w_gate_up, b_gate_up, w_down, b_down, "none");
 }
 inline Tensors2 gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1,
                              const Tensor& w2, const OptTensor& b2, std::string_view approximate) {

@@ -1,7 +1,9 @@
 // The CUDA norm kernels (csrc/cuda/norm.cu), emulated, against the CPU kernels:
 // forward and backward in every row policy of the launchers, on shapes at the
 // policy boundaries and with row tails, every dtype, with and without affine
-// parameters, float32 parameters for 16-bit inputs, misaligned inputs.
+// parameters, float32 parameters for 16-bit inputs, misaligned inputs; and the
+// options: a weight offset (zero-centered gamma) and the fused residual add
+// (forward: s written as x is loaded; backward: grad_s added to grad_x).
 #include "emu_testing.h"
 #include "runtime.cuh"
 
@@ -53,6 +55,11 @@ struct Affine {
   bool weight, bias;
 };
 
+struct Options {
+  double weight_offset = 0;
+  bool fused_add = false;
+};
+
 Tensor input(const Case& c) { return (at::randn({c.rows, c.d}, at::kDouble) * 2 + 1.5).to(c.dtype); }
 
 Tensor param(bool present, int64_t d, at::ScalarType dtype, double shift) {
@@ -66,53 +73,83 @@ std::vector<at::ScalarType> param_dtypes(at::ScalarType dtype) {
 }
 
 void check_forward(const Case& c, bool center, Affine affine, at::ScalarType pdtype,
-                   bool misaligned) {
+                   bool misaligned, Options options = {}) {
   SCOPED_TRACE(describe(c.policy, "| rows", c.rows, "d", c.d, c.dtype, center ? "layer_norm" : "rms_norm",
                         "weight", affine.weight, "bias", affine.bias, "params", pdtype,
-                        misaligned ? "misaligned" : ""));
+                        misaligned ? "misaligned" : "", "weight_offset", options.weight_offset,
+                        options.fused_add ? "fused add" : ""));
   Tensor x = input(c);
-  if (misaligned) x = misaligned_copy(x);
+  Tensor residual = options.fused_add ? input(c) : Tensor();
+  if (misaligned) {
+    x = misaligned_copy(x);
+    if (residual.defined()) residual = misaligned_copy(residual);
+  }
   const Tensor w = param(affine.weight, c.d, pdtype, 1.0), b = param(affine.bias, c.d, pdtype, 0.0);
-  const double eps = 1e-5;
-  if (center) {
-    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, cuda::kNormKernels);
-    const auto [y_ref, mean_ref, rstd_ref] = layer_norm_forward(x, opt(w), opt(b), eps, cpu::kNormKernels);
+  const double eps = 1e-5, offset = options.weight_offset;
+  if (options.fused_add) {
+    Tensor y, s, y_ref, s_ref, rstd, rstd_ref;
+    if (center) {
+      Tensor mean, mean_ref;
+      std::tie(y, s, mean, rstd) =
+          add_layer_norm_forward(x, residual, opt(w), opt(b), eps, offset, cuda::kNormKernels);
+      std::tie(y_ref, s_ref, mean_ref, rstd_ref) =
+          add_layer_norm_forward(x, residual, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+      EXPECT_TRUE(matches(mean, mean_ref, compute_dtype(c.dtype))) << "mean";
+    } else {
+      std::tie(y, s, rstd) =
+          add_rms_norm_forward(x, residual, opt(w), opt(b), eps, offset, cuda::kNormKernels);
+      std::tie(y_ref, s_ref, rstd_ref) =
+          add_rms_norm_forward(x, residual, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+    }
+    EXPECT_TRUE(at::equal(s, x + residual)) << "s is x + residual rounded to x's dtype";
+    EXPECT_TRUE(at::equal(s, s_ref)) << "s";
+    EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
+    EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
+  } else if (center) {
+    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, offset, cuda::kNormKernels);
+    const auto [y_ref, mean_ref, rstd_ref] =
+        layer_norm_forward(x, opt(w), opt(b), eps, offset, cpu::kNormKernels);
     EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
     EXPECT_TRUE(matches(mean, mean_ref, compute_dtype(c.dtype))) << "mean";
     EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
   } else {
-    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, cuda::kNormKernels);
-    const auto [y_ref, rstd_ref] = rms_norm_forward(x, opt(w), opt(b), eps, cpu::kNormKernels);
+    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, offset, cuda::kNormKernels);
+    const auto [y_ref, rstd_ref] = rms_norm_forward(x, opt(w), opt(b), eps, offset, cpu::kNormKernels);
     EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
     EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
   }
 }
 
 void check_backward(const Case& c, bool center, Affine affine, at::ScalarType pdtype,
-                    bool misaligned) {
+                    bool misaligned, Options options = {}) {
   SCOPED_TRACE(describe(c.policy, "| rows", c.rows, "d", c.d, c.dtype, center ? "layer_norm" : "rms_norm",
                         "weight", affine.weight, "bias", affine.bias, "params", pdtype,
-                        misaligned ? "misaligned" : ""));
+                        misaligned ? "misaligned" : "", "weight_offset", options.weight_offset,
+                        options.fused_add ? "fused add" : ""));
   Tensor x = input(c);
   Tensor dy = at::randn({c.rows, c.d}, at::kDouble).to(c.dtype);
+  Tensor ds = options.fused_add ? at::randn({c.rows, c.d}, at::kDouble).to(c.dtype) : Tensor();
   if (misaligned) {
     x = misaligned_copy(x);
     dy = misaligned_copy(dy);
+    if (ds.defined()) ds = misaligned_copy(ds);
   }
   const Tensor w = param(affine.weight, c.d, pdtype, 1.0), b = param(affine.bias, c.d, pdtype, 0.0);
-  const double eps = 1e-5;
+  const double eps = 1e-5, offset = options.weight_offset;
   std::tuple<Tensor, Tensor, Tensor> got, want;
   if (center) {
     // Statistics from the CPU kernel: both backward passes see the same inputs.
-    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, cpu::kNormKernels);
-    got = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias,
-                              cuda::kNormKernels);
-    want = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias,
-                               cpu::kNormKernels);
+    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+    got = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias, offset,
+                              opt(ds), cuda::kNormKernels);
+    want = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias, offset,
+                               opt(ds), cpu::kNormKernels);
   } else {
-    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, cpu::kNormKernels);
-    got = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, cuda::kNormKernels);
-    want = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, cpu::kNormKernels);
+    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+    got = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, offset, opt(ds),
+                            cuda::kNormKernels);
+    want = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, offset, opt(ds),
+                             cpu::kNormKernels);
   }
   EXPECT_TRUE(matches(std::get<0>(got), std::get<0>(want), c.dtype)) << "grad_x";
   // Parameter gradients: float32 sums over the rows (float64 for float64).
@@ -148,6 +185,36 @@ TEST_F(SeededTest, EmulatedNormBackwardMatchesCpu) {
   }
 }
 
+// Zero-centered gamma and the fused residual add in every row policy: the
+// weight offset in registers and from L1, s stored by the register kernels'
+// prefetching loads and by the long-row kernels (re-read from s when the row is
+// not cached), grad_s added by every backward kernel.
+TEST_F(SeededTest, EmulatedNormOptionsMatchCpu) {
+  const std::vector<Options> options = {{1.0, false}, {0.0, true}, {1.0, true}};
+  for (const Options o : options) {
+    for (const Case& c : kForwardCases) {
+      for (const bool center : {true, false}) {
+        for (const at::ScalarType pdtype : param_dtypes(c.dtype)) {
+          check_forward(c, center, {true, true}, pdtype, /*misaligned=*/false, o);
+        }
+      }
+    }
+    for (const Case& c : kBackwardCases) {
+      for (const bool center : {true, false}) {
+        for (const at::ScalarType pdtype : param_dtypes(c.dtype)) {
+          check_backward(c, center, {true, false}, pdtype, /*misaligned=*/false, o);
+        }
+      }
+    }
+  }
+  for (const bool center : {true, false}) {
+    check_forward({at::kBFloat16, 7, 1024, "misaligned"}, center, {true, true}, at::kBFloat16, true,
+                  {1.0, true});
+    check_backward({at::kBFloat16, 7, 1024, "misaligned"}, center, {true, true}, at::kBFloat16, true,
+                   {1.0, true});
+  }
+}
+
 // With one SM the grids are a single wave of a few blocks: every block strides
 // over many rows (the forward's next-row prefetch, the backward's accumulation
 // over row groups before its one partial row).
@@ -168,6 +235,8 @@ TEST_F(OneSmTest, EmulatedNormStridingOverRowsMatchesCpu) {
     for (const bool center : {true, false}) {
       check_forward(c, center, {true, true}, c.dtype, /*misaligned=*/false);
       check_backward(c, center, {true, true}, c.dtype, /*misaligned=*/false);
+      check_forward(c, center, {true, true}, c.dtype, /*misaligned=*/false, {1.0, true});
+      check_backward(c, center, {true, true}, c.dtype, /*misaligned=*/false, {1.0, true});
     }
   }
 }
