@@ -38,29 +38,34 @@ struct NormKernels {
                   double eps, double weight_offset, bool center, const Tensor& y, const Tensor& sum,
                   const Tensor& mean, const Tensor& rstd);
   // x is the normalized input (s for the fused add). grad_sum, if defined, is
-  // added to grad_x (the fused add's gradient of s).
+  // added to grad_x (the fused add's gradient of s). grad_x may be grad_y itself
+  // (the in-place backward): every element of grad_y is read before grad_x is
+  // written there, and never after.
   void (*backward)(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x,
                    const Tensor& mean, const Tensor& rstd, const Tensor& weight,
                    double weight_offset, bool center, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias);
 };
 
+// in_place_backward is read by the ops' autograd (ops/_registrations.py): backward
+// then writes grad_x into grad_y's storage when nothing else holds grad_y.
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,
                                                       const OptTensor& bias, double eps,
-                                                      double weight_offset,
+                                                      double weight_offset, bool in_place_backward,
                                                       const NormKernels& kernels);
 std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const OptTensor& weight,
                                             const OptTensor& bias, double eps,
-                                            double weight_offset, const NormKernels& kernels);
+                                            double weight_offset, bool in_place_backward,
+                                            const NormKernels& kernels);
 // Fused residual add + norm: (y, s, [mean,] rstd) with s = x + residual in x's
 // dtype and y = norm(s), the same numbers as the unfused pair.
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(
     const Tensor& x, const Tensor& residual, const OptTensor& weight, const OptTensor& bias,
-    double eps, double weight_offset, const NormKernels& kernels);
+    double eps, double weight_offset, bool in_place_backward, const NormKernels& kernels);
 std::tuple<Tensor, Tensor, Tensor> add_rms_norm_forward(const Tensor& x, const Tensor& residual,
                                                         const OptTensor& weight,
                                                         const OptTensor& bias, double eps,
-                                                        double weight_offset,
+                                                        double weight_offset, bool in_place_backward,
                                                         const NormKernels& kernels);
 // Returns (grad_x, grad_weight, grad_bias); parameter gradients take the
 // parameter's dtype, and those nobody asked for come back as empty [0] tensors.
@@ -71,6 +76,16 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
     const OptTensor& weight, const OptTensor& bias, bool weight_grad, bool bias_grad,
     double weight_offset, const OptTensor& grad_s, const NormKernels& kernels);
 std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& rstd, const OptTensor& weight,
+    const OptTensor& bias, bool weight_grad, bool bias_grad, double weight_offset,
+    const OptTensor& grad_s, const NormKernels& kernels);
+// The same, with grad_x written into grad_y (contiguous, x's dtype and shape);
+// returns (grad_weight, grad_bias).
+std::tuple<Tensor, Tensor> layer_norm_backward_in_place(
+    const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+    const OptTensor& weight, const OptTensor& bias, bool weight_grad, bool bias_grad,
+    double weight_offset, const OptTensor& grad_s, const NormKernels& kernels);
+std::tuple<Tensor, Tensor> rms_norm_backward_in_place(
     const Tensor& grad_y, const Tensor& x, const Tensor& rstd, const OptTensor& weight,
     const OptTensor& bias, bool weight_grad, bool bias_grad, double weight_offset,
     const OptTensor& grad_s, const NormKernels& kernels);

@@ -62,13 +62,14 @@ NormOutputs norm_forward(std::string_view op, const Tensor& x, const Tensor& res
   return out;
 }
 
+// in_place: grad_x is written into grad_y (and returned).
 std::tuple<Tensor, Tensor, Tensor> norm_backward(std::string_view op, const Tensor& grad_y,
                                                  const Tensor& x, const Tensor& mean,
                                                  const Tensor& rstd, const OptTensor& weight,
                                                  const OptTensor& bias, bool weight_grad,
                                                  bool bias_grad, double weight_offset,
                                                  const OptTensor& grad_s, bool center,
-                                                 const NormKernels& kernels) {
+                                                 bool in_place, const NormKernels& kernels) {
   check_input(op, "x", x);
   check_grad(op, grad_y, x.sizes(), x);
   const Tensor gs = grad_s.has_value() ? *grad_s : Tensor();
@@ -85,8 +86,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(std::string_view op, const Tens
               op, ": mean must hold one ", stat_dtype(x), " per row (", rows, ")");
   TORCH_CHECK(!weight_grad || w.defined(), "ffn.", op, ": weight_grad needs the weight");
   TORCH_CHECK(!bias_grad || b.defined(), "ffn.", op, ": bias_grad needs the bias");
+  TORCH_CHECK(!in_place || grad_y.is_contiguous(), "ffn.", op,
+              ": the in-place backward writes grad_x into grad_y, which must be contiguous");
+  TORCH_CHECK(!in_place || !gs.defined() || !gs.is_same(grad_y), "ffn.", op,
+              ": the in-place backward needs grad_s and grad_y to be different tensors");
   // Parameter gradients take the parameter's dtype (float32 weights with half x).
-  Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor grad_x = in_place ? grad_y
+                           : at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor grad_weight = at::empty({weight_grad ? d : 0}, w.defined() ? w.options() : x.options());
   Tensor grad_bias = at::empty({bias_grad ? d : 0}, b.defined() ? b.options() : x.options());
   kernels.backward(as_rows(grad_y), gs.defined() ? as_rows(gs) : Tensor(), as_rows(x),
@@ -101,6 +107,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(std::string_view op, const Tens
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,
                                                       const OptTensor& bias, double eps,
                                                       double weight_offset,
+                                                      bool /*in_place_backward: for autograd*/,
                                                       const NormKernels& kernels) {
   auto out = norm_forward("layer_norm", x, Tensor(), weight, bias, eps, weight_offset,
                           /*center=*/true, kernels);
@@ -109,7 +116,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Opt
 
 std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const OptTensor& weight,
                                             const OptTensor& bias, double eps,
-                                            double weight_offset, const NormKernels& kernels) {
+                                            double weight_offset,
+                                            bool /*in_place_backward: for autograd*/,
+                                            const NormKernels& kernels) {
   auto out = norm_forward("rms_norm", x, Tensor(), weight, bias, eps, weight_offset,
                           /*center=*/false, kernels);
   return {out.y, out.rstd};
@@ -117,7 +126,8 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const OptTensor& we
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_forward(
     const Tensor& x, const Tensor& residual, const OptTensor& weight, const OptTensor& bias,
-    double eps, double weight_offset, const NormKernels& kernels) {
+    double eps, double weight_offset, bool /*in_place_backward: for autograd*/,
+    const NormKernels& kernels) {
   auto out = norm_forward("add_layer_norm", x, residual, weight, bias, eps, weight_offset,
                           /*center=*/true, kernels);
   return {out.y, out.sum, out.mean, out.rstd};
@@ -127,6 +137,7 @@ std::tuple<Tensor, Tensor, Tensor> add_rms_norm_forward(const Tensor& x, const T
                                                         const OptTensor& weight,
                                                         const OptTensor& bias, double eps,
                                                         double weight_offset,
+                                                        bool /*in_place_backward: for autograd*/,
                                                         const NormKernels& kernels) {
   auto out = norm_forward("add_rms_norm", x, residual, weight, bias, eps, weight_offset,
                           /*center=*/false, kernels);
@@ -138,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
     const OptTensor& weight, const OptTensor& bias, bool weight_grad, bool bias_grad,
     double weight_offset, const OptTensor& grad_s, const NormKernels& kernels) {
   return norm_backward("layer_norm", grad_y, x, mean, rstd, weight, bias, weight_grad, bias_grad,
-                       weight_offset, grad_s, /*center=*/true, kernels);
+                       weight_offset, grad_s, /*center=*/true, /*in_place=*/false, kernels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(
@@ -146,7 +157,27 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(
     const OptTensor& bias, bool weight_grad, bool bias_grad, double weight_offset,
     const OptTensor& grad_s, const NormKernels& kernels) {
   return norm_backward("rms_norm", grad_y, x, Tensor(), rstd, weight, bias, weight_grad, bias_grad,
-                       weight_offset, grad_s, /*center=*/false, kernels);
+                       weight_offset, grad_s, /*center=*/false, /*in_place=*/false, kernels);
+}
+
+std::tuple<Tensor, Tensor> layer_norm_backward_in_place(
+    const Tensor& grad_y, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+    const OptTensor& weight, const OptTensor& bias, bool weight_grad, bool bias_grad,
+    double weight_offset, const OptTensor& grad_s, const NormKernels& kernels) {
+  auto [grad_x, grad_weight, grad_bias] =
+      norm_backward("_layer_norm_bwd_", grad_y, x, mean, rstd, weight, bias, weight_grad, bias_grad,
+                    weight_offset, grad_s, /*center=*/true, /*in_place=*/true, kernels);
+  return {grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward_in_place(
+    const Tensor& grad_y, const Tensor& x, const Tensor& rstd, const OptTensor& weight,
+    const OptTensor& bias, bool weight_grad, bool bias_grad, double weight_offset,
+    const OptTensor& grad_s, const NormKernels& kernels) {
+  auto [grad_x, grad_weight, grad_bias] =
+      norm_backward("_rms_norm_bwd_", grad_y, x, Tensor(), rstd, weight, bias, weight_grad,
+                    bias_grad, weight_offset, grad_s, /*center=*/false, /*in_place=*/true, kernels);
+  return {grad_weight, grad_bias};
 }
 
 }  // namespace ffn

@@ -60,6 +60,8 @@ void register_backend_kernels(torch::Library& m) {
   m.impl("_layer_norm_bwd", WithKernels<&layer_norm_backward, kNorm>);
   m.impl("_rms_norm_fwd", WithKernels<&rms_norm_forward, kNorm>);
   m.impl("_rms_norm_bwd", WithKernels<&rms_norm_backward, kNorm>);
+  m.impl("_layer_norm_bwd_", WithKernels<&layer_norm_backward_in_place, kNorm>);
+  m.impl("_rms_norm_bwd_", WithKernels<&rms_norm_backward_in_place, kNorm>);
   m.impl("_add_layer_norm_fwd", WithKernels<&add_layer_norm_forward, kNorm>);
   m.impl("_add_rms_norm_fwd", WithKernels<&add_rms_norm_forward, kNorm>);
   m.impl("_gelu_ffn_fwd", WithKernels<&gelu_ffn_forward, kAct>);

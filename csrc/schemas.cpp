@@ -133,15 +133,19 @@ TORCH_LIBRARY(ffn, m) {
   // Public ops.
   // weight_offset: the weight scales as (weight + weight_offset); 1 for Gemma's
   // zero-centered gamma.
+  // in_place_backward: backward writes grad_x into grad_y's storage when autograd
+  // holds the only reference to grad_y (ops/_registrations.py), saving a buffer.
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-05, "
-        "float weight_offset=0.0) -> Tensor", tags);
+        "float weight_offset=0.0, bool in_place_backward=False) -> Tensor", tags);
   m.def("rms_norm(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-06, "
-        "float weight_offset=0.0) -> Tensor", tags);
+        "float weight_offset=0.0, bool in_place_backward=False) -> Tensor", tags);
   // Fused residual add + norm: s = x + residual (in x's dtype), y = norm(s).
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
-        "float eps=1e-05, float weight_offset=0.0) -> (Tensor y, Tensor s)", tags);
+        "float eps=1e-05, float weight_offset=0.0, bool in_place_backward=False) "
+        "-> (Tensor y, Tensor s)", tags);
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
-        "float eps=1e-06, float weight_offset=0.0) -> (Tensor y, Tensor s)", tags);
+        "float eps=1e-06, float weight_offset=0.0, bool in_place_backward=False) "
+        "-> (Tensor y, Tensor s)", tags);
   m.def("gelu_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
         "str approximate=\"none\") -> Tensor", tags);
   m.def("relu_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) -> Tensor", tags);
@@ -161,19 +165,29 @@ TORCH_LIBRARY(ffn, m) {
   // The backward ops serve the fused add + norms too: x is then s, and grad_s
   // (the gradient of the s output) is added to grad_x.
   m.def("_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, "
-        "float weight_offset=0.0) -> (Tensor y, Tensor mean, Tensor rstd)", tags);
+        "float weight_offset=0.0, bool in_place_backward=False) "
+        "-> (Tensor y, Tensor mean, Tensor rstd)", tags);
   m.def("_layer_norm_bwd(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
         "Tensor? bias, bool weight_grad, bool bias_grad, float weight_offset=0.0, "
         "Tensor? grad_s=None) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)", tags);
   m.def("_rms_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, "
-        "float weight_offset=0.0) -> (Tensor y, Tensor rstd)", tags);
+        "float weight_offset=0.0, bool in_place_backward=False) -> (Tensor y, Tensor rstd)", tags);
   m.def("_rms_norm_bwd(Tensor grad_y, Tensor x, Tensor rstd, Tensor? weight, Tensor? bias, "
         "bool weight_grad, bool bias_grad, float weight_offset=0.0, Tensor? grad_s=None) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)", tags);
   m.def("_add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
-        "float weight_offset=0.0) -> (Tensor y, Tensor s, Tensor mean, Tensor rstd)", tags);
+        "float weight_offset=0.0, bool in_place_backward=False) "
+        "-> (Tensor y, Tensor s, Tensor mean, Tensor rstd)", tags);
   m.def("_add_rms_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
-        "float weight_offset=0.0) -> (Tensor y, Tensor s, Tensor rstd)", tags);
+        "float weight_offset=0.0, bool in_place_backward=False) "
+        "-> (Tensor y, Tensor s, Tensor rstd)", tags);
+  // The in-place backward: grad_x written into grad_y.
+  m.def("_layer_norm_bwd_(Tensor(a!) grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+        "Tensor? bias, bool weight_grad, bool bias_grad, float weight_offset=0.0, "
+        "Tensor? grad_s=None) -> (Tensor grad_weight, Tensor grad_bias)", tags);
+  m.def("_rms_norm_bwd_(Tensor(a!) grad_y, Tensor x, Tensor rstd, Tensor? weight, Tensor? bias, "
+        "bool weight_grad, bool bias_grad, float weight_offset=0.0, Tensor? grad_s=None) "
+        "-> (Tensor grad_weight, Tensor grad_bias)", tags);
   m.def("_gelu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) "
         "-> (Tensor out, Tensor preact)", tags);
   m.def("_gelu_ffn_bwd(Tensor grad_out, Tensor x, Tensor preact, Tensor w1, Tensor w2, "

@@ -52,14 +52,14 @@ def _like_x(x):
 
 
 @torch.library.register_fake(_lib + "_layer_norm_fwd")
-def _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0):
+def _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0, in_place_backward=False):
     _check_devices("layer_norm", x, weight=weight, bias=bias)
     stats = x.shape[:-1]
     return _like_x(x), x.new_empty(stats, dtype=_stat_dtype(x)), x.new_empty(stats, dtype=_stat_dtype(x))
 
 
 @torch.library.register_fake(_lib + "_rms_norm_fwd")
-def _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0):
+def _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0, in_place_backward=False):
     _check_devices("rms_norm", x, weight=weight, bias=bias)
     return _like_x(x), x.new_empty(x.shape[:-1], dtype=_stat_dtype(x))
 
@@ -72,14 +72,14 @@ def _check_residual(op, x, residual):
 
 
 @torch.library.register_fake(_lib + "_add_layer_norm_fwd")
-def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps, weight_offset=0.0):
+def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps, weight_offset=0.0, in_place_backward=False):
     _check_residual("add_layer_norm", x, residual)
     y, mean, rstd = _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset)
     return y, _like_x(x), mean, rstd
 
 
 @torch.library.register_fake(_lib + "_add_rms_norm_fwd")
-def _add_rms_norm_fwd_fake(x, residual, weight, bias, eps, weight_offset=0.0):
+def _add_rms_norm_fwd_fake(x, residual, weight, bias, eps, weight_offset=0.0, in_place_backward=False):
     _check_residual("add_rms_norm", x, residual)
     y, rstd = _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset)
     return y, _like_x(x), rstd
@@ -107,34 +107,81 @@ def _rms_norm_bwd_fake(grad_y, x, rstd, weight, bias, weight_grad, bias_grad, we
     return _norm_bwd_fake("rms_norm", grad_y, x, {"rstd": rstd}, weight, bias, weight_grad, bias_grad, grad_s)
 
 
+@torch.library.register_fake(_lib + "_layer_norm_bwd_")
+def _layer_norm_bwd_in_place_fake(grad_y, x, mean, rstd, weight, bias, weight_grad, bias_grad, weight_offset=0.0,
+                                  grad_s=None):
+    return _norm_bwd_fake("_layer_norm_bwd_", grad_y, x, {"mean": mean, "rstd": rstd}, weight, bias, weight_grad,
+                          bias_grad, grad_s)[1:]
+
+
+@torch.library.register_fake(_lib + "_rms_norm_bwd_")
+def _rms_norm_bwd_in_place_fake(grad_y, x, rstd, weight, bias, weight_grad, bias_grad, weight_offset=0.0,
+                                grad_s=None):
+    return _norm_bwd_fake("_rms_norm_bwd_", grad_y, x, {"rstd": rstd}, weight, bias, weight_grad, bias_grad,
+                          grad_s)[1:]
+
+
+def _save_options(ctx, static):
+    """The norm ops' arguments after the tensors: eps, then weight_offset and
+    in_place_backward when the caller passed them."""
+    ctx.weight_offset = static[1] if len(static) > 1 else 0.0
+    ctx.in_place_backward = static[2] if len(static) > 2 else False
+    ctx.n_static = len(static)
+
+
+def _can_overwrite(grad, like):
+    """Whether backward may write grad_x into `grad`: a plain, contiguous tensor of x's shape and
+    dtype that owns its storage and that nothing but this backward holds (autograd passes a
+    gradient it shares with another consumer, or one the user passed to .backward(), with more
+    references); never while tracing (torch.compile reuses dead buffers itself) or under
+    create_graph."""
+    return (type(grad) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and grad._use_count() == 1 and not grad._is_view() and grad.is_contiguous()
+            and grad.dtype == like.dtype and grad.shape == like.shape
+            and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size())
+
+
+def _norm_grads(ctx, bwd_op, bwd_in_place_op, grad_y, x, stats, weight, bias, grad_s=None):
+    """(grad_x, grad_weight, grad_bias) of the norm of x (grad_s added to grad_x); grad_x is
+    grad_y itself, overwritten, with in_place_backward when _can_overwrite(grad_y)."""
+    need_w, need_b = ctx.needs_input_grad[ctx.n_inputs - 2:ctx.n_inputs]
+    args = (x, *stats, weight, bias, need_w, need_b, ctx.weight_offset, grad_s)
+    if ctx.in_place_backward and _can_overwrite(grad_y, x):
+        gw, gb = bwd_in_place_op(grad_y, *args)
+        gx = grad_y
+    else:
+        gx, gw, gb = bwd_op(grad_y, *args)
+    return gx, gw if need_w else None, gb if need_b else None
+
+
 def _norm_setup_context(ctx, inputs, output):
-    x, weight, bias, _eps, *offset = inputs
+    x, weight, bias, *static = inputs
     _y, *stats = output
     ctx.mark_non_differentiable(*stats)
     ctx.set_materialize_grads(False)  # no zero gradients built for the statistics
     ctx.save_for_backward(x, weight, bias, *stats)
-    ctx.weight_offset = offset[0] if offset else 0.0
-    ctx.n_static = 1 + len(offset)
+    ctx.n_inputs = 3  # x, weight, bias
+    _save_options(ctx, static)
 
 
-def _make_norm_backward(bwd_op):
+def _make_norm_backward(bwd_op, bwd_in_place_op):
     def backward(ctx, grad_y, *_grad_stats):
         if grad_y is None:
             return (None,) * (3 + ctx.n_static)
         x, weight, bias, *stats = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = bwd_op(grad_y, x, *stats, weight, bias, need_w, need_b, ctx.weight_offset)
-        return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
-                *(None,) * ctx.n_static)
+        gx, gw, gb = _norm_grads(ctx, bwd_op, bwd_in_place_op, grad_y, x, stats, weight, bias)
+        return (gx if ctx.needs_input_grad[0] else None, gw, gb, *(None,) * ctx.n_static)
 
     return backward
 
 
 torch.library.register_autograd(
-    _lib + "_layer_norm_fwd", _make_norm_backward(torch.ops.ffn._layer_norm_bwd), setup_context=_norm_setup_context
+    _lib + "_layer_norm_fwd", _make_norm_backward(torch.ops.ffn._layer_norm_bwd, torch.ops.ffn._layer_norm_bwd_),
+    setup_context=_norm_setup_context,
 )
 torch.library.register_autograd(
-    _lib + "_rms_norm_fwd", _make_norm_backward(torch.ops.ffn._rms_norm_bwd), setup_context=_norm_setup_context
+    _lib + "_rms_norm_fwd", _make_norm_backward(torch.ops.ffn._rms_norm_bwd, torch.ops.ffn._rms_norm_bwd_),
+    setup_context=_norm_setup_context,
 )
 
 
@@ -142,36 +189,37 @@ torch.library.register_autograd(
 # and runs the norm's backward op on it with grad_s added to its grad_x, which is then
 # the gradient of both x and residual.
 def _add_norm_setup_context(ctx, inputs, output):
-    _x, _residual, weight, bias, _eps, *offset = inputs
+    _x, _residual, weight, bias, *static = inputs
     _y, s, *stats = output
     ctx.mark_non_differentiable(*stats)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(s, weight, bias, *stats)
-    ctx.weight_offset = offset[0] if offset else 0.0
-    ctx.n_static = 1 + len(offset)
+    ctx.n_inputs = 4  # x, residual, weight, bias
+    _save_options(ctx, static)
 
 
-def _make_add_norm_backward(bwd_op):
+def _make_add_norm_backward(bwd_op, bwd_in_place_op):
     def backward(ctx, grad_y, grad_s, *_grad_stats):
-        need_x, need_residual, need_w, need_b = ctx.needs_input_grad[:4]
+        need_x, need_residual = ctx.needs_input_grad[:2]
         gw = gb = None
         if grad_y is None:
             gx = grad_s  # y unused: s = x + residual passes grad_s through
         else:
             s, weight, bias, *stats = ctx.saved_tensors
-            gx, gw, gb = bwd_op(grad_y, s, *stats, weight, bias, need_w, need_b, ctx.weight_offset, grad_s)
-        return (gx if need_x else None, gx if need_residual else None, gw if need_w else None,
-                gb if need_b else None, *(None,) * ctx.n_static)
+            gx, gw, gb = _norm_grads(ctx, bwd_op, bwd_in_place_op, grad_y, s, stats, weight, bias, grad_s)
+        return (gx if need_x else None, gx if need_residual else None, gw, gb, *(None,) * ctx.n_static)
 
     return backward
 
 
 torch.library.register_autograd(
-    _lib + "_add_layer_norm_fwd", _make_add_norm_backward(torch.ops.ffn._layer_norm_bwd),
+    _lib + "_add_layer_norm_fwd",
+    _make_add_norm_backward(torch.ops.ffn._layer_norm_bwd, torch.ops.ffn._layer_norm_bwd_),
     setup_context=_add_norm_setup_context,
 )
 torch.library.register_autograd(
-    _lib + "_add_rms_norm_fwd", _make_add_norm_backward(torch.ops.ffn._rms_norm_bwd),
+    _lib + "_add_rms_norm_fwd",
+    _make_add_norm_backward(torch.ops.ffn._rms_norm_bwd, torch.ops.ffn._rms_norm_bwd_),
     setup_context=_add_norm_setup_context,
 )
 

@@ -48,6 +48,10 @@ Strategies, for one mesh dimension (each mesh dimension independently):
   no Partial form). For per-rank telemetry call it on .to_local() tensors and
   combine with ffn.telemetry.all_reduce_.
 
+The in-place backward ops (_layer_norm_bwd_, _rms_norm_bwd_) have no strategy:
+autograd uses them for plain tensors only (ffn's in_place_backward falls back to
+the out-of-place backward for DTensor gradients).
+
 Every op also takes all-Replicate inputs. DTensor redistributes any other
 input layout to the cheapest of these; only the layouts that cannot be computed
 locally without changing what the op means are refused with a ValueError

@@ -2,7 +2,9 @@
 
 LayerNorm and RMSNorm are drop-in replacements for torch.nn.LayerNorm and
 torch.nn.RMSNorm: same constructor, same parameter names, so their state_dicts
-load unchanged and give the same outputs. `weight_offset=1` makes their weight
+load unchanged and give the same outputs. `in_place_backward=True` lets backward
+write grad_x into the output gradient's storage when nothing else holds it (one
+activation-sized buffer less per norm). `weight_offset=1` makes their weight
 zero-centered (scale 1 + weight, stored weight starting at 0; GemmaRMSNorm);
 AddLayerNorm / AddRMSNorm take (x, residual) and return (norm(x + residual),
 x + residual) in one fused pass. The FFN modules hold the weights in
@@ -50,7 +52,8 @@ class _Norm(nn.Module):
 
     _op_name = ""
 
-    def __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset=0.0):
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset=0.0,
+                 in_place_backward=False):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.normalized_shape = _shape_tuple(normalized_shape)
@@ -58,6 +61,7 @@ class _Norm(nn.Module):
         if weight_offset and not elementwise_affine:
             raise ValueError(f"weight_offset={weight_offset} needs a weight (elementwise_affine=True)")
         self.weight_offset = float(weight_offset)
+        self.in_place_backward = bool(in_place_backward)
         self.elementwise_affine = elementwise_affine
         self.backend = _check_backend(backend)
         if elementwise_affine:
@@ -95,7 +99,8 @@ class _Norm(nn.Module):
         flat = lambda t: t if t is None or n == 1 else t.reshape(-1)  # noqa: E731
         rows = [x if n == 1 else x.flatten(-n) for x in xs]
         out = getattr(reference.backend(self.backend), op_name)(
-            *rows, flat(self.weight), flat(self.bias), self._eps_for(xs[0]), self.weight_offset)
+            *rows, flat(self.weight), flat(self.bias), self._eps_for(xs[0]), self.weight_offset,
+            self.in_place_backward)
         unflat = lambda t: t if n == 1 else t.view(xs[0].shape)  # noqa: E731
         return tuple(unflat(t) for t in out) if isinstance(out, tuple) else unflat(out)
 
@@ -104,10 +109,11 @@ class _Norm(nn.Module):
         return self._call(self._op_name, x)
 
     def extra_repr(self):
-        offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        options = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        options += ", in_place_backward=True" if self.in_place_backward else ""
         return (
             f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            f"bias={self.bias is not None}{offset}, backend={self.backend!r}"
+            f"bias={self.bias is not None}{options}, backend={self.backend!r}"
         )
 
 
@@ -117,8 +123,9 @@ class LayerNorm(_Norm):
     _op_name = "layer_norm"
 
     def __init__(self, normalized_shape, eps=op_default("layer_norm", "eps"), elementwise_affine=True, bias=True,
-                 device=None, dtype=None, backend="ffn", weight_offset=0.0):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset)
+                 device=None, dtype=None, backend="ffn", weight_offset=0.0, in_place_backward=False):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset,
+                         in_place_backward)
 
 
 class RMSNorm(_Norm):
@@ -133,8 +140,9 @@ class RMSNorm(_Norm):
     _op_name = "rms_norm"
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, bias=False, device=None,
-                 dtype=None, backend="ffn", weight_offset=0.0):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset)
+                 dtype=None, backend="ffn", weight_offset=0.0, in_place_backward=False):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset,
+                         in_place_backward)
 
     def _eps_for(self, x):
         if self.eps is not None:
@@ -147,8 +155,9 @@ class GemmaRMSNorm(RMSNorm):
     formed in float32 (weight_offset=1, the stored weight starts at 0), eps 1e-6."""
 
     def __init__(self, normalized_shape, eps=1e-6, elementwise_affine=True, bias=False, device=None,
-                 dtype=None, backend="ffn"):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset=1.0)
+                 dtype=None, backend="ffn", in_place_backward=False):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend, weight_offset=1.0,
+                         in_place_backward=in_place_backward)
 
 
 class _AddNorm:

@@ -27,13 +27,14 @@ def _offset_norm(norm, x, weight, bias, weight_offset):
     return y.to(x.dtype)
 
 
+# in_place_backward changes where the ops' backward writes grad_x, not what it is: ignored here.
 def layer_norm(x, weight=None, bias=None, eps=op_default("layer_norm", "eps"),
-               weight_offset=op_default("layer_norm", "weight_offset")):
+               weight_offset=op_default("layer_norm", "weight_offset"), in_place_backward=False):
     return _offset_norm(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, eps), x, weight, bias, weight_offset)
 
 
 def rms_norm(x, weight=None, bias=None, eps=op_default("rms_norm", "eps"),
-             weight_offset=op_default("rms_norm", "weight_offset")):
+             weight_offset=op_default("rms_norm", "weight_offset"), in_place_backward=False):
     def norm(x, w, b):
         y = F.rms_norm(x, (x.shape[-1],), w, eps)
         # Output in y's dtype, like F.layer_norm's with float32 parameters and half x
@@ -44,13 +45,13 @@ def rms_norm(x, weight=None, bias=None, eps=op_default("rms_norm", "eps"),
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=op_default("add_layer_norm", "eps"),
-                   weight_offset=op_default("add_layer_norm", "weight_offset")):
+                   weight_offset=op_default("add_layer_norm", "weight_offset"), in_place_backward=False):
     s = x + residual
     return layer_norm(s, weight, bias, eps, weight_offset), s
 
 
 def add_rms_norm(x, residual, weight=None, bias=None, eps=op_default("add_rms_norm", "eps"),
-                 weight_offset=op_default("add_rms_norm", "weight_offset")):
+                 weight_offset=op_default("add_rms_norm", "weight_offset"), in_place_backward=False):
     s = x + residual
     return rms_norm(s, weight, bias, eps, weight_offset), s
 

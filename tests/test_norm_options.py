@@ -1,5 +1,6 @@
-"""The norm options of SPEC "Norm options": zero-centered gamma (weight_offset) and the
-fused residual add + norm (add_layer_norm, add_rms_norm), for both norms.
+"""The norm options of SPEC "Norm options": zero-centered gamma (weight_offset), the
+fused residual add + norm (add_layer_norm, add_rms_norm) and the in-place backward
+(in_place_backward), for both norms.
 
 weight_offset is judged against the float64 reference and, to the bit, against the
 plain op with the weight (weight + offset) formed in float32 (what Gemma's RMSNorm
@@ -218,6 +219,89 @@ def test_add_norm_autocast_cuda_runs_in_float32(name):
     assert torch.equal(s, x.float() + residual.float()) and torch.equal(y, y_plain)
 
 
+# ----------------------------------------------------------------------------- in-place backward
+def grad_capture(t, seen):
+    """Records the data pointer of the gradient reaching t (then drops the reference)."""
+    t.register_hook(lambda g: seen.append(g.data_ptr()))
+
+
+@pytest.mark.parametrize("fused", (False, True), ids=("norm", "add-norm"))
+@pytest.mark.parametrize("dtypes", [NORM_DTYPES[1], NORM_DTYPES[4]], ids=["f32", "bf16-wf32"])
+@pytest.mark.parametrize("name", NORMS)
+def test_in_place_backward_writes_grad_x_into_grad_y(name, dtypes, fused, device):
+    """Same gradients as the out-of-place backward, and x.grad is the output gradient's own
+    buffer (no new activation-sized tensor)."""
+    x_dtype, p_dtype = dtypes
+    d = 96
+    x0 = randn(8, d, dtype=x_dtype, device=device, scale=2.0)
+    r0 = randn(8, d, dtype=x_dtype, device=device)
+    w0, b0 = params(d, p_dtype, device)
+    c = torch.randn(8, d, device=device).to(x_dtype)
+    results = []
+    for in_place in (False, True):
+        x, w, b = (t.detach().requires_grad_() for t in (x0, w0, b0))
+        if fused:
+            y, s = op("add_" + name)(x, r0, w, b, EPS[name], 1.0, in_place)
+        else:
+            y = op(name)(x, w, b, EPS[name], 1.0, in_place)
+        seen = []
+        grad_capture(y, seen)
+        (y * c).sum().backward()  # grad_y = c, a fresh tensor only this backward holds
+        results.append((x.grad, w.grad, b.grad))
+        assert (x.grad.data_ptr() == seen[0]) == in_place
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_in_place_backward_leaves_shared_gradients_alone(name, device):
+    """A gradient autograd also passes elsewhere, or one the caller holds, is not overwritten."""
+    x = randn(4, 16, device=device, requires_grad=True)
+    z = randn(4, 16, device=device, requires_grad=True)
+    w, b = params(16, torch.float32, device)
+    (op(name)(x, w, b, EPS[name], 0.0, True) + z).backward(torch.ones(4, 16, device=device))
+    assert torch.equal(z.grad, torch.ones(4, 16, device=device))  # the add passed one tensor to both
+    gx_in_place = x.grad
+    x.grad = None
+    (op(name)(x, w, b, EPS[name]) + z).backward(torch.ones(4, 16, device=device))
+    assert torch.equal(gx_in_place, x.grad)
+    g = torch.randn(4, 16, device=device)
+    g_copy = g.clone()
+    op(name)(x, w, b, EPS[name], 0.0, True).backward(g)
+    assert torch.equal(g, g_copy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NORMS)
+def test_in_place_backward_op_and_compile(name, device):
+    """opcheck of the in-place backward op; under torch.compile the flag changes nothing."""
+    x, residual, w, b, eps, offset = option_samples(device)[0]
+    y, s, *stats = op(f"_add_{name}_fwd")(x.detach(), residual.detach(), w.detach(), b.detach(), eps, offset)
+    torch.library.opcheck(op(f"_{name}_bwd_"),
+                          (torch.randn_like(y), s, *stats, w.detach(), b.detach(), True, True, offset,
+                           torch.randn_like(s)))
+    fn = lambda x: op(name)(x, w, b, eps, offset, True).square().sum()  # noqa: E731
+    (g_eager,) = torch.autograd.grad(fn(x), x)
+    (g_compiled,) = torch.autograd.grad(torch.compile(fn, fullgraph=True)(x), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+def test_in_place_backward_modules():
+    norm = ffn.RMSNorm(16, in_place_backward=True)
+    assert "in_place_backward=True" in repr(norm)
+    x = randn(3, 16, requires_grad=True)
+    seen = []
+    y = norm(x)
+    grad_capture(y, seen)
+    (y * 2).sum().backward()
+    assert x.grad.data_ptr() == seen[0]
+    fused = ffn.AddLayerNorm(16, in_place_backward=True)
+    x.grad = None
+    y, s = fused(x, randn(3, 16))
+    y.sum().backward()
+    assert x.grad is not None
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("name", NORMS)
 def test_option_errors(name):
@@ -240,6 +324,10 @@ def test_option_errors(name):
         op(add)(x, x, w, None, -1.0)
     with pytest.raises(RuntimeError, match=rf"ffn\.{add}: weight must have shape \[8\]"):
         op(add)(x, x, randn(7), None)
+    _, *stats = op(f"_{name}_fwd")(x, w, None, 1e-5)
+    with pytest.raises(RuntimeError, match=rf"ffn\._{name}_bwd_: the in-place backward writes grad_x into "
+                                           r"grad_y, which must be contiguous"):
+        op(f"_{name}_bwd_")(randn(8, 3).t(), x, *stats, w, None, True, False)
 
 
 # ----------------------------------------------------------------------------- opcheck, compile

@@ -31,7 +31,7 @@ def test_op_defaults_come_from_the_schemas():
     assert op_default("layer_norm", "eps") == 1e-5 and op_default("rms_norm", "eps") == 1e-6
     assert op_default("gelu_ffn", "approximate") == "none"
     assert ffn.LayerNorm(4).eps == op_default("layer_norm", "eps") == torch.nn.LayerNorm(4).eps
-    assert ffn.reference.rms_norm.__defaults__[-2:] == (op_default("rms_norm", "eps"), 0.0)
+    assert ffn.reference.rms_norm.__defaults__[-3:] == (op_default("rms_norm", "eps"), 0.0, False)
     assert op_default("add_rms_norm", "weight_offset") == op_default("layer_norm", "weight_offset") == 0.0
     assert op_default("geglu", "approximate") == "none"
     with pytest.raises(KeyError, match="no argument 'eps'"):

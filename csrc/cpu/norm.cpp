@@ -130,8 +130,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* 
     const A mu = kCenter ? M[r] : A(0);
     const A rs = R[r];
     const Pack<T> mu_v(mu), rs_v(rs);
-    auto g_at = [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-      const auto dy = load<T>(dyr + i, n);
+    auto g_of = [&](const Pack<T>& dy, int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       // Unfused, so both passes see the same g and d = 1 gives dx = 0 exactly.
       return W != nullptr ? unfused<T>(dy * (load<T>(W + i, n) + offset_v)) : dy;
     };
@@ -141,7 +140,7 @@ void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* 
     // sum(g) and sum(g * (x - mean)). Tail lanes: g loads as zero there, so both terms are zero.
     const auto [sum_g, sum_gc] = sum_row_pair<T>(
         d, [&](int64_t i, int64_t n, Pack<T>& sg, Pack<T>& sgc) C10_ALWAYS_INLINE_ATTRIBUTE {
-          const auto g = g_at(i, n);
+          const auto g = g_of(load<T>(dyr + i, n), i, n);
           sg = sg + g;
           sgc = fmadd(g, centered_at(i, n), sgc);
         });
@@ -150,20 +149,19 @@ void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* 
     // dx = rstd * (g - (xhat * mean(g * xhat) + mean(g))). Subtracting before scaling keeps
     // exact cancellations exact (d = 1: dx = 0).
     const Pack<T> mean_gx_v(mean_gx), mean_g_v(mean_g);
+    // dy is read before dx is stored at the same place: DX may be DY (the in-place backward).
     for_each_step<T>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const auto dy = load<T>(dyr + i, n);
       const auto xhat = centered_at(i, n) * rs_v;
-      const auto dx = (g_at(i, n) - fmadd(xhat, mean_gx_v, mean_g_v)) * rs_v;
+      const auto dx = (g_of(dy, i, n) - fmadd(xhat, mean_gx_v, mean_g_v)) * rs_v;
       // The fused add's gradient of s is added to dx rounded to T (and not contracted
       // into an FMA with dx's product), as autograd adds the unfused pair's two gradients of s.
       store<T>(DX + r * d + i, DS != nullptr ? round_to<T>(unfused<T>(dx)) + load<T>(DS + r * d + i, n) : dx, n);
-      if (dw_acc != nullptr || db_acc != nullptr) {
-        const auto dy = load<T>(dyr + i, n);
-        if (dw_acc != nullptr) {
-          store<T>(dw_acc + i, fmadd(dy, xhat, load<T>(dw_acc + i, n)), n);
-        }
-        if (db_acc != nullptr) {
-          store<T>(db_acc + i, load<T>(db_acc + i, n) + dy, n);
-        }
+      if (dw_acc != nullptr) {
+        store<T>(dw_acc + i, fmadd(dy, xhat, load<T>(dw_acc + i, n)), n);
+      }
+      if (db_acc != nullptr) {
+        store<T>(db_acc + i, load<T>(db_acc + i, n) + dy, n);
       }
     });
   }

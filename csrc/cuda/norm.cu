@@ -463,6 +463,8 @@ void forward(const Tensor& x, const Tensor& residual, const Tensor& weight, cons
 
 // ---------------------------------------------------------------------------
 // Backward.
+// dx may be dy (the in-place backward): each thread reads its words of dy, and
+// computes dx from them, before it stores dx there, and never reads them again.
 template <typename T, typename P>
 struct BackwardArgs {
   const T* __restrict__ dy;
@@ -866,7 +868,7 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
       a.dw_partial = mutable_data_or_null<A>(dw_partial);
       a.db_partial = mutable_data_or_null<A>(db_partial);
     }
-    launch(kernel, {static_cast<unsigned>(grid), kLongRowBlock, smem}, a, shared);
+    // The column kernel re-reads dy, so it runs first: dx may overwrite dy (in-place backward).
     if (param_grads && !shared.accumulate) {
       const int64_t column_blocks = ceil_div(d, kColumnBlock);
       const int64_t chunks = std::clamp<int64_t>(ceil_div(int64_t{sm_count()} * 8, column_blocks),
@@ -879,6 +881,7 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
              rows, d, rows_per_chunk, mutable_data_or_null<A>(dw_partial),
              mutable_data_or_null<A>(db_partial));
     }
+    launch(kernel, {static_cast<unsigned>(grid), kLongRowBlock, smem}, a, shared);
   }
   if (grad_weight.defined()) sum_partials<A, P>(dw_partial, grad_weight);
   if (grad_bias.defined()) sum_partials<A, P>(db_partial, grad_bias);

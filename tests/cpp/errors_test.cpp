@@ -42,7 +42,7 @@ TEST(Errors, NormEps) {
 TEST(Errors, NormDevice) {
   const Tensor x = at::randn({4, 8});
   const Tensor meta_weight = at::ones({8}, at::TensorOptions().device(at::kMeta));
-  EXPECT_ERROR_WITH(rms_norm_forward(x, meta_weight, std::nullopt, 1e-6, 0.0, cpu::kNormKernels),
+  EXPECT_ERROR_WITH(rms_norm_forward(x, meta_weight, std::nullopt, 1e-6, 0.0, false, cpu::kNormKernels),
                     "ffn.rms_norm: weight is on meta but x is on cpu");
 }
 

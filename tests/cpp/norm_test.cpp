@@ -134,14 +134,14 @@ TEST_F(SeededTest, NormForwardNonContiguousInput) {
 TEST_F(SeededTest, NormCppApiMatchesDispatcher) {
   const Tensor x = make_input({3, 5, 40}, at::kFloat);
   const auto [w, b] = make_params(40, {true, true}, at::kFloat);
-  const auto [y, mean, rstd] = layer_norm_forward(x, w, b, kLayerNormEps, 0.0, cpu::kNormKernels);
+  const auto [y, mean, rstd] = layer_norm_forward(x, w, b, kLayerNormEps, 0.0, false, cpu::kNormKernels);
   const auto [y_op, mean_op, rstd_op] = ops::layer_norm_fwd(x, w, b, kLayerNormEps);
   EXPECT_TRUE(at::equal(y, y_op));
   EXPECT_TRUE(at::equal(mean, mean_op));
   EXPECT_TRUE(at::equal(rstd, rstd_op));
   EXPECT_TRUE(at::equal(y, ops::layer_norm(x, w, b, kLayerNormEps)));
 
-  const auto [y_rms, rstd_rms] = rms_norm_forward(x, w, std::nullopt, kRmsNormEps, 0.0, cpu::kNormKernels);
+  const auto [y_rms, rstd_rms] = rms_norm_forward(x, w, std::nullopt, kRmsNormEps, 0.0, false, cpu::kNormKernels);
   EXPECT_TRUE(at::equal(y_rms, ops::rms_norm(x, w, std::nullopt, kRmsNormEps)));
 
   const Tensor gy = at::randn_like(x);

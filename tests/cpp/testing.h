@@ -32,7 +32,7 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-using NormSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, double, double);
+using NormSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, double, double, bool);
 using FfnSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
                       const OptTensor&, std::string_view);
 using FfnFwdSig = Tensors2(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
@@ -43,24 +43,24 @@ using FfnBwdSig = Tensors5(const Tensor&, const Tensor&, const Tensor&, const Te
 namespace ops {
 inline Tensor layer_norm(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
   static const auto h = op<NormSig>("ffn::layer_norm");
-  return h.call(x, w, b, eps, 0.0);
+  return h.call(x, w, b, eps, 0.0, false);
 }
 inline Tensor rms_norm(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
   static const auto h = op<NormSig>("ffn::rms_norm");
-  return h.call(x, w, b, eps, 0.0);
+  return h.call(x, w, b, eps, 0.0, false);
 }
 inline Tensors3 layer_norm_fwd(const Tensor& x, const OptTensor& w, const OptTensor& b,
                                double eps) {
   static const auto h =
-      op<Tensors3(const Tensor&, const OptTensor&, const OptTensor&, double, double)>(
+      op<Tensors3(const Tensor&, const OptTensor&, const OptTensor&, double, double, bool)>(
           "ffn::_layer_norm_fwd");
-  return h.call(x, w, b, eps, 0.0);
+  return h.call(x, w, b, eps, 0.0, false);
 }
 inline Tensors2 rms_norm_fwd(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
   static const auto h =
-      op<Tensors2(const Tensor&, const OptTensor&, const OptTensor&, double, double)>(
+      op<Tensors2(const Tensor&, const OptTensor&, const OptTensor&, double, double, bool)>(
           "ffn::_rms_norm_fwd");
-  return h.call(x, w, b, eps, 0.0);
+  return h.call(x, w, b, eps, 0.0, false);
 }
 inline Tensors3 layer_norm_bwd(const Tensor& gy, const Tensor& x, const Tensor& mean,
                                const Tensor& rstd, const OptTensor& w, const OptTensor& b,

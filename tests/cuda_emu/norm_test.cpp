@@ -91,30 +91,30 @@ void check_forward(const Case& c, bool center, Affine affine, at::ScalarType pdt
     if (center) {
       Tensor mean, mean_ref;
       std::tie(y, s, mean, rstd) =
-          add_layer_norm_forward(x, residual, opt(w), opt(b), eps, offset, cuda::kNormKernels);
+          add_layer_norm_forward(x, residual, opt(w), opt(b), eps, offset, false, cuda::kNormKernels);
       std::tie(y_ref, s_ref, mean_ref, rstd_ref) =
-          add_layer_norm_forward(x, residual, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+          add_layer_norm_forward(x, residual, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
       EXPECT_TRUE(matches(mean, mean_ref, compute_dtype(c.dtype))) << "mean";
     } else {
       std::tie(y, s, rstd) =
-          add_rms_norm_forward(x, residual, opt(w), opt(b), eps, offset, cuda::kNormKernels);
+          add_rms_norm_forward(x, residual, opt(w), opt(b), eps, offset, false, cuda::kNormKernels);
       std::tie(y_ref, s_ref, rstd_ref) =
-          add_rms_norm_forward(x, residual, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+          add_rms_norm_forward(x, residual, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
     }
     EXPECT_TRUE(at::equal(s, x + residual)) << "s is x + residual rounded to x's dtype";
     EXPECT_TRUE(at::equal(s, s_ref)) << "s";
     EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
     EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
   } else if (center) {
-    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, offset, cuda::kNormKernels);
+    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, offset, false, cuda::kNormKernels);
     const auto [y_ref, mean_ref, rstd_ref] =
-        layer_norm_forward(x, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+        layer_norm_forward(x, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
     EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
     EXPECT_TRUE(matches(mean, mean_ref, compute_dtype(c.dtype))) << "mean";
     EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
   } else {
-    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, offset, cuda::kNormKernels);
-    const auto [y_ref, rstd_ref] = rms_norm_forward(x, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, offset, false, cuda::kNormKernels);
+    const auto [y_ref, rstd_ref] = rms_norm_forward(x, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
     EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
     EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
   }
@@ -139,13 +139,13 @@ void check_backward(const Case& c, bool center, Affine affine, at::ScalarType pd
   std::tuple<Tensor, Tensor, Tensor> got, want;
   if (center) {
     // Statistics from the CPU kernel: both backward passes see the same inputs.
-    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
     got = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias, offset,
                               opt(ds), cuda::kNormKernels);
     want = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias, offset,
                                opt(ds), cpu::kNormKernels);
   } else {
-    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, offset, cpu::kNormKernels);
+    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
     got = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, offset, opt(ds),
                             cuda::kNormKernels);
     want = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, offset, opt(ds),
@@ -212,6 +212,37 @@ TEST_F(SeededTest, EmulatedNormOptionsMatchCpu) {
                   {1.0, true});
     check_backward({at::kBFloat16, 7, 1024, "misaligned"}, center, {true, true}, at::kBFloat16, true,
                    {1.0, true});
+  }
+}
+
+// The in-place backward (grad_x written into grad_y) in every backward row policy,
+// including the long rows whose parameter gradients the column kernel re-reads
+// dy for: the same gradients as the CPU kernels' out-of-place backward.
+TEST_F(SeededTest, EmulatedNormInPlaceBackwardMatchesCpu) {
+  for (const Case& c : kBackwardCases) {
+    for (const bool center : {true, false}) {
+      SCOPED_TRACE(describe(c.policy, "| rows", c.rows, "d", c.d, c.dtype, center ? "layer_norm" : "rms_norm"));
+      const Tensor x = input(c);
+      const Tensor dy = at::randn({c.rows, c.d}, at::kDouble).to(c.dtype);
+      const Tensor ds = at::randn({c.rows, c.d}, at::kDouble).to(c.dtype);
+      const Tensor w = param(true, c.d, c.dtype, 1.0), b = param(true, c.d, c.dtype, 0.0);
+      Tensor grad = dy.clone();
+      std::tuple<Tensor, Tensor, Tensor> want;
+      std::tuple<Tensor, Tensor> got;
+      if (center) {
+        const auto [y, mean, rstd] = layer_norm_forward(x, w, b, 1e-5, 1.0, false, cpu::kNormKernels);
+        want = layer_norm_backward(dy, x, mean, rstd, w, b, true, true, 1.0, ds, cpu::kNormKernels);
+        got = layer_norm_backward_in_place(grad, x, mean, rstd, w, b, true, true, 1.0, ds,
+                                           cuda::kNormKernels);
+      } else {
+        const auto [y, rstd] = rms_norm_forward(x, w, b, 1e-5, 1.0, false, cpu::kNormKernels);
+        want = rms_norm_backward(dy, x, rstd, w, b, true, true, 1.0, ds, cpu::kNormKernels);
+        got = rms_norm_backward_in_place(grad, x, rstd, w, b, true, true, 1.0, ds, cuda::kNormKernels);
+      }
+      EXPECT_TRUE(matches(grad, std::get<0>(want), c.dtype)) << "grad_x, written into grad_y";
+      EXPECT_TRUE(matches(std::get<0>(got), std::get<1>(want), c.dtype)) << "grad_weight";
+      EXPECT_TRUE(matches(std::get<1>(got), std::get<2>(want), c.dtype)) << "grad_bias";
+    }
   }
 }
 
