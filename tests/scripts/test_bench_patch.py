@@ -1,0 +1,26 @@
+"""scripts/bench_patch.py on tiny models: it runs, and its accuracy columns are float32 rounding."""
+
+import json
+
+import pytest
+
+from script_loader import load_script
+
+pytest.importorskip("transformers")
+
+
+def test_quick_run_prints_and_writes_rows(tmp_path, capsys, monkeypatch):
+    bench = load_script("bench_patch")
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr("sys.argv", ["bench_patch.py", "--arch", "llama,gemma,t5_v1_0", "--hidden", "64",
+                                     "--seq", "8", "--batch", "2", "--repeats", "2", "--warmup", "0",
+                                     "--json", str(out)])
+    bench.main()
+    printed = capsys.readouterr().out
+    assert "| gemma | GemmaMLP 2, GemmaRMSNorm 5 |" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arch"] for r in rows] == ["llama", "gemma", "t5_v1_0"]
+    for row in rows:
+        assert row["logits_rel_diff"] < 1e-5 and row["grad_rel_diff"] < 1e-5, row
+        assert row["patched_min_ms"] > 0 and row["unpatched_min_ms"] > 0
+    assert rows[2]["replaced"] == {"T5LayerNorm": 12, "T5DenseActDense": 4}
