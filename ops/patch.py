@@ -160,7 +160,8 @@ class _GemmaRMSNorm(_Patched):
     """x_hat * (1 + weight) in float32 (zero-centered gamma: weight_offset 1), returned in x's dtype."""
 
     def forward(self, x):
-        return _norm_call(_ops.rms_norm, x, self.weight, None, self.eps, x.dtype, weight_offset=1.0)
+        xc = x if x.dtype in (torch.float32, *_HALF) else x.float()  # Gemma normalizes x.float()
+        return _norm_call(_ops.rms_norm, xc, self.weight, None, self.eps, x.dtype, weight_offset=1.0)
 
 
 class _T5LayerNorm(_Patched):

@@ -61,12 +61,19 @@ def main():
             b = (0.1 * torch.randn(d, generator=g)).to(dtype)
             run_case(lambda x, w, b: torch.ops.ffn.layer_norm(x, w, b, 1e-5), [x, w, b], dtype, f"layer_norm {dtype} {rows}x{d}")
             run_case(lambda x, w: torch.ops.ffn.rms_norm(x, w, None, 1e-6), [x, w], dtype, f"rms_norm {dtype} {rows}x{d}")
+            r = torch.randn(rows, d, generator=g).to(dtype)
+            for op in ("add_layer_norm", "add_rms_norm"):  # the fused add, zero-centered weight, in-place backward
+                run_case(lambda x, r, w, b, op=op: sum(getattr(torch.ops.ffn, op)(x, r, w, b, 1e-5, 1.0, True)),
+                         [x, r, w, b], dtype, f"{op} {dtype} {rows}x{d}")
         rows, d, f = (33, 64, 136) if args.quick else (129, 96, 264)
         x = torch.randn(rows, d, generator=g).to(dtype)
         w1, b1 = (0.1 * torch.randn(f, d, generator=g)).to(dtype), (0.1 * torch.randn(f, generator=g)).to(dtype)
         w2, b2 = (0.1 * torch.randn(d, f, generator=g)).to(dtype), (0.1 * torch.randn(d, generator=g)).to(dtype)
         wgu = (0.1 * torch.randn(2 * f, d, generator=g)).to(dtype)
         run_case(lambda *a: torch.ops.ffn.gelu_ffn(*a), [x, w1, b1, w2, b2], dtype, f"gelu_ffn {dtype}")
+        run_case(lambda *a: torch.ops.ffn.relu_ffn(*a), [x, w1, b1, w2, b2], dtype, f"relu_ffn {dtype}")
+        run_case(lambda x, wgu, w2: torch.ops.ffn.geglu(x, wgu, None, w2, None, "tanh"), [x, wgu, w2], dtype,
+                 f"geglu tanh {dtype}")
         for op in ("swiglu", "geglu", "reglu"):
             run_case(lambda x, wgu, w2: getattr(torch.ops.ffn, op)(x, wgu, None, w2, None), [x, wgu, w2], dtype, f"{op} {dtype}")
         z = torch.randn(rows, 2 * f, generator=g).to(dtype)

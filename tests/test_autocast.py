@@ -52,8 +52,10 @@ FFN_CASES = {
     "gelu_ffn": (lambda *a: torch.ops.ffn.gelu_ffn(*a), ffn.reference.gelu_ffn, False),
     "gelu_ffn-tanh": (lambda *a: torch.ops.ffn.gelu_ffn(*a, "tanh"),
                       lambda *a: ffn.reference.gelu_ffn(*a, "tanh"), False),
+    "relu_ffn": (torch.ops.ffn.relu_ffn, ffn.reference.relu_ffn, False),
     "swiglu": (torch.ops.ffn.swiglu, ffn.reference.swiglu, True),
     "geglu": (torch.ops.ffn.geglu, ffn.reference.geglu, True),
+    "geglu-tanh": (lambda *a: torch.ops.ffn.geglu(*a, "tanh"), lambda *a: ffn.reference.geglu(*a, "tanh"), True),
     "reglu": (torch.ops.ffn.reglu, ffn.reference.reglu, True),
 }
 
@@ -78,17 +80,21 @@ def test_ffn_ops_run_in_lower_precision(case, dtype, x_dtype, device):
 @pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16), ids=("x-f32", "x-bf16"))
 @pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
-@pytest.mark.parametrize("op", ("layer_norm", "rms_norm"))
+@pytest.mark.parametrize("op", ("layer_norm", "rms_norm", "gemma_rms_norm"))
 def test_norms_follow_torch(op, dtype, with_bias, x_dtype, device):
     """Like F.layer_norm / F.rms_norm under autocast (on CPU: untouched, float32 stays float32)."""
     d = 64
     inputs = (randn(3, 4, d, dtype=x_dtype, device=device, scale=2.0, shift=1.0),
               randn(d, device=device, shift=1.0), randn(d, device=device) if with_bias else None)
+    if op == "gemma_rms_norm":  # the zero-centered weight: scale 1 + weight
+        ours, ref = (lambda *a: torch.ops.ffn.rms_norm(*a, 1e-6, 1.0)), (lambda *a: ffn.reference.rms_norm(*a, 1e-6, 1.0))
+    else:
+        ours, ref = getattr(torch.ops.ffn, op), getattr(ffn.reference, op)
     with torch.autocast(device, dtype=dtype):
-        out = getattr(torch.ops.ffn, op)(*inputs)
+        out = ours(*inputs)
     if device == "cpu":
         assert out.dtype == x_dtype
-    autocast_check(device, dtype, getattr(torch.ops.ffn, op), getattr(ffn.reference, op), inputs, terms=d)
+    autocast_check(device, dtype, ours, ref, inputs, terms=d)
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
@@ -132,11 +138,11 @@ def test_block_under_autocast_matches_eager():
                         name=f"grad {name}")
 
 
-@pytest.mark.parametrize("case", ("gelu_ffn", "gelu_ffn-tanh", "swiglu", "geglu", "reglu"))
+@pytest.mark.parametrize("case", ("gelu_ffn", "gelu_ffn-tanh", "relu_ffn", "swiglu", "geglu", "reglu"))
 def test_internal_forward_ops_autocast_like_the_public_ops(case):
-    """Calling _gelu_ffn_fwd / _gated_ffn_fwd directly (for the pre-activation) under CPU
-    autocast gives the public op's output bit for bit, in its dtype."""
-    gated = case not in ("gelu_ffn", "gelu_ffn-tanh")
+    """Calling _gelu_ffn_fwd / _relu_ffn_fwd / _gated_ffn_fwd directly (for the pre-activation)
+    under CPU autocast gives the public op's output bit for bit, in its dtype."""
+    gated = case not in ("gelu_ffn", "gelu_ffn-tanh", "relu_ffn")
     d, d_ff = 32, 24
     rows_in = 2 * d_ff if gated else d_ff
     x, w_in, b_in = randn(2, 5, d), randn(rows_in, d, scale=d**-0.5), randn(rows_in, scale=0.5)
@@ -146,6 +152,9 @@ def test_internal_forward_ops_autocast_like_the_public_ops(case):
             public = getattr(torch.ops.ffn, case)(x, w_in, b_in, w_out, b_out)
             activation = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}[case]
             out, preact = torch.ops.ffn._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, activation)
+        elif case == "relu_ffn":
+            public = torch.ops.ffn.relu_ffn(x, w_in, b_in, w_out, b_out)
+            out, preact = torch.ops.ffn._relu_ffn_fwd(x, w_in, b_in, w_out, b_out)
         else:
             approximate = "tanh" if case == "gelu_ffn-tanh" else "none"
             public = torch.ops.ffn.gelu_ffn(x, w_in, b_in, w_out, b_out, approximate)
