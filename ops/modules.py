@@ -298,27 +298,34 @@ class _PlainFFN(FFN):
         )
 
 
-class GeluFFN(_PlainFFN):
-    """out = gelu(x w1^T + b1) w2^T + b2 on torch.ops.ffn.gelu_ffn."""
+class _GeluApproximation:
+    """The GELU FFNs' `approximate`, as in F.gelu ("none" or "tanh"), and the activation name it selects."""
 
-    def __init__(self, d_model, d_ff, bias=True, approximate=op_default("gelu_ffn", "approximate"), d_out=None,
-                 device=None, dtype=None, backend="ffn"):
+    def _set_approximate(self, approximate):
         gelu_activation(approximate)  # raises on an unknown value
-        super().__init__(d_model, d_ff, bias, d_out, device, dtype, backend)
         self.approximate = approximate
 
     @property
     def activation(self):
         return gelu_activation(self.approximate)
 
+    def extra_repr(self):
+        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+
+
+class GeluFFN(_GeluApproximation, _PlainFFN):
+    """out = gelu(x w1^T + b1) w2^T + b2 on torch.ops.ffn.gelu_ffn."""
+
+    def __init__(self, d_model, d_ff, bias=True, approximate=op_default("gelu_ffn", "approximate"), d_out=None,
+                 device=None, dtype=None, backend="ffn"):
+        super().__init__(d_model, d_ff, bias, d_out, device, dtype, backend)
+        self._set_approximate(approximate)
+
     def _ops_forward(self, ops, x):
         return ops.gelu_ffn(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
 
     def _ops_forward_with_preact(self, x):
         return torch.ops.ffn._gelu_ffn_fwd(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, approximate={self.approximate!r}"
 
 
 class ReluFFN(_PlainFFN):
@@ -418,7 +425,7 @@ class SwiGLU(GatedFFN):
     op = "swiglu"
 
 
-class GeGLU(GatedFFN):
+class GeGLU(_GeluApproximation, GatedFFN):
     """Gated FFN with a GELU gate, on torch.ops.ffn.geglu: erf, or with approximate="tanh"
     the tanh GELU (Gemma, Gemma2, T5 v1.1)."""
 
@@ -426,16 +433,8 @@ class GeGLU(GatedFFN):
 
     def __init__(self, d_model, d_ff, bias=False, d_out=None, device=None, dtype=None, backend="ffn",
                  approximate=op_default("geglu", "approximate")):
-        gelu_activation(approximate)  # raises on an unknown value
         super().__init__(d_model, d_ff, bias, d_out, device, dtype, backend)
-        self.approximate = approximate
-
-    @property
-    def activation(self):
-        return gelu_activation(self.approximate)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+        self._set_approximate(approximate)
 
 
 class ReGLU(GatedFFN):
