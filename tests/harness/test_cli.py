@@ -71,6 +71,27 @@ def test_flags_become_typed_settings():
         TrainConfig.from_preset("tiny", depth=3)
 
 
+def test_study_preset_trains_three_seeds_of_the_default_designs():
+    run = cli.parse_config(["--preset", "study"])
+    members = cli.members(run)
+    assert run.seeds == 3 and len(members) == 12
+    assert [m[3] for m in members[:4]] == ["A@s1234", "B@s1234", "B+bias@s1234", "B+recenter@s1234"]
+    assert {m[2].seed for m in members} == {1234, 1235, 1236}
+    assert run.train == TrainConfig.from_preset("study")
+    # The budget the README's study excerpt was measured with (changing it changes the results).
+    assert (run.train.d_model, run.train.batch_size, run.train.seq_len, run.train.steps, run.train.lr) == \
+        (96, 32, 128, 500, 8e-3)
+
+
+def test_default_run_keeps_the_cpu_preset():
+    """`make ab`'s numbers (README) come from these settings and one seed."""
+    run = cli.parse_config(["--device", "cpu"])
+    assert run.preset == "cpu" and run.seeds == 1 and len(cli.members(run)) == 4
+    assert (run.train.d_model, run.train.n_layers, run.train.d_ff, run.train.seq_len, run.train.batch_size,
+            run.train.steps, run.train.lr, run.train.warmup, run.train.telemetry_every) == \
+        (96, 4, 384, 128, 16, 120, 3e-3, 12, 10)
+
+
 @pytest.mark.parametrize("module", ["ffn.harness", "ffn.ab"])
 def test_module_entry_points(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
