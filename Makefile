@@ -1,6 +1,7 @@
 # Everything a fresh machine needs, from these targets alone:
 #   make ab     the main job: an A/B training run on the bundled corpus, with a report
 #   make test   every test: pytest (Python) and ctest (C++/GoogleTest)
+#   make study  the multi-seed study (--preset study: 12 runs, about half an hour on 2 cores)
 # Both create .venv (torch from the local wheel store), install the Debian
 # packages they need, and build the extension.
 
@@ -13,7 +14,7 @@ JOBS        ?= $(shell nproc)
 PYTEST_ARGS ?=
 AB_ARGS     ?=
 
-.PHONY: all venv system-deps build build-cpp data test test-python test-cpp test-cuda-emu ab bench \
+.PHONY: all venv system-deps build build-cpp data test test-python test-cpp test-cuda-emu ab study bench \
         cuda-report gpu-check compat-check clean
 
 all: build
@@ -108,6 +109,10 @@ data: build
 # --- jobs -------------------------------------------------------------------
 ab: build data
 	$(PY) scripts/ab.py $(AB_ARGS)
+
+# The multi-seed study: 3 seeds of A, B, B+bias, B+recenter (about half an hour on 2 cores).
+study: build data
+	$(PY) scripts/ab.py --preset study --name study $(AB_ARGS)
 
 bench: build
 	$(PY) scripts/bench.py --device cpu
