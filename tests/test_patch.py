@@ -317,6 +317,25 @@ def test_compile_fullgraph_forward_and_backward_llama():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compile_every_architecture(arch):
+    """Every patched architecture under torch.compile (aot_eager: Dynamo and AOTAutograd trace
+    the ffn ops' fake kernels and backward): the unpatched model's logits and gradients, and no
+    graph break is caused by ffn (HF's own code may break graphs in some models)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ref = build(arch)
+    ours = patched_copy(ref)
+    compiled = torch.compile(ours, backend="aot_eager")
+    logits_ref, logits_ours = fwd_bwd(ref, arch), fwd_bwd(compiled, arch)
+    breaks = [reason for reason in torch._dynamo.utils.counters["graph_break"] if "ffn" in reason]
+    assert not breaks, breaks
+    torch.testing.assert_close(logits_ours, logits_ref, rtol=1e-5, atol=1e-5)
+    diff, scale = max_grad_diff(ref, ours)
+    assert diff <= 2e-5 * scale, (diff, scale)
+
+
+@pytest.mark.slow
 def test_compile_inductor_gpt2():
     torch._dynamo.reset()
     ref = build("gpt2")
