@@ -4,7 +4,8 @@
     python scripts/bench.py --device cpu [--dtype bfloat16] [--quick]
     python scripts/bench.py --device cuda [--quick] [--tag part1 --rows 16384]
 
-CPU: rms_norm / layer_norm against torch's native F.rms_norm / F.layer_norm, and
+CPU: rms_norm / layer_norm against torch's native F.rms_norm / F.layer_norm (add_rms_norm, the
+fused residual add, against `s = x + residual; F.rms_norm(s)`), and
 gelu_ffn / swiglu against the eager composite in ffn.reference, forward (under no_grad) and
 forward+backward (gradients of x and every parameter), plus the activation bytes each FFN
 saves for backward.
@@ -24,6 +25,7 @@ Definitions used in every table:
   once and every output once, intermediates excluded.
     norm fwd:      read x and the parameters, write y              (saved mean/rstd excluded: rows*4 B)
     norm fwd+bwd:  fwd + read dy, x and the weight, write dx and the parameter gradients
+    add_rms_norm:  as the norm, plus: read the residual and write s (fwd); read the gradient of s (bwd)
     ffn fwd:       read x, weights, biases, write out
     ffn fwd+bwd:   fwd + read dout, x, weights, write dx and the weight/bias gradients
   The same byte count divides every implementation's time, so GB/s ratios equal speedups.
@@ -80,7 +82,7 @@ from ffn import reference  # noqa: E402
 from ffn.modules import gated_d_ff  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-NORM_OPS = ("rms_norm", "layer_norm")
+NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm")
 FFN_OPS = ("gelu_ffn", "swiglu")
 
 
@@ -114,10 +116,20 @@ def ffn_shapes_note(cfg):
 
 
 def norm_case(op, rows, d, dtype, device):
-    """(inputs, parameters, ffn fn, torch fn); rms_norm has a weight, layer_norm weight and bias."""
+    """(inputs, parameters, ffn fn, torch fn); rms_norm has a weight, layer_norm weight and bias,
+    add_rms_norm x, a residual and a weight (and returns (y, s))."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(device=device, dtype=dtype)
+    if op == "add_rms_norm":
+        residual = torch.randn(rows, d, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+        ffn_fn = lambda x, r, w: torch.ops.ffn.add_rms_norm(x, r, w, None, 1e-6)  # noqa: E731
+
+        def torch_fn(x, r, w):
+            s = x + r
+            return F.rms_norm(s, (s.shape[-1],), w, 1e-6), s
+
+        return [x, residual, w], [w], ffn_fn, torch_fn
     if op == "rms_norm":
         params = [w]
         ffn_fn = lambda x, w: torch.ops.ffn.rms_norm(x, w, None, 1e-6)  # noqa: E731
@@ -135,21 +147,32 @@ def liger_norm(op):
     try:
         if op == "rms_norm":
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        elif op == "add_rms_norm":
+            from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
         else:
             from liger_kernel.ops.layer_norm import LigerLayerNormFunction
     except Exception:  # noqa: BLE001 - not installed, or no Triton for this device
         return None
     if op == "rms_norm":
         return lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6)  # noqa: E731
+    if op == "add_rms_norm":
+        return lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r, w, 1e-6)  # noqa: E731
     return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)  # noqa: E731
 
 
-def norm_bytes(rows, d, elt, n_params, with_backward):
-    fwd = 2 * rows * d * elt + n_params * d * elt
+def norm_grad_out(op, inputs):
+    """The output gradient(s) of a norm case: dy, and for add_rms_norm also the gradient of s."""
+    dy = torch.randn_like(inputs[0])
+    return (dy, torch.randn_like(dy)) if op == "add_rms_norm" else dy
+
+
+def norm_bytes(rows, d, elt, n_params, with_backward, fused_add=False):
+    # x (and the residual) read; y (and s) written; parameters read.
+    fwd = (4 if fused_add else 2) * rows * d * elt + n_params * d * elt
     if not with_backward:
         return fwd
-    # dy, x read; dx written; weight read; parameter gradients written.
-    return fwd + 3 * rows * d * elt + d * elt + n_params * d * elt
+    # dy (and the gradient of s), x read; dx written; weight read; parameter gradients written.
+    return fwd + (4 if fused_add else 3) * rows * d * elt + d * elt + n_params * d * elt
 
 
 def ffn_case(op, tokens, d, dtype, device, gated_width="llama"):
@@ -258,20 +281,21 @@ def run_cpu(cfg, report):
         sec = report.section(
             f"Norms vs torch native ({cfg.dtype[0]}, {torch.get_num_threads()} threads)",
             ["op", "pass", "rows x d", "ffn ms", "torch ms", "speedup", "ffn GB/s", "torch GB/s", "reps", "target"],
-            "torch = F.rms_norm / F.layer_norm. Target: speedup >= 1.00 (at least as fast as torch's native CPU kernel).",
+            "torch = F.rms_norm / F.layer_norm (add_rms_norm: x + residual, then F.rms_norm). "
+            "Target: speedup >= 1.00 (at least as fast as torch's native CPU kernel).",
         )
         for op in norm_ops:
             for rows in cfg.rows:
                 for d in cfg.dims:
                     inputs, params, ffn_fn, torch_fn = norm_case(op, rows, d, dtype, "cpu")
                     grad_inputs = requiring_grad(inputs)
-                    dy = torch.randn_like(inputs[0])
+                    dy = norm_grad_out(op, inputs)
                     for pass_name in ("fwd", "fwd+bwd"):
                         bwd = pass_name == "fwd+bwd"
                         run = pass_runner(bwd, inputs, grad_inputs, dy)
                         fns = [run(ffn_fn), run(torch_fn)]
                         (t_ffn, t_torch), reps = time_impls(timer, fns, cfg)
-                        nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd)
+                        nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd, op == "add_rms_norm")
                         speedup = t_torch / t_ffn
                         ok = speedup >= 1.0
                         row = [op, pass_name, f"{rows}x{d}", fmt_ms(t_ffn), fmt_ms(t_torch), fmt_ratio(speedup),
@@ -454,7 +478,7 @@ def run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_
     compile_fn = compiled(torch_fn)
     liger_fn = liger_norm(op)
     grad_inputs = requiring_grad(inputs)
-    dy = torch.randn_like(inputs[0])
+    dy = norm_grad_out(op, inputs)
     for pass_name in ("fwd", "fwd+bwd"):
         bwd = pass_name == "fwd+bwd"
         wrap = pass_runner(bwd, inputs, grad_inputs, dy)
@@ -464,7 +488,7 @@ def run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_
         times, reps = measure_available(timer, impls, cfg, failures)
         t_ffn, t_eager, t_compile = (times[f"{k} {op}"] for k in ("ffn", "eager", "compile"))
         t_liger = times.get(f"liger {op}")
-        nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd)
+        nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd, op == "add_rms_norm")
         pct = {k: None if t is None else 100 * bandwidth(nbytes, t) / copy_gbps
                for k, t in zip(("ffn", "eager", "compile", "liger"), (t_ffn, t_eager, t_compile, t_liger))}
         vs = {k: None if None in (t_ffn, t) else t / t_ffn

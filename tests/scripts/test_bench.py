@@ -110,8 +110,8 @@ def test_cpu_quick_run_writes_tables(bench, tmp_path):
     written = json.loads(out.read_text())
     assert written["results"] == json.loads(json.dumps(results["results"]))
     timed = [r for r in results["results"] if r["kind"] in ("norm", "ffn")]
-    # 2 norms x 2 dims x 2 passes, 2 FFNs x 1 dim x 2 passes.
-    assert len(timed) == 12
+    # 3 norms (rms_norm, layer_norm, add_rms_norm) x 2 dims x 2 passes, 2 FFNs x 1 dim x 2 passes.
+    assert len(timed) == 16
     assert all(r["ffn_s"] > 0 and r["speedup"] > 0 and r["reps"] == 2 for r in timed)
     ffn_rules = {(r["op"], r["d_ff"], r["d_ff_rule"]) for r in timed if r["kind"] == "ffn"}
     assert ffn_rules == {("gelu_ffn", 128, "4d"), ("swiglu", 128, "8d/3 up to 64")}
@@ -127,6 +127,7 @@ def test_cpu_quick_run_writes_tables(bench, tmp_path):
     assert "| op | tokens x d x d_ff | d_ff rule | ffn MiB | eager MiB | ffn/eager | params MiB (excluded) | target |" in markdown
     assert "| rms_norm | fwd+bwd | 16x7 |" in markdown and "| swiglu | fwd | 16x32x128 | 8d/3 up to 64 |" in markdown
     assert "Targets:" in markdown and markdown.count("| layer_norm |") == 4
+    assert markdown.count("| add_rms_norm |") == 4
 
 
 def test_cpu_quick_run_matched_width(bench, tmp_path):
