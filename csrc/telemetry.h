@@ -10,7 +10,8 @@
 // type (float32, float64 for float64 input) without rounding to the input dtype.
 #pragma once
 
-#include "ffn.h"
+#include "activation_table.h"
+#include "tensor.h"
 
 #include <string_view>
 
@@ -51,10 +52,10 @@ struct TelemetryKernels {
                     const StatThresholds& thresholds, const Tensor& stats);
 };
 
-// The op body: checks, layout, allocation; then the backend's kernel.
-Tensor ffn_stats(const Tensor& ffn_input, const Tensor& preact, std::string_view activation,
-                 bool gated, double near_zero, double large, double outlier,
-                 const TelemetryKernels& kernels);
+// The op body (telemetry.cpp): checks, layout, allocation; then the backend's kernel.
+Tensor ffn_stats_body(const Tensor& ffn_input, const Tensor& preact, std::string_view activation,
+                      bool gated, double near_zero, double large, double outlier,
+                      const TelemetryKernels& kernels);
 
 // Kernel tables of each backend.
 namespace cpu {
@@ -63,5 +64,12 @@ extern const TelemetryKernels kTelemetryKernels;
 namespace cuda {
 extern const TelemetryKernels kTelemetryKernels;
 }  // namespace cuda
+
+// The op, as its schema declares it.
+template <const TelemetryKernels& K>
+Tensor ffn_stats(const Tensor& ffn_input, const Tensor& preact, std::string_view activation,
+                 bool gated, double near_zero, double large, double outlier) {
+  return ffn_stats_body(ffn_input, preact, activation, gated, near_zero, large, outlier, K);
+}
 
 }  // namespace ffn

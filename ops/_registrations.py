@@ -1,20 +1,25 @@
-"""Autograd and fake (meta) kernels of the ffn ops.
+"""Everything of the ffn ops that the LibTorch stable ABI leaves to Python.
 
-The schemas and the CPU/CUDA kernels are registered in C++ (csrc/, csrc/cpu/, csrc/cuda/). Here, next
-to nothing but the registrations:
+The schemas and the CPU/CUDA kernels are registered in C++ (csrc/ops.cpp,
+csrc/cpu/ops.cpp, csrc/cuda/ops.cpp) on the stable ABI. Here:
+- the public ops' composite kernels: layer_norm/rms_norm/add_layer_norm/
+  add_rms_norm/gelu_ffn/relu_ffn/swiglu/geglu/reglu are
+  CompositeImplicitAutograd over an internal `_<op>_fwd` (as aten::layer_norm
+  over aten::native_layer_norm), so they need no autograd or fake kernel of
+  their own;
 - fake kernels for every op that has backend kernels, so torch.compile and
   FakeTensor can trace them (same shapes, dtypes and strides as the real ones);
 - autograd for the internal forward ops; their backward calls only registered
-  `_*_bwd` ops, so AOTAutograd traces the backward too.
-The public layer_norm/rms_norm/add_layer_norm/add_rms_norm/gelu_ffn/relu_ffn/
-swiglu/geglu/reglu are CompositeImplicitAutograd in C++ and need neither.
+  `_*_bwd` ops, so AOTAutograd traces the backward too;
+- the autocast rules of the internal forward ops, and ffn_stats's Autograd
+  kernel (it runs below autograd: statistics never require grad).
 """
 
 import math
 
 import torch
 
-from .activations import ACTIVATIONS
+from .activations import ACTIVATIONS, GATED_OPS, GELU_APPROXIMATIONS
 from .telemetry import STAT_FIELDS
 
 _lib = "ffn::"
@@ -379,7 +384,6 @@ torch.library.register_autograd(
 
 
 # ----------------------------------------------------------------------------- telemetry
-# ffn_stats is not differentiable; its Autograd kernel is in C++, beside the schemas.
 @torch.library.register_fake(_lib + "ffn_stats")
 def _ffn_stats_fake(ffn_input, preact, activation, gated, near_zero=None, large=None, outlier=None):
     # The thresholds do not change the result's shape; they are passed only when the caller gave them.
@@ -415,3 +419,110 @@ for _name in (
     torch.library.register_autograd(
         _lib + _name, _no_double_backward(_name.strip("_").removesuffix("_bwd")), setup_context=_nothing_to_save
     )
+
+
+# ----------------------------------------------------------------------------- public composites
+# The public ops run their internal forward op and return its first output(s).
+# Registered here rather than in C++: a stable-ABI kernel that calls another op
+# through the dispatcher sees only an error code when that op raises on torch
+# < 2.13, so the argument errors of the internal op would lose their message.
+_impl_lib = torch.library.Library("ffn", "IMPL")
+
+
+def _composite(name, fn):
+    _impl_lib.impl(name, fn, "CompositeImplicitAutograd")
+
+
+# A Python composite gets the arguments as the caller passed them: the schema's
+# defaults are repeated here.
+def _norm_composite(fwd, default_eps):
+    def composite(x, weight, bias, eps=default_eps, weight_offset=0.0, in_place_backward=False):
+        return fwd(x, weight, bias, eps, weight_offset, in_place_backward)[0]
+
+    return composite
+
+
+def _add_norm_composite(fwd, default_eps):
+    def composite(x, residual, weight, bias, eps=default_eps, weight_offset=0.0, in_place_backward=False):
+        out = fwd(x, residual, weight, bias, eps, weight_offset, in_place_backward)
+        return out[0], out[1]
+
+    return composite
+
+
+_composite("layer_norm", _norm_composite(torch.ops.ffn._layer_norm_fwd.default, 1e-5))
+_composite("rms_norm", _norm_composite(torch.ops.ffn._rms_norm_fwd.default, 1e-6))
+_composite("add_layer_norm", _add_norm_composite(torch.ops.ffn._add_layer_norm_fwd.default, 1e-5))
+_composite("add_rms_norm", _add_norm_composite(torch.ops.ffn._add_rms_norm_fwd.default, 1e-6))
+_composite("gelu_ffn", lambda x, w1, b1, w2, b2, approximate="none":
+           torch.ops.ffn._gelu_ffn_fwd.default(x, w1, b1, w2, b2, approximate)[0])
+_composite("relu_ffn", lambda x, w1, b1, w2, b2: torch.ops.ffn._relu_ffn_fwd.default(x, w1, b1, w2, b2)[0])
+
+
+def _gated_composite(op, gate):
+    """swiglu/geglu/reglu: _gated_ffn_fwd with the op's gate; approximate="tanh" selects
+    the tanh GELU for a GELU gate (as in F.gelu) and is an error for the others."""
+
+    def composite(x, w_gate_up, b_gate_up, w_down, b_down, approximate="none"):
+        if gate == "gelu":
+            activation = GELU_APPROXIMATIONS.get(approximate)
+            if activation is None:
+                raise RuntimeError(f"ffn.{op}: approximate must be 'none' or 'tanh' (as in F.gelu), "
+                                   f"got '{approximate}'")
+        elif approximate != "none":
+            raise RuntimeError(f'ffn.{op}: approximate applies to GELU gates (geglu) only; expected "none", '
+                               f'got "{approximate}"')
+        else:
+            activation = gate
+        return torch.ops.ffn._gated_ffn_fwd.default(x, w_gate_up, b_gate_up, w_down, b_down, activation)[0]
+
+    return composite
+
+
+for _op, _gate in GATED_OPS.items():
+    _composite(_op, _gated_composite(_op, _gate))
+
+
+# ----------------------------------------------------------------------------- autocast
+# The FFN ops are linear layers: under autocast they run in its lower precision
+# (CPU and CUDA). The norms run in float32 under CUDA autocast and untouched under
+# CPU autocast, as torch's own norms; gelu and silu are left alone on both. The
+# rules are on the internal forward ops, which the public ops call, so a caller
+# of an internal op (for the pre-activation) gets the same casts. Casts follow
+# autocast's own: floating tensors on the autocast device, never float64.
+def _autocast_rule(op, device_type, to_float32):
+    key = torch._C.DispatchKey.AutocastCUDA if device_type == "cuda" else torch._C.DispatchKey.AutocastCPU
+    keys = torch._C.DispatchKeySet(key)
+
+    def cast(value, dtype):
+        if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+                and value.device.type == device_type):
+            return value.to(dtype)
+        return value
+
+    def kernel(*args):
+        dtype = torch.float32 if to_float32 else torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(keys):
+            return op(*(cast(arg, dtype) for arg in args))
+
+    _impl_lib.impl(op._name.split("::")[1], kernel, "AutocastCUDA" if device_type == "cuda" else "AutocastCPU")
+
+
+for _device in ("cpu", "cuda"):
+    for _op in (torch.ops.ffn._gelu_ffn_fwd, torch.ops.ffn._relu_ffn_fwd, torch.ops.ffn._gated_ffn_fwd):
+        _autocast_rule(_op.default, _device, to_float32=False)
+for _op in (torch.ops.ffn._layer_norm_fwd, torch.ops.ffn._rms_norm_fwd, torch.ops.ffn._add_layer_norm_fwd,
+            torch.ops.ffn._add_rms_norm_fwd):
+    _autocast_rule(_op.default, "cuda", to_float32=True)
+
+
+# ----------------------------------------------------------------------------- telemetry autograd
+# ffn_stats is not differentiable: its Autograd kernel runs the backend kernel
+# below autograd, so the stats never require grad (like torch.argmax), even when
+# the FFN input they describe does.
+def _ffn_stats_below_autograd(*args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.ffn.ffn_stats.default(*args)
+
+
+_impl_lib.impl("ffn_stats", _ffn_stats_below_autograd, "Autograd")

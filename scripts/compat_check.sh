@@ -1,35 +1,49 @@
 #!/usr/bin/env bash
-# make compat-check: builds the extension against another torch (default the GPU
-# machine's, torch==2.11.0, CUDA 13.0 wheels from PyPI) in its own venv and a
-# copy of this tree, then runs the Python tests on the CPU there.
+# make compat-check: the one wheel of `make wheel`, not rebuilt, installed into a
+# venv per torch and tested there. Builds nothing.
 #
-#   scripts/compat_check.sh TORCH_SPEC DIR     e.g. scripts/compat_check.sh torch==2.11.0 build/compat
+#   scripts/compat_check.sh WHEEL DIR SPEC...    e.g. scripts/compat_check.sh dist/ffn-*.whl build/compat torch==2.11.0
 #
-# DIR/venv is kept between runs (the wheel is downloaded once); DIR/src is a
-# fresh copy of the tracked and untracked-but-not-ignored files. The CUDA
-# kernels are compiled for sm_90 only (TORCH_CUDA_ARCH_LIST to change it), when
-# nvcc is present. PYTEST_ARGS passes options to pytest.
-set -euo pipefail
-spec=${1:?torch requirement, e.g. torch==2.11.0}
+# DIR/<spec>/venv is kept between runs (each torch is downloaded once: 2.11.0 is
+# the GPU machine's CUDA 13.0 build from PyPI, 2.13.0 the CPU build and 2.14.1 the
+# CUDA build on this machine's disk). The tests run from DIR/<spec>/run, so
+# `import ffn` is the installed wheel, never this checkout's ops/. PYTEST_ARGS
+# passes options to pytest. Prints one line per torch with pytest's counts and
+# fails if any torch failed.
+set -uo pipefail
+wheel=${1:?the wheel (make wheel)}
 dir=${2:?work directory}
+shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
+wheel=$(cd "$(dirname "$wheel")" && pwd)/$(basename "$wheel")
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-venv=$dir/venv
-src=$dir/src
-
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-fi
-"$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
-"$venv/bin/python" -m pip install --quiet "$spec" -r "$root/requirements.txt"
-"$venv/bin/python" -c 'import torch; print("compat-check: torch", torch.__version__, "CUDA", torch.version.cuda)'
-
-rm -rf "$src"
-mkdir -p "$src"
-(cd "$root" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$src")
-cd "$src"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-MAX_JOBS=${MAX_JOBS:-$(nproc)} "$venv/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 export FFN_DATA_DIR=${FFN_DATA_DIR:-$root/data/cache}
-"$venv/bin/python" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} tests
+
+summary=()
+status=0
+for spec in "$@"; do
+  leg=$dir/${spec//==/-}
+  venv=$leg/venv
+  mkdir -p "$leg"
+  if [ ! -f "$venv/.deps" ] || [ "$root/requirements.txt" -nt "$venv/.deps" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet "$spec" -r "$root/requirements.txt" || { summary+=("$spec: install failed"); status=1; continue; }
+    touch "$venv/.deps"
+  fi
+  "$venv/bin/python" -m pip install --quiet --no-deps --force-reinstall "$wheel"
+  version=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
+  echo "compat-check: torch $version, $(basename "$wheel")"
+  rm -rf "$leg/run" && mkdir -p "$leg/run"
+  log=$leg/pytest.log
+  (cd "$leg/run" && "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$root" \
+     -c "$root/pyproject.toml" ${PYTEST_ARGS:-} "$root/tests") 2>&1 | tee "$log"
+  code=${PIPESTATUS[0]}
+  [ "$code" = 0 ] || status=1
+  summary+=("torch $version: $(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$log" | tail -1 | tr -d '=' | xargs) (exit $code)")
+done
+echo
+echo "compat-check, one wheel ($(basename "$wheel")):"
+printf '  %s\n' "${summary[@]}"
+exit $status

@@ -54,7 +54,8 @@ def nvcc_flags(arch):
 
     includes = [os.path.join(ROOT, "csrc")] + ce.include_paths(device_type="cuda")
     return (["-std=c++20", "-O3", "--expt-relaxed-constexpr", f"-arch={arch}", "-Xptxas", "-v",
-             "-D_GLIBCXX_USE_CXX11_ABI=1", "-DFFN_PYTHON_MODULE"]
+             "-D_GLIBCXX_USE_CXX11_ABI=1", "-DFFN_PYTHON_MODULE",
+             "-DTORCH_TARGET_VERSION=0x020b000000000000"]
             + [f"-I{i}" for i in includes])
 
 

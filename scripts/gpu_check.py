@@ -8,7 +8,10 @@ Stages, each with its own time limit (and never past the overall budget); a
 stage that fails or runs out of time is reported and the next one still runs:
 
   environment   torch, CUDA, the device, nvcc, compute-sanitizer, Liger-Kernel
-  build         the extension for this GPU's architecture only (pip -e, no deps)
+  install       the prebuilt wheel of `make wheel` (dist/ffn-*.whl, stable ABI
+                and abi3: it loads into the GPU machine's torch and Python);
+                nothing is compiled on the GPU machine. The device tool carries
+                it with the working tree: run(..., carry=["dist"])
   cuda-tests    pytest -k cuda: tests/test_cuda.py and the cuda cases of the
                 device-parametrized tests
   memcheck      compute-sanitizer --tool memcheck  } on scripts/sanitizer_workload.py:
@@ -24,6 +27,7 @@ passed.
 """
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -33,12 +37,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Seconds per stage, in order of what matters most: the build on 16 cores for
-# one architecture, the tests, the sanitizers, then the benchmark, which gets
-# what is left of the default 8 minutes.
+# Seconds per stage, in order of what matters most: the install, the tests, the
+# sanitizers, then the benchmark, which gets what is left of the default 8 minutes.
 STAGE_LIMITS = {
-    "build": 180,
-    "cuda-tests": 100,
+    "install": 60,
+    "cuda-tests": 150,
     "memcheck": 40,
     "racecheck": 40,
     "synccheck": 25,
@@ -59,7 +62,7 @@ def environment():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
                     memory_gib=round(props.total_memory / 2**30, 1))
-    try:  # an extension built before this check (the build stage rebuilds it anyway)
+    try:  # a wheel installed before this check (the install stage reinstalls it anyway)
         import ffn  # noqa: F401
 
         info["ffn_cuda_kernels"] = torch._C._dispatch_has_kernel_for_dispatch_key("ffn::_rms_norm_fwd", "CUDA")
@@ -127,13 +130,11 @@ def main():
         return 0
 
     py = sys.executable
-    major, minor = env_info["capability"].split(".")
-    build_env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", FFN_CUDA="1",
-                     MAX_JOBS=str(os.cpu_count() or 4))
+    wheels = sorted(glob.glob(os.path.join(ROOT, "dist", "ffn-*.whl")))[-1:]
     sanitizer = env_info["compute_sanitizer"]
     workload = [py, os.path.join(ROOT, "scripts", "sanitizer_workload.py")]
     stages = [
-        ("build", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v", "-e", "."], build_env),
+        ("install", [py, "-m", "pip", "install", "--no-index", "--no-deps", "--force-reinstall", *wheels], None),
         ("cuda-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-k", "cuda"], None),
         ("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", *workload], None),
         ("racecheck", [sanitizer, "--tool", "racecheck", "--racecheck-report", "all", "--error-exitcode", "1",
@@ -147,15 +148,18 @@ def main():
         left = deadline - time.monotonic()
         if name in args.skip:
             summary["stages"][name] = {"status": "skipped", "reason": "--skip"}
-        elif not built and name != "build":
-            summary["stages"][name] = {"status": "skipped", "reason": "the build failed"}
+        elif not built and name != "install":
+            summary["stages"][name] = {"status": "skipped", "reason": "the wheel did not install"}
+        elif not wheels:
+            summary["stages"][name] = {"status": "failed",
+                                       "reason": "no dist/ffn-*.whl: run `make wheel` and carry dist/"}
         elif cmd[0] is None:
             summary["stages"][name] = {"status": "skipped", "reason": "compute-sanitizer not found"}
         elif left < 10:
             summary["stages"][name] = {"status": "skipped", "reason": "out of the overall time budget"}
         else:
             summary["stages"][name] = run_stage(name, cmd, out_dir, min(STAGE_LIMITS[name], int(left)), env)
-            built = built and (name != "build" or summary["stages"][name]["status"] == "passed")
+            built = built and (name != "install" or summary["stages"][name]["status"] == "passed")
         write_summary()
     statuses = [s["status"] for s in summary["stages"].values()]
     summary["status"] = "passed" if all(s in ("passed",) for s in statuses) else "failed"

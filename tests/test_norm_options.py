@@ -18,6 +18,13 @@ from helpers import HALF_DTYPES, NORM_DTYPE_IDS, NORM_DTYPES, SHORT, assert_accu
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
 
 NORMS = ("layer_norm", "rms_norm")
+
+# On torch 2.11 autograd hands backward its output gradient with one more
+# reference, so the reference-count rule never reuses it (the rule itself is
+# replaced by the reliability issue's ownership rule): expected to fail there.
+IN_PLACE_NEVER_REUSES = pytest.mark.xfail(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.12", strict=True,
+    reason="torch 2.11: the reference-count rule of the in-place norm backward never reuses grad_y")
 EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 # Tails, one warp, several warps and (on CUDA) the long-row kernels.
 DIMS = (1, 7, 64, 127, 4097, 16385)
@@ -225,6 +232,7 @@ def grad_capture(t, seen):
     t.register_hook(lambda g: seen.append(g.data_ptr()))
 
 
+@IN_PLACE_NEVER_REUSES
 @pytest.mark.parametrize("fused", (False, True), ids=("norm", "add-norm"))
 @pytest.mark.parametrize("dtypes", [NORM_DTYPES[1], NORM_DTYPES[4]], ids=["f32", "bf16-wf32"])
 @pytest.mark.parametrize("name", NORMS)
@@ -286,6 +294,7 @@ def test_in_place_backward_op_and_compile(name, device):
     torch.testing.assert_close(g_compiled, g_eager)
 
 
+@IN_PLACE_NEVER_REUSES
 def test_in_place_backward_modules():
     norm = ffn.RMSNorm(16, in_place_backward=True)
     assert "in_place_backward=True" in repr(norm)

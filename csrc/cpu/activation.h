@@ -1,4 +1,4 @@
-// Activation formulas of the CPU kernels, on Vectorized packs (vec.h): the
+// Activation formulas of the CPU kernels, on vector packs (vec.h): the
 // FFN ops' fused elementwise passes (ffn.cpp) and the telemetry (telemetry.cpp)
 // share them, so the statistics describe exactly the
 // activations the forward computes.
@@ -12,7 +12,7 @@
 
 #include "activation_table.h"
 
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include <cmath>
 #include <utility>

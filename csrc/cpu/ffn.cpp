@@ -6,9 +6,7 @@
 #include "parallel.h"
 #include "vec.h"
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 namespace ffn {
 namespace cpu {
@@ -27,7 +25,7 @@ void forward_kernel(const Tensor& z, const Tensor& bias, bool gated, const Tenso
   const T* Z = z.const_data_ptr<T>();
   const T* B = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* H = h.mutable_data_ptr<T>();
-  at::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* zr = Z + r * z_cols;
       T* hr = H + r * F;
@@ -51,9 +49,9 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
   const T* Z = z.const_data_ptr<T>();
   const T* B = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   const T* DH = grad_h.const_data_ptr<T>();
-  T* DZ = grad_z.data_ptr<T>();  // may alias DH (plain): each step reads before it writes
+  T* DZ = grad_z.mutable_data_ptr<T>();  // may alias DH (plain): each step reads before it writes
   T* H = h.defined() ? h.mutable_data_ptr<T>() : nullptr;
-  at::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* zr = Z + r * z_cols;
       const T* dhr = DH + r * F;
@@ -79,7 +77,8 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
 
 void activation_forward(const Tensor& z, const Tensor& bias, Activation act, bool gated,
                         const Tensor& h) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_fwd_cpu", [&] {
+  dispatch_float_types(z.scalar_type(), "ffn_act_fwd_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
     dispatch_activation<Act>(act, [&](auto a) {
       forward_kernel<scalar_t, decltype(a)>(z, bias, gated, h);
     });
@@ -88,7 +87,8 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
 
 void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
                          bool gated, const Tensor& grad_z, const Tensor& h) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_bwd_cpu", [&] {
+  dispatch_float_types(z.scalar_type(), "ffn_act_bwd_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
     dispatch_activation<Act>(act, [&](auto a) {
       backward_kernel<scalar_t, decltype(a)>(z, bias, grad_h, gated, grad_z, h);
     });

@@ -15,14 +15,12 @@
 // over rows, reduced in fixed row chunks (parallel.h): bit-reproducible.
 // LayerNorm and RMSNorm are separate instantiations (kCenter), so RMSNorm does no
 // mean arithmetic.
-#include "dispatch.h"
-#include "ffn.h"
+#include "norm.h"
 #include "parallel.h"
 #include "vec.h"
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +29,20 @@
 namespace ffn {
 namespace cpu {
 namespace {
+
+// Calls fn(T{}, P{}) with T = x's dtype and P = the parameters' dtype: T, or
+// float32 for a half precision x with float32 parameters. `param` is the
+// weight (or, without one, the bias or its gradient); undefined means P = T.
+template <typename Fn>
+void dispatch_norm_types(const Tensor& x, const Tensor& param, const Fn& fn) {
+  dispatch_float_types(x.scalar_type(), "ffn_norm", [&](auto t) {
+    using T = decltype(t);
+    if constexpr (!std::is_same_v<T, acc_t<T>>) {
+      if (param.defined() && param.scalar_type() == kFloat) return fn(t, float{});
+    }
+    fn(t, t);
+  });
+}
 
 // Mean and biased variance of a row. One pass sums x and x^2; only when the mean
 // is large next to the spread (mean^2 > var, where E[x^2] - mean^2 would lose more
@@ -80,7 +92,7 @@ void forward_kernel(const Tensor& x, const Tensor& residual, const Tensor& weigh
   A* R = rstd.mutable_data_ptr<A>();
   const Pack<T> offset_v(static_cast<A>(weight_offset));
 
-  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = X + r * d;
       if (Res != nullptr) {
@@ -190,7 +202,7 @@ void backward_kernel(const Tensor& grad_y, const Tensor& grad_sum, const Tensor&
   T* DX = grad_x.mutable_data_ptr<T>();
 
   if (!grad_weight.defined() && !grad_bias.defined()) {
-    at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
       backward_rows<T, P, kCenter>(begin, end, d, DY, DS, X, M, R, W, offset, DX, nullptr, nullptr);
     });
     return;
@@ -199,9 +211,8 @@ void backward_kernel(const Tensor& grad_y, const Tensor& grad_sum, const Tensor&
   // Each chunk zeroes and fills its own partial sums; the (small) ordered reduction
   // over chunks follows on this thread.
   const int64_t chunks = param_grad_chunks(rows, d);
-  const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  const Tensor dw_partial = grad_weight.defined() ? at::empty({chunks, d}, acc_options) : Tensor();
-  const Tensor db_partial = grad_bias.defined() ? at::empty({chunks, d}, acc_options) : Tensor();
+  const Tensor dw_partial = grad_weight.defined() ? empty({chunks, d}, scalar_type_of<A>(), x) : Tensor();
+  const Tensor db_partial = grad_bias.defined() ? empty({chunks, d}, scalar_type_of<A>(), x) : Tensor();
   A* dw_acc = dw_partial.defined() ? dw_partial.mutable_data_ptr<A>() : nullptr;
   A* db_acc = db_partial.defined() ? db_partial.mutable_data_ptr<A>() : nullptr;
   for_each_row_chunk(rows, d, chunks, [&](int64_t c, int64_t begin, int64_t end) {

@@ -6,8 +6,9 @@
 // are added in chunk order, so results are bit-reproducible on any machine.
 #pragma once
 
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
+#include "vec.h"
+
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -33,8 +34,8 @@ inline int64_t row_chunks(int64_t wanted) { return std::clamp<int64_t>(wanted, 1
 template <typename Body>
 void for_each_row_chunk(int64_t rows, int64_t cols, int64_t chunks, const Body& body) {
   const int64_t elements_per_chunk = std::max<int64_t>(1, rows * cols / chunks);
-  at::parallel_for(0, chunks, std::max<int64_t>(1, kGrainElements / elements_per_chunk),
-                   [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, chunks, std::max<int64_t>(1, kGrainElements / elements_per_chunk),
+                               [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) body(c, c * rows / chunks, (c + 1) * rows / chunks);
   });
 }
@@ -42,18 +43,14 @@ void for_each_row_chunk(int64_t rows, int64_t cols, int64_t chunks, const Body& 
 // out[i] = sum over c of partial[c * d + i], chunks added in order (vectorized along i).
 template <typename A, typename P>
 void sum_chunk_columns(const A* partial, int64_t chunks, int64_t d, P* out) {
-  using Vec = at::vec::Vectorized<A>;
-  auto load_part = [&](const A* p, int64_t n) { return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n); };
-  for (int64_t i = 0; i < d; i += Vec::size()) {
-    const int64_t n = std::min<int64_t>(Vec::size(), d - i);
-    Vec sum = load_part(partial + i, n);
-    for (int64_t c = 1; c < chunks; ++c) sum = sum + load_part(partial + c * d + i, n);
+  for (int64_t i = 0; i < d; i += kLanes<A>) {
+    const int64_t n = std::min<int64_t>(kLanes<A>, d - i);
+    Lanes<A> sum = load_lanes(partial + i, n);
+    for (int64_t c = 1; c < chunks; ++c) sum = sum + load_lanes(partial + c * d + i, n);
     if constexpr (std::is_same_v<P, A>) {
-      sum.store(out + i, static_cast<int>(n));
+      store_lanes(out + i, sum, n);
     } else {
-      A sums[Vec::size()];
-      sum.store(sums);
-      for (int64_t k = 0; k < n; ++k) out[i + k] = static_cast<P>(sums[k]);
+      for (int64_t k = 0; k < n; ++k) out[i + k] = static_cast<P>(sum[k]);
     }
   }
 }

@@ -17,10 +17,6 @@
 #include "telemetry.h"
 #include "vec.h"
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
 #include <cmath>
 #include <vector>
 
@@ -30,12 +26,6 @@ namespace {
 
 // max that returns NaN if either side is NaN (a diverged run must show up).
 inline double nan_max(double a, double b) { return (std::isnan(a) || a > b) ? a : b; }
-
-template <typename T>
-inline acc_t<T> max_lanes(const Pack<T>& v) {
-  return at::vec::vec_reduce_all<acc_t<T>>(
-      [](const auto& a, const auto& b) { return at::vec::maximum(a, b); }, v);
-}
 
 template <typename T>
 void input_stats(const Tensor& x, double* out) {
@@ -108,7 +98,7 @@ void hidden_stats(const Tensor& preact, const StatThresholds& thresholds, double
         h2 = h2 + h_sq;
         h3 = fmadd(h_sq, h, h3);
         h4 = fmadd(h_sq, h_sq, h4);
-        abs_max = at::vec::maximum(abs_max, h.abs());
+        abs_max = maximum(abs_max, h.abs());
         if constexpr (kGated) {
           const auto act_abs = act.abs();
           g1 = g1 + gate;
@@ -181,10 +171,10 @@ void hidden_stats(const Tensor& preact, const StatThresholds& thresholds, double
 void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, bool gated,
                       const StatThresholds& thresholds, const Tensor& stats) {
   double* out = stats.mutable_data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_stats_input_cpu",
-                                  [&] { input_stats<scalar_t>(x, out); });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, preact.scalar_type(),
-                                  "ffn_stats_hidden_cpu", [&] {
+  dispatch_float_types(x.scalar_type(), "ffn_stats_input_cpu",
+                       [&](auto tag) { input_stats<decltype(tag)>(x, out); });
+  dispatch_float_types(preact.scalar_type(), "ffn_stats_hidden_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
     dispatch_activation<Act>(act, [&](auto a) {
       if (gated) {
         hidden_stats<scalar_t, decltype(a), true>(preact, thresholds, out);

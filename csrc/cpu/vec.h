@@ -1,10 +1,19 @@
-// Vectorized load/store for the CPU kernels, written once for every dtype.
+// Vectorized load/store and lane math for the CPU kernels, written once for every dtype.
 //
-// A row loop steps over Vectorized<T>::size() elements of T at a time and does
-// its math in T's accumulation type (float for half types, else T): the step is
-// held as a Pack = VectorizedN<acc_t, kN> (two float vectors per bfloat16/half
-// vector, one otherwise), so half types are converted once on load and once on
-// store and never round in between.
+// ATen's Vectorized<T> is not part of the stable ABI, so this is the project's own,
+// small vector layer: 256-bit GCC vector types (Lanes<A>: 8 floats or 4 doubles)
+// that the plain operators (+ - * / < <=) act on lane by lane, plus the few lane
+// functions the kernels need. With CPU_CAPABILITY_AVX2 (-mavx2 -mfma -mf16c) these
+// are AVX2/FMA/F16C instructions and the same Sleef functions ATen's AVX2 kernels
+// call; without it, the same code with scalar std:: math per lane.
+//
+// A row loop steps over kStep<T> = 256 bits of T at a time and does its math in
+// T's accumulation type (float for half types, else T): the step is held as a
+// Pack<T> of kRegs registers (two float registers per bfloat16/half step, one
+// otherwise), so half types are converted once on load and once on store and never
+// round in between. The step widths, the reduction orders and the FMAs are
+// ATen's AVX2 ones, so results are bit for bit those of ATen's Vectorized kernels
+// (which NaN a NaN result is aside: the compiler may swap the operands of + and *).
 //
 // The helpers are forced inline (and so are the kernels' per-step lambdas, with
 // C10_ALWAYS_INLINE_ATTRIBUTE): they run once per vector step of every row loop,
@@ -12,60 +21,349 @@
 // out-of-line call per step and sends every vector through memory.
 #pragma once
 
-#include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/cpu/vec/vec_n.h>
-#include <c10/macros/Macros.h>
+#include "tensor.h"
+
+#include <torch/headeronly/macros/Macros.h>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
+#if defined(CPU_CAPABILITY_AVX2)
+// Sleef's vector exp/erf/tanh, the functions ATen's Vectorized<float/double> call:
+// libtorch_cpu.so (linked anyway, for the stable C shim) exports them as C symbols.
+extern "C" {
+__m256 Sleef_expf8_u10(__m256);
+__m256 Sleef_tanhf8_u10(__m256);
+__m256d Sleef_expd4_u10(__m256d);
+__m256d Sleef_erfd4_u10(__m256d);
+__m256d Sleef_tanhd4_u10(__m256d);
+}
+#endif
+
 namespace ffn::cpu {
 
+using Float8 = float __attribute__((vector_size(32)));
+using Double4 = double __attribute__((vector_size(32)));
+using Int8 = int32_t __attribute__((vector_size(32)));
+using Long4 = int64_t __attribute__((vector_size(32)));
+using Uint32x8 = uint32_t __attribute__((vector_size(32)));
+using Bits16x8 = uint16_t __attribute__((vector_size(16)));  // 8 half/bfloat16 values
+
+// One register of A (float or double), the integer of A's width, and the integer
+// vector A's comparisons give (all bits set in a lane where true).
+template <typename A>
+using Lanes = std::conditional_t<std::is_same_v<A, double>, Double4, Float8>;
+template <typename A>
+using LaneInt = std::conditional_t<std::is_same_v<A, double>, int64_t, int32_t>;
+template <typename A>
+using LaneMask = std::conditional_t<std::is_same_v<A, double>, Long4, Int8>;
+template <typename A>
+inline constexpr int kLanes = static_cast<int>(32 / sizeof(A));
+
 template <typename T>
-struct VecTraits {
-  using acc_t = at::opmath_type<T>;
-  using AccVec = at::vec::Vectorized<acc_t>;
-  static constexpr int64_t kStep = at::vec::Vectorized<T>::size();
-  static constexpr int kN = static_cast<int>(kStep / AccVec::size());
-  using Pack = at::vec::VectorizedN<acc_t, kN>;
+using acc_t = acc_type<T>;
+template <typename T>
+inline constexpr int64_t kStep = 32 / sizeof(T);
+
+// --- one register -------------------------------------------------------------------
+
+template <typename A>
+C10_ALWAYS_INLINE Lanes<A> splat(A value) {
+  Lanes<A> v;
+  for (int j = 0; j < kLanes<A>; ++j) v[j] = value;
+  return v;
+}
+
+// Lane j is `j` (for masking lanes by position).
+template <typename A>
+C10_ALWAYS_INLINE LaneMask<A> lane_index() {
+  LaneMask<A> index;
+  for (int j = 0; j < kLanes<A>; ++j) index[j] = j;
+  return index;
+}
+
+// Lanes [0, n) of p; the others are zero.
+template <typename A>
+C10_ALWAYS_INLINE Lanes<A> load_lanes(const A* p, int64_t n) {
+  Lanes<A> v{};
+  std::memcpy(&v, p, std::clamp<int64_t>(n, 0, kLanes<A>) * sizeof(A));
+  return v;
+}
+
+template <typename A>
+C10_ALWAYS_INLINE void store_lanes(A* p, const Lanes<A>& v, int64_t n) {
+  std::memcpy(p, &v, std::clamp<int64_t>(n, 0, kLanes<A>) * sizeof(A));
+}
+
+// a * b + c, rounded once where the hardware has FMA.
+template <typename V>
+C10_ALWAYS_INLINE V fmadd_lanes(const V& a, const V& b, const V& c) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Double4>) {
+    return _mm256_fmadd_pd(a, b, c);
+  } else {
+    return _mm256_fmadd_ps(a, b, c);
+  }
+#else
+  return a * b + c;
+#endif
+}
+
+// IEEE 754-2019 maximum: NaN if either side is NaN (as ATen's, and torch.relu).
+template <typename V>
+C10_ALWAYS_INLINE V maximum_lanes(const V& a, const V& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  // vmaxps gives b when either side is NaN; the unordered mask (all ones) is a NaN.
+  if constexpr (std::is_same_v<V, Double4>) {
+    return _mm256_or_pd(_mm256_max_pd(a, b), _mm256_cmp_pd(a, b, _CMP_UNORD_Q));
+  } else {
+    return _mm256_or_ps(_mm256_max_ps(a, b), _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+  }
+#else
+  const auto unordered = (a != a) | (b != b);
+  return unordered ? a + b : (a > b ? a : b);
+#endif
+}
+
+template <typename V, typename Fn>
+C10_ALWAYS_INLINE V map_lanes(V v, const Fn& fn) {
+  for (int j = 0; j < static_cast<int>(sizeof(V) / sizeof(v[0])); ++j) v[j] = fn(v[j]);
+  return v;
+}
+
+C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Sleef_expf8_u10(x);
+#else
+  return map_lanes(x, [](float v) { return std::exp(v); });
+#endif
+}
+C10_ALWAYS_INLINE Double4 exp_lanes(const Double4& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Sleef_expd4_u10(x);
+#else
+  return map_lanes(x, [](double v) { return std::exp(v); });
+#endif
+}
+
+C10_ALWAYS_INLINE Float8 tanh_lanes(const Float8& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Sleef_tanhf8_u10(x);
+#else
+  return map_lanes(x, [](float v) { return std::tanh(v); });
+#endif
+}
+C10_ALWAYS_INLINE Double4 tanh_lanes(const Double4& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Sleef_tanhd4_u10(x);
+#else
+  return map_lanes(x, [](double v) { return std::tanh(v); });
+#endif
+}
+
+C10_ALWAYS_INLINE Float8 erf_lanes(const Float8& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  // ATen's Vectorized<float>::erf, operation for operation (Abramowitz-Stegun 7.1.26):
+  // erf(x) = sign(x) * (1 - t * r(t) * exp(-x^2)), t = 1 / (1 + p |x|).
+  const __m256 neg_zero = _mm256_set1_ps(-0.f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_and_ps(neg_zero, x);
+  const __m256 abs_x = _mm256_xor_ps(sign, x);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), abs_x, one));
+  __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+  const __m256 neg_x_sq = _mm256_xor_ps(neg_zero, _mm256_mul_ps(x, x));
+  const __m256 neg_exp = _mm256_xor_ps(neg_zero, Sleef_expf8_u10(neg_x_sq));
+  return _mm256_xor_ps(sign, _mm256_fmadd_ps(_mm256_mul_ps(neg_exp, t), r, one));
+#else
+  return map_lanes(x, [](float v) { return std::erf(v); });
+#endif
+}
+C10_ALWAYS_INLINE Double4 erf_lanes(const Double4& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Sleef_erfd4_u10(x);
+#else
+  return map_lanes(x, [](double v) { return std::erf(v); });
+#endif
+}
+
+// Lane 0 of the reduction of all lanes by op, in ATen's order (vec_reduce_all):
+// for AVX2 float, halves then quarters then pairs; otherwise lane by lane.
+template <typename A, typename Op>
+C10_ALWAYS_INLINE A reduce_lanes(const Lanes<A>& v, const Op& op) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    __m256 r = op(v, Float8(_mm256_permute2f128_ps(v, v, 0x1)));
+    r = op(r, Float8(_mm256_shuffle_ps(r, r, 0x4E)));
+    r = op(r, Float8(_mm256_shuffle_ps(r, r, 0xB1)));
+    return _mm256_cvtss_f32(r);
+  }
+#endif
+  Lanes<A> acc = v;
+  for (int j = 1; j < kLanes<A>; ++j) {
+    Lanes<A> next{};
+    next[0] = v[j];
+    acc = op(acc, next);
+  }
+  return acc[0];
+}
+
+// --- bfloat16 / half <-> float ------------------------------------------------------
+
+template <typename T>
+C10_ALWAYS_INLINE Float8 widen(const Bits16x8& bits) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    return std::bit_cast<Float8>(__builtin_convertvector(bits, Uint32x8) << 16);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    return _mm256_cvtph_ps(std::bit_cast<__m128i>(bits));
+#else
+    Float8 out;
+    for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(Half(bits[j], Half::from_bits()));
+    return out;
+#endif
+  }
+}
+
+// Rounds to nearest even.
+template <typename T>
+C10_ALWAYS_INLINE Bits16x8 narrow(const Float8& v) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    // ATen's float -> bfloat16 (vec256_16bit_float.h), NaN becoming 0xffff.
+    const Uint32x8 bits = std::bit_cast<Uint32x8>(v);
+    const Uint32x8 rounded = (bits + ((bits >> 16) & 1) + 0x7fff) >> 16;
+    const Uint32x8 out = (v == v) ? rounded : Uint32x8{} + 0xffff;
+    return __builtin_convertvector(out, Bits16x8);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    return std::bit_cast<Bits16x8>(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    Bits16x8 out;
+    for (int j = 0; j < 8; ++j) out[j] = Half(v[j]).x;
+    return out;
+#endif
+  }
+}
+
+// --- Pack: one step of a row loop ---------------------------------------------------
+
+template <typename T>
+struct Pack {
+  using Acc = acc_t<T>;
+  using Reg = Lanes<Acc>;
+  static constexpr int kRegs = static_cast<int>(kStep<T> / kLanes<Acc>);
+
+  Reg reg[kRegs];
+
+  Pack() = default;
+  explicit Pack(Acc value) {
+    for (Reg& r : reg) r = splat(value);
+  }
+
+  template <typename Fn>
+  C10_ALWAYS_INLINE Pack map(const Fn& fn) const {
+    Pack out;
+    for (int k = 0; k < kRegs; ++k) out.reg[k] = fn(reg[k]);
+    return out;
+  }
+  template <typename Fn>
+  C10_ALWAYS_INLINE Pack zip(const Pack& other, const Fn& fn) const {
+    Pack out;
+    for (int k = 0; k < kRegs; ++k) out.reg[k] = fn(reg[k], other.reg[k]);
+    return out;
+  }
+
+  C10_ALWAYS_INLINE Pack exp() const { return map([](const Reg& x) { return exp_lanes(x); }); }
+  C10_ALWAYS_INLINE Pack erf() const { return map([](const Reg& x) { return erf_lanes(x); }); }
+  C10_ALWAYS_INLINE Pack tanh() const { return map([](const Reg& x) { return tanh_lanes(x); }); }
+  C10_ALWAYS_INLINE Pack neg() const { return map([](const Reg& x) { return -x; }); }
+  C10_ALWAYS_INLINE Pack abs() const {
+    // Clears the sign bit (NaNs included), as ATen's abs.
+    using Mask = LaneMask<Acc>;
+    return map([](const Reg& x) {
+      return std::bit_cast<Reg>(std::bit_cast<Mask>(x) & ~std::bit_cast<Mask>(splat(Acc(-0.0))));
+    });
+  }
+  // Comparisons as lane masks (all bits set where true), for blendv.
+  C10_ALWAYS_INLINE Pack operator<=(const Pack& other) const {
+    return zip(other, [](const Reg& a, const Reg& b) { return std::bit_cast<Reg>(a <= b); });
+  }
+  // Comparisons as 1 (true) or 0 (false), for counting.
+  C10_ALWAYS_INLINE Pack lt(const Pack& other) const {
+    return zip(other, [](const Reg& a, const Reg& b) { return a < b ? splat(Acc(1)) : Reg{}; });
+  }
+  C10_ALWAYS_INLINE Pack gt(const Pack& other) const {
+    return zip(other, [](const Reg& a, const Reg& b) { return a > b ? splat(Acc(1)) : Reg{}; });
+  }
+  // b where mask (a comparison's) is set, else a.
+  C10_ALWAYS_INLINE static Pack blendv(const Pack& a, const Pack& b, const Pack& mask) {
+    Pack out;
+    for (int k = 0; k < kRegs; ++k) {
+      out.reg[k] = std::bit_cast<LaneMask<Acc>>(mask.reg[k]) < 0 ? b.reg[k] : a.reg[k];
+    }
+    return out;
+  }
 };
 
 template <typename T>
-using acc_t = typename VecTraits<T>::acc_t;
+C10_ALWAYS_INLINE Pack<T> operator+(const Pack<T>& a, const Pack<T>& b) {
+  return a.zip(b, [](const auto& x, const auto& y) { return x + y; });
+}
 template <typename T>
-using Pack = typename VecTraits<T>::Pack;
+C10_ALWAYS_INLINE Pack<T> operator-(const Pack<T>& a, const Pack<T>& b) {
+  return a.zip(b, [](const auto& x, const auto& y) { return x - y; });
+}
 template <typename T>
-inline constexpr int64_t kStep = VecTraits<T>::kStep;
+C10_ALWAYS_INLINE Pack<T> operator*(const Pack<T>& a, const Pack<T>& b) {
+  return a.zip(b, [](const auto& x, const auto& y) { return x * y; });
+}
+template <typename T>
+C10_ALWAYS_INLINE Pack<T> operator/(const Pack<T>& a, const Pack<T>& b) {
+  return a.zip(b, [](const auto& x, const auto& y) { return x / y; });
+}
+template <typename T>
+C10_ALWAYS_INLINE Pack<T> maximum(const Pack<T>& a, const Pack<T>& b) {
+  return a.zip(b, [](const auto& x, const auto& y) { return maximum_lanes(x, y); });
+}
+// a * b + c, one rounding (FMA) where the hardware has it.
+template <typename T>
+C10_ALWAYS_INLINE Pack<T> fmadd(const Pack<T>& a, const Pack<T>& b, const Pack<T>& c) {
+  Pack<T> out;
+  for (int k = 0; k < Pack<T>::kRegs; ++k) out.reg[k] = fmadd_lanes(a.reg[k], b.reg[k], c.reg[k]);
+  return out;
+}
 
 // Loads `count` (<= kStep<T>) values of U, where U is T or T's accumulation type
 // (float32 parameters next to half inputs). Lanes at and past `count` are zero.
 template <typename T, typename U>
 C10_ALWAYS_INLINE Pack<T> load(const U* p, int64_t count = kStep<T>) {
-  using Traits = VecTraits<T>;
-  using AccVec = typename Traits::AccVec;
+  constexpr int kRegs = Pack<T>::kRegs;
   Pack<T> out;
   if constexpr (std::is_same_v<U, acc_t<T>>) {
-    for (int k = 0; k < Traits::kN; ++k) {
-      const U* pk = p + k * AccVec::size();
-      if (count == Traits::kStep) {
-        out[k] = AccVec::loadu(pk);
+    for (int k = 0; k < kRegs; ++k) {
+      const U* pk = p + k * kLanes<U>;
+      if (count == kStep<T>) {
+        std::memcpy(&out.reg[k], pk, sizeof(out.reg[k]));
       } else {
-        const int64_t n = std::clamp<int64_t>(count - k * AccVec::size(), 0, AccVec::size());
-        out[k] = AccVec::set(AccVec(0), AccVec::loadu(pk, n), n);
+        out.reg[k] = load_lanes(pk, count - k * kLanes<U>);
       }
     }
   } else {
-    static_assert(std::is_same_v<U, T> && Traits::kN == 2, "U must be T or T's accumulation type");
-    using Vec = at::vec::Vectorized<T>;
-    const Vec v = count == Traits::kStep ? Vec::loadu(p) : Vec::loadu(p, count);
-    auto [lo, hi] = at::vec::convert_to_float<T>(v);
-    out = Pack<T>(lo, hi);
-    if (count < Traits::kStep) {
-      out = Pack<T>::set(Pack<T>(0), out, count);
-    }
+    static_assert(std::is_same_v<U, T> && kRegs == 2, "U must be T or T's accumulation type");
+    Bits16x8 bits[kRegs] = {};
+    std::memcpy(bits, p, std::min(count, kStep<T>) * sizeof(T));
+    for (int k = 0; k < kRegs; ++k) out.reg[k] = widen<T>(bits[k]);
   }
   return out;
 }
@@ -74,26 +372,21 @@ C10_ALWAYS_INLINE Pack<T> load(const U* p, int64_t count = kStep<T>) {
 // round to nearest even) or T's accumulation type (float32 partial sums).
 template <typename T, typename U>
 C10_ALWAYS_INLINE void store(U* p, const Pack<T>& v, int64_t count = kStep<T>) {
-  using Traits = VecTraits<T>;
-  using AccVec = typename Traits::AccVec;
+  constexpr int kRegs = Pack<T>::kRegs;
   if constexpr (std::is_same_v<U, acc_t<T>>) {
-    for (int k = 0; k < Traits::kN; ++k) {
-      U* pk = p + k * AccVec::size();
-      if (count == Traits::kStep) {
-        v[k].store(pk);
+    for (int k = 0; k < kRegs; ++k) {
+      U* pk = p + k * kLanes<U>;
+      if (count == kStep<T>) {
+        std::memcpy(pk, &v.reg[k], sizeof(v.reg[k]));
       } else {
-        const int64_t n = std::clamp<int64_t>(count - k * AccVec::size(), 0, AccVec::size());
-        if (n > 0) v[k].store(pk, static_cast<int>(n));
+        store_lanes(pk, v.reg[k], count - k * kLanes<U>);
       }
     }
   } else {
-    static_assert(std::is_same_v<U, T> && Traits::kN == 2, "U must be T or T's accumulation type");
-    const auto out = at::vec::convert_from_float<T>(v[0], v[1]);
-    if (count == Traits::kStep) {
-      out.store(p);
-    } else {
-      out.store(p, static_cast<int>(count));
-    }
+    static_assert(std::is_same_v<U, T> && kRegs == 2, "U must be T or T's accumulation type");
+    Bits16x8 bits[kRegs];
+    for (int k = 0; k < kRegs; ++k) bits[k] = narrow<T>(v.reg[k]);
+    std::memcpy(p, bits, std::clamp<int64_t>(count, 0, kStep<T>) * sizeof(T));
   }
 }
 
@@ -103,8 +396,7 @@ C10_ALWAYS_INLINE Pack<T> round_to(const Pack<T>& v) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return v;
   } else {
-    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
-    return Pack<T>(lo, hi);
+    return v.map([](const Float8& x) { return widen<T>(narrow<T>(x)); });
   }
 }
 
@@ -115,26 +407,24 @@ C10_ALWAYS_INLINE Pack<T> round_to(const Pack<T>& v) {
 template <typename T>
 C10_ALWAYS_INLINE Pack<T> unfused(Pack<T> v) {
 #if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__)
-  for (int k = 0; k < VecTraits<T>::kN; ++k) {
-    if constexpr (std::is_same_v<acc_t<T>, double>) {
-      __m256d raw = v[k];
-      asm("" : "+x"(raw));
-      v[k] = raw;
-    } else {
-      __m256 raw = v[k];
-      asm("" : "+x"(raw));
-      v[k] = raw;
-    }
-  }
+  for (auto& r : v.reg) asm("" : "+x"(r));
 #endif
   return v;
 }
 
 template <typename T>
 C10_ALWAYS_INLINE acc_t<T> sum_lanes(const Pack<T>& v) {
-  auto sum = v[0];
-  for (int k = 1; k < VecTraits<T>::kN; ++k) sum = sum + v[k];
-  return at::vec::vec_reduce_all<acc_t<T>>([](const auto& a, const auto& b) { return a + b; }, sum);
+  auto sum = v.reg[0];
+  for (int k = 1; k < Pack<T>::kRegs; ++k) sum = sum + v.reg[k];
+  return reduce_lanes<acc_t<T>>(sum, [](const auto& a, const auto& b) { return a + b; });
+}
+
+// The largest lane, NaN if any lane is NaN.
+template <typename T>
+C10_ALWAYS_INLINE acc_t<T> max_lanes(const Pack<T>& v) {
+  auto max = v.reg[0];
+  for (int k = 1; k < Pack<T>::kRegs; ++k) max = maximum_lanes(max, v.reg[k]);
+  return reduce_lanes<acc_t<T>>(max, [](const auto& a, const auto& b) { return maximum_lanes(a, b); });
 }
 
 // Calls body(offset, count) for each step of a row of n elements; the last
@@ -181,7 +471,7 @@ C10_ALWAYS_INLINE acc_t<T> sum_row(int64_t n, const Term& term) {
 
 // sum_row_pair: two sums at once; step(i, count, acc_a, acc_b) adds its terms
 // into the accumulators it is given. Accumulating in place rather than returning
-// a pair of Packs keeps the half types' two-vector Packs in registers.
+// a pair of Packs keeps the half types' two-register Packs in registers.
 template <typename T, typename Step>
 C10_ALWAYS_INLINE std::pair<acc_t<T>, acc_t<T>> sum_row_pair(int64_t n, const Step& step) {
   Pack<T> total_a(0), total_b(0);
@@ -205,7 +495,14 @@ C10_ALWAYS_INLINE std::pair<acc_t<T>, acc_t<T>> sum_row_pair(int64_t n, const St
 // Zeroes the lanes past `count` (loads already do; derived values like x - mean need it).
 template <typename T>
 C10_ALWAYS_INLINE Pack<T> valid_lanes(const Pack<T>& v, int64_t count) {
-  return count == kStep<T> ? v : Pack<T>::set(Pack<T>(0), v, count);
+  if (count == kStep<T>) return v;
+  using Acc = acc_t<T>;
+  Pack<T> out;
+  for (int k = 0; k < Pack<T>::kRegs; ++k) {
+    const auto index = lane_index<Acc>() + static_cast<LaneInt<Acc>>(k * kLanes<Acc>);
+    out.reg[k] = index < static_cast<LaneInt<Acc>>(count) ? v.reg[k] : typename Pack<T>::Reg{};
+  }
+  return out;
 }
 
 }  // namespace ffn::cpu

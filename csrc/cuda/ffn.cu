@@ -14,9 +14,6 @@
 #include "runtime.cuh"
 #include "vec.cuh"
 
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -146,8 +143,9 @@ void launch_activation(void (*kernel)(ActivationArgs<T>), ActivationArgs<T> a) {
 
 void activation_forward(const Tensor& z, const Tensor& bias, Activation act, bool gated,
                         const Tensor& h) {
-  const DeviceGuard guard(z.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_fwd_cuda", [&] {
+  const DeviceGuard guard(z.get_device_index());
+  dispatch_float_types(z.scalar_type(), "ffn_act_fwd_cuda", [&](auto t) {
+    using scalar_t = decltype(t);
     ActivationArgs<scalar_t> a{z.const_data_ptr<scalar_t>(),
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                                nullptr,
@@ -166,8 +164,9 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
 
 void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
                          bool gated, const Tensor& grad_z, const Tensor& h) {
-  const DeviceGuard guard(z.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ffn_act_bwd_cuda", [&] {
+  const DeviceGuard guard(z.get_device_index());
+  dispatch_float_types(z.scalar_type(), "ffn_act_bwd_cuda", [&](auto t) {
+    using scalar_t = decltype(t);
     ActivationArgs<scalar_t> a{z.const_data_ptr<scalar_t>(),
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                                grad_h.const_data_ptr<scalar_t>(),

@@ -38,15 +38,10 @@
 // s = x + residual (rounded to T), which the kernel writes as it loads x, and
 // its backward adds the gradient of s to dx (rounded to T first, as autograd
 // adds the unfused pair's two gradients).
-#include "dispatch.h"
-#include "ffn.h"
+#include "norm.h"
 #include "reduce.cuh"
 #include "runtime.cuh"
 #include "vec.cuh"
-
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/core/ScalarType.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -121,7 +116,8 @@ void dispatch_row_kernel(const RowPlan& plan, bool vectorized, const Fn& fn) {
         }
         break;
     }
-    TORCH_INTERNAL_ASSERT(false, "ffn: no register kernel for ", plan.words_per_thread, " words");
+    FFN_CHECK(false, "ffn: internal error: expected 1, 2, 4 or 8 (at most ", kMaxWords,
+              ") words per thread for a register kernel, got ", plan.words_per_thread);
   };
   if (vectorized) {
     with_words(std::true_type{});
@@ -804,8 +800,8 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
   constexpr int V = kVecWidth<T>;
   const int64_t rows = x.size(0), d = x.size(1);
   if (rows == 0) {  // sums over no rows
-    if (grad_weight.defined()) grad_weight.zero_();
-    if (grad_bias.defined()) grad_bias.zero_();
+    if (grad_weight.defined()) torch::stable::fill_(grad_weight, 0.0);
+    if (grad_bias.defined()) torch::stable::fill_(grad_bias, 0.0);
     return;
   }
   if (d == 0) return;
@@ -825,7 +821,7 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
                        false};
   a.vectorized = d % V == 0 && all_aligned16({a.dy, a.dsum, a.x, a.weight, a.dx});
   const bool param_grads = grad_weight.defined() || grad_bias.defined();
-  const auto partial_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const ScalarType partial_dtype = scalar_type_of<A>();
   const int64_t words = ceil_div(d, V);
   Tensor dw_partial, db_partial;
 
@@ -844,8 +840,8 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
       // depends only on the device and the shape.
       const int64_t grid = std::min<int64_t>(ceil_div(rows, rows_per_block),
                                              resident_grid(kernel, kRowBlock, smem));
-      if (grad_weight.defined()) dw_partial = at::empty({grid, d}, partial_options);
-      if (grad_bias.defined()) db_partial = at::empty({grid, d}, partial_options);
+      if (grad_weight.defined()) dw_partial = ffn::empty({grid, d}, partial_dtype, x);
+      if (grad_bias.defined()) db_partial = ffn::empty({grid, d}, partial_dtype, x);
       a.dw_partial = mutable_data_or_null<A>(dw_partial);
       a.db_partial = mutable_data_or_null<A>(db_partial);
       launch(kernel, {static_cast<unsigned>(grid), kRowBlock, smem}, a);
@@ -863,8 +859,8 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
     // One wave of resident blocks, as above.
     const int64_t grid = std::min<int64_t>(rows, resident_grid(kernel, kLongRowBlock, smem));
     if (shared.accumulate) {
-      if (grad_weight.defined()) dw_partial = at::empty({grid, d}, partial_options);
-      if (grad_bias.defined()) db_partial = at::empty({grid, d}, partial_options);
+      if (grad_weight.defined()) dw_partial = ffn::empty({grid, d}, partial_dtype, x);
+      if (grad_bias.defined()) db_partial = ffn::empty({grid, d}, partial_dtype, x);
       a.dw_partial = mutable_data_or_null<A>(dw_partial);
       a.db_partial = mutable_data_or_null<A>(db_partial);
     }
@@ -874,8 +870,8 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
       const int64_t chunks = std::clamp<int64_t>(ceil_div(int64_t{sm_count()} * 8, column_blocks),
                                                  1, std::min<int64_t>(rows, 65535));
       const int64_t rows_per_chunk = ceil_div(rows, chunks);
-      if (grad_weight.defined()) dw_partial = at::empty({chunks, d}, partial_options);
-      if (grad_bias.defined()) db_partial = at::empty({chunks, d}, partial_options);
+      if (grad_weight.defined()) dw_partial = ffn::empty({chunks, d}, partial_dtype, x);
+      if (grad_bias.defined()) db_partial = ffn::empty({chunks, d}, partial_dtype, x);
       const dim3 grid_2d(static_cast<unsigned>(column_blocks), static_cast<unsigned>(chunks));
       launch(norm_param_grad_columns_kernel<T>, {grid_2d, kColumnBlock}, a.dy, a.x, a.mean, a.rstd,
              rows, d, rows_per_chunk, mutable_data_or_null<A>(dw_partial),
@@ -887,10 +883,27 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
   if (grad_bias.defined()) sum_partials<A, P>(db_partial, grad_bias);
 }
 
+// Calls fn(T{}, P{}) with T = x's dtype and P = the parameters' dtype: T, or
+// float32 for a half precision x with float32 parameters. `param` is the
+// weight (or, without one, the bias or its gradient); undefined means P = T.
+template <typename Fn>
+void dispatch_norm_types(const Tensor& x, const Tensor& param, const Fn& fn) {
+  dispatch_float_types(x.scalar_type(), "ffn_norm", [&](auto t) {
+    using T = decltype(t);
+    if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) {
+      if (param.defined() && param.scalar_type() == kFloat) {
+        fn(T{}, float{});
+        return;
+      }
+    }
+    fn(T{}, T{});
+  });
+}
+
 void norm_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
                   const Tensor& bias, double eps, double weight_offset, bool center,
                   const Tensor& y, const Tensor& sum, const Tensor& mean, const Tensor& rstd) {
-  const DeviceGuard guard(x.device());
+  const DeviceGuard guard(x.get_device_index());
   dispatch_norm_types(x, weight.defined() ? weight : bias, [&](auto t, auto p) {
     forward<decltype(t), decltype(p)>(x, residual, weight, bias, eps, weight_offset, center, y, sum,
                                       mean, rstd);
@@ -901,7 +914,7 @@ void norm_backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x
                    const Tensor& mean, const Tensor& rstd, const Tensor& weight,
                    double weight_offset, bool center, const Tensor& grad_x,
                    const Tensor& grad_weight, const Tensor& grad_bias) {
-  const DeviceGuard guard(x.device());
+  const DeviceGuard guard(x.get_device_index());
   dispatch_norm_types(x, weight.defined() ? weight : grad_bias, [&](auto t, auto p) {
     backward<decltype(t), decltype(p)>(grad_y, grad_sum, x, mean, rstd, weight, weight_offset,
                                        center, grad_x, grad_weight, grad_bias);

@@ -1,32 +1,36 @@
 // The CUDA runtime as the kernels' host launchers use it, in one place: device
 // limits and occupancy (cached per device), the dynamic shared-memory opt-in
 // (once per kernel and device, thread-safe), launches on the current stream with
-// their error check, and shared-memory declarations.
+// their error check, and shared-memory declarations. Only the LibTorch stable
+// ABI (torch/csrc/stable, its C shim, torch/headeronly) and the CUDA runtime:
+// nothing here links a libtorch C++ symbol.
 //
 // Under FFN_CUDA_EMU the same names run the kernels on the CPU through the
 // emulation in emu/cuda_emu.h (tests/cuda_emu/); everything else in csrc/cuda/
 // is the same source either way.
 #pragma once
 
-#include <c10/core/Device.h>
+#include "tensor.h"
 
 #include <cstddef>
+#include <cstdint>
+#include <source_location>
 #include <utility>
 
 #ifdef FFN_CUDA_EMU
 #include "emu/cuda_emu.h"
-
-#include <source_location>
 #else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/macros.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <array>
 #include <map>
 #include <mutex>
 #include <tuple>
+
 #endif
 
 // Declares a block's shared variable `name` of type Type (an array type is
@@ -57,8 +61,9 @@ struct DeviceLimits {
 
 #ifdef FFN_CUDA_EMU
 
+// Takes the device index (Tensor::get_device_index()), as the stable guard does.
 struct DeviceGuard {
-  explicit DeviceGuard(c10::Device) {}
+  explicit DeviceGuard(int32_t /*device_index*/) {}
 };
 
 inline DeviceLimits device_limits() {
@@ -96,7 +101,19 @@ void launch(void (*kernel)(Params...), const LaunchConfig& config, Args&&... arg
 
 #else  // nvcc
 
-using DeviceGuard = c10::cuda::CUDAGuard;
+// Makes a device index (Tensor::get_device_index()) current for its scope; the
+// launches below then go to that device's current stream.
+using DeviceGuard = torch::stable::accelerator::DeviceGuard;
+
+// Checks a CUDA runtime call: a failure throws (FFN_CHECK, a std::runtime_error
+// that Python sees as RuntimeError) with the error's name and string and the call.
+#define FFN_CUDA_CHECK(...)                                                           \
+  do {                                                                                \
+    const cudaError_t ffn_cuda_error = (__VA_ARGS__);                                 \
+    FFN_CHECK(ffn_cuda_error == cudaSuccess, "ffn: expected cudaSuccess from ",       \
+              #__VA_ARGS__, ", got ", cudaGetErrorName(ffn_cuda_error), " (",         \
+              cudaGetErrorString(ffn_cuda_error), ")");                               \
+  } while (false)
 
 constexpr int kMaxDevices = 64;
 
@@ -104,13 +121,14 @@ inline const DeviceLimits& device_limits() {
   static std::array<DeviceLimits, kMaxDevices> limits;
   static std::array<std::once_flag, kMaxDevices> once;
   int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  TORCH_CHECK(device < kMaxDevices, "ffn: CUDA device index ", device, " over ", kMaxDevices);
+  FFN_CUDA_CHECK(cudaGetDevice(&device));
+  FFN_CHECK(device >= 0 && device < kMaxDevices, "ffn: expected a CUDA device index below ",
+            kMaxDevices, ", got ", device);
   std::call_once(once[device], [device] {
     int sms = 0, threads = 0, optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    FFN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    FFN_CUDA_CHECK(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+    FFN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     limits[device] = {sms, threads, static_cast<size_t>(optin)};
   });
   return limits[device];
@@ -125,15 +143,15 @@ size_t allow_dynamic_shared_memory(void (*kernel)(Params...)) {
   static std::mutex mutex;
   static std::map<std::pair<int, const void*>, size_t> allowed;
   int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+  FFN_CUDA_CHECK(cudaGetDevice(&device));
   const auto key = std::make_pair(device, reinterpret_cast<const void*>(kernel));
   const std::lock_guard<std::mutex> lock(mutex);
   const auto it = allowed.find(key);
   if (it != allowed.end()) return it->second;
   cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  FFN_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   const size_t bytes = device_limits().max_shared_per_block_optin - attributes.sharedSizeBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  FFN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
   allowed.emplace(key, bytes);
   return bytes;
@@ -146,22 +164,47 @@ int resident_blocks_per_sm(void (*kernel)(Params...), int block_threads, size_t 
   static std::mutex mutex;
   static std::map<std::tuple<int, const void*, int, size_t>, int> cache;
   int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+  FFN_CUDA_CHECK(cudaGetDevice(&device));
   const auto key =
       std::make_tuple(device, reinterpret_cast<const void*>(kernel), block_threads, dynamic_smem);
   const std::lock_guard<std::mutex> lock(mutex);
   const auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   int blocks = 0;
-  C10_CUDA_CHECK(
+  FFN_CUDA_CHECK(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, block_threads, dynamic_smem));
   cache.emplace(key, blocks);
   return blocks;
 }
 
+// PyTorch's current stream on the current device (the one the DeviceGuard set),
+// from the stable C shim's aoti_torch_get_current_cuda_stream
+// (torch::stable::accelerator::Stream has no nativeHandle() before 2.13). The
+// shim function lives in libtorch_cuda, which a CPU-only torch does not have:
+// it is looked up in the already loaded library when first needed instead of
+// linked, so the one binary also loads there.
+inline cudaStream_t current_stream() {
+  using GetStream = AOTITorchError (*)(int32_t device_index, void** ret_stream);
+  static const auto get_stream = [] {
+    void* torch_cuda = dlopen("libtorch_cuda.so", RTLD_NOLOAD | RTLD_LAZY);
+    return torch_cuda == nullptr
+               ? nullptr
+               : reinterpret_cast<GetStream>(dlsym(torch_cuda, "aoti_torch_get_current_cuda_stream"));
+  }();
+  FFN_CHECK(get_stream != nullptr,
+            "ffn: expected torch's CUDA library (aoti_torch_get_current_cuda_stream) to be "
+            "loaded when running CUDA kernels; is this a CUDA build of torch?");
+  int device = 0;
+  FFN_CUDA_CHECK(cudaGetDevice(&device));
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(get_stream(device, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
 struct LaunchConfig {
   dim3 grid, block;
   size_t dynamic_smem = 0;
+  std::source_location where = std::source_location::current();
 };
 
 // kernel<<<grid, block, dynamic_smem, current stream>>>(args...), checked. The
@@ -169,9 +212,15 @@ struct LaunchConfig {
 // graphs and user streams.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), const LaunchConfig& config, Args&&... args) {
-  kernel<<<config.grid, config.block, config.dynamic_smem, c10::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<config.grid, config.block, config.dynamic_smem, current_stream()>>>(
       std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaError_t error = cudaGetLastError();
+  FFN_CHECK(error == cudaSuccess, "ffn: expected the kernel launch at ",
+            config.where.file_name(), ":", config.where.line(), " (grid ", config.grid.x,
+            "x", config.grid.y, "x", config.grid.z, ", block ", config.block.x, "x",
+            config.block.y, "x", config.block.z, ", ", config.dynamic_smem,
+            " bytes of dynamic shared memory) to succeed, got ", cudaGetErrorName(error),
+            " (", cudaGetErrorString(error), ")");
 }
 
 #endif

@@ -23,10 +23,6 @@
 #include "telemetry.h"
 #include "vec.cuh"
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/Dispatch.h>
-
 #include <algorithm>
 #include <cmath>
 
@@ -237,15 +233,15 @@ bool rows_vectorized(const T* p, int64_t n) {
 
 void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, bool gated,
                       const StatThresholds& thresholds, const Tensor& stats) {
-  const DeviceGuard device_guard(preact.device());
+  const DeviceGuard device_guard(preact.get_device_index());
   double* out = stats.mutable_data_ptr<double>();
   const int64_t rows = x.size(0), d = x.size(1);
   const int blocks = num_blocks(rows);
   const dim3 grid(static_cast<unsigned>(blocks));
 
-  const Tensor input_partials = at::empty({blocks, kInputFields}, stats.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_stats_input_cuda",
-                                  [&] {
+  const Tensor input_partials = ffn::empty({blocks, kInputFields}, stats);
+  dispatch_float_types(x.scalar_type(), "ffn_stats_input_cuda", [&](auto t) {
+    using scalar_t = decltype(t);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     launch(input_stats_kernel<scalar_t>, {grid, kThreads}, xp, rows, d, rows_vectorized(xp, d),
            input_partials.mutable_data_ptr<double>());
@@ -253,13 +249,12 @@ void ffn_stats_kernel(const Tensor& x, const Tensor& preact, Activation act, boo
   reduce_partials(input_partials, /*max_field=*/-1, out + kTokens);
 
   const int64_t F = gated ? preact.size(1) / 2 : preact.size(1);
-  const Tensor hidden_partials = at::empty({blocks, kHiddenFields}, stats.options());
-  const Tensor outlier_partials = at::empty({blocks, 1}, stats.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, preact.scalar_type(),
-                                  "ffn_stats_hidden_cuda", [&] {
+  const Tensor hidden_partials = ffn::empty({blocks, kHiddenFields}, stats);
+  const Tensor outlier_partials = ffn::empty({blocks, 1}, stats);
+  dispatch_float_types(preact.scalar_type(), "ffn_stats_hidden_cuda", [&](auto t) {
+    using scalar_t = decltype(t);
     using Acc = acc_t<scalar_t>;
-    const Tensor row_abs_max =
-        at::empty({rows}, preact.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+    const Tensor row_abs_max = ffn::empty({rows}, scalar_type_of<Acc>(), preact);
     const scalar_t* z = preact.const_data_ptr<scalar_t>();
     // The up half starts F elements into each row: F words must align too.
     const bool vectorized = rows_vectorized(z, preact.size(1)) && F % kVecWidth<scalar_t> == 0;

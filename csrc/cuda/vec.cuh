@@ -10,9 +10,7 @@
 #pragma once
 
 #include "runtime.cuh"
-
-#include <ATen/OpMathType.h>
-#include <c10/macros/Macros.h>
+#include "tensor.h"
 
 #include <cstdint>
 #include <initializer_list>
@@ -21,7 +19,7 @@ namespace ffn::cuda {
 
 // Accumulation type: float for half types and float, double for double.
 template <typename T>
-using acc_t = at::opmath_type<T>;
+using acc_t = acc_type<T>;
 
 // Elements of T in one 128-bit word.
 template <typename T>
@@ -43,7 +41,7 @@ inline bool all_aligned16(std::initializer_list<const void*> pointers) {
   return true;
 }
 
-C10_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 __device__ __forceinline__ Vec<T> zero_word() {

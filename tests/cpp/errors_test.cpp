@@ -42,7 +42,8 @@ TEST(Errors, NormEps) {
 TEST(Errors, NormDevice) {
   const Tensor x = at::randn({4, 8});
   const Tensor meta_weight = at::ones({8}, at::TensorOptions().device(at::kMeta));
-  EXPECT_ERROR_WITH(rms_norm_forward(x, meta_weight, std::nullopt, 1e-6, 0.0, false, cpu::kNormKernels),
+  EXPECT_ERROR_WITH(call_body(rms_norm_fwd<cpu::kNormKernels>, x, meta_weight, std::nullopt, 1e-6, 0.0,
+                              false),
                     "ffn.rms_norm: weight is on meta but x is on cpu");
 }
 
@@ -85,15 +86,15 @@ TEST(Errors, GatedFfn) {
   const Tensor x = at::randn({4, 8});
   const Tensor w_gate_up = at::randn({32, 8}), w_down = at::randn({8, 16});
   EXPECT_ERROR_WITH(
-      ops::gated_ffn("ffn::swiglu", x, at::randn({31, 8}), std::nullopt, w_down, std::nullopt),
+      ops::swiglu(x, at::randn({31, 8}), std::nullopt, w_down, std::nullopt),
       "ffn.swiglu: w_gate_up must have an even number of rows");
   EXPECT_ERROR_WITH(
-      ops::gated_ffn("ffn::geglu", x, w_gate_up, std::nullopt, at::randn({8, 32}), std::nullopt),
+      ops::geglu(x, w_gate_up, std::nullopt, at::randn({8, 32}), std::nullopt),
       "ffn.geglu: w_down must have shape [*, 16], got [8, 32]");
   EXPECT_ERROR_WITH(
-      ops::gated_ffn("ffn::reglu", x, w_gate_up, at::randn({16}), w_down, std::nullopt),
+      ops::reglu(x, w_gate_up, at::randn({16}), w_down, std::nullopt),
       "ffn.reglu: b_gate_up must have shape [32], got [16]");
-  EXPECT_ERROR_WITH(ops::gated_ffn("ffn::swiglu", x.to(at::kDouble), w_gate_up, std::nullopt,
+  EXPECT_ERROR_WITH(ops::swiglu(x.to(at::kDouble), w_gate_up, std::nullopt,
                                    w_down, std::nullopt),
                     "ffn.swiglu: w_gate_up must have x's dtype (Double), got Float");
   EXPECT_ERROR_WITH(ops::gated_ffn_fwd(x, w_gate_up, std::nullopt, w_down, std::nullopt, "tanh"),

@@ -72,10 +72,15 @@ Tensor aten_ffn(const FfnCase& c, const Tensor& x, const FfnWeights& w,
   return at::linear(h, w.w_out, opt(w.b_out));
 }
 
+// The public op of the case (ffn_ops.h).
 Tensor ffn_public(const FfnCase& c, const Tensor& x, const FfnWeights& w) {
+  const std::string_view op = c.op;
   if (!c.gated) return ops::gelu_ffn(x, w.w_in, opt(w.b_in), w.w_out, opt(w.b_out), approximate_of(c));
-  const std::string name = std::string("ffn::") + c.op;
-  return ops::gated_ffn(name.c_str(), x, w.w_in, opt(w.b_in), w.w_out, opt(w.b_out));
+  if (op == "swiglu") return ops::swiglu(x, w.w_in, opt(w.b_in), w.w_out, opt(w.b_out));
+  if (op == "geglu") return ops::geglu(x, w.w_in, opt(w.b_in), w.w_out, opt(w.b_out));
+  if (op == "reglu") return ops::reglu(x, w.w_in, opt(w.b_in), w.w_out, opt(w.b_out));
+  ADD_FAILURE() << "no public op " << op;
+  return Tensor();
 }
 
 Tensors2 ffn_fwd(const FfnCase& c, const Tensor& x, const FfnWeights& w) {
@@ -141,13 +146,15 @@ TEST_F(SeededTest, FfnCppApiMatchesDispatcher) {
     const FfnWeights w = make_weights(c, 24, 40, true, at::kFloat);
     const Activation act = c.gated ? parse_gated_activation(c.op, c.activation)
                                    : parse_gelu_approximate(c.op, approximate_of(c));
-    const auto [out, preact] = ffn_forward(c.op, x, w.w_in, w.b_in, w.w_out, w.b_out, act, c.gated,
-                                           cpu::kActivationKernels);
+    const auto [out, preact] = call_body(ffn_forward, c.op, x, w.w_in, w.b_in, w.w_out, w.b_out,
+                                         act, c.gated, cpu::kActivationKernels);
     EXPECT_TRUE(at::equal(out, ffn_public(c, x, w)));
     EXPECT_TRUE(at::equal(preact, std::get<1>(ffn_fwd(c, x, w))));
     const Tensor g = at::randn_like(out);
-    const auto grads = ffn_backward(g, x, preact, w.w_in, w.w_out, act, c.gated,
-                                    {true, true, true, true, true}, cpu::kActivationKernels);
+    const auto grads = call_body(ffn_backward, c.gated ? "_gated_ffn_bwd" : "_gelu_ffn_bwd", g, x,
+                                 preact, w.w_in, w.w_out, act, c.gated,
+                                 std::array<bool, 5>{true, true, true, true, true},
+                                 cpu::kActivationKernels);
     const auto grads_op = ffn_bwd(c, g, x, preact, w, {true, true, true, true, true});
     EXPECT_TRUE(at::equal(std::get<0>(grads), std::get<0>(grads_op)));
     EXPECT_TRUE(at::equal(std::get<1>(grads), std::get<1>(grads_op)));
@@ -282,7 +289,7 @@ TEST_F(SeededTest, GatedActivationForwardMatchesAten) {
     }
   }
   const Tensor gate_up = at::randn({4, 2 * 37});
-  EXPECT_TRUE(at::equal(gated_activation_forward(gate_up, "silu", cpu::kActivationKernels),
+  EXPECT_TRUE(at::equal(call_body(gated_activation_forward, gate_up, "silu", cpu::kActivationKernels),
                         ops::gated_activation(gate_up, "silu")));
 }
 

@@ -129,24 +129,26 @@ TEST_F(SeededTest, NormForwardNonContiguousInput) {
   }
 }
 
-// The C++ API (ffn.h: op bodies + the CPU kernel table) is what the dispatcher
-// runs for CPU tensors: same bits.
+// The op bodies (norm.h) with the CPU kernel table are what the dispatcher runs
+// for CPU tensors, and the C++ API (ffn_ops.h) calls: same bits.
 TEST_F(SeededTest, NormCppApiMatchesDispatcher) {
   const Tensor x = make_input({3, 5, 40}, at::kFloat);
   const auto [w, b] = make_params(40, {true, true}, at::kFloat);
-  const auto [y, mean, rstd] = layer_norm_forward(x, w, b, kLayerNormEps, 0.0, false, cpu::kNormKernels);
+  const auto [y, mean, rstd] =
+      call_body(layer_norm_fwd<cpu::kNormKernels>, x, w, b, kLayerNormEps, 0.0, false);
   const auto [y_op, mean_op, rstd_op] = ops::layer_norm_fwd(x, w, b, kLayerNormEps);
   EXPECT_TRUE(at::equal(y, y_op));
   EXPECT_TRUE(at::equal(mean, mean_op));
   EXPECT_TRUE(at::equal(rstd, rstd_op));
   EXPECT_TRUE(at::equal(y, ops::layer_norm(x, w, b, kLayerNormEps)));
 
-  const auto [y_rms, rstd_rms] = rms_norm_forward(x, w, std::nullopt, kRmsNormEps, 0.0, false, cpu::kNormKernels);
+  const auto [y_rms, rstd_rms] = call_body(rms_norm_fwd<cpu::kNormKernels>, x, w, std::nullopt,
+                                           kRmsNormEps, 0.0, false);
   EXPECT_TRUE(at::equal(y_rms, ops::rms_norm(x, w, std::nullopt, kRmsNormEps)));
 
   const Tensor gy = at::randn_like(x);
-  const auto grads = layer_norm_backward(gy, x, mean, rstd, w, b, true, true, 0.0, std::nullopt,
-                                         cpu::kNormKernels);
+  const auto grads = call_body(layer_norm_bwd<cpu::kNormKernels>, gy, x, mean, rstd, w, b, true,
+                               true, 0.0, std::nullopt);
   const auto grads_op = ops::layer_norm_bwd(gy, x, mean, rstd, w, b, true, true);
   EXPECT_TRUE(at::equal(std::get<0>(grads), std::get<0>(grads_op)));
   EXPECT_TRUE(at::equal(std::get<1>(grads), std::get<1>(grads_op)));

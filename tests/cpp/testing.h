@@ -1,13 +1,18 @@
-// Shared helpers of the C++ tests: the ffn ops as typed dispatcher calls,
+// Shared helpers of the C++ tests: the ffn ops through their C++ API
+// (ffn_ops.h, typed dispatcher calls), the op bodies of csrc/ called with
+// ATen tensors (converted to and from the stable ABI's tensors),
 // tolerance-based comparison, autograd on ATen composites, error matching.
 #pragma once
 
 #include "ffn.h"
+#include "ffn_ops.h"
+#include "norm.h"
+#include "telemetry.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 
 #include <array>
 #include <optional>
@@ -15,6 +20,8 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace ffn::testing {
@@ -26,116 +33,52 @@ using Tensors2 = std::tuple<Tensor, Tensor>;
 using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // ---------------------------------------------------------------------------
-// The ops through the dispatcher (what torch.ops.ffn.* calls), by schema name.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-using NormSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, double, double, bool);
-using FfnSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                      const OptTensor&, std::string_view);
-using FfnFwdSig = Tensors2(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                           const OptTensor&, std::string_view);
-using FfnBwdSig = Tensors5(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&, std::string_view, std::array<bool, 5>);
-
+// The ops as a LibTorch user calls them (ffn_ops.h): the public ops and, for
+// the forward-with-statistics and backward ops, ffn::ops::internal.
 namespace ops {
-inline Tensor layer_norm(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-  static const auto h = op<NormSig>("ffn::layer_norm");
-  return h.call(x, w, b, eps, 0.0, false);
-}
-inline Tensor rms_norm(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-  static const auto h = op<NormSig>("ffn::rms_norm");
-  return h.call(x, w, b, eps, 0.0, false);
-}
-inline Tensors3 layer_norm_fwd(const Tensor& x, const OptTensor& w, const OptTensor& b,
-                               double eps) {
-  static const auto h =
-      op<Tensors3(const Tensor&, const OptTensor&, const OptTensor&, double, double, bool)>(
-          "ffn::_layer_norm_fwd");
-  return h.call(x, w, b, eps, 0.0, false);
-}
-inline Tensors2 rms_norm_fwd(const Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-  static const auto h =
-      op<Tensors2(const Tensor&, const OptTensor&, const OptTensor&, double, double, bool)>(
-          "ffn::_rms_norm_fwd");
-  return h.call(x, w, b, eps, 0.0, false);
-}
-inline Tensors3 layer_norm_bwd(const Tensor& gy, const Tensor& x, const Tensor& mean,
-                               const Tensor& rstd, const OptTensor& w, const OptTensor& b,
-                               bool weight_grad, bool bias_grad) {
-  static const auto h =
-      op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                  const OptTensor&, bool, bool, double, const OptTensor&)>("ffn::_layer_norm_bwd");
-  return h.call(gy, x, mean, rstd, w, b, weight_grad, bias_grad, 0.0, std::nullopt);
-}
-inline Tensors3 rms_norm_bwd(const Tensor& gy, const Tensor& x, const Tensor& rstd,
-                             const OptTensor& w, const OptTensor& b, bool weight_grad,
-                             bool bias_grad) {
-  static const auto h =
-      op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                  bool, bool, double, const OptTensor&)>("ffn::_rms_norm_bwd");
-  return h.call(gy, x, rstd, w, b, weight_grad, bias_grad, 0.0, std::nullopt);
-}
-
-inline Tensor gelu_ffn(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
-                       const OptTensor& b2, std::string_view approximate) {
-  static const auto h = op<Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                                  const OptTensor&, std::string_view)>("ffn::gelu_ffn");
-  return h.call(x, w1, b1, w2, b2, approximate);
-}
-// swiglu, geglu or reglu (the public op of that name).
-inline Tensor gated_ffn(const char* name, const Tensor& x, const Tensor& w_gate_up,
-                        const OptTensor& b_gate_up, const Tensor& w_down, const OptTensor& b_down) {
-  return op<FfnSig>(name).call(x, w_gate_up, b_gate_up, w_down, b_down, "none");
-}
-inline Tensors2 gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                             const Tensor& w2, const OptTensor& b2, std::string_view approximate) {
-  static const auto h = op<FfnFwdSig>("ffn::_gelu_ffn_fwd");
-  return h.call(x, w1, b1, w2, b2, approximate);
-}
-inline Tensors2 gated_ffn_fwd(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b_gate_up,
-                              const Tensor& w_down, const OptTensor& b_down,
-                              std::string_view activation) {
-  static const auto h = op<FfnFwdSig>("ffn::_gated_ffn_fwd");
-  return h.call(x, w_gate_up, b_gate_up, w_down, b_down, activation);
-}
-inline Tensors5 gelu_ffn_bwd(const Tensor& g, const Tensor& x, const Tensor& preact,
-                             const Tensor& w1, const Tensor& w2, std::string_view approximate,
-                             std::array<bool, 5> mask) {
-  static const auto h = op<FfnBwdSig>("ffn::_gelu_ffn_bwd");
-  return h.call(g, x, preact, w1, w2, approximate, mask);
-}
-inline Tensors5 gated_ffn_bwd(const Tensor& g, const Tensor& x, const Tensor& preact,
-                              const Tensor& w_gate_up, const Tensor& w_down,
-                              std::string_view activation, std::array<bool, 5> mask) {
-  static const auto h = op<FfnBwdSig>("ffn::_gated_ffn_bwd");
-  return h.call(g, x, preact, w_gate_up, w_down, activation, mask);
-}
-
-inline Tensor gated_activation(const Tensor& gate_up, std::string_view activation) {
-  static const auto h = op<Tensor(const Tensor&, std::string_view)>("ffn::gated_activation");
-  return h.call(gate_up, activation);
-}
-inline Tensor gated_activation_bwd(const Tensor& grad, const Tensor& gate_up,
-                                   std::string_view activation) {
-  static const auto h = op<Tensor(const Tensor&, const Tensor&, std::string_view)>(
-      "ffn::_gated_activation_bwd");
-  return h.call(grad, gate_up, activation);
-}
-inline Tensor bias_gelu(const Tensor& x, const OptTensor& bias, std::string_view approximate) {
-  static const auto h =
-      op<Tensor(const Tensor&, const OptTensor&, std::string_view)>("ffn::bias_gelu");
-  return h.call(x, bias, approximate);
-}
-inline Tensors2 bias_gelu_bwd(const Tensor& grad, const Tensor& x, const OptTensor& bias,
-                              std::string_view approximate, bool bias_grad) {
-  static const auto h = op<Tensors2(const Tensor&, const Tensor&, const OptTensor&,
-                                    std::string_view, bool)>("ffn::_bias_gelu_bwd");
-  return h.call(grad, x, bias, approximate, bias_grad);
-}
+using namespace ::ffn::ops;
+using namespace ::ffn::ops::internal;
 }  // namespace ops
+
+// ---------------------------------------------------------------------------
+// at::Tensor <-> torch::stable::Tensor, both handles of the same TensorImpl (an
+// AtenTensorHandle is an at::Tensor*; torch's own helpers in aoti_torch/utils.h).
+inline torch::stable::Tensor to_stable(const Tensor& t) {
+  return torch::stable::Tensor(torch::aot_inductor::new_tensor_handle(Tensor(t)));
+}
+inline Tensor to_aten(const torch::stable::Tensor& t) {
+  return *torch::aot_inductor::tensor_handle_to_tensor_pointer(t.get());
+}
+
+namespace detail {
+template <typename T>
+const T& stable_arg(const T& value) {
+  return value;
+}
+inline torch::stable::Tensor stable_arg(const Tensor& t) { return to_stable(t); }
+inline std::optional<torch::stable::Tensor> stable_arg(const OptTensor& t) {
+  return t ? std::optional(to_stable(*t)) : std::nullopt;
+}
+// The backward ops' grad_mask.
+inline std::vector<bool> stable_arg(const std::array<bool, 5>& mask) {
+  return std::vector<bool>(mask.begin(), mask.end());
+}
+
+inline Tensor aten_result(const torch::stable::Tensor& t) { return to_aten(t); }
+template <typename... Ts>
+auto aten_result(const std::tuple<Ts...>& results) {
+  return std::apply([](const auto&... r) { return std::make_tuple(aten_result(r)...); }, results);
+}
+}  // namespace detail
+
+// fn (an op body of csrc/: norm.h, ffn.h, telemetry.h) on ATen arguments:
+// at::Tensor, optional at::Tensor and std::array<bool, 5> become their stable
+// ABI counterparts, the rest is passed on; tensors come back as at::Tensor.
+//   call_body(rms_norm_fwd<cpu::kNormKernels>, x, w, std::nullopt, 1e-6, 0.0, false)
+template <typename Fn, typename... Args>
+auto call_body(const Fn& fn, const Args&... args) {
+  return detail::aten_result(fn(detail::stable_arg(args)...));
+}
 
 // ---------------------------------------------------------------------------
 // Comparison. Tolerances are torch.testing.assert_close's defaults per dtype.
@@ -218,20 +161,23 @@ std::string describe(const Parts&... parts) {
 }
 
 // ---------------------------------------------------------------------------
-// `statement` throws a c10::Error whose message contains `expected`.
+// `statement` throws an error whose message contains `expected`. The kernels
+// of the stable ABI raise std::runtime_error (STD_TORCH_CHECK), which the
+// dispatcher passes on as is; ffn_ops.h's own checks and ATen's raise c10::Error.
 template <typename Fn>
 ::testing::AssertionResult throws_error_with(const Fn& statement, std::string_view expected) {
+  std::string message;
   try {
     statement();
+    return ::testing::AssertionFailure() << "did not throw (expected \"" << expected << "\")";
   } catch (const c10::Error& e) {
-    const std::string message = e.what_without_backtrace();
-    if (message.find(expected) != std::string::npos) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure()
-           << "message \"" << message << "\" does not contain \"" << expected << "\"";
+    message = e.what_without_backtrace();
   } catch (const std::exception& e) {
-    return ::testing::AssertionFailure() << "threw a non-c10 exception: " << e.what();
+    message = e.what();
   }
-  return ::testing::AssertionFailure() << "did not throw (expected \"" << expected << "\")";
+  if (message.find(expected) != std::string::npos) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << "message \"" << message << "\" does not contain \"" << expected << "\"";
 }
 
 #define EXPECT_ERROR_WITH(statement, expected) \

@@ -30,12 +30,14 @@ TEST_F(SeededTest, EmulatedGatedActivationMatchesCpu) {
             gate_up = misaligned_copy(gate_up);
             grad = misaligned_copy(grad);
           }
-          EXPECT_TRUE(matches(gated_activation_forward(gate_up, act, cuda::kActivationKernels),
-                              gated_activation_forward(gate_up, act, cpu::kActivationKernels), dtype))
+          EXPECT_TRUE(
+              matches(call_body(gated_activation_forward, gate_up, act, cuda::kActivationKernels),
+                      call_body(gated_activation_forward, gate_up, act, cpu::kActivationKernels), dtype))
               << "forward";
           EXPECT_TRUE(
-              matches(gated_activation_backward(grad, gate_up, act, cuda::kActivationKernels),
-                      gated_activation_backward(grad, gate_up, act, cpu::kActivationKernels), dtype))
+              matches(call_body(gated_activation_backward, grad, gate_up, act, cuda::kActivationKernels),
+                      call_body(gated_activation_backward, grad, gate_up, act, cpu::kActivationKernels),
+                      dtype))
               << "backward";
         }
       }
@@ -52,14 +54,17 @@ TEST_F(SeededTest, EmulatedBiasGeluMatchesCpu) {
           const Tensor x = (at::randn({rows, F}, at::kDouble) * 2).to(dtype);
           const Tensor bias = with_bias ? at::randn({F}, at::kDouble).to(dtype) : Tensor();
           const Tensor grad = at::randn({rows, F}, at::kDouble).to(dtype);
-          EXPECT_TRUE(matches(bias_gelu_forward(x, opt(bias), approximate, cuda::kActivationKernels),
-                              bias_gelu_forward(x, opt(bias), approximate, cpu::kActivationKernels),
-                              dtype))
+          EXPECT_TRUE(matches(
+              call_body(bias_gelu_forward, x, opt(bias), approximate, cuda::kActivationKernels),
+              call_body(bias_gelu_forward, x, opt(bias), approximate, cpu::kActivationKernels),
+              dtype))
               << "forward";
           const auto [gx, gb] =
-              bias_gelu_backward(grad, x, opt(bias), approximate, with_bias, cuda::kActivationKernels);
+              call_body(bias_gelu_backward, grad, x, opt(bias), approximate, with_bias,
+                        cuda::kActivationKernels);
           const auto [gx_ref, gb_ref] =
-              bias_gelu_backward(grad, x, opt(bias), approximate, with_bias, cpu::kActivationKernels);
+              call_body(bias_gelu_backward, grad, x, opt(bias), approximate, with_bias,
+                        cpu::kActivationKernels);
           EXPECT_TRUE(matches(gx, gx_ref, dtype)) << "grad_x";
           EXPECT_TRUE(matches(gb, gb_ref, dtype)) << "grad_bias";
         }
@@ -82,13 +87,16 @@ TEST_F(SeededTest, EmulatedFfnOpsMatchCpu) {
       const Tensor w_out = (at::randn({d, F}, at::kDouble) * 0.2).to(dtype);
       const Tensor b_out = at::randn({d}, at::kDouble).to(dtype);
       const Tensor g = at::randn({rows, d}, at::kDouble).to(dtype);
+      // What the op templates gated_ffn_fwd<K> ("silu") and gelu_ffn_fwd<K> ("none")
+      // run, with the table as an argument.
+      const Activation act = gated ? Activation::kSilu : Activation::kGelu;
       const auto forward = [&](const ActivationKernels& kernels) {
-        return gated ? gated_ffn_forward(x, w_in, b_in, w_out, b_out, "silu", kernels)
-                     : gelu_ffn_forward(x, w_in, b_in, w_out, b_out, "none", kernels);
+        return call_body(ffn_forward, gated ? "swiglu" : "gelu_ffn", x, w_in, b_in, w_out, b_out,
+                         act, gated, kernels);
       };
       const auto backward = [&](const Tensor& preact, const ActivationKernels& kernels) {
-        return gated ? gated_ffn_backward(g, x, preact, w_in, w_out, "silu", all_grads, kernels)
-                     : gelu_ffn_backward(g, x, preact, w_in, w_out, "none", all_grads, kernels);
+        return call_body(ffn_backward, gated ? "_gated_ffn_bwd" : "_gelu_ffn_bwd", g, x, preact,
+                         w_in, w_out, act, gated, all_grads, kernels);
       };
       const auto out = forward(cuda::kActivationKernels), out_ref = forward(cpu::kActivationKernels);
       // Both backward passes from the CPU forward's preact: the same inputs.
@@ -123,8 +131,10 @@ TEST_F(SeededTest, EmulatedFfnStatsMatchCpu) {
             const Tensor x = (at::randn({rows, d}, at::kDouble) + 0.3).to(x_dtype);
             Tensor z = (at::randn({rows, gated ? 2 * F : F}, at::kDouble) * 1.5).to(z_dtype);
             if (rows > 2) z[1][0] = 40;  // an outlier: the second pass has a row to count
-            const Tensor got = ffn_stats(x, z, act, gated, 0.05, 3.0, 6.0, cuda::kTelemetryKernels);
-            const Tensor want = ffn_stats(x, z, act, gated, 0.05, 3.0, 6.0, cpu::kTelemetryKernels);
+            const Tensor got =
+                call_body(ffn_stats_body, x, z, act, gated, 0.05, 3.0, 6.0, cuda::kTelemetryKernels);
+            const Tensor want =
+                call_body(ffn_stats_body, x, z, act, gated, 0.05, 3.0, 6.0, cpu::kTelemetryKernels);
             EXPECT_TRUE(all_close(got, want, {1e-5, 1e-6 * (1 + rms(want))}))
                 << "stats " << got << " vs " << want;
           }

@@ -91,30 +91,31 @@ void check_forward(const Case& c, bool center, Affine affine, at::ScalarType pdt
     if (center) {
       Tensor mean, mean_ref;
       std::tie(y, s, mean, rstd) =
-          add_layer_norm_forward(x, residual, opt(w), opt(b), eps, offset, false, cuda::kNormKernels);
+          call_body(add_layer_norm_fwd<cuda::kNormKernels>, x, residual, opt(w), opt(b), eps, offset, false);
       std::tie(y_ref, s_ref, mean_ref, rstd_ref) =
-          add_layer_norm_forward(x, residual, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
+          call_body(add_layer_norm_fwd<cpu::kNormKernels>, x, residual, opt(w), opt(b), eps, offset, false);
       EXPECT_TRUE(matches(mean, mean_ref, compute_dtype(c.dtype))) << "mean";
     } else {
       std::tie(y, s, rstd) =
-          add_rms_norm_forward(x, residual, opt(w), opt(b), eps, offset, false, cuda::kNormKernels);
+          call_body(add_rms_norm_fwd<cuda::kNormKernels>, x, residual, opt(w), opt(b), eps, offset, false);
       std::tie(y_ref, s_ref, rstd_ref) =
-          add_rms_norm_forward(x, residual, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
+          call_body(add_rms_norm_fwd<cpu::kNormKernels>, x, residual, opt(w), opt(b), eps, offset, false);
     }
     EXPECT_TRUE(at::equal(s, x + residual)) << "s is x + residual rounded to x's dtype";
     EXPECT_TRUE(at::equal(s, s_ref)) << "s";
     EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
     EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
   } else if (center) {
-    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, offset, false, cuda::kNormKernels);
+    const auto [y, mean, rstd] = call_body(layer_norm_fwd<cuda::kNormKernels>, x, opt(w), opt(b), eps, offset, false);
     const auto [y_ref, mean_ref, rstd_ref] =
-        layer_norm_forward(x, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
+        call_body(layer_norm_fwd<cpu::kNormKernels>, x, opt(w), opt(b), eps, offset, false);
     EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
     EXPECT_TRUE(matches(mean, mean_ref, compute_dtype(c.dtype))) << "mean";
     EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
   } else {
-    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, offset, false, cuda::kNormKernels);
-    const auto [y_ref, rstd_ref] = rms_norm_forward(x, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
+    const auto [y, rstd] = call_body(rms_norm_fwd<cuda::kNormKernels>, x, opt(w), opt(b), eps, offset, false);
+    const auto [y_ref, rstd_ref] =
+        call_body(rms_norm_fwd<cpu::kNormKernels>, x, opt(w), opt(b), eps, offset, false);
     EXPECT_TRUE(matches(y, y_ref, c.dtype)) << "y";
     EXPECT_TRUE(matches(rstd, rstd_ref, compute_dtype(c.dtype))) << "rstd";
   }
@@ -139,17 +140,20 @@ void check_backward(const Case& c, bool center, Affine affine, at::ScalarType pd
   std::tuple<Tensor, Tensor, Tensor> got, want;
   if (center) {
     // Statistics from the CPU kernel: both backward passes see the same inputs.
-    const auto [y, mean, rstd] = layer_norm_forward(x, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
-    got = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias, offset,
-                              opt(ds), cuda::kNormKernels);
-    want = layer_norm_backward(dy, x, mean, rstd, opt(w), opt(b), affine.weight, affine.bias, offset,
-                               opt(ds), cpu::kNormKernels);
+    const auto [y, mean, rstd] =
+        call_body(layer_norm_fwd<cpu::kNormKernels>, x, opt(w), opt(b), eps, offset, false);
+    got = call_body(layer_norm_bwd<cuda::kNormKernels>, dy, x, mean, rstd, opt(w), opt(b), affine.weight,
+                    affine.bias, offset,
+                              opt(ds));
+    want = call_body(layer_norm_bwd<cpu::kNormKernels>, dy, x, mean, rstd, opt(w), opt(b), affine.weight,
+                     affine.bias, offset,
+                               opt(ds));
   } else {
-    const auto [y, rstd] = rms_norm_forward(x, opt(w), opt(b), eps, offset, false, cpu::kNormKernels);
-    got = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, offset, opt(ds),
-                            cuda::kNormKernels);
-    want = rms_norm_backward(dy, x, rstd, opt(w), opt(b), affine.weight, affine.bias, offset, opt(ds),
-                             cpu::kNormKernels);
+    const auto [y, rstd] = call_body(rms_norm_fwd<cpu::kNormKernels>, x, opt(w), opt(b), eps, offset, false);
+    got = call_body(rms_norm_bwd<cuda::kNormKernels>, dy, x, rstd, opt(w), opt(b), affine.weight,
+                    affine.bias, offset, opt(ds));
+    want = call_body(rms_norm_bwd<cpu::kNormKernels>, dy, x, rstd, opt(w), opt(b), affine.weight,
+                     affine.bias, offset, opt(ds));
   }
   EXPECT_TRUE(matches(std::get<0>(got), std::get<0>(want), c.dtype)) << "grad_x";
   // Parameter gradients: float32 sums over the rows (float64 for float64).
@@ -230,14 +234,13 @@ TEST_F(SeededTest, EmulatedNormInPlaceBackwardMatchesCpu) {
       std::tuple<Tensor, Tensor, Tensor> want;
       std::tuple<Tensor, Tensor> got;
       if (center) {
-        const auto [y, mean, rstd] = layer_norm_forward(x, w, b, 1e-5, 1.0, false, cpu::kNormKernels);
-        want = layer_norm_backward(dy, x, mean, rstd, w, b, true, true, 1.0, ds, cpu::kNormKernels);
-        got = layer_norm_backward_in_place(grad, x, mean, rstd, w, b, true, true, 1.0, ds,
-                                           cuda::kNormKernels);
+        const auto [y, mean, rstd] = call_body(layer_norm_fwd<cpu::kNormKernels>, x, w, b, 1e-5, 1.0, false);
+        want = call_body(layer_norm_bwd<cpu::kNormKernels>, dy, x, mean, rstd, w, b, true, true, 1.0, ds);
+        got = call_body(layer_norm_bwd_<cuda::kNormKernels>, grad, x, mean, rstd, w, b, true, true, 1.0, ds);
       } else {
-        const auto [y, rstd] = rms_norm_forward(x, w, b, 1e-5, 1.0, false, cpu::kNormKernels);
-        want = rms_norm_backward(dy, x, rstd, w, b, true, true, 1.0, ds, cpu::kNormKernels);
-        got = rms_norm_backward_in_place(grad, x, rstd, w, b, true, true, 1.0, ds, cuda::kNormKernels);
+        const auto [y, rstd] = call_body(rms_norm_fwd<cpu::kNormKernels>, x, w, b, 1e-5, 1.0, false);
+        want = call_body(rms_norm_bwd<cpu::kNormKernels>, dy, x, rstd, w, b, true, true, 1.0, ds);
+        got = call_body(rms_norm_bwd_<cuda::kNormKernels>, grad, x, rstd, w, b, true, true, 1.0, ds);
       }
       EXPECT_TRUE(matches(grad, std::get<0>(want), c.dtype)) << "grad_x, written into grad_y";
       EXPECT_TRUE(matches(std::get<0>(got), std::get<1>(want), c.dtype)) << "grad_weight";
