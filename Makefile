@@ -63,9 +63,7 @@ build: $(VENV)/.ffn-built
 
 $(VENV)/.ffn-built: $(WHEEL_STAMP) setup.py
 	FFN_NO_EXTENSION=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	rm -f ops/_C*.so
-	$(PY) -c 'import glob, zipfile; w = zipfile.ZipFile(glob.glob("dist/ffn-*.whl")[0]); \
-	  [open("ops/" + n.split("/")[-1], "wb").write(w.read(n)) for n in w.namelist() if n.startswith("ffn/_C")]'
+	$(PY) scripts/wheel_binary.py dist/ffn-*.whl ops
 	touch $@
 
 # The same C++ sources as a shared library against LibTorch, plus the GoogleTest binary.
