@@ -16,6 +16,8 @@ csrc/cpu/ops.cpp, csrc/cuda/ops.cpp) on the stable ABI. Here:
 """
 
 import math
+import sys
+import weakref
 
 import torch
 
@@ -134,16 +136,63 @@ def _save_options(ctx, static):
     ctx.n_static = len(static)
 
 
-def _can_overwrite(grad, like):
-    """Whether backward may write grad_x into `grad`: a plain, contiguous tensor of x's shape and
-    dtype that owns its storage and that nothing but this backward holds (autograd passes a
-    gradient it shares with another consumer, or one the user passed to .backward(), with more
-    references); never while tracing (torch.compile reuses dead buffers itself) or under
-    create_graph."""
-    return (type(grad) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and grad._use_count() == 1 and not grad._is_view() and grad.is_contiguous()
+def _references(grad):
+    """Everything that can reach grad's memory, counted: Python references to the tensor, weak
+    references to it, C++ references to its TensorImpl, and references to its storage (views,
+    .data, a kept untyped_storage())."""
+    return (sys.getrefcount(grad), weakref.getweakrefcount(grad), grad._use_count(),
+            torch._C._storage_Use_Count(grad.untyped_storage()._cdata))
+
+
+# type(ctx) of each norm's backward -> _references() of an output gradient that nothing but autograd
+# holds, as _can_overwrite sees it there; measured once, by _measure_sole_owner_references.
+_SOLE_OWNER_REFERENCES = {}
+_sole_owner_measured = False
+
+
+def _measure_sole_owner_references():
+    """Runs each norm's backward on an output gradient that only autograd holds (made by autograd
+    from (y * c).sum()), with _can_overwrite recording _references() there. What they are depends
+    on the torch version (torch 2.11's engine keeps its own reference to the gradients it hands a
+    Python backward, later versions drop it: one more C++ and one more Python reference on 2.11)
+    and on the Python frames in between, so they are measured, not assumed. Torch function and
+    dispatch modes and autocast are off: nothing the caller set up may hold these gradients."""
+    global _sole_owner_measured
+    _sole_owner_measured = True
+    ops = torch.ops.ffn
+    with (torch.enable_grad(), torch.autocast("cpu", enabled=False), torch._C.DisableTorchFunction(),
+          torch._C._DisableTorchDispatch()):
+        x = torch.arange(2.0, device="cpu").view(1, 2).requires_grad_()
+        c = torch.ones(1, 2, device="cpu")
+        for y, *_ in (ops._layer_norm_fwd(x, None, None, 1e-5, 0.0, True),
+                      ops._rms_norm_fwd(x, None, None, 1e-5, 0.0, True),
+                      ops._add_layer_norm_fwd(x, c, None, None, 1e-5, 0.0, True),
+                      ops._add_rms_norm_fwd(x, c, None, None, 1e-5, 0.0, True)):
+            y.grad_fn._ffn_measure_references = True
+            torch.autograd.grad((y * c).sum(), x)
+
+
+def _can_overwrite(ctx, grad, like):
+    """Whether backward may write grad_x into `grad`, the output gradient autograd handed to ctx's
+    backward: only when nothing but autograd's hand-off can reach it. A plain, contiguous tensor of
+    x's shape and dtype that owns its whole storage, and whose _references() are exactly those of a
+    gradient only autograd holds: anything else that holds it or its memory (a tensor hook, a grad_fn
+    pre- or post-hook, a module's full backward hook, a user Function that passes it on and keeps
+    it, the caller of .backward(), autograd.grad capturing it, another consumer, a view, a weak
+    reference) adds a reference. Never while tracing (torch.compile reuses dead buffers itself) or
+    under create_graph."""
+    if not (type(grad) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not grad._is_view() and grad.is_contiguous()
             and grad.dtype == like.dtype and grad.shape == like.shape
-            and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size())
+            and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()):
+        return False
+    references = _references(grad)
+    if getattr(ctx, "_ffn_measure_references", False):
+        _SOLE_OWNER_REFERENCES[type(ctx)] = references
+        return False
+    if not _sole_owner_measured:
+        _measure_sole_owner_references()
+    return references == _SOLE_OWNER_REFERENCES.get(type(ctx))
 
 
 def _norm_grads(ctx, bwd_op, bwd_in_place_op, grad_y, x, stats, weight, bias, grad_s=None):
@@ -151,7 +200,7 @@ def _norm_grads(ctx, bwd_op, bwd_in_place_op, grad_y, x, stats, weight, bias, gr
     grad_y itself, overwritten, with in_place_backward when _can_overwrite(grad_y)."""
     need_w, need_b = ctx.needs_input_grad[ctx.n_inputs - 2:ctx.n_inputs]
     args = (x, *stats, weight, bias, need_w, need_b, ctx.weight_offset, grad_s)
-    if ctx.in_place_backward and _can_overwrite(grad_y, x):
+    if ctx.in_place_backward and _can_overwrite(ctx, grad_y, x):
         gw, gb = bwd_in_place_op(grad_y, *args)
         gx = grad_y
     else:

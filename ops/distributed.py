@@ -18,7 +18,11 @@ Strategies, for one mesh dimension (each mesh dimension independently):
   output sharded alike on any dim but the normalized (last) one, e.g.
   Shard(0) or Shard(1) of [B, T, d] (sequence parallel); weight and bias
   Replicate; the weight and bias gradients Partial (summed by DTensor when they
-  are redistributed, e.g. by the optimizer step or full_tensor()).
+  are redistributed, e.g. by the optimizer step or full_tensor()). An x sharded
+  on the normalized dim is not refused: DTensor redistributes it to the
+  cheapest of these by its cost model (an all-gather to Replicate; for large
+  tensors an all-to-all to Shard of a leading dim), as torch 2.14 does for its
+  own F.layer_norm (torch 2.11's layer_norm always all-gathers).
 - gelu_ffn, relu_ffn, swiglu/geglu/reglu (and _gelu_ffn_fwd/_bwd, _relu_ffn_fwd/_bwd,
   _gated_ffn_fwd/_bwd):
     * tensor parallel: x Replicate, the input projection column-parallel, the
@@ -162,15 +166,15 @@ def _same(t, placement):
 
 
 # ----------------------------------------------------------------------------- norms
-def _norm_strategies(op, x):
+def _norm_strategies(x):
+    """The placements of x, and of everything shaped like x or x.shape[:-1], that a norm takes:
+    Replicate, or Shard of a leading dim. DTensor redistributes any other x (one sharded on the
+    normalized dim) to the cheapest of them, as it does for torch's own layer_norm."""
     _, replicate, shard, _ = _p()
-    n = x.ndim
-    _refuse(op, "x", x, n - 1, "normalizes over")
-    # (placement of x and of everything shaped like x or x.shape[:-1]) per strategy
-    return [replicate()] + [shard(d) for d in range(n - 1)]
+    return [replicate()] + [shard(d) for d in range(x.ndim - 1)]
 
 
-def _norm_fwd(op, n_out, fused_add=False):
+def _norm_fwd(n_out, fused_add=False):
     """layer_norm/rms_norm (and their _fwd ops) or, with fused_add, the add + norms: the
     residual, s and the statistics are placed like x."""
     def strategy(x, *args):
@@ -178,7 +182,7 @@ def _norm_fwd(op, n_out, fused_add=False):
         residual = args[:tensors - 1]
         weight, bias, *static = args[tensors - 1:]
         out = []
-        for px in _norm_strategies(op, x):
+        for px in _norm_strategies(x):
             inputs = [px, *([px] * len(residual)), _rep(weight), _rep(bias), *([None] * len(static))]
             out.append(([px] * n_out, inputs))
         return out
@@ -186,13 +190,13 @@ def _norm_fwd(op, n_out, fused_add=False):
     return strategy
 
 
-def _norm_bwd(op, n_stats):
+def _norm_bwd(n_stats):
     def strategy(grad_y, x, *rest):
         stats, (weight, bias, weight_grad, bias_grad, *extra) = rest[:n_stats], rest[n_stats:]
         grad_s = extra[1] if len(extra) > 1 else None
         partial, replicate, _, _ = _p()
         out = []
-        for px in _norm_strategies(op, x):
+        for px in _norm_strategies(x):
             red = replicate() if isinstance(px, replicate) else partial()
             grads = [red if weight_grad else replicate(), red if bias_grad else replicate()]
             inputs = [px, px, *([px] * n_stats), _rep(weight), _rep(bias), None, None]
@@ -329,16 +333,16 @@ def _ffn_stats(ffn_input, preact, activation, gated, near_zero=None, large=None,
 
 def _strategies():
     return {
-        "layer_norm": _norm_fwd("layer_norm", 1),
-        "rms_norm": _norm_fwd("rms_norm", 1),
-        "_layer_norm_fwd": _norm_fwd("layer_norm", 3),
-        "_rms_norm_fwd": _norm_fwd("rms_norm", 2),
-        "_layer_norm_bwd": _norm_bwd("_layer_norm_bwd", 2),
-        "_rms_norm_bwd": _norm_bwd("_rms_norm_bwd", 1),
-        "add_layer_norm": _norm_fwd("add_layer_norm", 2, fused_add=True),
-        "add_rms_norm": _norm_fwd("add_rms_norm", 2, fused_add=True),
-        "_add_layer_norm_fwd": _norm_fwd("add_layer_norm", 4, fused_add=True),
-        "_add_rms_norm_fwd": _norm_fwd("add_rms_norm", 3, fused_add=True),
+        "layer_norm": _norm_fwd(1),
+        "rms_norm": _norm_fwd(1),
+        "_layer_norm_fwd": _norm_fwd(3),
+        "_rms_norm_fwd": _norm_fwd(2),
+        "_layer_norm_bwd": _norm_bwd(2),
+        "_rms_norm_bwd": _norm_bwd(1),
+        "add_layer_norm": _norm_fwd(2, fused_add=True),
+        "add_rms_norm": _norm_fwd(2, fused_add=True),
+        "_add_layer_norm_fwd": _norm_fwd(4, fused_add=True),
+        "_add_rms_norm_fwd": _norm_fwd(3, fused_add=True),
         "gelu_ffn": _ffn_fwd("gelu_ffn", gated=False, with_preact=False),
         "relu_ffn": _ffn_fwd("relu_ffn", gated=False, with_preact=False),
         "_relu_ffn_fwd": _ffn_fwd("relu_ffn", gated=False, with_preact=True),
@@ -506,6 +510,8 @@ def _make_ffn_parallel():
 
         def _partition(self, name, module, mesh):
             if not isinstance(module, FFN):
+                if name:  # the FFN's own projections (nn.Linear): placed with the FFN, below
+                    return
                 raise TypeError(f"FFNParallel applies to ffn FFN modules, got {type(module).__name__}")
             _, replicate, shard, _ = _p()
             (w_in, b_in), (w_out, b_out) = module.in_proj(), module.out_proj()
@@ -517,9 +523,12 @@ def _make_ffn_parallel():
             p_in = gate_up_placement(0) if module.gated else shard(0)
             p_b_in = replicate() if self.replicate_in_bias else p_in
             placements = {id(w_in): p_in, id(b_in): p_b_in, id(w_out): shard(1), id(b_out): replicate()}
-            for p_name, param in list(module.named_parameters(recurse=False)):
-                dt = distribute_tensor(param.detach(), mesh, [placements[id(param)]])
-                module.register_parameter(p_name, Parameter(dt, requires_grad=param.requires_grad))
+            for p_name, param in list(module.named_parameters()):
+                if id(param) in placements:
+                    owner, _, leaf = p_name.rpartition(".")
+                    dt = distribute_tensor(param.detach(), mesh, [placements[id(param)]])
+                    module.get_submodule(owner).register_parameter(
+                        leaf, Parameter(dt, requires_grad=param.requires_grad))
 
         @staticmethod
         def _prepare_input(input_layouts, mod, inputs, mesh):

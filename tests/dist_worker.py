@@ -14,10 +14,12 @@ op on DTensors with the given placements and the plain op on the full tensors,
 and compares the forward outputs and the gradients (full_tensor()); where the
 placements are the ones the op's strategy takes as they are, it also asserts
 that forward and backward moved no data (CommDebugMode) and checks the
-placements of the results. The training checks run a small model of ffn
-modules for a few SGD steps in one process (the reference, computed on every
-rank) and distributed (FSDP2 fp32, FSDP2 bf16 params / fp32 reduce, tensor
-parallel with and without sequence parallel) and compare the losses.
+placements of the results. A norm whose x is sharded on the normalized dim
+is redistributed, as torch's own F.layer_norm is (same output placements).
+The training checks run a small model of ffn modules for a few SGD steps in
+one process (the reference, computed on every rank) and distributed (FSDP2
+fp32, FSDP2 bf16 params / fp32 reduce, tensor parallel with and without
+sequence parallel) and compare the losses.
 """
 
 import copy
@@ -59,7 +61,7 @@ SS = gate_up_placement
 # The op checks a 4-process run repeats (the 2-process run does them all): every op, forward
 # and backward, in its main layouts, and the refusals.
 CORE = {
-    "layer_norm/xS(1)", "rms_norm/xS(0)", "layer_norm/refuse-normalized-dim", "rms_norm/inference-mode",
+    "layer_norm/xS(1)", "rms_norm/xS(0)", "layer_norm/xS(2)-redistributed", "rms_norm/inference-mode",
     "_layer_norm_fwd/xS1", "_layer_norm_bwd/xS1", "_rms_norm_fwd/xS1", "_rms_norm_bwd/no-weight-grad",
     "gelu_ffn/tp", "gelu_ffn/dp-xS(1)", "gelu_ffn/refuse-d_model", "swiglu/tp", "geglu/tp", "reglu/dp-xS1",
     "geglu/inference-mode-tp", "_gelu_ffn_fwd/tp", "_gelu_ffn_bwd/tp", "_gated_ffn_fwd/dp-xS1",
@@ -67,7 +69,8 @@ CORE = {
     "gated_activation/silu/_S(2, 2)", "gated_activation/gelu/S(1)", "gated_activation/refuse-plain-last-dim",
     "_gated_activation_bwd/SS", "bias_gelu/tanh/xS2-biasS0", "bias_gelu/none/xS1", "_bias_gelu_bwd/xS0",
     "ffn_stats/gathered", "add_layer_norm/xS(1)", "add_rms_norm/xS(0)", "_add_rms_norm_fwd/xS1",
-    "_rms_norm_bwd/grad_s-xS1", "relu_ffn/tp", "_relu_ffn_fwd/tp", "_relu_ffn_bwd/tp", "geglu/tanh-tp",
+    "_rms_norm_bwd/grad_s-xS1", "add_rms_norm/xS(2)-redistributed", "_rms_norm_bwd/xS2-redistributed",
+    "relu_ffn/tp", "_relu_ffn_fwd/tp", "_relu_ffn_bwd/tp", "geglu/tanh-tp",
 }
 
 
@@ -169,6 +172,15 @@ def check_op(c, name, fn, inputs, placements, *, grad=True, quiet=False, out_pla
     c.record(name, max(errs), tol, "; ".join(detail))
 
 
+def check_redistributed_like_torch(c, name, fn, inputs, placements, n_out=1):
+    """An x sharded on the normalized dim: DTensor redistributes it for the op, to the layout it
+    gives torch's own F.layer_norm of that x (the op's n_out outputs are placed so), and the
+    outputs and gradients are the plain op's."""
+    x = distribute_tensor(inputs[0], c.mesh, [placements[0]])
+    want = _places(F.layer_norm(x, x.shape[-1:]))
+    check_op(c, name, fn, inputs, placements, out_placements=[want] * n_out)
+
+
 def check_refused(c, name, fn, inputs, placements, match):
     dt_in = [None if t is None else distribute_tensor(t, c.mesh, [p]) for t, p in zip(inputs, placements)]
     try:
@@ -198,9 +210,11 @@ def op_checks(c):
         c.run(f"{op}/weight-only/xS0", check_op, lambda x, w, f=f: f(x, w, None), [x3, w], [Shard(0), R], quiet=True)
         c.run(f"{op}/rows-uneven/xS0", check_op, f, [x2, w, b], [Shard(0), R, R], quiet=True)
         c.run(f"{op}/weight-sharded-gathered", check_op, f, [x3, w, b], [Shard(1), Shard(0), R])
-        c.run(f"{op}/refuse-normalized-dim", check_refused, f, [x3, w, b], [Shard(2), R, R], "normalizes over")
+        c.run(f"{op}/xS(2)-redistributed", check_redistributed_like_torch, f, [x3, w, b], [Shard(2), R, R])
         with torch.inference_mode():  # the public op itself reaches DTensor
             c.run(f"{op}/inference-mode", check_op, f, [x3, w, b], [Shard(1), R, R], grad=False, quiet=True)
+            c.run(f"{op}/inference-mode-xS(2)-redistributed", check_op, f, [x3, w, b], [Shard(2), R, R],
+                  grad=False)
 
     # ---- norm internal ops called directly
     for op, n_stats in (("_layer_norm", 2), ("_rms_norm", 1)):
@@ -212,6 +226,8 @@ def op_checks(c):
         c.run(f"{op}_bwd/xS1", check_op, lambda g, x, *rest, bwd=bwd: bwd(g, x, *rest, True, True),
               [g, x3, *stats, w, b], [Shard(1)] * (2 + n_stats) + [R, R], grad=False, quiet=True,
               out_placements=[[Shard(1)], [P], [P]])
+        c.run(f"{op}_bwd/xS2-redistributed", check_op, lambda g, x, *rest, bwd=bwd: bwd(g, x, *rest, True, True),
+              [g, x3, *stats, w, b], [Shard(2), Shard(2)] + [R] * n_stats + [R, R], grad=False)
         c.run(f"{op}_bwd/no-weight-grad", check_op, lambda g, x, *rest, bwd=bwd: bwd(g, x, *rest, False, False),
               [g, x3, *stats, w, b], [Shard(0)] * (2 + n_stats) + [R, R], grad=False, quiet=True,
               out_placements=[[Shard(0)], [R], [R]])
@@ -225,8 +241,8 @@ def op_checks(c):
         for pl in (Shard(0), Shard(1)):
             c.run(f"add_{op}/x{pl}", check_op, fn, [x3, res3, w, b], [pl, pl, R, R], quiet=True,
                   out_placements=[[pl], [pl]], grad_placements=[[pl], [pl], [P], [P]])
-        c.run(f"add_{op}/refuse-normalized-dim", check_refused, fn, [x3, res3, w, b], [Shard(2), Shard(2), R, R],
-              "normalizes over")
+        c.run(f"add_{op}/xS(2)-redistributed", check_redistributed_like_torch, fn, [x3, res3, w, b],
+              [Shard(2), Shard(2), R, R], n_out=2)
         with torch.inference_mode():
             c.run(f"add_{op}/inference-mode", check_op, fn, [x3, res3, w, b], [Shard(1), Shard(1), R, R],
                   grad=False, quiet=True)

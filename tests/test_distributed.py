@@ -2,8 +2,9 @@
 
 The multi-process checks live in tests/dist_worker.py and run in one subprocess
 (2 processes, then 4; see its docstring): every op and its backward on DTensor
-against the plain op, the refusals of shardings that cannot be computed locally,
-and training runs (FSDP2 fp32, FSDP2 bf16 params / fp32 reduce, tensor parallel,
+against the plain op, norms of an x sharded on the normalized dim (redistributed,
+as torch's own layer_norm), the refusals of shardings that cannot be computed
+locally, and training runs (FSDP2 fp32, FSDP2 bf16 params / fp32 reduce, tensor parallel,
 tensor + sequence parallel, and with 4 processes FSDP2 x TP on a 2-D mesh)
 compared with the same training in one process. The tests here read its
 results; a few cheap checks run in this process.

@@ -274,3 +274,17 @@ def test_from_linear_mismatched_layers():
         ffn.SwiGLU.from_linear(gate, up, down)
     with raises("gate/up and down must all have biases or all have none", exc=ValueError):
         ffn.SwiGLU.from_linear(gate, torch.nn.Linear(8, 16), torch.nn.Linear(16, 8, bias=False))
+
+
+# ----------------------------------------------------------------------------- backward ops
+@pytest.mark.parametrize("op", ("_relu_ffn_bwd", "_gelu_ffn_bwd"))
+def test_ffn_backward_errors_name_their_op(op):
+    """relu_ffn's and gelu_ffn's backward ops share one C++ body: each error names the op called."""
+    x, w1, _b1, w2, _b2 = ffn_args(gated=False)
+    bwd = getattr(torch.ops.ffn, op)
+    approximate = ("none",) if op == "_gelu_ffn_bwd" else ()
+    preact, grad, mask = torch.randn(3, 6), torch.randn(3, 8), [True] * 5
+    with raises(f"ffn.{op}: the output gradient must have shape [3, 8] and dtype Float, got [3, 7] and Float"):
+        bwd(grad[:, :7], x, preact, w1, w2, *approximate, mask)
+    with raises(f"ffn.{op}: x must be float64, float32, float16 or bfloat16, got Int"):
+        bwd(grad, x.int(), preact, w1, w2, *approximate, mask)

@@ -9,8 +9,11 @@ s = x + residual as torch rounds it, y = norm(s), and in backward the gradients 
 x, residual, weight and bias that autograd computes for `s = x + residual; y = norm(s)`.
 """
 
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ffn
 from helpers import HALF_DTYPES, NORM_DTYPE_IDS, NORM_DTYPES, SHORT, assert_accurate, randn, run_three_ways
@@ -19,12 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and
 
 NORMS = ("layer_norm", "rms_norm")
 
-# On torch 2.11 autograd hands backward its output gradient with one more
-# reference, so the reference-count rule never reuses it (the rule itself is
-# replaced by the reliability issue's ownership rule): expected to fail there.
-IN_PLACE_NEVER_REUSES = pytest.mark.xfail(
-    torch.torch_version.TorchVersion(torch.__version__) < "2.12", strict=True,
-    reason="torch 2.11: the reference-count rule of the in-place norm backward never reuses grad_y")
 EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 # Tails, one warp, several warps and (on CUDA) the long-row kernels.
 DIMS = (1, 7, 64, 127, 4097, 16385)
@@ -232,7 +229,6 @@ def grad_capture(t, seen):
     t.register_hook(lambda g: seen.append(g.data_ptr()))
 
 
-@IN_PLACE_NEVER_REUSES
 @pytest.mark.parametrize("fused", (False, True), ids=("norm", "add-norm"))
 @pytest.mark.parametrize("dtypes", [NORM_DTYPES[1], NORM_DTYPES[4]], ids=["f32", "bf16-wf32"])
 @pytest.mark.parametrize("name", NORMS)
@@ -279,6 +275,225 @@ def test_in_place_backward_leaves_shared_gradients_alone(name, device):
     assert torch.equal(g, g_copy)
 
 
+# What can still see the output gradient once the norm's backward has run. Each case runs backward
+# with dL/dy = c and returns what its observer holds as dL/dy afterwards (None: nothing is left).
+class _KeepAndPass(torch.autograd.Function):
+    """An identity whose backward keeps the gradient it passes on (user code that logs or clips)."""
+
+    @staticmethod
+    def forward(ctx, t, kept):
+        ctx.kept = kept
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.kept.append(grad)
+        return grad, None
+
+
+def _tensor_hook(x, y, c):
+    seen = []
+    y.register_hook(seen.append)
+    (y * c).sum().backward()
+    return seen[0]
+
+
+def _tensor_hook_keeping_a_view(x, y, c):
+    seen = []
+    y.register_hook(lambda g: seen.append(g[:, 1:]))
+    (y * c).sum().backward()
+    return torch.cat([c[:, :1], seen[0]], dim=1)
+
+
+def _weak_reference(x, y, c):
+    seen = []
+    y.register_hook(lambda g: seen.append(weakref.ref(g)))
+    (y * c).sum().backward()
+    return seen[0]()
+
+
+def _grad_fn_pre_hook(x, y, c):
+    seen = []
+    y.grad_fn.register_prehook(lambda grad_outputs: seen.append(grad_outputs[0]))
+    (y * c).sum().backward()
+    return seen[0]
+
+
+def _grad_fn_post_hook(x, y, c):
+    seen = []
+    y.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append(grad_outputs[0]))
+    (y * c).sum().backward()
+    return seen[0]
+
+
+def _retained_grad(x, y, c):
+    y.retain_grad()
+    (y * c).sum().backward()
+    return y.grad
+
+
+def _user_function(x, y, c):
+    kept = []
+    (_KeepAndPass.apply(y, kept) * c).sum().backward()
+    return kept[0]
+
+
+class _KeepOutputs(TorchDispatchMode):
+    """A dispatch mode that keeps every op's output (a debugging or logging tool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.outputs.append((func, out))
+        return out
+
+
+def _dispatch_mode(x, y, c):
+    with _KeepOutputs() as mode:
+        (y * c).sum().backward()
+    products = [out for func, out in mode.outputs if func is torch.ops.aten.mul.Tensor]
+    return products[-1]  # the backward's grad * c, the gradient reaching y
+
+
+def _passed_by_caller(x, y, c):
+    grad = c.clone()
+    y.backward(grad)
+    return grad
+
+
+def _asked_of_autograd_grad(x, y, c):
+    grad_y, x.grad = torch.autograd.grad((y * c).sum(), (y, x))
+    return grad_y
+
+
+OBSERVERS = {
+    "tensor-hook": _tensor_hook, "tensor-hook-keeping-a-view": _tensor_hook_keeping_a_view,
+    "weak-reference": _weak_reference, "grad_fn-pre-hook": _grad_fn_pre_hook,
+    "grad_fn-post-hook": _grad_fn_post_hook, "retained-grad": _retained_grad, "user-function": _user_function,
+    "dispatch-mode": _dispatch_mode, "passed-by-caller": _passed_by_caller,
+    "autograd.grad-of-y": _asked_of_autograd_grad,
+}
+
+
+@pytest.mark.parametrize("observer", OBSERVERS)
+@pytest.mark.parametrize("fused", (False, True), ids=("norm", "add-norm"))
+@pytest.mark.parametrize("name", NORMS)
+def test_in_place_backward_is_never_observed(name, fused, observer, device):
+    """Whatever still holds the output gradient after backward (a hook, a retained grad, a user
+    Function, the caller, autograd.grad) holds dL/dy, not dL/dx written over it; x.grad is the
+    out-of-place one. A weak reference finds the gradient gone, as without the flag."""
+    x0 = randn(4, 16, device=device, scale=2.0)
+    r0 = randn(4, 16, device=device)
+    w, b = params(16, torch.float32, device)
+    c = randn(4, 16, device=device)
+    grads = []
+    for in_place in (False, True):
+        x = x0.detach().requires_grad_()
+        if fused:
+            y, _s = op("add_" + name)(x, r0, w, b, EPS[name], 0.0, in_place)
+        else:
+            y = op(name)(x, w, b, EPS[name], 0.0, in_place)
+        seen = OBSERVERS[observer](x, y, c)
+        if observer == "weak-reference":
+            assert seen is None
+        else:
+            assert torch.equal(seen, c)
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("module", ("RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm"))
+def test_in_place_backward_module_full_backward_hook(module, device):
+    """register_full_backward_hook (it wraps the module's outputs in an identity Function that keeps
+    their gradients for the hook): grad_output is dL/dy and grad_input dL/dx, not both dL/dx."""
+    norm = getattr(ffn, module)(16, in_place_backward=True, device=device)
+    x = randn(4, 16, device=device, requires_grad=True)
+    c = randn(4, 16, device=device)
+    seen = []
+    norm.register_full_backward_hook(lambda mod, grad_in, grad_out: seen.append((grad_in[0].clone(),
+                                                                                 grad_out[0].clone())))
+    out = norm(x, randn(4, 16, device=device)) if module.startswith("Add") else norm(x)
+    y = out[0] if module.startswith("Add") else out
+    (y * c).sum().backward()
+    grad_in, grad_out = seen[0]
+    assert torch.equal(grad_out, c)
+    assert torch.equal(grad_in, x.grad)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_in_place_backward_one_gradient_for_y_and_s(name, device):
+    """((y + s) * 2).sum(): autograd hands the fused norm one tensor as both grad_y and grad_s."""
+    x0, r0 = randn(4, 16, device=device, scale=2.0), randn(4, 16, device=device)
+    w0, b0 = params(16, torch.float32, device)
+    results = []
+    for in_place in (False, True):
+        x, r, w, b = (t.detach().requires_grad_() for t in (x0, r0, w0, b0))
+        y, s = op("add_" + name)(x, r, w, b, EPS[name], 0.0, in_place)
+        ((y + s) * 2).sum().backward()
+        results.append((x.grad, r.grad, w.grad, b.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("consumer", ("linear", "swiglu"))
+def test_in_place_backward_reuses_what_layers_pass(consumer, device):
+    """The gradient a layer passes back (nn.Linear's from C++, ffn.SwiGLU's from ffn's Python
+    backward) is autograd's alone: x.grad is written into it, with the out-of-place numbers."""
+    layer = (torch.nn.Linear(16, 16, device=device) if consumer == "linear"
+             else ffn.SwiGLU(16, 32, device=device))
+    x0 = randn(4, 16, device=device, scale=2.0)
+    grads = []
+    for in_place in (False, True):
+        norm = ffn.RMSNorm(16, in_place_backward=in_place, device=device)
+        x = x0.detach().requires_grad_()
+        y = norm(x)
+        seen = []
+        grad_capture(y, seen)
+        layer(y).square().sum().backward()
+        assert (x.grad.data_ptr() == seen[0]) == in_place
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def peak_cpu_bytes(fn):
+    """The most CPU memory fn holds allocated at once (beyond what it starts with), from the
+    profiler's allocation and free events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("fused", (False, True), ids=("norm", "add-norm"))
+@pytest.mark.parametrize("name", NORMS)
+def test_in_place_backward_saves_one_activation(name, fused):
+    """Measured: the peak of forward + backward is one activation-sized buffer (rows * d * 4 bytes)
+    lower with the flag."""
+    rows, d = 256, 1024
+    x0, r0, c = randn(rows, d), randn(rows, d), randn(rows, d)
+    peaks = []
+    for in_place in (False, True):
+        x = x0.detach().requires_grad_()
+
+        def step():
+            y = op("add_" + name)(x, r0, None, None, EPS[name], 0.0, in_place)[0] if fused else \
+                op(name)(x, None, None, EPS[name], 0.0, in_place)
+            (y * c).sum().backward()
+
+        peaks.append(peak_cpu_bytes(step))
+    saved = peaks[0] - peaks[1]
+    # Up to 1% off: when the small tensors (statistics, the loss) are freed shifts a little.
+    assert abs(saved - rows * d * 4) <= rows * d * 4 // 100, (peaks, saved)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NORMS)
 def test_in_place_backward_op_and_compile(name, device):
@@ -294,7 +509,6 @@ def test_in_place_backward_op_and_compile(name, device):
     torch.testing.assert_close(g_compiled, g_eager)
 
 
-@IN_PLACE_NEVER_REUSES
 def test_in_place_backward_modules():
     norm = ffn.RMSNorm(16, in_place_backward=True)
     assert "in_place_backward=True" in repr(norm)
