@@ -7,9 +7,12 @@ write grad_x into the output gradient's storage when nothing else holds it (one
 activation-sized buffer less per norm). `weight_offset=1` makes their weight
 zero-centered (scale 1 + weight, stored weight starting at 0; GemmaRMSNorm);
 AddLayerNorm / AddRMSNorm take (x, residual) and return (norm(x + residual),
-x + residual) in one fused pass. The FFN modules hold the weights in
-the ops' layout (nn.Linear's [out_features, in_features]; the gated ones pack
-gate and up into one `w_gate_up` so one GEMM computes both).
+x + residual) in one fused pass. The FFN modules hold their two projections as
+nn.Linear submodules (fc1/fc2; gate_up_proj/down_proj for the gated ones, whose
+gate_up_proj packs gate and up so one GEMM computes both), so code that looks for
+nn.Linear (init loops, LoRA, quantizers, FSDP wrap policies) sees them; state_dicts
+saved with the earlier raw parameter names (w1, b1, w2, b2, w_gate_up, b_gate_up,
+w_down, b_down) still load.
 
 Every module takes `backend="ffn"` (torch.ops.ffn) or `backend="torch"` (the
 plain PyTorch code in ffn.reference): same parameters, same math, for
@@ -25,10 +28,13 @@ forward at the tensor entering the down projection.
 
 import math
 import numbers
+import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 from . import reference
 from .activations import GATED_OPS, gelu_activation
@@ -189,8 +195,55 @@ def _linear_init(weight, bias):
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _uninitialized_linear(in_features, out_features, bias, device, dtype):
+    """An nn.Linear whose parameters the caller initializes: built on the meta device, so it
+    draws no random numbers (the modules draw exactly what they drew with raw parameters)."""
+    device = torch.empty(0, device=device).device  # None: the default device, as nn.Linear takes it
+    return nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype).to_empty(device=device)
+
+
 def _float(t):
     return None if t is None else t.float()
+
+
+_LINEAR = frozenset({"torch.nn.modules.linear.Linear"})
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _plain_tensor(t):
+    if t is None or type(t) in (torch.Tensor, nn.Parameter):
+        return True
+    dtensor = sys.modules.get("torch.distributed.tensor")  # a DTensor exists only once that is imported
+    return dtensor is not None and type(t) is dtensor.DTensor
+
+
+def layer_wrapper(layer, plain=_LINEAR):
+    """None when a fused op may read `layer`'s weight and bias instead of calling it: its class
+    is exactly one of `plain` (qualified names), no hook (its own or global) would run when it is
+    called, and its weight and bias are plain tensors (or DTensors, which the ops shard).
+    Otherwise what wraps it, as a phrase ("is a peft.tuners.lora.layer.Linear")."""
+    cls = type(layer)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if name not in plain:
+        return f"is a {name}"
+    if any(getattr(layer, h) for h in _MODULE_HOOKS) or any(
+            getattr(_module_globals, f"_global{h}") for h in _MODULE_HOOKS):
+        return f"({name}) has hooks"
+    for attr in ("weight", "bias"):
+        t = getattr(layer, attr, None)
+        if not _plain_tensor(t):
+            return f"({name}) holds a {type(t).__module__}.{type(t).__qualname__} {attr}"
+    return None
+
+
+_warned = set()
+
+
+def warn_unfused(message):
+    """Warns `message` once per process (eager mode; Dynamo would break the graph on warnings)."""
+    if message not in _warned and not torch.compiler.is_compiling():
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 class FFN(nn.Module):
@@ -198,33 +251,67 @@ class FFN(nn.Module):
     act(gate) * up (gated, W_in packs gate rows then up rows).
 
     Subclasses set `gated` and the `activation` property (the name the kernels and
-    ffn_stats take), and implement `_ops_forward` (the public op) and
+    ffn_stats take), hold the two projections as nn.Linear submodules named by
+    `_in_name` / `_out_name`, and implement `_ops_forward` (the public op) and
     `_ops_forward_with_preact` (the op's internal forward, which also returns the
-    pre-activation the op saves for backward).
+    pre-activation the op saves for backward). The fused op reads the projections'
+    weights only while they are plain nn.Linear layers (layer_wrapper); a wrapped one
+    (LoRA, a quantized Linear, a hook) is called as a module, with the op's elementwise
+    activation in between.
     """
 
     gated = False
+    _in_name = _out_name = ""
+    # Parameter names before the projections became nn.Linear submodules: old state_dicts load.
+    _legacy_keys = {}
 
     def in_proj(self):
         """(weight [F or 2F, d_model], bias or None) of the input projection."""
-        raise NotImplementedError
+        lin = getattr(self, self._in_name)
+        return lin.weight, lin.bias
 
     def out_proj(self):
         """(weight [d_out, F], bias or None) of the down projection."""
-        raise NotImplementedError
+        lin = getattr(self, self._out_name)
+        return lin.weight, lin.bias
+
+    def _wrapper(self):
+        """None when the fused op may run; else warns (once) naming what wraps a projection."""
+        for name in (self._in_name, self._out_name):
+            why = layer_wrapper(getattr(self, name))
+            if why is not None:
+                if self.backend == "ffn":
+                    warn_unfused(f"ffn.{type(self).__name__}.{name} {why}: running it as a module, "
+                                 "the fused FFN op is not used")
+                return why
+        return None
 
     def forward(self, x):
+        if self._wrapper() is not None:
+            return self._modules_forward(x)[0]
         return self._ops_forward(reference.backend(self.backend), x)
 
     def forward_with_preact(self, x):
         """(output, pre-activation [rows, F] or, gated, [rows, 2F] gate | up), computed once:
         what telemetry (ffn.telemetry.ffn_stats) reads. Differentiable in the output;
         autocast applies as for forward()."""
-        if self.backend == "ffn":
+        if self.backend == "ffn" and self._wrapper() is None:
             return self._ops_forward_with_preact(x)
-        (w_in, b_in), (w_out, b_out) = self.in_proj(), self.out_proj()
-        preact = F.linear(x, w_in, b_in)
-        return F.linear(self._activate(preact), w_out, b_out), preact.reshape(-1, preact.shape[-1])
+        return self._modules_forward(x)
+
+    def _modules_forward(self, x):
+        """(output, pre-activation) with the projections called as modules."""
+        preact = getattr(self, self._in_name)(x)
+        out = getattr(self, self._out_name)(self._elementwise(reference.backend(self.backend), preact))
+        return out, preact.reshape(-1, preact.shape[-1])
+
+    def _elementwise(self, ops, preact):
+        """The activation on the input projection's output, as the backend's elementwise op."""
+        if self.gated:
+            return ops.gated_activation(preact, self.activation)
+        if self.activation == "relu":
+            return torch.relu(preact)
+        return ops.bias_gelu(preact, None, self.approximate)
 
     def hidden(self, x):
         """(gate pre-activation, or None when not gated; h, the tensor entering the down
@@ -244,31 +331,48 @@ class FFN(nn.Module):
             return reference.gated_activation(preact, self.activation)
         return _activation(self.activation).fn(preact)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in self._legacy_keys.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_plain_linears(**layers):
+    """from_linear copies weights: a wrapped layer (LoRA, quantized, hooked) would lose its wrapper."""
+    for name, layer in layers.items():
+        why = layer_wrapper(layer)
+        if why is not None:
+            raise TypeError(f"from_linear copies the weights of plain nn.Linear layers, but {name} {why}: "
+                            "merge or remove what wraps it first")
+
 
 class _PlainFFN(FFN):
-    """out = act(x w1^T + b1) w2^T + b2. w1: [d_ff, d_model], w2: [d_out, d_ff] with
-    d_out = d_model unless given."""
+    """out = act(fc1(x)) through fc2: fc1 = nn.Linear(d_model, d_ff), fc2 = nn.Linear(d_ff, d_out)
+    with d_out = d_model unless given (OPT's and timm's names for these two layers)."""
+
+    _in_name, _out_name = "fc1", "fc2"
+    _legacy_keys = {"w1": "fc1.weight", "b1": "fc1.bias", "w2": "fc2.weight", "b2": "fc2.bias"}
 
     def __init__(self, d_model, d_ff, bias=True, d_out=None, device=None, dtype=None, backend="ffn"):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
         d_out = d_model if d_out is None else d_out
         self.d_model, self.d_ff, self.d_out = d_model, d_ff, d_out
         self.backend = _check_backend(backend)
-        self.w1 = nn.Parameter(torch.empty(d_ff, d_model, **factory))
-        self.b1 = nn.Parameter(torch.empty(d_ff, **factory)) if bias else None
-        self.w2 = nn.Parameter(torch.empty(d_out, d_ff, **factory))
-        self.b2 = nn.Parameter(torch.empty(d_out, **factory)) if bias else None
+        self.fc1 = _uninitialized_linear(d_model, d_ff, bias, device, dtype)
+        self.fc2 = _uninitialized_linear(d_ff, d_out, bias, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self):
-        _linear_init(self.w1, self.b1)
-        _linear_init(self.w2, self.b2)
+        _linear_init(self.fc1.weight, self.fc1.bias)
+        _linear_init(self.fc2.weight, self.fc2.bias)
 
     @classmethod
     def from_linear(cls, fc1, fc2, backend="ffn", **kwargs):
         """The FFN of two nn.Linear layers (fc1: d_model -> d_ff, fc2: d_ff -> d_out), weights
-        copied; kwargs go to the constructor (GeluFFN: approximate)."""
+        copied (the layers given stay as they are, unshared); kwargs go to the constructor
+        (GeluFFN: approximate)."""
+        _check_plain_linears(fc1=fc1, fc2=fc2)
         if fc1.weight.shape[0] != fc2.weight.shape[1]:
             raise ValueError(f"fc1's out_features ({fc1.weight.shape[0]}) must be fc2's in_features "
                              f"({fc2.weight.shape[1]})")
@@ -278,26 +382,18 @@ class _PlainFFN(FFN):
         module = cls(d_model, d_ff, bias=fc1.bias is not None, d_out=fc2.weight.shape[0],
                      device=fc1.weight.device, dtype=fc1.weight.dtype, backend=backend, **kwargs)
         with torch.no_grad():
-            module.w1.copy_(fc1.weight)
-            module.w2.copy_(fc2.weight)
+            module.fc1.weight.copy_(fc1.weight)
+            module.fc2.weight.copy_(fc2.weight)
             if fc1.bias is not None:
-                module.b1.copy_(fc1.bias)
-                module.b2.copy_(fc2.bias)
+                module.fc1.bias.copy_(fc1.bias)
+                module.fc2.bias.copy_(fc2.bias)
         return module
-
-    def in_proj(self):
-        return self.w1, self.b1
-
-    def out_proj(self):
-        return self.w2, self.b2
 
     def extra_repr(self):
         return (
-            f"d_model={self.d_model}, d_ff={self.d_ff}, d_out={self.d_out}, bias={self.b1 is not None}, "
+            f"d_model={self.d_model}, d_ff={self.d_ff}, d_out={self.d_out}, bias={self.fc1.bias is not None}, "
             f"backend={self.backend!r}"
         )
-
-
 class _GeluApproximation:
     """The GELU FFNs' `approximate`, as in F.gelu ("none" or "tanh"), and the activation name it selects."""
 
@@ -314,7 +410,7 @@ class _GeluApproximation:
 
 
 class GeluFFN(_GeluApproximation, _PlainFFN):
-    """out = gelu(x w1^T + b1) w2^T + b2 on torch.ops.ffn.gelu_ffn."""
+    """out = fc2(gelu(fc1(x))) on torch.ops.ffn.gelu_ffn."""
 
     def __init__(self, d_model, d_ff, bias=True, approximate=op_default("gelu_ffn", "approximate"), d_out=None,
                  device=None, dtype=None, backend="ffn"):
@@ -322,46 +418,48 @@ class GeluFFN(_GeluApproximation, _PlainFFN):
         self._set_approximate(approximate)
 
     def _ops_forward(self, ops, x):
-        return ops.gelu_ffn(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
+        return ops.gelu_ffn(x, *self.in_proj(), *self.out_proj(), self.approximate)
 
     def _ops_forward_with_preact(self, x):
-        return torch.ops.ffn._gelu_ffn_fwd(x, self.w1, self.b1, self.w2, self.b2, self.approximate)
+        return torch.ops.ffn._gelu_ffn_fwd(x, *self.in_proj(), *self.out_proj(), self.approximate)
 
 
 class ReluFFN(_PlainFFN):
-    """out = relu(x w1^T + b1) w2^T + b2 on torch.ops.ffn.relu_ffn (T5 v1.0, OPT)."""
+    """out = fc2(relu(fc1(x))) on torch.ops.ffn.relu_ffn (T5 v1.0, OPT)."""
 
     activation = "relu"
 
     def _ops_forward(self, ops, x):
-        return ops.relu_ffn(x, self.w1, self.b1, self.w2, self.b2)
+        return ops.relu_ffn(x, *self.in_proj(), *self.out_proj())
 
     def _ops_forward_with_preact(self, x):
-        return torch.ops.ffn._relu_ffn_fwd(x, self.w1, self.b1, self.w2, self.b2)
+        return torch.ops.ffn._relu_ffn_fwd(x, *self.in_proj(), *self.out_proj())
 
 
 class GatedFFN(FFN):
-    """out = (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd with Wg, Wu packed in w_gate_up.
+    """out = down_proj(act(gate) * up) with [gate | up] = gate_up_proj(x).
 
-    w_gate_up: [2*d_ff, d_model] (gate rows first), w_down: [d_out, d_ff]. d_ff is
-    used as given (for parameter parity with a GELU FFN of width d_ff, pass
-    gated_d_ff(d_model, d_ff)). Subclasses set `op` (a gated op of ffn.activations.GATED_OPS).
+    gate_up_proj: nn.Linear(d_model, 2*d_ff), its weight [2*d_ff, d_model] packing gate
+    rows then up rows, so one GEMM computes both (Phi-3's layout and names);
+    down_proj: nn.Linear(d_ff, d_out). d_ff is used as given (for parameter parity with a
+    GELU FFN of width d_ff, pass gated_d_ff(d_model, d_ff)). Subclasses set `op` (a gated
+    op of ffn.activations.GATED_OPS).
     """
 
     gated = True
     op = ""
     approximate = "none"  # GeGLU: F.gelu's approximate for the gate
+    _in_name, _out_name = "gate_up_proj", "down_proj"
+    _legacy_keys = {"w_gate_up": "gate_up_proj.weight", "b_gate_up": "gate_up_proj.bias",
+                    "w_down": "down_proj.weight", "b_down": "down_proj.bias"}
 
     def __init__(self, d_model, d_ff, bias=False, d_out=None, device=None, dtype=None, backend="ffn"):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
         d_out = d_model if d_out is None else d_out
         self.d_model, self.d_ff, self.d_out = d_model, d_ff, d_out
         self.backend = _check_backend(backend)
-        self.w_gate_up = nn.Parameter(torch.empty(2 * d_ff, d_model, **factory))
-        self.b_gate_up = nn.Parameter(torch.empty(2 * d_ff, **factory)) if bias else None
-        self.w_down = nn.Parameter(torch.empty(d_out, d_ff, **factory))
-        self.b_down = nn.Parameter(torch.empty(d_out, **factory)) if bias else None
+        self.gate_up_proj = _uninitialized_linear(d_model, 2 * d_ff, bias, device, dtype)
+        self.down_proj = _uninitialized_linear(d_ff, d_out, bias, device, dtype)
         self.reset_parameters()
 
     @property
@@ -370,20 +468,23 @@ class GatedFFN(FFN):
 
     def reset_parameters(self):
         # Gate and up initialized as two separate nn.Linear(d_model, d_ff) would be.
+        w_gate_up, b_gate_up = self.in_proj()
         for half in (slice(0, self.d_ff), slice(self.d_ff, 2 * self.d_ff)):
             with torch.no_grad():
-                w = torch.empty_like(self.w_gate_up[half])
-                b = torch.empty_like(self.b_gate_up[half]) if self.b_gate_up is not None else None
+                w = torch.empty_like(w_gate_up[half])
+                b = torch.empty_like(b_gate_up[half]) if b_gate_up is not None else None
                 _linear_init(w, b)
-                self.w_gate_up[half].copy_(w)
+                w_gate_up[half].copy_(w)
                 if b is not None:
-                    self.b_gate_up[half].copy_(b)
-        _linear_init(self.w_down, self.b_down)
+                    b_gate_up[half].copy_(b)
+        _linear_init(*self.out_proj())
 
     @classmethod
     def from_linear(cls, gate, up, down, backend="ffn", **kwargs):
-        """Packs three nn.Linear layers (gate, up: d_model -> d_ff; down: d_ff -> d_out); kwargs
-        go to the constructor (GeGLU: approximate)."""
+        """Packs three nn.Linear layers (gate, up: d_model -> d_ff; down: d_ff -> d_out) into
+        gate_up_proj and down_proj: the weights are copied (the layers given stay as they are,
+        unshared); kwargs go to the constructor (GeGLU: approximate)."""
+        _check_plain_linears(gate=gate, up=up, down=down)
         if gate.weight.shape != up.weight.shape or (gate.bias is None) != (up.bias is None):
             raise ValueError("gate and up must be nn.Linear layers of the same shape and bias setting")
         if (gate.bias is None) != (down.bias is None):
@@ -392,30 +493,23 @@ class GatedFFN(FFN):
         module = cls(d_model, d_ff, bias=gate.bias is not None, d_out=down.weight.shape[0],
                      device=gate.weight.device, dtype=gate.weight.dtype, backend=backend, **kwargs)
         with torch.no_grad():
-            module.w_gate_up.copy_(torch.cat([gate.weight, up.weight]))
-            module.w_down.copy_(down.weight)
+            module.gate_up_proj.weight.copy_(torch.cat([gate.weight, up.weight]))
+            module.down_proj.weight.copy_(down.weight)
             if gate.bias is not None:
-                module.b_gate_up.copy_(torch.cat([gate.bias, up.bias]))
-                module.b_down.copy_(down.bias)
+                module.gate_up_proj.bias.copy_(torch.cat([gate.bias, up.bias]))
+                module.down_proj.bias.copy_(down.bias)
         return module
 
-    def in_proj(self):
-        return self.w_gate_up, self.b_gate_up
-
-    def out_proj(self):
-        return self.w_down, self.b_down
-
     def _ops_forward(self, ops, x):
-        return getattr(ops, self.op)(x, self.w_gate_up, self.b_gate_up, self.w_down, self.b_down, self.approximate)
+        return getattr(ops, self.op)(x, *self.in_proj(), *self.out_proj(), self.approximate)
 
     def _ops_forward_with_preact(self, x):
-        return torch.ops.ffn._gated_ffn_fwd(x, self.w_gate_up, self.b_gate_up, self.w_down, self.b_down,
-                                            self.activation)
+        return torch.ops.ffn._gated_ffn_fwd(x, *self.in_proj(), *self.out_proj(), self.activation)
 
     def extra_repr(self):
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, d_out={self.d_out}, "
-            f"bias={self.b_gate_up is not None}, backend={self.backend!r}"
+            f"bias={self.gate_up_proj.bias is not None}, backend={self.backend!r}"
         )
 
 

@@ -12,12 +12,17 @@ unchanged, optimizers, PEFT target names, tied weights and
 `isinstance(m, LlamaRMSNorm)` / `isinstance(m, nn.LayerNorm)` (HF Trainer's
 weight-decay grouping) keep working, and `unpatch(model)` swaps the classes back.
 
-Gate and up projections stay two nn.Linear layers, but patch() moves their
-weights (and biases) into one buffer, gate rows first: gate_proj.weight and
-up_proj.weight are adjacent row blocks of it, so the packed [2*d_ff, d] weight
-the gated ops take is a zero-copy view (torch.cat per forward is the fallback
-when they are not adjacent: after FSDP flattening, say, and under torch.compile).
-`.to()`/`.half()`/`.cuda()` re-pack.
+Every parameter keeps its own storage, so checkpoint tools (safetensors, save_pretrained,
+accelerate) save a patched model as they save the unpatched one: where the fused
+gated ops take gate and up packed ([2*d_ff, d]) and HF holds two Linear layers,
+forward concatenates their weights at each call. The patched forward reads only
+the module's own parameters and keeps no state.
+
+The fused op runs only while the MLP's projections are plain layers (nn.Linear, or
+HF's Conv1D / FalconLinear: exact class, no hooks, plain or DTensor weights),
+checked at each call: a projection wrapped by a LoRA adapter, a quantizer or a
+hook, whether before or after patch(), is called as a module, with ffn's
+elementwise activation in between, and a warning names it once.
 
 The patched MLPs implement ffn.modules.FFN (in_proj/out_proj,
 forward_with_preact, hidden/down, `activation`, `gated`), so ffn's telemetry and
@@ -37,7 +42,7 @@ from torch import nn
 
 from . import telemetry as _telemetry
 from .activations import GATED_OPS
-from .modules import FFN
+from .modules import FFN, layer_wrapper, warn_unfused
 
 __all__ = ["patch", "unpatch", "telemetry", "collect_telemetry", "FFNTelemetry", "PatchReport",
            "UnsupportedModuleError", "SUPPORTED_MODEL_TYPES"]
@@ -89,49 +94,6 @@ def _norm_call(op, x, weight, bias, eps, out_dtype, weight_offset=0.0):
         weight = None if weight is None else weight.to(dt)
         bias = None if bias is None else bias.to(dt)
     return op(x, weight, bias, eps, weight_offset).to(out_dtype)
-
-
-def _compiling():
-    return torch.compiler.is_compiling()
-
-
-def _adjacent(a, b):
-    """a and b are consecutive row blocks of one contiguous buffer (a first)."""
-    return (a.dtype == b.dtype and a.device == b.device and a.shape[1:] == b.shape[1:]
-            and a.is_contiguous() and b.is_contiguous() and a.device.type != "meta"
-            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and b.storage_offset() == a.storage_offset() + a.numel())
-
-
-class _AdjacentRows(torch.autograd.Function):
-    """torch.cat([a, b]) of two adjacent row blocks without the copy: a view of their buffer."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.rows = a.shape[0]
-        return a.as_strided((a.shape[0] + b.shape[0], *a.shape[1:]), a.stride(), a.storage_offset())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[:ctx.rows], grad[ctx.rows:]
-
-
-def _cat_rows(a, b):
-    if not _compiling() and _adjacent(a, b):
-        return _AdjacentRows.apply(a, b)
-    return torch.cat([a, b])
-
-
-def _pack_rows(a, b):
-    """Moves parameters a and b into one buffer (a's rows, then b's), in place (.data)."""
-    if a is None or b is None or _adjacent(a, b) or a.device.type == "meta":
-        return
-    if a.dtype != b.dtype or a.device != b.device or a.shape[1:] != b.shape[1:]:
-        return
-    with torch.no_grad():
-        buf = torch.cat([a.detach(), b.detach()])
-        a.data = buf[:a.shape[0]]
-        b.data = buf[a.shape[0]:]
 
 
 # ----------------------------------------------------------------------------- norms
@@ -196,12 +158,15 @@ class _TorchRMSNorm(_Patched):
 
 # ----------------------------------------------------------------------------- MLPs
 class _FFNPatched(_Patched, FFN):
-    """A patched HF MLP: the ffn.modules.FFN interface over HF's own Linear layers.
+    """A patched HF MLP: the ffn.modules.FFN interface over HF's own projection layers.
 
-    forward runs the fused op (swiglu/geglu/reglu/gelu_ffn/relu_ffn) when no dropout
-    is active between activation and down projection (T5 in training); else F.linear,
-    the ffn elementwise op (gated_activation / bias_gelu; torch.relu for a plain ReLU
-    FFN), dropout, F.linear.
+    forward reads only the module's own parameters and keeps no state: it runs the
+    fused op (swiglu/geglu/reglu/gelu_ffn/relu_ffn) on the layers' weights when every
+    projection is a plain layer (ffn.modules.layer_wrapper, checked at each call, so a
+    LoRA adapter or hook added after patch() counts) and no dropout is active between
+    activation and down projection (T5 in training); otherwise it calls the projection
+    layers themselves, with the ffn elementwise op (gated_activation / bias_gelu;
+    torch.relu for a plain ReLU FFN) and dropout in between.
     """
 
     backend = "ffn"
@@ -210,6 +175,9 @@ class _FFNPatched(_Patched, FFN):
     _ffn_telemetry = None  # a list while telemetry records (see FFNTelemetry)
     _ffn_telemetry_args = ()
     _dropout_name = None  # dropout between activation and down projection (T5)
+    _in_names = ()  # the input projection layers; their outputs, concatenated, are the pre-activation
+    # The layer classes whose forward is F.linear of their weight (Conv1D: of its transpose).
+    _plain_layers = frozenset({"torch.nn.modules.linear.Linear"})
 
     @property
     def activation(self):
@@ -222,11 +190,24 @@ class _FFNPatched(_Patched, FFN):
     def _fused_op(self):
         return self._ffn_fused_op
 
+    def in_proj(self):
+        (name,) = self._in_names
+        return getattr(self, name).weight, getattr(self, name).bias
+
+    def _wrapper(self):
+        for name in (*self._in_names, self._out_name):
+            why = layer_wrapper(getattr(self, name), self._plain_layers)
+            if why is not None:
+                warn_unfused(f"ffn.patch: {type(self)._ffn_original_class.__name__}.{name} {why}: running it as "
+                             "a module, the fused FFN op is not used")
+                return why
+        return None
+
     def _mid_dropout(self):
         drop = getattr(self, self._dropout_name) if self._dropout_name else None
         return drop if drop is not None and drop.training and drop.p > 0 else None
 
-    def _before_down(self, h, w_out):
+    def _before_down(self, h):
         return h
 
     def _after(self, out):
@@ -239,36 +220,32 @@ class _FFNPatched(_Patched, FFN):
                                                             *self._ffn_telemetry_args))
 
     def _run(self, x, with_preact=False):
-        (w_in, b_in), (w_out, b_out) = self.in_proj(), self.out_proj()
         op, drop = self._fused_op(), self._mid_dropout()
-        # The fused ops take one dtype (autocast casts to it); T5 keeps `wo` in float32
-        # next to half activations and casts h to it, which the unfused path does.
-        same_dtype = x.dtype == w_in.dtype == w_out.dtype or torch.is_autocast_enabled(x.device.type)
-        if op is not None and drop is None and same_dtype:
-            if self._ffn_telemetry is None and not with_preact:
-                extra = () if op == "relu_ffn" else (self.approximate,)
-                return self._after(getattr(_ops, op)(x, w_in, b_in, w_out, b_out, *extra))
-            # The internal forward ops follow the public ops' autocast rule (csrc/schemas.cpp).
-            if self.gated:
-                out, preact = _ops._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, self._ffn_activation)
-            elif op == "relu_ffn":
-                out, preact = _ops._relu_ffn_fwd(x, w_in, b_in, w_out, b_out)
-            else:
-                out, preact = _ops._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, self.approximate)
-        else:
-            preact = F.linear(x, w_in, b_in)
-            if self.gated:
-                h = _ops.gated_activation(preact, self._ffn_activation)
-            elif self._ffn_activation in ("gelu", "gelu_tanh"):
-                h = _ops.bias_gelu(preact, None, self.approximate)
-            elif self._ffn_activation == "relu":
-                h = torch.relu(preact)
-            else:  # no ffn op for this activation (not reached: such modules are not patched)
-                raise RuntimeError(f"ffn.patch: no ffn op for activation {self._ffn_activation!r}")
-            if drop is not None:
-                h = drop(h)
-            out = F.linear(self._before_down(h, w_out), w_out, b_out)
-            preact = preact.reshape(-1, preact.shape[-1])
+        if op is not None and drop is None and self._wrapper() is None:
+            (w_in, b_in), (w_out, b_out) = self.in_proj(), self.out_proj()
+            # The fused ops take one dtype (autocast casts to it); T5 keeps `wo` in float32
+            # next to half activations and casts h to it, which the unfused path does.
+            if x.dtype == w_in.dtype == w_out.dtype or torch.is_autocast_enabled(x.device.type):
+                if self._ffn_telemetry is None and not with_preact:
+                    extra = () if op == "relu_ffn" else (self.approximate,)
+                    return self._after(getattr(_ops, op)(x, w_in, b_in, w_out, b_out, *extra))
+                # The internal forward ops follow the public ops' autocast rule (csrc/schemas.cpp).
+                if self.gated:
+                    out, preact = _ops._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, self._ffn_activation)
+                elif op == "relu_ffn":
+                    out, preact = _ops._relu_ffn_fwd(x, w_in, b_in, w_out, b_out)
+                else:
+                    out, preact = _ops._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, self.approximate)
+                self._record(x, preact)
+                out = self._after(out)
+                return (out, preact) if with_preact else out
+        layers = [getattr(self, name)(x) for name in self._in_names]
+        preact = layers[0] if len(layers) == 1 else torch.cat(layers, dim=-1)
+        h = self._elementwise(_ops, preact)
+        if drop is not None:
+            h = drop(h)
+        out = getattr(self, self._out_name)(self._before_down(h))
+        preact = preact.reshape(-1, preact.shape[-1])
         self._record(x, preact)
         out = self._after(out)
         return (out, preact) if with_preact else out
@@ -279,77 +256,56 @@ class _FFNPatched(_Patched, FFN):
     def forward_with_preact(self, x):
         return self._run(x, with_preact=True)
 
-    def _ffn_pack(self):
-        pass
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._ffn_pack()
-        return out
-
 
 class _GatedSplit(_FFNPatched):
-    """Gate and up as two Linear layers (Llama-style gate_proj/up_proj/down_proj, T5 wi_0/wi_1/wo)."""
+    """Gate and up as two Linear layers (Llama-style gate_proj/up_proj/down_proj, T5 wi_0/wi_1/wo).
+
+    The fused op takes them packed: torch.cat of the two weights at each call, a copy that
+    keeps every HF parameter in its own storage (checkpoint tools read shared storage as
+    tied weights) and the forward free of state of its own."""
 
     gated = True
-    _gate_name, _up_name, _down_name = "gate_proj", "up_proj", "down_proj"
+    _in_names, _out_name = ("gate_proj", "up_proj"), "down_proj"
 
     def in_proj(self):
-        g, u = getattr(self, self._gate_name), getattr(self, self._up_name)
-        b = None if g.bias is None else _cat_rows(g.bias, u.bias)
-        return _cat_rows(g.weight, u.weight), b
-
-    def out_proj(self):
-        d = getattr(self, self._down_name)
-        return d.weight, d.bias
-
-    def _ffn_pack(self):
-        g, u = getattr(self, self._gate_name), getattr(self, self._up_name)
-        _pack_rows(g.weight, u.weight)
-        _pack_rows(g.bias, u.bias)
+        g, u = (getattr(self, name) for name in self._in_names)
+        b = None if g.bias is None else torch.cat([g.bias, u.bias])
+        return torch.cat([g.weight, u.weight]), b
 
 
 class _T5Gated(_GatedSplit):
-    _gate_name, _up_name, _down_name, _dropout_name = "wi_0", "wi_1", "wo", "dropout"
+    _in_names, _out_name, _dropout_name = ("wi_0", "wi_1"), "wo", "dropout"
 
-    def _before_down(self, h, w_out):
-        return h.to(w_out.dtype) if h.dtype != w_out.dtype and w_out.dtype != torch.int8 else h
+    def _before_down(self, h):
+        w = getattr(self.wo, "weight", None)  # as T5DenseGatedActDense: h in wo's dtype unless it is int8
+        return h.to(w.dtype) if isinstance(w, torch.Tensor) and h.dtype != w.dtype and w.dtype != torch.int8 else h
 
 
 class _Phi3MLP(_FFNPatched):
     """gate_up_proj is already packed, gate rows first."""
 
     gated = True
-
-    def in_proj(self):
-        return self.gate_up_proj.weight, self.gate_up_proj.bias
-
-    def out_proj(self):
-        return self.down_proj.weight, self.down_proj.bias
+    _in_names, _out_name = ("gate_up_proj",), "down_proj"
 
 
 class _PlainMLP(_FFNPatched):
     """act(x W1^T + b1) W2^T + b2 with nn.Linear layers (GPT-NeoX, Falcon)."""
 
     gated = False
-    _in_name, _out_name = "dense_h_to_4h", "dense_4h_to_h"
-
-    def in_proj(self):
-        lin = getattr(self, self._in_name)
-        return lin.weight, lin.bias
-
-    def out_proj(self):
-        lin = getattr(self, self._out_name)
-        return lin.weight, lin.bias
+    _in_names, _out_name = ("dense_h_to_4h",), "dense_4h_to_h"
+    _plain_layers = _FFNPatched._plain_layers | {"transformers.models.falcon.modeling_falcon.FalconLinear"}
 
 
 class _T5Plain(_PlainMLP):
-    _in_name, _out_name, _dropout_name = "wi", "wo", "dropout"
+    _in_names, _out_name, _dropout_name = ("wi",), "wo", "dropout"
     _before_down = _T5Gated._before_down
 
 
 class _GPT2MLP(_PlainMLP):
     """Conv1D layers hold [in, out] weights: the ops get transposed views (no copy)."""
+
+    _in_names, _out_name = ("c_fc",), "c_proj"
+    _plain_layers = frozenset({"transformers.pytorch_utils.Conv1D"})
 
     def in_proj(self):
         return self.c_fc.weight.t(), self.c_fc.bias
@@ -382,15 +338,13 @@ def _activation_of(act):
     return None
 
 
-def _mlp_handler(mixin, act_attr, *, linears=()):
+def _mlp_handler(mixin, act_attr):
+    # The projection layers are not checked here: forward checks them at each call and runs
+    # any layer that is not a plain one (LoRA, quantized, hooked) as a module.
     def handle(module):
         act = _activation_of(getattr(module, act_attr))
         if act is None:
             raise _Unknown(f"activation {type(getattr(module, act_attr)).__name__}")
-        for name in linears:
-            lin = getattr(module, name)
-            if type(lin).__name__ not in ("Linear", "FalconLinear", "Conv1D"):
-                raise _Unknown(f"{name} is a {type(lin).__name__}, not a Linear layer")
         if not mixin.gated and act not in ("gelu", "gelu_tanh", "relu"):
             raise _Skip(f"no ffn op for a non-gated {act} FFN")
         if mixin.gated:
@@ -415,7 +369,7 @@ def _torch_norm_handler(mixin):
     return handle
 
 
-_GATED_SPLIT = _mlp_handler(_GatedSplit, "act_fn", linears=("gate_proj", "up_proj", "down_proj"))
+_GATED_SPLIT = _mlp_handler(_GatedSplit, "act_fn")
 _HANDLERS = {
     # HF class name -> handler(module) -> (mixin, attributes)
     **{f"{p}RMSNorm": _norm_handler(_LlamaRMSNorm) for p in ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3")},
@@ -425,12 +379,12 @@ _HANDLERS = {
     "T5LayerNorm": _norm_handler(_T5LayerNorm),
     "OlmoLayerNorm": _norm_handler(_OlmoLayerNorm),
     **{f"{p}MLP": _GATED_SPLIT for p in ("Llama", "Mistral", "Qwen2", "Qwen3", "Olmo", "Olmo2", "Gemma", "Gemma2")},
-    "Phi3MLP": _mlp_handler(_Phi3MLP, "activation_fn", linears=("gate_up_proj", "down_proj")),
-    "GPT2MLP": _mlp_handler(_GPT2MLP, "act", linears=("c_fc", "c_proj")),
-    "GPTNeoXMLP": _mlp_handler(_PlainMLP, "act", linears=("dense_h_to_4h", "dense_4h_to_h")),
-    "FalconMLP": _mlp_handler(_PlainMLP, "act", linears=("dense_h_to_4h", "dense_4h_to_h")),
-    "T5DenseGatedActDense": _mlp_handler(_T5Gated, "act", linears=("wi_0", "wi_1", "wo")),
-    "T5DenseActDense": _mlp_handler(_T5Plain, "act", linears=("wi", "wo")),
+    "Phi3MLP": _mlp_handler(_Phi3MLP, "activation_fn"),
+    "GPT2MLP": _mlp_handler(_GPT2MLP, "act"),
+    "GPTNeoXMLP": _mlp_handler(_PlainMLP, "act"),
+    "FalconMLP": _mlp_handler(_PlainMLP, "act"),
+    "T5DenseGatedActDense": _mlp_handler(_T5Gated, "act"),
+    "T5DenseActDense": _mlp_handler(_T5Plain, "act"),
 }
 _TORCH_HANDLERS = {nn.LayerNorm: _torch_norm_handler(_TorchLayerNorm),
                    nn.RMSNorm: _torch_norm_handler(_TorchRMSNorm)}
@@ -517,8 +471,6 @@ def patch(model, *, skip_unknown=False):
         module.__class__ = _patched_class(orig, mixin)
         for k, v in attrs.items():
             setattr(module, k, v)
-        if isinstance(module, _FFNPatched):
-            module._ffn_pack()
         report[orig.__name__] = report.get(orig.__name__, 0) + 1
     if report.skipped:
         warnings.warn("ffn.patch left these modules unpatched: "

@@ -2,6 +2,7 @@
 torch.nn.RMSNorm, state_dict round trips, from_linear, backend parity, deepcopy."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_from_linear_equals_three_linear_block(cls, act, bias, device):
     gate, up = nn.Linear(16, 40, bias=bias, device=device), nn.Linear(16, 40, bias=bias, device=device)
     down = nn.Linear(40, 12, bias=bias, device=device)
     module = cls.from_linear(gate, up, down)
-    assert module.w_gate_up.shape == (80, 16) and module.w_down.shape == (12, 40)
+    assert module.gate_up_proj.weight.shape == (80, 16) and module.down_proj.weight.shape == (12, 40)
     x = randn(3, 7, 16, device=device, requires_grad=True)
     assert_same(module(x), down(act(gate(x)) * up(x)))
     grad = torch.randn(3, 7, 12, device=device)
@@ -157,8 +158,9 @@ def test_from_linear_equals_three_linear_block(cls, act, bias, device):
 def test_plain_from_linear_equals_two_linear_block(cls, kwargs, act, bias, device):
     fc1, fc2 = nn.Linear(16, 40, bias=bias, device=device), nn.Linear(40, 12, bias=bias, device=device)
     module = cls.from_linear(fc1, fc2, **kwargs)
-    assert module.w1.shape == (40, 16) and module.w2.shape == (12, 40) and (module.b1 is None) == (not bias)
-    assert module.w1.data_ptr() != fc1.weight.data_ptr()  # a copy: the Linear layers stay as they are
+    assert module.fc1.weight.shape == (40, 16) and module.fc2.weight.shape == (12, 40)
+    assert (module.fc1.bias is None) == (not bias)
+    assert module.fc1 is not fc1 and module.fc1.weight.data_ptr() != fc1.weight.data_ptr()  # copies
     x = randn(3, 7, 16, device=device, requires_grad=True)
     assert_same(module(x), fc2(act(fc1(x))))
     grad = torch.randn(3, 7, 12, device=device)
@@ -182,7 +184,7 @@ def test_geglu_tanh_from_linear():
 def test_gelu_ffn_module_equals_two_linear_block():
     module = randomize(ffn.GeluFFN(16, 48, approximate="tanh"))
     x = randn(4, 16)
-    expected = F.linear(F.gelu(F.linear(x, module.w1, module.b1), approximate="tanh"), module.w2, module.b2)
+    expected = module.fc2(F.gelu(module.fc1(x), approximate="tanh"))
     assert_same(module(x), expected)
 
 
@@ -225,13 +227,14 @@ def test_backends_agree_forward_and_backward(case, dtype, device):
 
 def test_gated_modules_use_d_ff_as_given_and_linear_init():
     module = ffn.SwiGLU(64, 100, bias=True, d_out=32)
-    assert module.w_gate_up.shape == (200, 64) and module.b_gate_up.shape == (200,)
-    assert module.w_down.shape == (32, 100) and module.b_down.shape == (32,)
+    (w_gate_up, b_gate_up), (w_down, b_down) = module.in_proj(), module.out_proj()
+    assert w_gate_up.shape == (200, 64) and b_gate_up.shape == (200,)
+    assert w_down.shape == (32, 100) and b_down.shape == (32,)
     # nn.Linear's init: uniform within 1/sqrt(fan_in), gate and up each drawn like their own Linear.
     bound_in, bound_out = 64**-0.5, 100**-0.5
-    assert module.w_gate_up.abs().max() <= bound_in and module.w_down.abs().max() <= bound_out
-    assert module.w_gate_up.abs().max() > 0.9 * bound_in and module.b_gate_up.abs().max() <= bound_in
-    assert not torch.equal(module.w_gate_up[:100], module.w_gate_up[100:])
+    assert w_gate_up.abs().max() <= bound_in and w_down.abs().max() <= bound_out
+    assert w_gate_up.abs().max() > 0.9 * bound_in and b_gate_up.abs().max() <= bound_in
+    assert not torch.equal(w_gate_up[:100], w_gate_up[100:])
 
 
 def test_norm_modules_initialize_like_torch():
@@ -289,3 +292,155 @@ def test_forward_with_preact_follows_autocast_like_forward(cls, kwargs):
         out, preact = module.forward_with_preact(x)
     assert out.dtype == preact.dtype == torch.bfloat16
     assert_same(out, expected)
+
+
+# ----------------------------------------------------------------------------- nn.Linear projections
+PROJECTIONS = {ffn.GeluFFN: ("fc1", "fc2"), ffn.ReluFFN: ("fc1", "fc2"), ffn.SwiGLU: ("gate_up_proj", "down_proj"),
+               ffn.GeGLU: ("gate_up_proj", "down_proj"), ffn.ReGLU: ("gate_up_proj", "down_proj")}
+OLD_KEYS = {"fc1.weight": "w1", "fc1.bias": "b1", "fc2.weight": "w2", "fc2.bias": "b2",
+            "gate_up_proj.weight": "w_gate_up", "gate_up_proj.bias": "b_gate_up",
+            "down_proj.weight": "w_down", "down_proj.bias": "b_down"}
+
+
+class Net(nn.Module):
+    """nanoGPT-style owner of an FFN: its init loop touches every nn.Linear."""
+
+    def __init__(self, ffn_module):
+        super().__init__()
+        self.mlp = ffn_module
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def reference_output(module, x):
+    """The FFN computed from its projection modules (whatever wraps them) and F's activations."""
+    preact = getattr(module, PROJECTIONS[type(module)][0])(x)
+    if module.gated:
+        h = ffn.reference.gated_activation(preact, module.activation)
+    else:
+        h = F.relu(preact) if module.activation == "relu" else F.gelu(preact, approximate=module.approximate)
+    return getattr(module, PROJECTIONS[type(module)][1])(h)
+
+
+class OpsCalled(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(ffn.modules, "_warned", set())
+
+
+@pytest.mark.parametrize("cls,kwargs", FFN_CASES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(FFN_CASES)])
+def test_ffn_projections_are_nn_linear_submodules(cls, kwargs):
+    module = cls(16, **kwargs)
+    names = PROJECTIONS[cls]
+    assert [n for n, m in module.named_modules() if isinstance(m, nn.Linear)] == list(names)
+    assert sum(p.numel() for p in module.parameters()) == ffn.modules.ffn_param_count(16, 24, module.gated,
+                                                                              module.out_proj()[1] is not None)
+    # An init loop over nn.Linear (nanoGPT's _init_weights) reaches the FFN.
+    net = Net(module)
+    net.apply(lambda m: nn.init.normal_(m.weight, std=0.02) if isinstance(m, nn.Linear) else None)
+    assert 0.015 < getattr(module, names[0]).weight.std().item() < 0.025
+    with OpsCalled() as rec:
+        net(randn(3, 16))
+    assert (module.op if module.gated else f"{module.activation.split('_')[0]}_ffn") in rec.names
+
+
+@pytest.mark.parametrize("cls,kwargs", FFN_CASES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(FFN_CASES)])
+def test_state_dicts_with_the_old_parameter_names_load(cls, kwargs):
+    module = randomize(cls(16, **kwargs))
+    old = {OLD_KEYS[k]: v for k, v in module.state_dict().items()}
+    fresh = cls(16, **kwargs)
+    fresh.load_state_dict(old)  # strict
+    nested = Net(cls(16, **kwargs))
+    nested.load_state_dict({f"mlp.{k}": v for k, v in old.items()})
+    x = randn(2, 5, 16)
+    assert_same(fresh(x), module(x))
+    assert_same(nested(x), module(x))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        cls(16, **kwargs).load_state_dict({**old, "w3": old[OLD_KEYS["fc2.weight" if not module.gated
+                                                                         else "down_proj.weight"]]})
+
+
+@pytest.mark.parametrize("cls", [ffn.GeluFFN, ffn.SwiGLU], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_init_draws_what_the_raw_parameters_drew(cls, bias):
+    """The RNG stream of a model that builds an FFN is unchanged by the projections becoming
+    nn.Linear layers: the same weights, and the same draws after them."""
+    from ffn.modules import _linear_init
+
+    torch.manual_seed(0)
+    module = cls(16, 40, bias=bias)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    halves = 2 if module.gated else 1
+    want = []
+    for shape in [(40, 16)] * halves + [(16, 40)]:
+        w, b = torch.empty(shape), torch.empty(shape[0]) if bias else None
+        _linear_init(w, b)
+        want.append((w, b))
+    assert torch.equal(torch.rand(4), after)
+    (w_in, b_in), (w_out, b_out) = module.in_proj(), module.out_proj()
+    assert torch.equal(w_in, torch.cat([w for w, _ in want[:halves]])) and torch.equal(w_out, want[-1][0])
+    if bias:
+        assert torch.equal(b_in, torch.cat([b for _, b in want[:halves]])) and torch.equal(b_out, want[-1][1])
+
+
+@pytest.mark.parametrize("cls", list(PROJECTIONS), ids=lambda c: c.__name__)
+def test_lora_on_the_projections_is_not_bypassed(cls, fresh_warnings):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    net = peft.get_peft_model(Net(randomize(cls(16, 24))), peft.LoraConfig(
+        r=4, target_modules=list(PROJECTIONS[cls]), init_lora_weights=False))
+    module = net.base_model.model.mlp
+    x = randn(3, 5, 16, requires_grad=True)
+    with pytest.warns(UserWarning, match=f"ffn.{cls.__name__}.{PROJECTIONS[cls][0]} is a "
+                                         r"peft\.tuners\.lora\.layer\.Linear: running it as a module"), \
+            OpsCalled() as rec:
+        out = net(x)
+    assert not {"gelu_ffn", "relu_ffn", "swiglu", "geglu", "reglu"} & rec.names
+    want = reference_output(module, x)
+    assert_same(out, want)
+    out_p, preact = module.forward_with_preact(x)
+    assert_same(out_p, want)
+    assert_same(preact, getattr(module, PROJECTIONS[cls][0])(x).reshape(15, -1))
+    lora_params = [p for n, p in net.named_parameters() if "lora_" in n]
+    assert len(lora_params) == 4
+    grad = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad(out, [x, *lora_params], grad),
+                             torch.autograd.grad(want, [x, *lora_params], grad)):
+        # ffn's GELU backward and PyTorch's round differently: float32 rounding of the largest term.
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("cls", [ffn.GeluFFN, ffn.SwiGLU], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("backend", ("ffn", "torch"))
+def test_a_hooked_projection_is_called_as_a_module(cls, backend, fresh_warnings):
+    module = randomize(cls(16, 24, backend=backend))
+    x = randn(4, 16, requires_grad=True)
+    plain = module(x)
+    handle = getattr(module, PROJECTIONS[cls][1]).register_forward_hook(lambda m, args, out: out * 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hooked = module(x)
+    assert_same(hooked, 2 * plain)
+    assert [str(w.message) for w in caught] == ([f"ffn.{cls.__name__}.{PROJECTIONS[cls][1]} "
+                                                 "(torch.nn.modules.linear.Linear) has hooks: running it as a "
+                                                 "module, the fused FFN op is not used"] if backend == "ffn" else [])
+    handle.remove()
+    assert_same(module(x), plain)
+
+
+def test_from_linear_refuses_a_wrapped_linear():
+    gate, up, down = nn.Linear(16, 40), nn.Linear(16, 40), nn.Linear(40, 16)
+    up.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.raises(TypeError, match="up \\(torch.nn.modules.linear.Linear\\) has hooks: merge or remove"):
+        ffn.SwiGLU.from_linear(gate, up, down)
