@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 
 import torch
+
+# The project's one markdown table (a '|' in a cell escaped), shared with the harness report.
+from ffn.harness.tables import markdown_table
 from torch.utils import benchmark as torch_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,12 +200,6 @@ def default_json_path(env, device, prefix="", tag=None):
 
 
 # ----------------------------------------------------------------------------- tables
-def markdown_table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def markdown_row(row):
     """One row of markdown_table: what a benchmark prints as each row is measured."""
     return markdown_table([""] * len(row), [row]).splitlines()[-1]

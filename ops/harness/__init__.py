@@ -11,17 +11,22 @@ the flags. The op library (`import ffn`) never imports this package.
     data.py         the bundled corpus, byte tokens, batches
     distributed.py  one process, or ranks under torchrun: the process group and device mesh (--parallel)
     parallel.py     FSDP2 and tensor parallelism of the model, the gathered replica for evaluation
-    checkpoint.py   checkpoints (torch.distributed.checkpoint) that load into any mode and world size
-    train.py        the training loop, --resume
+    checkpoint.py   checkpoints (torch.distributed.checkpoint) that load into any mode and world size,
+                    with sha256 of every file, verified before a resume loads anything
+    train.py        the training loop of one design in pieces (build, restore, batches, telemetry, finish), --resume
     evaluate.py     validation loss and telemetry, the post-training probes
     probes.py       where a mean shift arrives (shift offsets)
     quant.py        int8 / int4 weight-only, int8 down-proj input, W8A8 (per tensor, per channel, SmoothQuant)
     outliers.py     outlier statistics: neuron-rms kurtosis, max/median, gate/up alignment, W8A8 error
-    health.py       divergence / spike / did-not-learn flags, gradient norms, update ratios
+    health.py       divergence / spike / did-not-learn flags (and the marks of such runs), gradient norms,
+                    update ratios
     stats.py        95% t intervals over seeds and paired differences (SciPy)
     studies.py      seed tables, paired differences and the case-study answers of the report
-    metrics.py      metrics.jsonl + TensorBoard, telemetry overhead, memory
+    metrics.py      metrics.jsonl (a torn last line dropped, a failed append undone) + TensorBoard,
+                    telemetry overhead, memory
     results.py      DesignResult, RunMeta (result.json, run.json)
-    report.py       the terminal table, report.md and plots
-    cli.py          the command line
+    files.py        atomic writes that name their file, checksums, the run directory's lock
+    tables.py       the one markdown table and number check of the report, studies and benchmark scripts
+    report/         the terminal table, report.md (tables, findings, plots), python -m ffn.harness.report
+    cli.py          the command line: flags validated, the run directory locked, finished members checked
 """

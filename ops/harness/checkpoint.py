@@ -7,6 +7,12 @@ every parallel mode and world size.
                               by parameter name (FQN), tensors sharded as in training
     <design>/ckpt/train.pt    step, run identity, RNG state (rank 0's: every rank seeds alike),
                               history (losses, step times), written by rank 0
+    <design>/ckpt/sha256.json size and sha256 of every other file of the checkpoint, written
+                              last by rank 0 (the ranks' files are on a filesystem it sees)
+
+A resume verifies every file against sha256.json before loading anything: a damaged or
+truncated file is named and never loaded (an older intact checkpoint, ckpt.old, is used when
+a save was killed before it was removed; else the run stops with the file's name).
 
 DCP reshards on load, so a checkpoint written by one mode and world size (one process, DDP,
 FSDP2, tensor parallel, FSDP2 x TP) loads into any other. A checkpoint is written into
@@ -17,34 +23,88 @@ weights: rank k's rows are not one contiguous block of the global tensor), so th
 tensors are saved and loaded Replicate along the tensor-parallel mesh dim (one extra gather
 of each such tensor per save or load); all others go as they are.
 
-Runs checkpointed by older versions (<design>/ckpt.pt, torch.save of plain state dicts)
-still resume with one process or DDP.
+Runs checkpointed by older versions (<design>/ckpt.pt, torch.save of plain state dicts, or
+a ckpt/ without sha256.json) still resume with one process or DDP; they carry no checksums,
+so only an unreadable file is detected there.
 """
 
 import contextlib
+import json
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
+from .files import atomic_torch_save, atomic_write_text, sha256
+
 CKPT_DIR = "ckpt"
 TRAIN_STATE = "train.pt"
 LEGACY_FILE = "ckpt.pt"
+MANIFEST = "sha256.json"
 
 
 def path_of(design_dir):
     return Path(design_dir) / CKPT_DIR
 
 
-def find(design_dir):
-    """The checkpoint to resume from in design_dir (a DCP directory, or a legacy ckpt.pt), or None."""
-    design_dir = Path(design_dir)
-    for candidate in (design_dir / CKPT_DIR, design_dir / (CKPT_DIR + ".old")):
-        if (candidate / TRAIN_STATE).exists() and (candidate / ".metadata").exists():
-            return candidate
+def _candidates(design_dir):
+    """The checkpoints in design_dir, newest first: ckpt/, ckpt.old/ (a save killed before
+    removing it), a legacy ckpt.pt. A directory without its manifest and train state is a
+    save that never finished, not a checkpoint."""
+    out = []
+    for d in (design_dir / CKPT_DIR, design_dir / (CKPT_DIR + ".old")):
+        if (d / MANIFEST).exists() or ((d / TRAIN_STATE).exists() and (d / ".metadata").exists()):
+            out.append(d)
     legacy = design_dir / LEGACY_FILE
-    return legacy if legacy.exists() else None
+    return out + ([legacy] if legacy.exists() else [])
+
+
+def write_manifest(path):
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
+             for f in sorted(Path(path).iterdir()) if f.is_file() and f.name != MANIFEST}
+    atomic_write_text(Path(path) / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def damage(path):
+    """Why the checkpoint at `path` must not be loaded (a sentence naming the file), or None
+    when its files match its manifest (or it has none: an older version's)."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if path.name == LEGACY_FILE or not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{manifest} is unreadable ({e})"
+    for name, want in files.items():
+        f = path / name
+        if not f.exists():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{f} is truncated or damaged: {size} bytes, {want['bytes']} written"
+        if sha256(f) != want["sha256"]:
+            return f"{f} is damaged: its sha256 differs from the one written with it"
+    return None
+
+
+def find(design_dir, report=None):
+    """The newest intact checkpoint in design_dir (a DCP directory, or a legacy ckpt.pt), or
+    None when there is none. A damaged one is never returned: report(message) is told about it
+    when an older intact one is used instead; when none is intact, SystemExit names the files."""
+    damaged = []
+    for candidate in _candidates(Path(design_dir)):
+        problem = damage(candidate)
+        if problem is None:
+            if damaged and report is not None:
+                report(f"ab: not loaded: {'; '.join(damaged)}; resuming from the older checkpoint {candidate}")
+            return candidate
+        damaged.append(problem)
+    if damaged:
+        raise SystemExit(f"ab: cannot --resume {design_dir}: {'; '.join(damaged)}. Nothing was loaded; delete "
+                         f"{path_of(design_dir)} to train this design again from step 0")
+    return None
 
 
 # ----------------------------------------------------------------------------- strided placements
@@ -101,8 +161,6 @@ def save(design_dir, model, optimizer, train_state, env):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from .train import atomic_torch_save
-
     final = path_of(design_dir)
     tmp, old = final.with_name(CKPT_DIR + ".tmp"), final.with_name(CKPT_DIR + ".old")
     if env.main:
@@ -114,6 +172,7 @@ def save(design_dir, model, optimizer, train_state, env):
                  no_dist=env.world == 1)
     if env.main:
         atomic_torch_save(train_state, tmp / TRAIN_STATE)
+        write_manifest(tmp)  # last: a directory with a manifest is a finished save
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -122,13 +181,27 @@ def save(design_dir, model, optimizer, train_state, env):
     env.barrier()
 
 
+def _first_line(error):
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
+def _torch_load(path, map_location):
+    """torch.load naming the file when it cannot be read (a truncated file otherwise gives a
+    zip reader's error or `OSError: [Errno 22]` with no file name)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch.load raises whatever its readers raise)
+        raise SystemExit(f"ab: cannot read the checkpoint file {path}: it is truncated or damaged "
+                         f"({_first_line(e)})") from e
+
+
 def read_train_state(path):
     """The train_state of the checkpoint at `path` (find()): step, run identity, rng, history."""
     path = Path(path)
     if path.name == LEGACY_FILE:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _torch_load(path, "cpu")
         return {key: ckpt[key] for key in ("step", "run", "rng", "history")}
-    return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+    return _torch_load(path / TRAIN_STATE, "cpu")
 
 
 def load(path, model, optimizer, env):
@@ -139,7 +212,7 @@ def load(path, model, optimizer, env):
         if env.sharded:
             raise SystemExit(f"ab: {path} is a checkpoint of an older version (torch.save): resume it with one "
                              "process or --parallel ddp, or start the design again")
-        ckpt = torch.load(path, map_location=env.device, weights_only=True)
+        ckpt = _torch_load(path, env.device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         return
@@ -148,7 +221,15 @@ def load(path, model, optimizer, env):
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": _map(model_sd, _to_dcp), "optim": _map(optim_sd, _to_dcp)}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=env.world == 1)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=env.world == 1)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  (a BaseException, wrapping its readers' errors)
+        # The wrapped error (a rank's traceback) ends with the reader's own message.
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"ab: cannot load the checkpoint {path} (is a file of it truncated or damaged?): "
+                         f"{cause}") from e
     set_state_dict(model, optimizer, model_state_dict=_back(state["model"], model_sd),
                    optim_state_dict=_back(state["optim"], optim_sd))

@@ -20,6 +20,7 @@ mode and world size.
 """
 
 import argparse
+import math
 import shutil
 import sys
 import time
@@ -31,14 +32,46 @@ from . import data as textdata
 from . import designs as designgrammar
 from .config import DEFAULT_DESIGNS, DEFAULT_PROBE_SHIFT, PRESETS, STUDY, RunConfig, TrainConfig
 from .designs import FFNS, LAYOUTS, NORMS, PLACEMENTS, Design
-from .distributed import PARALLEL_MODES, init_dist
+from .distributed import DEFAULT_TIMEOUT_S, PARALLEL_MODES, init_dist
+from .files import RunLock
 from .metrics import MetricsLog
 from .model import BACKENDS
-from .results import DesignResult, RunMeta
-from .train import member_label, train_design
+from .results import RunMeta
+from .train import finished_result, member_label, run_identity, train_design
 
-_SIZE_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch_size", "steps", "warmup",
-               "eval_every", "eval_windows", "telemetry_every", "ckpt_every")
+# The size and budget flags and the least value each takes (0: "off" or "at the end only").
+_SIZE_FLAGS = {"d_model": 1, "n_layers": 1, "n_heads": 1, "d_ff": 1, "seq_len": 1, "batch_size": 1, "steps": 1,
+               "warmup": 0, "eval_every": 0, "eval_windows": 1, "telemetry_every": 0, "ckpt_every": 0}
+
+
+def int_at_least(low):
+    """An argparse type: an integer >= low (argparse's error then names the flag)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def finite_float(low=None, above=False):
+    """An argparse type: a finite float, >= low (> low when `above`) when low is given."""
+    bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if above else value < low)):
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser():
@@ -57,22 +90,25 @@ def build_parser():
                         "the FFN kept (the design token 'recenter'; overrides --norm-bias)")
     p.add_argument("--placement", choices=list(PLACEMENTS), default="pre")
     p.add_argument("--layout", choices=list(LAYOUTS), default="serial")
-    p.add_argument("--mean-shift", type=float, default=0.0,
+    p.add_argument("--mean-shift", type=finite_float(), default=0.0,
                    help="constant added to the input of every FFN norm while training (every design)")
-    p.add_argument("--probe-shift", type=float, default=DEFAULT_PROBE_SHIFT,
+    p.add_argument("--probe-shift", type=finite_float(0), default=DEFAULT_PROBE_SHIFT,
                    help="after training, evaluate with an extra mean shift into every FFN norm of this many "
                         "times the rms of that norm's input (default %(default)s; 0 turns the probe off)")
     p.add_argument("--backend", choices=list(BACKENDS), default="ffn")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="sizes and budget (default: gpu with CUDA, else cpu)")
-    for name in _SIZE_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="overrides the preset")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the preset)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    for name, low in _SIZE_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int_at_least(low), default=None,
+                       help="overrides the preset" + (" (0: off)" if name in ("telemetry_every", "ckpt_every") else
+                                                      " (0: at the end only)" if name == "eval_every" else ""))
+    p.add_argument("--lr", type=finite_float(0, above=True), default=None,
+                   help="peak learning rate (overrides the preset)")
+    p.add_argument("--weight-decay", type=finite_float(0), default=0.1)
+    p.add_argument("--grad-clip", type=finite_float(0, above=True), default=1.0)
     p.add_argument("--no-ffn-bias", action="store_true", help="FFNs without biases (LLaMA-style)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--seeds", type=int, default=None,
+    p.add_argument("--seeds", type=int_at_least(1), default=None,
                    help="train every design with N seeds (--seed, --seed+1, ...): initialization and batch order "
                         "vary with the seed and are paired across designs; the report gives means, 95%% t intervals "
                         f"and paired differences (default 1; the study preset: {STUDY['seeds']})")
@@ -84,13 +120,16 @@ def build_parser():
                    help="under torchrun: ddp (default), fsdp (FSDP2), tp (tensor parallel over all ranks), "
                         "fsdp+tp (a 2-D mesh: tensor parallel in groups of --tp ranks, FSDP2 across them); "
                         "--batch-size is per data-parallel group. One process ignores it")
-    p.add_argument("--tp", type=int, default=None, metavar="N",
+    p.add_argument("--tp", type=int_at_least(1), default=None, metavar="N",
                    help="the tensor-parallel degree of --parallel fsdp+tp (consecutive ranks: keep it within a host)")
+    p.add_argument("--dist-timeout", type=finite_float(0, above=True), default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other ranks before the run stops "
+                        "with an error (a rank that hangs or died; default %(default)g)")
     p.add_argument("--name", default="ab", help="the run's directory under --out")
     p.add_argument("--out", default="runs")
     p.add_argument("--resume", action="store_true",
                    help="continue runs/<name>: finished designs are kept, others restart from their last checkpoint")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+    p.add_argument("--stop-at", type=int_at_least(1), default=None, metavar="STEP",
                    help="stop after step STEP (after its checkpoint), as if killed; for resume tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
@@ -106,6 +145,8 @@ def parse_config(argv=None):
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ffn_bias=not args.no_ffn_bias, seed=args.seed,
         backend=args.backend,
     )
+    if train.d_model % train.n_heads:
+        raise SystemExit(f"ab: --d-model {train.d_model} must be a multiple of --n-heads {train.n_heads}")
     base = Design(norm_bias=True if args.norm_bias else None, placement=args.placement, layout=args.layout,
                   mean_shift=args.mean_shift)
     if args.norm or args.ffn:
@@ -123,8 +164,6 @@ def parse_config(argv=None):
     except ValueError as e:
         raise SystemExit(f"ab: {e}") from None
     seeds = args.seeds if args.seeds is not None else (STUDY["seeds"] if preset == "study" else 1)
-    if seeds < 1:
-        raise SystemExit("ab: --seeds must be at least 1")
     lrs = None
     if args.lrs:
         try:
@@ -171,14 +210,16 @@ def main(argv=None):
     run = parse_config(argv)
     args = build_parser().parse_args(argv)
     config = run.train
-    env = init_dist(run.device, args.parallel, args.tp)
+    env = init_dist(run.device, args.parallel, args.tp, timeout_s=args.dist_timeout)
     if config.eval_windows < env.world:
         raise SystemExit(f"ab: --eval-windows {config.eval_windows} is fewer than the {env.world} ranks: "
                          "every rank needs a validation window")
     torch.manual_seed(config.seed)
     run_dir = Path(run.out) / run.name
     t_start = time.perf_counter()
+    lock = RunLock(run_dir)
     try:
+        lock_run_dir(lock, env)
         corpus = load_corpus(run, env)
         unigram = textdata.unigram_entropy(corpus.val)
         if env.main:
@@ -198,10 +239,13 @@ def main(argv=None):
         log = MetricsLog(run_dir, env)
         results = []
         todo = members(run)
+        # Every finished member is checked against this run's settings before anything trains.
+        finished = {label: finished_result(run_dir / label, run_identity(run, design, env, member_config,
+                                                                         corpus.sha256), env)
+                    for spec, design, member_config, label, group in todo} if run.resume else {}
         for spec, design, member_config, label, group in todo:
-            design_dir = run_dir / label
-            if run.resume and (design_dir / "result.json").exists():
-                results.append(DesignResult.load(design_dir))
+            if finished.get(label) is not None:
+                results.append(finished[label])
                 continue
             result = train_design(spec, design, run, corpus, env, log, run_dir, member_config, label, group)
             if result is None:  # --stop-at
@@ -227,7 +271,21 @@ def main(argv=None):
             print(f"wall time: {wall:.1f} s")
         return 0
     finally:
+        lock.release()
         env.close()
+
+
+def lock_run_dir(lock, env):
+    """Rank 0 locks the run directory for the whole run; every rank stops with its message
+    when another run holds it."""
+    refusal = None
+    if env.main:
+        try:
+            lock.acquire()
+        except SystemExit as e:
+            refusal = str(e)
+    if env.all_reduce_max_(torch.tensor([refusal is not None], dtype=torch.int32, device=env.device)).item():
+        raise SystemExit(refusal or f"ab: {lock.path.parent} is in use by another run (see rank 0)")
 
 
 if __name__ == "__main__":

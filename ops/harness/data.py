@@ -94,6 +94,7 @@ class TextData:
         raw = self.path.read_bytes()
         if not raw:
             raise ValueError(f"--data {path}: the file is empty")
+        self.sha256 = hashlib.sha256(raw).hexdigest()  # part of the run identity --resume checks
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
         split = int(len(tokens) * (1 - val_fraction))
         self.train, self.val = tokens[:split], tokens[split:]

@@ -14,6 +14,7 @@ same data. With one process every mode is the one-process run.
 """
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,10 @@ import torch
 import torch.distributed as dist
 
 PARALLEL_MODES = ("ddp", "fsdp", "tp", "fsdp+tp")
+# How long a collective waits for the other ranks (--dist-timeout): long enough for the
+# slowest step, evaluation or checkpoint of the gpu preset, short enough that a rank that
+# hangs stops the run in minutes instead of torch's default (10 min for NCCL, 30 for gloo).
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -118,9 +123,10 @@ def _check_mode(parallel, tp, world):
     return tp or 1
 
 
-def init_dist(device_arg, parallel="ddp", tp=None):
+def init_dist(device_arg, parallel="ddp", tp=None, timeout_s=DEFAULT_TIMEOUT_S):
     """The Dist of this process. Under torchrun (WORLD_SIZE > 1) it joins the process group
-    (or uses the one the caller initialized) and builds the device mesh of `parallel`."""
+    (or uses the one the caller initialized), whose collectives fail after timeout_s seconds
+    of waiting, and builds the device mesh of `parallel`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     parallel = parallel or "ddp"
@@ -137,7 +143,7 @@ def init_dist(device_arg, parallel="ddp", tp=None):
         device = torch.device("cpu")
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     rank = dist.get_rank()
     from torch.distributed.device_mesh import init_device_mesh
 

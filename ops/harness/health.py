@@ -87,3 +87,27 @@ def update_ratios(before, model):
         den = sum(float(o.double().square().sum()) for o in olds)
         out.append(math.sqrt(num / den) if den > 0 else float("nan"))
     return out
+
+
+def unusable(health):
+    """The flags that make a run's numbers no result ("DIVERGED", "did not learn"), or "":
+    such a run is shown marked wherever its numbers appear and is never ranked or compared."""
+    if not health:
+        return ""
+    return ", ".join(text for text, on in (("DIVERGED", health["diverged"]), ("did not learn", health["did_not_learn"]))
+                     if on)
+
+
+def usable(results):
+    """Whether every run of `results` (one run, or the seeds of a group) trained to a result."""
+    return not any(unusable(r.health) for r in results)
+
+
+def marked(name, results):
+    """`name` (of a run, or of a group of seeds) with the flags of its runs that are no result."""
+    bad = [(r, unusable(r.health)) for r in results if unusable(r.health)]
+    if not bad:
+        return name
+    if len(results) == 1:
+        return f"{name} [{bad[0][1]}]"
+    return f"{name} [" + "; ".join(f"seed {r.seed}: {text}" for r, text in bad) + "]"

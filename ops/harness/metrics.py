@@ -1,15 +1,49 @@
 """Training metrics: the metrics log (metrics.jsonl and TensorBoard), the paired
-telemetry overhead, and the CPU memory count of a training step."""
+telemetry overhead, and the CPU memory count of a training step.
 
+metrics.jsonl is appended one record a line. A process killed, or a disk filled, in the
+middle of a line leaves a torn last line: readers drop it and say so, a resume rewrites the
+file without it, and a failed append is undone and names the file."""
+
+import errno
 import json
 import math
+import os
 import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from .files import atomic_write_text
+from .files import atomic_write_text, naming
 
 SKIP_TIMING_STEPS = 3  # first steps carry one-off costs (allocator, thread pools)
+
+
+def read_records(path, quiet=False):
+    """The records of a metrics.jsonl. A torn last line (an interrupted append) is dropped,
+    with a note on stderr unless quiet; a bad line elsewhere is an error naming the line."""
+    lines = Path(path).read_text(errors="replace").splitlines(keepends=True)
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines) and line.endswith("\n"):
+                raise SystemExit(f"ab: {path}, line {number}: not a JSON record ({line[:60]!r})") from None
+            if not quiet:
+                print(f"ab: {path}: ignored its torn last line ({len(line)} bytes, an interrupted write)",
+                      file=sys.stderr)
+    return records
+
+
+def records_by_kind(path):
+    """kind -> design label -> its records in order; empty when there is no metrics.jsonl."""
+    by_kind = defaultdict(lambda: defaultdict(list))
+    for r in read_records(path) if Path(path).exists() else []:
+        by_kind[r["kind"]][r["design"]].append(r)
+    return by_kind
 
 
 class MetricsLog:
@@ -27,10 +61,10 @@ class MetricsLog:
         from torch.utils.tensorboard import SummaryWriter
 
         if self.path.exists():
-            # Resuming: the records this design logged after its checkpoint will be logged again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if (r := json.loads(line))["design"] != label or r["step"] < start_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            # Resuming: the records this design logged after its checkpoint will be logged again
+            # (and a torn last line, from a run that died mid-append, goes).
+            kept = [r for r in read_records(self.path) if r["design"] != label or r["step"] < start_step]
+            atomic_write_text(self.path, "".join(_line(r) for r in kept))
         self.writer = SummaryWriter(str(self.run_dir / "tb" / label), purge_step=start_step or None)
 
     def close_design(self):
@@ -41,8 +75,7 @@ class MetricsLog:
     def record(self, label, step, kind, **values):
         if not self.env.main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"design": label, "step": step, "kind": kind, **values}, allow_nan=True) + "\n")
+        self._append(_line({"design": label, "step": step, "kind": kind, **values}))
         if kind == "train":
             self.writer.add_scalar("loss/train", values["loss"], step)
             self.writer.add_scalar("lr", values["lr"], step)
@@ -52,6 +85,27 @@ class MetricsLog:
             for key, value in values.items():
                 if key != "layer" and isinstance(value, float) and math.isfinite(value):
                     self.writer.add_scalar(f"{kind}/layer{values['layer']}/{key}", value, step)
+
+    def _append(self, line):
+        """Appends one line whole or not at all: a failed write (a full disk) is cut back off,
+        so no later reader meets half a record, and the error names the file."""
+        data = line.encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a short write: the disk is full
+            except OSError as e:
+                os.ftruncate(fd, start)
+                raise naming(e, self.path) from e
+        finally:
+            os.close(fd)
+
+
+def _line(record):
+    return json.dumps(record, allow_nan=True) + "\n"
 
 
 def paired_overhead(times, telemetry_steps, skip=SKIP_TIMING_STEPS):

@@ -63,6 +63,7 @@ class DesignResult:
     w8a8_val_loss: dict | None = None  # quant.W8A8_MODES -> validation loss
     w8a8_delta: dict | None = None
     vshift_probe: dict | None = None  # {shifts, val_loss, telemetry}: the per-sequence shift probe
+    identity: dict | None = None  # train.run_identity: what --resume checks a finished member against
 
     def __post_init__(self):
         if self.group is None:

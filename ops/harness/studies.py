@@ -6,26 +6,22 @@ paired difference over the same seeds. A claim is made only when the interval ex
 0; otherwise the text says the difference is not resolved at this number of seeds.
 """
 
-import math
 from collections import OrderedDict
 
 from . import stats
 from .designs import parse_design
-from .health import flag_text
+from .health import flag_text, marked, usable
 from .quant import W8A8_MODES
-
-
-def _isnum(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+from .tables import isnum, markdown_table
 
 
 def _layer_max(layers, key):
-    vals = [layer.get(key) for layer in layers or [] if _isnum(layer.get(key))]
+    vals = [layer.get(key) for layer in layers or [] if isnum(layer.get(key))]
     return max(vals) if vals else float("nan")
 
 
 def _layer_mean(layers, key):
-    vals = [layer.get(key) for layer in layers or [] if _isnum(layer.get(key))]
+    vals = [layer.get(key) for layer in layers or [] if isnum(layer.get(key))]
     return sum(vals) / len(vals) if vals else float("nan")
 
 
@@ -101,29 +97,26 @@ def baseline_of(group_rs, all_groups):
     return next(rs for rs in all_groups.values() if rs[0].lr == lr)
 
 
-def verdict(ci, lower="lower", higher="higher"):
+def verdict(ci, lower="lower", higher="higher", groups=()):
+    """The sign of a paired difference in words; none is claimed when a run of `groups` (the
+    two groups compared) diverged or did not learn: its numbers are no result."""
+    if not all(usable(rs) for rs in groups):
+        return "not claimed: a run diverged or did not learn"
     if not ci.known:
         return f"no interval (n={ci.n})"
     return {1: higher, -1: lower, 0: "not resolved (interval includes 0)"}[ci.sign()]
 
 
-def _table(header, rows):
-    def cells(row):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
-
-    return "\n".join([cells(header), "|" + "|".join("---" for _ in header) + "|"] + [cells(row) for row in rows])
-
-
 def seeds_table(results):
     g = groups(results)
-    header = ["metric"] + [f"{name} (n={len(rs)})" for name, rs in g.items()]
+    header = ["metric"] + [f"{marked(name, rs)} (n={len(rs)})" for name, rs in g.items()]
     rows = []
     for metric, (_, spec) in METRICS.items():
         cis = [interval(rs, metric) for rs in g.values()]
         if all(ci.n == 0 for ci in cis):
             continue
         rows.append([metric] + [ci.fmt(spec) for ci in cis])
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def paired_table(results):
@@ -137,8 +130,9 @@ def paired_table(results):
             ci = paired(rs, base, metric)
             if ci.n == 0:
                 continue
-            rows.append([f"{name} − {base[0].group}", metric, ci.fmt(METRICS[metric][1]), ci.n, verdict(ci)])
-    return _table(["difference", "metric", "mean [95% interval]", "seeds", "sign"], rows) if rows else ""
+            rows.append([f"{marked(name, rs)} − {marked(base[0].group, base)}", metric, ci.fmt(METRICS[metric][1]),
+                         ci.n, verdict(ci, groups=(rs, base))])
+    return markdown_table(["difference", "metric", "mean [95% interval]", "seeds", "sign"], rows) if rows else ""
 
 
 def health_table(results):
@@ -148,16 +142,17 @@ def health_table(results):
         rows.append([r.label, r.seed, f"{r.lr:g}" if r.lr else "–", flag_text(h),
                      f"{h.get('start_loss', float('nan')):.3f}", f"{h.get('max_loss', float('nan')):.3f}",
                      h.get("n_spikes", "–"), f"{r.final_val_loss:.4f}", h.get("steps_run", "–")])
-    return _table(["run", "seed", "lr", "health", "first loss", "max loss", "spikes", "val loss", "steps run"], rows)
+    return markdown_table(["run", "seed", "lr", "health", "first loss", "max loss", "spikes", "val loss", "steps run"],
+                          rows)
 
 
 def outlier_rows(results):
     rows = []
     for r in representatives(results):
         for layer, o in enumerate(r.outliers_val or []):
-            rows.append([r.group, layer, f"{o['h_rms_kurtosis']:.2f}", f"{o['h_max_over_median']:.1f}",
+            rows.append([marked(r.group, [r]), layer, f"{o['h_rms_kurtosis']:.2f}", f"{o['h_max_over_median']:.1f}",
                          f"{o['resid_max_over_median']:.1f}",
-                         "–" if not _isnum(o["gate_up_cos"]) else f"{o['gate_up_cos']:+.3f} / {o['gate_up_cos_max']:+.3f}",
+                         "–" if not isnum(o["gate_up_cos"]) else f"{o['gate_up_cos']:+.3f} / {o['gate_up_cos_max']:+.3f}",
                          *(f"{100 * o[f'w8a8_{m}_err']:.2f}" for m in W8A8_MODES)])
     return rows
 
@@ -182,7 +177,8 @@ def seed_findings(results):
         if base is rs:
             continue
         ci = paired(rs, base, "val loss")
-        parts.append(f"{name} − {base[0].group}: {ci.fmt('+.4f')} nats, {verdict(ci)}")
+        parts.append(f"{marked(name, rs)} − {marked(base[0].group, base)}: {ci.fmt('+.4f')} nats, "
+                     f"{verdict(ci, groups=(rs, base))}")
     out.append(f"**Seeds.** {n}+ seeds per design, paired by seed (same initialization seed and batches). "
                "Validation loss differences vs the first design with 95% t intervals: " + "; ".join(parts) + ".")
     return out
@@ -216,25 +212,29 @@ def case_studies(results, meta):
     text = "### 1. What RMSNorm + SwiGLU does with a mean shift (the distribution-shift analysis)\n\n"
     if B and B[0].shift_probe:
         off = lambda rs, k: stats.mean_interval(  # noqa: E731
-            [sum(o[k] for o in r.shift_probe.offsets if _isnum(o[k])) / len(r.shift_probe.offsets) for r in rs])
+            [sum(o[k] for o in r.shift_probe.offsets if isnum(o[k])) / len(r.shift_probe.offsets) for r in rs])
         text += (f"Experiment: the post-training shift probe ({B[0].shift_probe.shift_rms_units:g}× the rms of each FFN "
-                 f"norm's input). Under {B[0].group} the shift reaches the gate pre-activations (offset "
+                 f"norm's input). Under {marked(B[0].group, B)} the shift reaches the gate pre-activations (offset "
                  f"{off(B, 'gate_offset').fmt('.3f')} of their std) and the down-projection input (offset "
                  f"{off(B, 'down_in_offset').fmt('.3f')} of its rms) and costs {_m(B, 'shift probe Δ loss')} nats.")
         if A:
-            text += (f" Under {A[0].group} (LayerNorm: mean over features subtracted) the down-projection offset is "
+            text += (f" Under {marked(A[0].group, A)} (LayerNorm: mean over features subtracted) the down-projection "
+                     "offset is "
                      f"{off(A, 'down_in_offset').fmt('.2e')} and the cost {_m(A, 'shift probe Δ loss')}.")
         if B_rec:
             ci = paired(B_rec, B, "shift probe Δ loss")
             text += (f" The minimal test of the causal chain, putting mean subtraction back with SwiGLU kept "
-                     f"({B_rec[0].group}), leaves a gate offset of {off(B_rec, 'gate_offset').fmt('.2e')}; its shift "
-                     f"cost minus B's: {ci.fmt('+.4f')} ({verdict(ci, 'smaller', 'larger')}).")
-            text += (" The mean shift is therefore the cause of the shifted gate inputs at this scale." if ci.sign() == -1
-                     else " Whether removing it changes the loss is not resolved by these seeds."
-                     if ci.sign() == 0 else "")
+                     f"({marked(B_rec[0].group, B_rec)}), leaves a gate offset of "
+                     f"{off(B_rec, 'gate_offset').fmt('.2e')}; its shift "
+                     f"cost minus B's: {ci.fmt('+.4f')} ({verdict(ci, 'smaller', 'larger', groups=(B_rec, B))}).")
+            if usable(B_rec + B):
+                text += (" The mean shift is therefore the cause of the shifted gate inputs at this scale."
+                         if ci.sign() == -1 else " Whether removing it changes the loss is not resolved by these seeds."
+                         if ci.sign() == 0 else "")
         if B_bias:
             ci = paired(B_bias, B, "shift probe Δ loss")
-            text += f" A learnable RMSNorm bias ({B_bias[0].group}): shift cost minus B's {ci.fmt('+.4f')} ({verdict(ci)})."
+            text += (f" A learnable RMSNorm bias ({marked(B_bias[0].group, B_bias)}): shift cost minus B's "
+                     f"{ci.fmt('+.4f')} ({verdict(ci, groups=(B_bias, B))}).")
     else:
         text += "Not measured: the run has no B design with the shift probe (--probe-shift > 0)."
     out.append(text + "\n")
@@ -247,16 +247,20 @@ def case_studies(results, meta):
         text += (f"Experiment: the per-sequence shift probe (the mean shift of probe 1, its size multiplied per "
                  f"sequence by m = exp(z − 1/2), z ~ N(0, 1)). Loss cost: A {_m(A, 'per-sequence shift probe Δ loss')}, "
                  f"B {_m(B, 'per-sequence shift probe Δ loss')}; paired B − A {ci_v.fmt('+.4f')} "
-                 f"({verdict(ci_v)}); with a constant shift B − A {ci_c.fmt('+.4f')} ({verdict(ci_c)}).")
+                 f"({verdict(ci_v, groups=(B, A))}); with a constant shift B − A {ci_c.fmt('+.4f')} "
+                 f"({verdict(ci_c, groups=(B, A))}).")
         trained = [(rs, _find(g, rs[0].spec.split("+vshift")[0], lr)) for rs in g.values()
                    if rs[0].design.var_shift and rs[0].lr == lr]
         for rs, twin in trained:
             if twin:
                 ci = paired(rs, twin, "val loss")
-                text += (f" Trained with it ({rs[0].group}, shift {rs[0].design.var_shift:g}·m while training and "
-                         f"evaluating): val loss {_m(rs, 'val loss')}, minus {twin[0].group} without it: "
-                         f"{ci.fmt('+.4f')} ({verdict(ci)}).")
-        if ci_v.sign() == 1:
+                text += (f" Trained with it ({marked(rs[0].group, rs)}, shift {rs[0].design.var_shift:g}·m while "
+                         "training and "
+                         f"evaluating): val loss {_m(rs, 'val loss')}, minus {marked(twin[0].group, twin)} without it: "
+                         f"{ci.fmt('+.4f')} ({verdict(ci, groups=(rs, twin))}).")
+        if not usable(A + B):
+            text += " No choice: a run of A or B diverged or did not learn, so its numbers are no result."
+        elif ci_v.sign() == 1:
             text += " Choice from these numbers: Design A (its loss moves less under the varying shift)."
         elif ci_v.sign() == -1:
             text += " Choice from these numbers: Design B (its loss moves less under the varying shift)."
@@ -273,12 +277,13 @@ def case_studies(results, meta):
     options = [("1 (LayerNorm, SwiGLU)", "ln+swiglu"), ("2 (RMSNorm, GELU)", "rms+gelu"), ("3 (RMSNorm, SwiGLU)", "B"),
                ("4 (LayerNorm, GELU: no change)", "A")]
     found = [(label, _find(g, spec, lr)) for label, spec in options]
-    rows = [[label, rs[0].group, _m(rs, "val loss"), _m(rs, "int8 weights Δ loss"), _m(rs, "W8A8 tensor Δ loss"),
+    rows = [[label, marked(rs[0].group, rs), _m(rs, "val loss"), _m(rs, "int8 weights Δ loss"),
+             _m(rs, "W8A8 tensor Δ loss"),
              _m(rs, "max|h|/rms"), _m(rs, "kurtosis of neuron rms(h)")] for label, rs in found if rs]
     if rows:
         text += ("Experiment: the post-training quantization probes (int8 weights per channel; W8A8 with static "
                  "per-tensor activation scales) and the outlier statistics on validation windows.\n\n"
-                 + _table(["option", "design", "val loss", "int8 w Δ loss", "W8A8 tensor Δ loss", "max|h|/rms",
+                 + markdown_table(["option", "design", "val loss", "int8 w Δ loss", "W8A8 tensor Δ loss", "max|h|/rms",
                            "kurtosis neuron rms(h)"], rows) + "\n\n")
         base = dict(found)["4 (LayerNorm, GELU: no change)"]
         verdicts = []
@@ -287,7 +292,8 @@ def case_studies(results, meta):
                 ci_q = paired(rs, base, "W8A8 tensor Δ loss")
                 ci_l = paired(rs, base, "val loss")
                 verdicts.append(f"option {label.split()[0]} − option 4: W8A8 cost {ci_q.fmt('+.4f')} "
-                                f"({verdict(ci_q)}), val loss {ci_l.fmt('+.4f')} ({verdict(ci_l)})")
+                                f"({verdict(ci_q, groups=(rs, base))}), val loss {ci_l.fmt('+.4f')} "
+                                f"({verdict(ci_l, groups=(rs, base))})")
         text += ("; ".join(verdicts) + ". ") if verdicts else ""
         better = [v for v in verdicts if "W8A8 cost" in v and "), val loss" in v and "lower), val loss" in v]
         text += ("An option that lowers the W8A8 cost with the interval excluding 0: " + "; ".join(better) + "."
@@ -313,8 +319,9 @@ def case_studies(results, meta):
         if twin:
             ci = paired(rs, twin, "val loss")
             ci_s = paired(rs, twin, "shift probe Δ loss")
-            parts.append(f"{rs[0].group} − {twin[0].group}: val loss {ci.fmt('+.4f')} ({verdict(ci)}), shift cost "
-                         f"{ci_s.fmt('+.4f')} ({verdict(ci_s)})")
+            parts.append(f"{marked(rs[0].group, rs)} − {marked(twin[0].group, twin)}: val loss {ci.fmt('+.4f')} "
+                         f"({verdict(ci, groups=(rs, twin))}), "
+                         f"shift cost {ci_s.fmt('+.4f')} ({verdict(ci_s, groups=(rs, twin))})")
     text += ("Experiment: the designs with another placement or layout vs their pre-norm serial twins. "
              + "; ".join(parts) + "." if parts else
              "Not run at this scale: --designs A,B,A+post,B+post,A+parallel,B+parallel --seeds 3 measures it. "

@@ -1,6 +1,12 @@
 """The training loop of one design: same seed, batches and budget for every design;
 checkpoints (DCP, checkpoint.py) and --resume; under torchrun DDP, FSDP2, tensor parallel
-or FSDP2 x TP (distributed.py, parallel.py), on the batches of a one-process run."""
+or FSDP2 x TP (distributed.py, parallel.py), on the batches of a one-process run.
+
+train_design puts together the pieces below, one job each: build (seeding, the model, its
+sharding and optimizer), restore (--resume: the run identity, the checkpoint, the RNG),
+for_training (the DDP wrapper), batch_of (this rank's share of a step's batch), the step's
+telemetry (measured outside its timed region, then logged), and finish_design (evaluation,
+probes, performance, health)."""
 
 import contextlib
 import math
@@ -21,7 +27,6 @@ from .. import telemetry
 from .outliers import captured, model_outliers
 from .designs import describe, run_label
 from .evaluate import evaluate, evaluate_design, layer_summaries
-from .files import atomic_write
 from .metrics import SKIP_TIMING_STEPS, cpu_step_memory, paired_overhead
 from .model import ModelConfig, TransformerLM, param_count
 from .results import DesignResult
@@ -55,19 +60,42 @@ def model_config(config, design):
                        ffn_bias=config.ffn_bias, design=design, backend=config.backend)
 
 
-def run_identity(run, design, env, config=None):
-    """What a checkpoint's losses depend on: compared on --resume."""
-    config = config or run.train
+def run_identity(run, design, env, config, data_sha256):
+    """What a checkpoint's losses depend on, the data's contents included: compared on --resume."""
     train = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _NOT_IDENTITY}
-    return {**train, "data": run.data, "design": asdict(design), "global_batch": config.batch_size * env.dp_world}
+    return {**train, "data": run.data, "data_sha256": data_sha256, "design": asdict(design),
+            "global_batch": config.batch_size * env.dp_world}
 
 
-def check_resumable(saved, current, ckpt_path):
+def check_resumable(saved, current, source, env):
+    """SystemExit naming every setting in which `saved` (the identity a checkpoint or a finished
+    result was trained with, read from `source`) differs from the current run's."""
+    if "data_sha256" not in saved:  # written before identities held the data's hash
+        saved = {**saved, "data_sha256": current["data_sha256"]}
+        if env.main:
+            print(f"ab: {source} was written by an older version that recorded no hash of the data: "
+                  "the data's contents are not checked", file=sys.stderr)
     changed = sorted(key for key in current.keys() | saved.keys() if saved.get(key) != current.get(key))
     if changed:
         diffs = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
-        raise SystemExit(f"ab: cannot --resume {ckpt_path}: it was trained with other settings ({diffs}); "
-                         "resume with the original flags or use another --name")
+        raise SystemExit(f"ab: cannot --resume {source}: it was trained with other settings ({diffs}); "
+                         "resume with the original flags and data, or use another --name")
+
+
+def finished_result(design_dir, identity, env):
+    """The DesignResult of a member that finished in an earlier run (--resume), after checking
+    it was trained as this run asks; None if it has not finished."""
+    path = design_dir / "result.json"
+    if not path.exists():
+        return None
+    result = DesignResult.load(design_dir)
+    if result.identity is None:
+        if env.main:
+            print(f"ab: {path} was written by an older version that recorded no run identity: kept unchecked",
+                  file=sys.stderr)
+    else:
+        check_resumable(result.identity, identity, path, env)
+    return result
 
 
 def rng_state(env):
@@ -82,11 +110,6 @@ def set_rng_state(state, env):
     random.setstate(state["python"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], env.device)
-
-
-def atomic_torch_save(obj, path):
-    """A run killed mid-save keeps the previous checkpoint intact."""
-    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _progress(total, initial, desc, env, run):
@@ -117,27 +140,29 @@ def member_label(spec, seed_index, lr, run):
     return label
 
 
-def train_design(spec, design, run, corpus, env, log, run_dir, config=None, label=None, group=None):
-    """Trains one design for config.steps steps (config: run.train, or a member's copy with
-    its own seed and lr); returns its DesignResult, or None if stopped early by run.stop_at."""
-    config = config or run.train
-    label = label or run_label(spec)
-    design_dir = run_dir / label
+def build(config, design, env):
+    """Seeds, then (mconfig, model, replica, optimizer): the model sharded as env asks, with a
+    plain replica on every rank of a sharded mode for evaluation, probes and telemetry."""
     mconfig = model_config(config, design)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = TransformerLM(mconfig).to(env.device)
-    replica = None  # sharded modes: a plain copy on every rank for evaluation, probes, telemetry
+    replica = None
     if env.sharded:
         par.parallelize(model, config, env)
         replica = par.make_replica(mconfig, env.device)
-    optimizer = make_optimizer(model, config)
+    return mconfig, model, replica, make_optimizer(model, config)
+
+
+def restore(run, design_dir, identity, model, optimizer, env):
+    """(start step, history): with --resume, those of design_dir's newest intact checkpoint,
+    loaded into model and optimizer with its RNG state once it is shown to be this run's;
+    otherwise a fresh start in an emptied design_dir."""
+    ckpt_path = checkpoint.find(design_dir, report=_warn if env.main else None) if run.resume else None
     start_step, history = 0, {"step_times": [], "cpu_times": [], "telemetry_steps": [], "losses": []}
-    identity = run_identity(run, design, env, config)
-    ckpt_path = checkpoint.find(design_dir) if run.resume else None
     if ckpt_path is not None:
         state = checkpoint.read_train_state(ckpt_path)
-        check_resumable(state["run"], identity, ckpt_path)
+        check_resumable(state["run"], identity, ckpt_path, env)
         checkpoint.load(ckpt_path, model, optimizer, env)
         set_rng_state(state["rng"], env)
         start_step, history = state["step"], state["history"]
@@ -146,11 +171,66 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
     env.barrier()
     if env.main:
         design_dir.mkdir(parents=True, exist_ok=True)
-    train_model = model
-    if env.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+    return start_step, history
 
-        train_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+def _warn(message):
+    print(message, file=sys.stderr)
+
+
+def for_training(model, env):
+    """The module the steps call: DDP's wrapper under --parallel ddp, else the model itself."""
+    if env.parallel != "ddp":
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+def batch_of(corpus, config, env, step):
+    """This rank's rows of step's global batch (its data-parallel group's share)."""
+    global_batch = config.batch_size * env.dp_world
+    offsets = textdata.batch_offsets(len(corpus.train), config.seq_len, global_batch, config.seed, step)
+    mine = offsets[env.dp_rank * config.batch_size:(env.dp_rank + 1) * config.batch_size]
+    return textdata.get_batch(corpus.train, mine, config.seq_len, env.device)
+
+
+class StepTelemetry:
+    """The telemetry of one training step beyond the forward's own statistics: gradient norms,
+    parameters before the update (for update ratios) and post-activation outliers, measured
+    between backward and the optimizer step, with the seconds that took (not the step's)."""
+
+    def __init__(self, model, replica, caps, env):
+        t0, c0 = time.perf_counter(), time.process_time()
+        view = model if replica is None else par.sync_replica(model, replica, grads=True)
+        self.grad_norms = healthmod.grad_norms(view)
+        self.before = [[p.detach().clone() for p in ps] for ps in healthmod.layer_params(view)]
+        self.outliers = model_outliers(view, caps) if env.main else None
+        self.wall, self.cpu = time.perf_counter() - t0, time.process_time() - c0
+
+    def log(self, log, label, step, stats, updated_model, total_grad, env):
+        """Logs the step's per-layer telemetry, gradient norms, update ratios and outliers."""
+        for layer, summary in enumerate(_train_summaries(torch.stack(stats), env)):
+            log.record(label, step, "telemetry", layer=layer, **summary)
+        ratios = healthmod.update_ratios(self.before, updated_model)
+        for layer, (g, u) in enumerate(zip(self.grad_norms, ratios)):
+            log.record(label, step, "optim", layer=layer, grad_norm=g, update_ratio=u,
+                       grad_norm_total=float(total_grad))
+        for layer, values in enumerate(self.outliers or []):
+            log.record(label, step, "outliers", layer=layer, **values)
+        self.before = None
+
+
+def train_design(spec, design, run, corpus, env, log, run_dir, config=None, label=None, group=None):
+    """Trains one design for config.steps steps (config: run.train, or a member's copy with
+    its own seed and lr); returns its DesignResult, or None if stopped early by run.stop_at."""
+    config = config or run.train
+    label = label or run_label(spec)
+    design_dir = run_dir / label
+    mconfig, model, replica, optimizer = build(config, design, env)
+    identity = run_identity(run, design, env, config, corpus.sha256)
+    start_step, history = restore(run, design_dir, identity, model, optimizer, env)
+    train_model = for_training(model, env)
     # FSDP2's MixedPrecisionPolicy replaces autocast (torchtitan's way); other modes autocast.
     train_autocast = par.mixed_precision(config, env) is None or not env.uses_fsdp
 
@@ -159,15 +239,11 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
         return model if replica is None else par.sync_replica(model, replica)
 
     log.open_design(label, start_step)
-    global_batch = config.batch_size * env.dp_world
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     progress = _progress(total=config.steps, initial=start_step, desc=f"{spec} ({describe(design)})", env=env, run=run)
     for step in range(start_step, config.steps):
-        offsets = textdata.batch_offsets(len(corpus.train), config.seq_len, global_batch, config.seed, step)
-        x, y = textdata.get_batch(corpus.train, offsets[env.dp_rank * config.batch_size:
-                                                        (env.dp_rank + 1) * config.batch_size],
-                                  config.seq_len, env.device)
+        x, y = batch_of(corpus, config, env, step)
         with_tel = config.telemetry_every > 0 and (step % config.telemetry_every == 0 or step == config.steps - 1)
         stats = [] if with_tel else None
         lr = lr_at(step, config)
@@ -179,13 +255,7 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
             with env.autocast(config.amp and train_autocast):
                 _, loss = train_model(x, y, stats=stats)
         loss.backward()
-        if with_tel:  # outside the timed step: its cost is not the telemetry kernels'
-            tel_t0, tel_c0 = time.perf_counter(), time.process_time()
-            view = model if replica is None else par.sync_replica(model, replica, grads=True)
-            layer_grads = healthmod.grad_norms(view)
-            before = [[p.detach().clone() for p in ps] for ps in healthmod.layer_params(view)]
-            outlier_tel = model_outliers(view, caps) if env.main else None
-            tel_wall, tel_cpu = time.perf_counter() - tel_t0, time.process_time() - tel_c0
+        tel = StepTelemetry(model, replica, caps, env) if with_tel else None
         if env.sharded:
             total_grad = par.clip_grad_norm_(model.parameters(), config.grad_clip)
         else:
@@ -194,23 +264,15 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
         optimizer.zero_grad(set_to_none=True)
         env.sync()
         step_time, cpu_time = time.perf_counter() - t0, time.process_time() - c0
-        if with_tel:
-            step_time, cpu_time = step_time - tel_wall, cpu_time - tel_cpu
+        if tel is not None:  # the telemetry's own cost is not the step's
+            step_time, cpu_time = step_time - tel.wall, cpu_time - tel.cpu
         loss_value = float(env.dp_all_reduce_(loss.detach().double().clone()) / env.dp_world)
         for key, value in (("step_times", step_time), ("cpu_times", cpu_time), ("telemetry_steps", with_tel),
                            ("losses", loss_value)):
             history[key].append(value)
         log.record(label, step, "train", loss=loss_value, lr=lr, step_time=step_time, telemetry=with_tel)
-        if with_tel:
-            for layer, summary in enumerate(_train_summaries(torch.stack(stats), env)):
-                log.record(label, step, "telemetry", layer=layer, **summary)
-            ratios = healthmod.update_ratios(before, plain_model())
-            for layer, (g, u) in enumerate(zip(layer_grads, ratios)):
-                log.record(label, step, "optim", layer=layer, grad_norm=g, update_ratio=u,
-                           grad_norm_total=float(total_grad))
-            for layer, values in enumerate(outlier_tel or []):
-                log.record(label, step, "outliers", layer=layer, **values)
-            del before
+        if tel is not None:
+            tel.log(log, label, step, stats, plain_model(), total_grad, env)
         if not math.isfinite(loss_value):  # diverged: nothing more to learn from this design
             progress.update(1)
             break
@@ -229,7 +291,8 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
             log.close_design()
             return None
     progress.close()
-    result = finish_design(spec, design, mconfig, plain_model(), run, corpus, env, history, config, label, group)
+    result = finish_design(spec, design, mconfig, plain_model(), run, corpus, env, history, config, label, group,
+                           identity)
     log.record(label, config.steps - 1, "eval", val_loss=result.final_val_loss)
     if env.main:
         result.save(design_dir)
@@ -237,8 +300,10 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
     return result
 
 
-def finish_design(spec, design, mconfig, model, run, corpus, env, history, config=None, label=None, group=None):
-    """The DesignResult of a trained model: evaluation and probes, performance figures."""
+def finish_design(spec, design, mconfig, model, run, corpus, env, history, config=None, label=None, group=None,
+                  identity=None):
+    """The DesignResult of a trained model: evaluation and probes, performance figures, and
+    the run identity it was trained with (checked when a --resume finds it finished)."""
     config = config or run.train
     peak_cuda = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
     evaluation = evaluate_design(model, corpus, config, env, run.probe_shift)
@@ -279,5 +344,5 @@ def finish_design(spec, design, mconfig, model, run, corpus, env, history, confi
         seed=config.seed, lr=config.lr, group=group or spec, health=health, outliers_val=evaluation.outliers_val,
         w8a8_val_loss=evaluation.w8a8_val_loss,
         w8a8_delta={k: v - evaluation.val_loss for k, v in evaluation.w8a8_val_loss.items()},
-        vshift_probe=evaluation.vshift_probe,
+        vshift_probe=evaluation.vshift_probe, identity=identity,
     )

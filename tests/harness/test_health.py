@@ -28,7 +28,9 @@ def test_a_huge_learning_rate_is_flagged_as_diverged(tmp_path):
                              "--warmup", "1", "--grad-clip", "1e9")) == 0
     result = json.loads((tmp_path / "runs" / "boom" / "B" / "result.json").read_text())
     assert result["health"]["diverged"] and result["health"]["did_not_learn"]
-    assert "DIVERGED" in (tmp_path / "runs" / "boom" / "report.md").read_text()
+    text = (tmp_path / "runs" / "boom" / "report.md").read_text()
+    assert "DIVERGED" in text
+    assert "\n| B [DIVERGED, did not learn] | rms+swiglu |" in text  # marked in the results table too
     optim = read_metrics(tmp_path, "boom", "optim")
     assert {r["layer"] for r in optim} == {0, 1} and all(r["grad_norm"] > 0 for r in optim if r["step"] == 0)
 

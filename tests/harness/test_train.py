@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ffn.harness import cli
-from ffn.harness.train import atomic_torch_save
+from ffn.harness.files import atomic_torch_save
 
 from .tiny import SUMMARY_KEYS, read_metrics, run_args
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import benchmarking  # noqa: E402
 from script_loader import load_script  # noqa: E402
+from ffn.harness.tables import markdown_table  # noqa: E402
 from ffn.modules import gated_d_ff  # noqa: E402
 
 
@@ -29,6 +30,7 @@ def test_markdown_table_on_known_input():
     table = benchmarking.markdown_table(["op", "ms", "note"], [["rms_norm", 1.5, None], ["swiglu", "n/a", "x"]])
     assert table == "| op | ms | note |\n|---|---|---|\n| rms_norm | 1.5 | None |\n| swiglu | n/a | x |"
     assert benchmarking.markdown_row(["a", 2]) == "| a | 2 |"
+    assert benchmarking.markdown_table is markdown_table  # the project's one table helper
 
 
 def test_report_writes_json_and_markdown(tmp_path):
