@@ -110,7 +110,7 @@ setup(
     name="ffn",
     version="0.1.0",
     description="Fused normalization + feed-forward ops for Transformers (CPU and CUDA) and an A/B harness",
-    packages=["ffn", "ffn.harness"],
+    packages=["ffn", "ffn.harness", "ffn.harness.report"],
     package_dir={"ffn": "ops"},
     ext_modules=[] if os.environ.get("FFN_NO_EXTENSION") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension},
