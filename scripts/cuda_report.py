@@ -153,7 +153,8 @@ def report(arch):
 
 
 # The register kernels' row plan, as row_plan() in csrc/cuda/norm.cu decides it
-# (block 256 threads; keep the two in step).
+# (block 256 threads; keep the two in step). scripts/norm_plan_sweep.py sweeps
+# around it on these shapes with the same instantiations.
 ROW_BLOCK = 256
 MAX_WORDS = {"forward": 8, "backward": {2: 4, 4: 8, 8: 8}}
 BENCH_SHAPES = [(16384, d) for d in (1024, 4096, 8192, 16384)]  # scripts/bench.py --device cuda (rows do not matter)

@@ -17,6 +17,9 @@ stage that fails or runs out of time is reported and the next one still runs:
   memcheck      compute-sanitizer --tool memcheck  } on scripts/sanitizer_workload.py:
   racecheck     compute-sanitizer --tool racecheck } every kernel forward and
   synccheck     compute-sanitizer --tool synccheck } backward, every row policy
+  norm-plans    scripts/norm_plan_sweep.py: every row plan of the norm kernels
+                forced and timed on the benchmark shapes (norm_plans.json, .md),
+                within its own budget (the stage's limit less 15 s of startup)
   bench         scripts/bench.py --device cuda (against eager, torch.compile and
                 Liger-Kernel when importable)
 
@@ -38,15 +41,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Seconds per stage, in order of what matters most: the install, the tests, the
-# sanitizers, then the benchmark, which gets what is left of the default 8 minutes.
+# sanitizers, the plan sweep (a fixed cost, sized to its budget), then the
+# benchmark, which gets what is left of the default 8 minutes (it saves every
+# shape as it goes, so a cut-off run keeps what it measured).
 STAGE_LIMITS = {
     "install": 60,
     "cuda-tests": 150,
     "memcheck": 40,
     "racecheck": 40,
     "synccheck": 25,
-    "bench": 120,
+    "norm-plans": 45,
+    "bench": 105,
 }
+# What the plan sweep leaves of its stage limit for starting Python, torch and CUDA.
+SWEEP_STARTUP_S = 15
+DEFAULT_BUDGET_S = 480
 
 
 def environment():
@@ -107,7 +116,8 @@ def run_stage(name, cmd, out_dir, limit, env=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="where logs and JSON go (created)")
-    p.add_argument("--budget", type=float, default=480, help="seconds for the whole check (default 480)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"seconds for the whole check (default {DEFAULT_BUDGET_S})")
     p.add_argument("--skip", nargs="*", default=[], choices=sorted(STAGE_LIMITS), help="stages not to run")
     args = p.parse_args()
     deadline = time.monotonic() + args.budget
@@ -140,6 +150,9 @@ def main():
         ("racecheck", [sanitizer, "--tool", "racecheck", "--racecheck-report", "all", "--error-exitcode", "1",
                        *workload, "--quick"], None),
         ("synccheck", [sanitizer, "--tool", "synccheck", "--error-exitcode", "1", *workload, "--quick"], None),
+        ("norm-plans", lambda limit: [py, "scripts/norm_plan_sweep.py", "--budget", str(max(limit - SWEEP_STARTUP_S, 5)),
+                                      "--json", os.path.join(out_dir, "norm_plans.json"),
+                                      "--markdown", os.path.join(out_dir, "norm_plans.md")], None),
         ("bench", [py, "scripts/bench.py", "--device", "cuda", "--json", os.path.join(out_dir, "bench.json"),
                    "--markdown", os.path.join(out_dir, "bench.md")], None),
     ]
@@ -153,12 +166,14 @@ def main():
         elif not wheels:
             summary["stages"][name] = {"status": "failed",
                                        "reason": "no dist/ffn-*.whl: run `make wheel` and carry dist/"}
-        elif cmd[0] is None:
+        elif not callable(cmd) and cmd[0] is None:
             summary["stages"][name] = {"status": "skipped", "reason": "compute-sanitizer not found"}
         elif left < 10:
             summary["stages"][name] = {"status": "skipped", "reason": "out of the overall time budget"}
         else:
-            summary["stages"][name] = run_stage(name, cmd, out_dir, min(STAGE_LIMITS[name], int(left)), env)
+            limit = min(STAGE_LIMITS[name], int(left))
+            # A stage with its own budget is given the limit it runs under.
+            summary["stages"][name] = run_stage(name, cmd(limit) if callable(cmd) else cmd, out_dir, limit, env)
             built = built and (name != "install" or summary["stages"][name]["status"] == "passed")
         write_summary()
     statuses = [s["status"] for s in summary["stages"].values()]

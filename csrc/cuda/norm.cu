@@ -17,6 +17,10 @@
 // calculator then gives. The forward loads the next row while it reduces and
 // stores the current one, and keeps small weights and biases in registers.
 //
+// For benchmarking, FFN_NORM_FORWARD_PLAN and FFN_NORM_BACKWARD_PLAN force the
+// register kernels' plan (see forced_plan; scripts/norm_plan_sweep.py sweeps
+// them); unset, row_plan decides.
+//
 // Longer rows (norm_*_long_row_kernel): one 1024-thread block per row loops over
 // it, keeping the words it read in shared memory when they fit (else the second
 // pass re-reads them, mostly from L2).
@@ -44,6 +48,11 @@
 #include "vec.cuh"
 
 #include <algorithm>
+#include <charconv>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
 #include <type_traits>
 
 namespace ffn {
@@ -94,6 +103,71 @@ RowPlan row_plan(int64_t d, int64_t words, int max_words) {
   return {threads, per_thread};
 }
 
+// The row plan override, for benchmarking (scripts/norm_plan_sweep.py): an
+// environment variable, FFN_NORM_FORWARD_PLAN or FFN_NORM_BACKWARD_PLAN, set to
+// THREADSxWORDS or THREADSxWORDS@BLOCKS forces the register kernel's threads per
+// row, words per thread and resident blocks per SM (the grid is then SMs x
+// BLOCKS; without @BLOCKS, as many as the occupancy calculator gives). It is
+// read at every launch (getenv costs far less than a launch, and Python's
+// os.environ writes reach it), so a sweep changes plans between calls without
+// an op of its own; unset or empty, row_plan decides as always. A plan the
+// kernels cannot run is an error naming the plan and why, never replaced:
+// threads per row are a power of two from 1 to kRowBlock (what row_plan picks),
+// words per thread one of the instantiations (1, 2, 4, 8; backward 16-bit rows
+// up to 4), enough words to cover d, and blocks per SM from 1 to the occupancy
+// calculator's answer for that kernel. The two passes have their own
+// variables because their instantiations differ.
+constexpr const char* kForwardPlanVariable = "FFN_NORM_FORWARD_PLAN";
+constexpr const char* kBackwardPlanVariable = "FFN_NORM_BACKWARD_PLAN";
+
+struct ForcedPlan {
+  const char* variable;
+  std::string text;    // the variable's value, for errors
+  RowPlan rows;        // words_per_thread > 0
+  int blocks_per_sm;   // 0: as many as the occupancy calculator gives
+};
+
+// The plan `variable` forces for rows of d elements (`words` 128-bit words of
+// `dtype`) with at most max_words words per thread, or nullopt where it is unset.
+std::optional<ForcedPlan> forced_plan(const char* variable, int64_t d, int64_t words,
+                                      int max_words, ScalarType dtype) {
+  const char* value = std::getenv(variable);
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  ForcedPlan plan{variable, value, {0, 0}, 0};
+  // THREADSxWORDS[@BLOCKS], decimal numbers.
+  std::string_view rest(plan.text);
+  const auto number = [&rest](int& out) {
+    const auto [end, error] = std::from_chars(rest.data(), rest.data() + rest.size(), out);
+    if (error != std::errc{}) return false;
+    rest.remove_prefix(static_cast<size_t>(end - rest.data()));
+    return true;
+  };
+  const auto skip = [&rest](char c) {
+    if (rest.empty() || rest.front() != c) return false;
+    rest.remove_prefix(1);
+    return true;
+  };
+  bool parsed = number(plan.rows.threads_per_row) && skip('x') && number(plan.rows.words_per_thread);
+  const bool blocks_given = parsed && skip('@');
+  if (blocks_given) parsed = number(plan.blocks_per_sm);
+  FFN_CHECK(parsed && rest.empty(), "ffn: expected ", variable,
+            " to be THREADSxWORDS or THREADSxWORDS@BLOCKS (threads per row, words per thread, "
+            "blocks per SM; e.g. 64x4@2), got '", plan.text, "'");
+  const int threads = plan.rows.threads_per_row, per_thread = plan.rows.words_per_thread;
+  const auto is_power_of_two = [](int v) { return v > 0 && (v & (v - 1)) == 0; };
+  FFN_CHECK(is_power_of_two(threads) && threads <= kRowBlock, "ffn: ", variable, "=", plan.text,
+            ": threads per row must be a power of two from 1 to ", kRowBlock, ", got ", threads);
+  FFN_CHECK(is_power_of_two(per_thread) && per_thread <= max_words, "ffn: ", variable, "=",
+            plan.text, ": words per thread must be one of the instantiations for ", dtype,
+            " rows (1, 2, 4", max_words >= 8 ? ", 8" : "", "), got ", per_thread);
+  FFN_CHECK(int64_t{threads} * per_thread >= words, "ffn: ", variable, "=", plan.text, ": ",
+            threads, " threads x ", per_thread, " words cover ", int64_t{threads} * per_thread,
+            " 128-bit words, but a row of d = ", d, " ", dtype, " elements takes ", words);
+  FFN_CHECK(!blocks_given || plan.blocks_per_sm >= 1, "ffn: ", variable, "=", plan.text,
+            ": blocks per SM must be at least 1, got ", plan.blocks_per_sm);
+  return plan;
+}
+
 // Calls fn(std::integral_constant<int, W>{}, std::bool_constant<V>{}) with the
 // plan's words per thread W (1, 2, 4 or 8, at most kMaxWords) and V = vectorized:
 // one kernel instantiation per row shape.
@@ -128,10 +202,20 @@ void dispatch_row_kernel(const RowPlan& plan, bool vectorized, const Fn& fn) {
 
 // Blocks of `kernel` in one wave on the whole device: SMs times the blocks of
 // this size and dynamic shared memory one SM holds (the occupancy calculator's
-// answer, cached by runtime.cuh).
+// answer, cached by runtime.cuh), or times the blocks per SM a forced plan asks
+// for, which must not exceed that answer.
 template <typename Kernel>
-int64_t resident_grid(Kernel kernel, int block, size_t dynamic_smem) {
-  return int64_t{sm_count()} * std::max(resident_blocks_per_sm(kernel, block, dynamic_smem), 1);
+int64_t resident_grid(Kernel kernel, int block, size_t dynamic_smem,
+                      const std::optional<ForcedPlan>& forced = std::nullopt) {
+  const int resident = resident_blocks_per_sm(kernel, block, dynamic_smem);
+  if (forced && forced->blocks_per_sm > 0) {
+    FFN_CHECK(forced->blocks_per_sm <= resident, "ffn: ", forced->variable, "=", forced->text,
+              ": ", forced->blocks_per_sm, " blocks per SM, but the occupancy calculator allows ",
+              resident, " of this kernel (", block, " threads, ", dynamic_smem,
+              " bytes of dynamic shared memory) on this device");
+    return int64_t{sm_count()} * forced->blocks_per_sm;
+  }
+  return int64_t{sm_count()} * std::max(resident, 1);
 }
 
 template <typename T>
@@ -436,7 +520,9 @@ void forward(const Tensor& x, const Tensor& residual, const Tensor& weight, cons
       a.d % V == 0 && all_aligned16({a.x, a.residual, a.weight, a.bias, a.y, a.sum});
   const int64_t words = ceil_div(a.d, V);
 
-  const RowPlan plan = row_plan(a.d, words, kMaxForwardWords);
+  const std::optional<ForcedPlan> forced =
+      forced_plan(kForwardPlanVariable, a.d, words, kMaxForwardWords, scalar_type_of<T>());
+  const RowPlan plan = forced ? forced->rows : row_plan(a.d, words, kMaxForwardWords);
   if (plan.words_per_thread > 0) {
     a.threads_per_row = plan.threads_per_row;
     dispatch_row_kernel<kMaxForwardWords>(plan, a.vectorized, [&](auto words_per_thread, auto vectorized) {
@@ -444,7 +530,7 @@ void forward(const Tensor& x, const Tensor& residual, const Tensor& weight, cons
                                               decltype(vectorized)::value>;
       // One wave of the blocks the SMs actually hold (registers decide, not threads).
       const int64_t grid = std::min<int64_t>(ceil_div(a.rows, kRowBlock / plan.threads_per_row),
-                                             resident_grid(kernel, kRowBlock, 0));
+                                             resident_grid(kernel, kRowBlock, 0, forced));
       launch(kernel, {static_cast<unsigned>(grid), kRowBlock}, a);
     });
     return;
@@ -825,7 +911,9 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
   const int64_t words = ceil_div(d, V);
   Tensor dw_partial, db_partial;
 
-  const RowPlan plan = row_plan(d, words, kMaxBackwardWords<T>);
+  const std::optional<ForcedPlan> forced =
+      forced_plan(kBackwardPlanVariable, d, words, kMaxBackwardWords<T>, scalar_type_of<T>());
+  const RowPlan plan = forced ? forced->rows : row_plan(d, words, kMaxBackwardWords<T>);
   if (plan.words_per_thread > 0) {
     a.threads_per_row = plan.threads_per_row;
     const int rows_per_block = kRowBlock / plan.threads_per_row;
@@ -839,7 +927,7 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
       // few partial rows (one per SM for the longest rows), and their number
       // depends only on the device and the shape.
       const int64_t grid = std::min<int64_t>(ceil_div(rows, rows_per_block),
-                                             resident_grid(kernel, kRowBlock, smem));
+                                             resident_grid(kernel, kRowBlock, smem, forced));
       if (grad_weight.defined()) dw_partial = ffn::empty({grid, d}, partial_dtype, x);
       if (grad_bias.defined()) db_partial = ffn::empty({grid, d}, partial_dtype, x);
       a.dw_partial = mutable_data_or_null<A>(dw_partial);

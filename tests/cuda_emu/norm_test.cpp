@@ -3,9 +3,17 @@
 // policy boundaries and with row tails, every dtype, with and without affine
 // parameters, float32 parameters for 16-bit inputs, misaligned inputs; and the
 // options: a weight offset (zero-centered gamma) and the fused residual add
-// (forward: s written as x is loaded; backward: grad_s added to grad_x).
+// (forward: s written as x is loaded; backward: grad_s added to grad_x). And
+// the row plan override (FFN_NORM_FORWARD_PLAN / FFN_NORM_BACKWARD_PLAN): every
+// plan scripts/norm_plan_sweep.py forces, at every blocks per SM the occupancy
+// calculator allows, and the plans it refuses.
 #include "emu_testing.h"
 #include "runtime.cuh"
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <utility>
 
 namespace ffn::testing {
 namespace {
@@ -283,6 +291,266 @@ TEST_F(SeededTest, EmulatedNormMisalignedMatchesCpu) {
     for (const bool center : {true, false}) {
       check_forward(c, center, {true, true}, c.dtype, /*misaligned=*/true);
       check_backward(c, center, {true, true}, c.dtype, /*misaligned=*/true);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The row plan override. Each test runs in its own process (ctest), and the
+// variables are set only in a ForcedPlan's scope.
+constexpr const char* kForwardPlan = "FFN_NORM_FORWARD_PLAN";
+constexpr const char* kBackwardPlan = "FFN_NORM_BACKWARD_PLAN";
+constexpr int kRowBlock = 256;   // norm.cu's register kernels' block
+constexpr int kMaxBlocksPerSm = 2048 / kRowBlock;  // threads per SM (sm_90) / block
+
+class ForcedPlan {
+ public:
+  ForcedPlan(const char* variable, const std::string& plan) : variable_(variable) {
+    setenv(variable, plan.c_str(), 1);
+  }
+  ~ForcedPlan() { unsetenv(variable_); }
+  ForcedPlan(const ForcedPlan&) = delete;
+  ForcedPlan& operator=(const ForcedPlan&) = delete;
+
+ private:
+  const char* variable_;
+};
+
+int64_t row_words(at::ScalarType dtype, int64_t d) {
+  return (d * at::elementSize(dtype) + 15) / 16;
+}
+
+// Words per thread instantiated (norm.cu's kMaxForwardWords, kMaxBackwardWords).
+int max_words(bool backward, at::ScalarType dtype) {
+  return backward && at::elementSize(dtype) == 2 ? 4 : 8;
+}
+
+// (threads per row, words per thread) of the plans scripts/norm_plan_sweep.py
+// forces for a row of `words` (its plans(), without the blocks per SM): threads
+// 1, 2, 4, ... 256 up to the first that gives each thread at most one word,
+// each with the fewest instantiated words per thread that cover the row.
+std::vector<std::pair<int, int>> sweep_plans(int64_t words, int max_words) {
+  std::vector<std::pair<int, int>> out;
+  for (int threads = 1; threads <= kRowBlock; threads *= 2) {
+    int per_thread = 1;
+    while (int64_t{threads} * per_thread < words) per_thread *= 2;
+    if (per_thread <= max_words) out.emplace_back(threads, per_thread);
+    if (threads >= words) break;
+  }
+  return out;
+}
+
+std::string plan_text(int threads, int per_thread, int blocks = 0) {
+  return std::to_string(threads) + "x" + std::to_string(per_thread) +
+         (blocks > 0 ? "@" + std::to_string(blocks) : "");
+}
+
+// Runs check with `plan` forced; false (and no failure) where the launcher
+// refuses it for exceeding the occupancy calculator's blocks per SM.
+template <typename Check>
+bool runs_within_occupancy(const char* variable, const std::string& plan, const Check& check) {
+  const ForcedPlan forced(variable, plan);
+  try {
+    check();
+    return true;
+  } catch (const std::runtime_error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("blocks per SM, but the occupancy calculator allows"), std::string::npos)
+        << message;
+    EXPECT_NE(message.find(std::string(variable) + "=" + plan), std::string::npos) << message;
+    return false;
+  }
+}
+
+// With one SM, the grid of a forced plan is its blocks per SM: rows enough for
+// every block to stride over two or three row groups.
+class ForcedPlanTest : public OneSmTest {
+ protected:
+  void SetUp() override {
+    OneSmTest::SetUp();
+    unsetenv(kForwardPlan);
+    unsetenv(kBackwardPlan);
+  }
+};
+
+// Every plan the sweep forces on its shapes (scripts/cuda_report.py's
+// BENCH_SHAPES: d 1024 4096 8192 16384, bfloat16 and float32), at every blocks
+// per SM from 1 up to the first the emulated occupancy calculator refuses
+// (threads and shared memory bound it; a GPU's registers can only lower it, so
+// this covers what a device runs), forward and backward, against the CPU kernels.
+TEST_F(ForcedPlanTest, EmulatedNormSweepPlansMatchCpu) {
+  int launched = 0;
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kFloat}) {
+    for (const int64_t d : {1024, 4096, 8192, 16384}) {
+      for (const bool backward : {false, true}) {
+        for (const auto [threads, per_thread] : sweep_plans(row_words(dtype, d), max_words(backward, dtype))) {
+          const int rows_per_block = kRowBlock / threads;
+          int blocks = 1;
+          for (; blocks <= kMaxBlocksPerSm + 1; ++blocks) {
+            const std::string plan = plan_text(threads, per_thread, blocks);
+            // Every block a row group, and the first a partial second one.
+            const Case c{dtype, blocks * rows_per_block + rows_per_block / 2 + 1, d, plan.c_str()};
+            const bool ran = runs_within_occupancy(backward ? kBackwardPlan : kForwardPlan, plan, [&] {
+              // LayerNorm (both reductions) at every blocks per SM, RMSNorm at one.
+              for (const bool center : {true, false}) {
+                if (!center && blocks > 1) continue;
+                if (backward) {
+                  check_backward(c, center, {true, true}, dtype, /*misaligned=*/false);
+                } else {
+                  check_forward(c, center, {true, true}, dtype, /*misaligned=*/false);
+                }
+              }
+            });
+            if (!ran) break;
+            ++launched;
+          }
+          EXPECT_GT(blocks, 1) << plan_text(threads, per_thread) << ": not even 1 block per SM";
+          EXPECT_LE(blocks, kMaxBlocksPerSm + 1) << plan_text(threads, per_thread)
+                                                 << ": more blocks per SM than its threads allow";
+        }
+      }
+    }
+  }
+  // 30 (threads, words) pairs at 1-8 blocks per SM, less 7-8 for the four
+  // backward plans whose 32 KiB of shared accumulators fit 6 blocks on an SM.
+  EXPECT_EQ(launched, 30 * 8 - 4 * 2);
+}
+
+// Every threads per row (1 to 256) with every instantiated words per thread of
+// every dtype, forward and backward, on a row that needs them (the sweep's plan
+// for it): whole 128-bit words (the vectorized kernels) and a tail element (the
+// element-wise ones, one element short), threads left with fewer words than
+// others. One block (@1, one SM) strides over three row groups, the last one
+// partial.
+TEST_F(ForcedPlanTest, EmulatedNormEveryForcedPlanShapeMatchesCpu) {
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble}) {
+    const int64_t V = 16 / at::elementSize(dtype);
+    for (const bool backward : {false, true}) {
+      for (int per_thread = 1; per_thread <= max_words(backward, dtype); per_thread *= 2) {
+        for (int threads = 1; threads <= kRowBlock; threads *= 2) {
+          // More than half of the words the plan holds: its words per thread are the fewest.
+          const int64_t words = per_thread == 1 ? threads - threads / 4 : threads * per_thread - threads / 2;
+          const auto swept = sweep_plans(words, max_words(backward, dtype));
+          ASSERT_NE(std::find(swept.begin(), swept.end(), std::make_pair(threads, per_thread)), swept.end());
+          for (const int64_t d : {words * V, words * V - 1}) {
+            const std::string plan = plan_text(threads, per_thread, 1);
+            const Case c{dtype, 2 * (kRowBlock / threads) + 1, d, plan.c_str()};
+            const char* variable = backward ? kBackwardPlan : kForwardPlan;
+            {
+              const ForcedPlan forced(variable, plan);
+              for (const bool center : {true, false}) {
+                if (backward) {
+                  check_backward(c, center, {true, true}, dtype, /*misaligned=*/false);
+                } else {
+                  check_forward(c, center, {true, true}, dtype, /*misaligned=*/false);
+                }
+              }
+            }
+            if (threads == 1) continue;
+            // The variable is read for this row: half the threads cannot cover it.
+            const ForcedPlan fewer(variable, plan_text(threads / 2, per_thread));
+            const Tensor x = input(c);
+            const Tensor rstd = at::ones({c.rows}, compute_dtype(dtype));
+            if (backward) {
+              EXPECT_ERROR_WITH(call_body(rms_norm_bwd<cuda::kNormKernels>, x, x, rstd, std::nullopt,
+                                          std::nullopt, false, false, 0.0, std::nullopt),
+                                "cover");
+            } else {
+              EXPECT_ERROR_WITH(call_body(rms_norm_fwd<cuda::kNormKernels>, x, std::nullopt,
+                                          std::nullopt, 1e-6, 0.0, false),
+                                "cover");
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Forcing the plan row_plan picks, at the occupancy calculator's blocks per SM
+// (8 here for both kernels), gives the very bits of the automatic launch; an
+// empty variable is unset.
+TEST_F(ForcedPlanTest, EmulatedNormForcingTheAutomaticPlanChangesNothing) {
+  const Tensor x = input({at::kBFloat16, 300, 1000, ""});
+  const Tensor w = param(true, 1000, at::kBFloat16, 1.0), b = param(true, 1000, at::kBFloat16, 0.0);
+  const Tensor dy = at::randn({300, 1000}, at::kDouble).to(at::kBFloat16);
+  const auto run = [&] {
+    const auto [y, mean, rstd] =
+        call_body(layer_norm_fwd<cuda::kNormKernels>, x, w, b, 1e-5, 0.0, false);
+    const auto [dx, dw, db] = call_body(layer_norm_bwd<cuda::kNormKernels>, dy, x, mean, rstd, w, b,
+                                        true, true, 0.0, std::nullopt);
+    return std::vector<Tensor>{y, mean, rstd, dx, dw, db};
+  };
+  const std::vector<Tensor> automatic = run();
+  // d = 1000 bfloat16: 125 words; row_plan: 64 threads per row, 2 words per thread.
+  for (const char* plan : {"64x2", "64x2@8", ""}) {
+    SCOPED_TRACE(plan);
+    const ForcedPlan forward(kForwardPlan, plan), backward(kBackwardPlan, plan);
+    const std::vector<Tensor> forced = run();
+    for (size_t i = 0; i < forced.size(); ++i) EXPECT_TRUE(at::equal(forced[i], automatic[i])) << i;
+  }
+  // A different plan sums in another order: close, not equal bits.
+  const ForcedPlan forward(kForwardPlan, "128x1@2"), backward(kBackwardPlan, "256x1@3");
+  const std::vector<Tensor> other = run();
+  EXPECT_TRUE(matches(other[0], automatic[0], at::kBFloat16)) << "y";
+  EXPECT_TRUE(matches(other[3], automatic[3], at::kBFloat16)) << "dx";
+  EXPECT_TRUE(matches(other[4], automatic[4], at::kBFloat16)) << "dw";
+}
+
+// A plan the kernels cannot run is refused with the variable, the plan and why.
+TEST_F(SeededTest, EmulatedNormRejectsPlansItCannotRun) {
+  const auto forward = [](at::ScalarType dtype, int64_t d) {
+    const Tensor x = at::randn({4, d}, at::kDouble).to(dtype);
+    return call_body(rms_norm_fwd<cuda::kNormKernels>, x, std::nullopt, std::nullopt, 1e-6, 0.0, false);
+  };
+  const auto backward = [](at::ScalarType dtype, int64_t d) {
+    const Tensor x = at::randn({4, d}, at::kDouble).to(dtype);
+    const auto [y, rstd] =
+        call_body(rms_norm_fwd<cpu::kNormKernels>, x, std::nullopt, std::nullopt, 1e-6, 0.0, false);
+    return call_body(rms_norm_bwd<cuda::kNormKernels>, at::ones_like(x), x, rstd, std::nullopt,
+                     std::nullopt, false, false, 0.0, std::nullopt);
+  };
+  struct Refused {
+    bool backward;
+    const char* plan;
+    at::ScalarType dtype;
+    int64_t d;
+    const char* why;
+  };
+  const std::vector<Refused> refused = {
+      {false, "64", at::kFloat, 1024, "expected FFN_NORM_FORWARD_PLAN to be THREADSxWORDS or "
+                                             "THREADSxWORDS@BLOCKS"},
+      {false, "64x4@", at::kFloat, 1024, "got '64x4@'"},
+      {false, "64x4@2 ", at::kFloat, 1024, "got '64x4@2 '"},
+      {false, "0x4", at::kFloat, 1024, "threads per row must be a power of two from 1 to 256, got 0"},
+      {false, "48x8", at::kFloat, 1024, "FFN_NORM_FORWARD_PLAN=48x8: threads per row must be a power "
+                                               "of two from 1 to 256, got 48"},
+      {false, "512x1", at::kFloat, 1024, "got 512"},
+      {false, "64x3", at::kFloat, 1024, "words per thread must be one of the instantiations for Float "
+                                               "rows (1, 2, 4, 8), got 3"},
+      {false, "16x16", at::kFloat, 1024, "got 16"},
+      {true, "32x8", at::kBFloat16, 2048, "FFN_NORM_BACKWARD_PLAN=32x8: words per thread must be one "
+                                                   "of the instantiations for BFloat16 rows (1, 2, 4), got 8"},
+      {false, "32x4", at::kFloat, 1000, "FFN_NORM_FORWARD_PLAN=32x4: 32 threads x 4 words cover 128 "
+                                               "128-bit words, but a row of d = 1000 Float elements takes 250"},
+      {false, "256x8", at::kFloat, 8193, "but a row of d = 8193 Float elements takes 2049"},
+      {true, "256x4", at::kBFloat16, 8200, "a row of d = 8200 BFloat16 elements takes 1025"},
+      {false, "64x4@0", at::kFloat, 1024, "blocks per SM must be at least 1, got 0"},
+      {false, "64x4@-1", at::kFloat, 1024, "got -1"},
+      {false, "64x4@9", at::kFloat, 1024, "FFN_NORM_FORWARD_PLAN=64x4@9: 9 blocks per SM, but the "
+                                                 "occupancy calculator allows 8 of this kernel (256 threads, 0 "
+                                                 "bytes of dynamic shared memory) on this device"},
+  };
+  for (const Refused& r : refused) {
+    SCOPED_TRACE(describe(r.backward ? "backward" : "forward", r.plan, r.dtype, r.d));
+    const ForcedPlan forced(r.backward ? kBackwardPlan : kForwardPlan, r.plan);
+    // The other pass does not read the variable.
+    if (r.backward) {
+      EXPECT_ERROR_WITH(backward(r.dtype, r.d), r.why);
+      EXPECT_NO_THROW(forward(r.dtype, r.d));
+    } else {
+      EXPECT_ERROR_WITH(forward(r.dtype, r.d), r.why);
+      EXPECT_NO_THROW(backward(r.dtype, r.d));
     }
   }
 }

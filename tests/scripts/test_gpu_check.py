@@ -44,3 +44,11 @@ def test_a_failing_stage_is_reported_with_its_output(gpu_check, tmp_path):
                                  str(tmp_path), limit=30)
     assert result["status"] == "failed" and result["returncode"] == 3
     assert "boom" in result["tail"]
+
+
+def test_the_stage_limits_fit_the_default_budget(gpu_check):
+    assert sum(gpu_check.STAGE_LIMITS.values()) <= gpu_check.DEFAULT_BUDGET_S
+    # The plan sweep (its own budget: the limit less the startup) runs before the benchmark, which
+    # takes what is left.
+    assert list(gpu_check.STAGE_LIMITS)[-2:] == ["norm-plans", "bench"]
+    assert gpu_check.STAGE_LIMITS["norm-plans"] - gpu_check.SWEEP_STARTUP_S >= 20
