@@ -16,6 +16,7 @@
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <optional>
@@ -122,9 +123,35 @@ inline bool same_device(const Tensor& a, const Tensor& b) {
 }
 
 // --- allocation and views ----------------------------------------------------------
+// Straight through the C shim (aoti_torch_empty_strided, aoti_torch__reinterpret_tensor)
+// rather than aten::new_empty / aten::view through the dispatcher: an op body makes a
+// handful of these per call, and the boxed dispatcher call costs a microsecond or more
+// each, which small rows notice.
+
+// Row-major strides of `sizes` (a 0-sized dimension counts as 1, as in torch).
+inline Sizes contiguous_strides(const Sizes& sizes) {
+  Sizes strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= std::max<int64_t>(sizes[i], 1);
+  }
+  return strides;
+}
+
 // A new contiguous tensor of `sizes` and `dtype` on like's device.
 inline Tensor empty(const Sizes& sizes, ScalarType dtype, const Tensor& like) {
-  return torch::stable::new_empty(like, sizes, dtype);
+  int32_t device_type = 0, device_index = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  const int32_t shim_dtype =
+      torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  const Sizes strides = contiguous_strides(sizes);
+  AtenTensorHandle out = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), shim_dtype, device_type,
+      device_index, &out));
+  return Tensor(out);
 }
 inline Tensor empty(const Sizes& sizes, const Tensor& like) {
   return empty(sizes, like.scalar_type(), like);
@@ -132,7 +159,17 @@ inline Tensor empty(const Sizes& sizes, const Tensor& like) {
 inline Tensor as_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);
 }
-inline Tensor as_view(const Tensor& t, const Sizes& sizes) { return torch::stable::view(t, sizes); }
+// A contiguous tensor seen with other sizes (same number of elements).
+inline Tensor as_view(const Tensor& t, const Sizes& sizes) {
+  FFN_CHECK(t.is_contiguous(), "ffn: as_view needs a contiguous tensor");
+  const Sizes strides = contiguous_strides(sizes);
+  AtenTensorHandle out = nullptr;
+  // The last argument is an offset *increment* over t's own storage offset.
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(
+      t.get(), static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(),
+      /*storage_offset_increment=*/0, &out));
+  return Tensor(out);
+}
 
 // t as a contiguous [rows, t.size(-1)] matrix (also right for an empty last dim).
 inline Tensor as_rows(const Tensor& t) {
