@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 AB_ARGS     ?=
 
 .PHONY: all venv system-deps wheel build build-cpp data test compat-2.11 test-python test-cpp test-cuda-emu ab study bench \
-        cuda-report gpu-check compat-check clean
+        cuda-report gpu-check compat-check hub clean
 
 all: build
 
@@ -46,15 +46,23 @@ system-deps:
 # after changing FFN_CUDA or FFN_CPU_CAPABILITY); scripts/check_symbols.py then
 # fails the build if the binary links any libtorch C++ symbol.
 EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+# The wheel ships the Python package too (what compat-check and the hub test).
+PY_SOURCES  := $(wildcard ops/*.py ops/harness/*.py ops/harness/*/*.py)
 WHEEL_STAMP := dist/.wheel-built
 
 wheel: $(WHEEL_STAMP)
 
-$(WHEEL_STAMP): $(VENV)/.deps $(EXT_SOURCES)
+$(WHEEL_STAMP): $(VENV)/.deps $(EXT_SOURCES) $(PY_SOURCES)
 	rm -rf dist build/wheel && mkdir -p dist
 	MAX_JOBS=$(JOBS) $(PY) -m pip wheel --quiet --no-build-isolation --no-deps -w dist .
 	$(PY) scripts/check_symbols.py dist/ffn-*.whl
 	touch $@
+
+# The Hugging Face kernel repository in build/hub/, from the wheel (ffn.hub: one variant
+# per backend the binary has, each the wheel's ffn package, a kernel module and
+# metadata.json). Use it with kernels.use_kernel_mapping(ffn.hub.kernel_mapping("build/hub")).
+hub: build
+	$(PY) -m ffn.hub build --wheel dist/ffn-*.whl --out build/hub
 
 # The package for development: ops/ installed editable (Python only), with the
 # wheel's binary beside it, so `import ffn` runs this checkout's Python on the

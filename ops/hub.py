@@ -1,0 +1,268 @@
+"""ffn as a Hugging Face kernel repository: `kernels.kernelize` runs the norms that
+transformers decorates with `@use_kernel_forward_from_hub(...)` on the ffn ops.
+
+    from kernels import Mode, kernelize, use_kernel_mapping
+    from ffn.hub import kernel_mapping
+
+    model = LlamaForCausalLM.from_pretrained(...)
+    with use_kernel_mapping(kernel_mapping("build/hub")):
+        kernelize(model, mode=Mode.TRAINING | Mode.TORCH_COMPILE, device="cuda")
+
+The repository is built from ffn's wheel by `make hub` (or
+`python -m ffn.hub build --wheel dist/ffn-*.whl --out build/hub`):
+
+    build/hub/build/torch-stable-abi211-cpu-x86_64-linux/     (a CPU torch)
+    build/hub/build/torch-stable-abi211-cu130-x86_64-linux/   (a CUDA 13.x torch)
+        metadata.json   name "ffn", backend, digest of the files beside it
+        __init__.py     the kernel module: imports ffn, `layers` = this module
+        ffn/            the ffn package of the wheel, binary included
+
+`torch-stable-abi211` is `kernels`' name for a build on the LibTorch stable ABI of
+torch 2.11 (the wheel's `torch>=2.11`): it loads into every torch from 2.11 on. Both
+variants hold the same files (the one binary has the CPU and the CUDA kernels); there
+are two because `kernels` picks the variant by the torch build, not by the tensors'
+device: a CPU torch takes the cpu variant, a CUDA torch the cu variant, named after
+the CUDA release the binary was compiled with (kernels accepts it for a torch of the
+same CUDA major version and a minor version at least as new). The variant only
+exists when the binary has CUDA kernels. torch.ops.ffn can be registered once per
+process, so the kernel module uses the `ffn` the process already imported and
+otherwise imports its own copy under the name `ffn`.
+
+Layers, under the names transformers gives them (each is a forward with no state of
+its own that runs ffn.patch's implementation on the module's own parameters):
+
+    RMSNorm              the "RMSNorm" classes: Llama's weight * x_hat.to(x.dtype), or
+                         (weight * x_hat).to(x.dtype) for the classes in
+                         PRODUCT_THEN_CAST (Olmo2, GPT-OSS, ...)
+    RMSNormZeroCentered  Qwen3.5's x_hat * (1 + weight) in float32
+
+transformers 5.23 decorates no MLP class (the MLP names of its default mapping,
+"SwiGLUMLP" and "GeGLUMLP", have no users), nor Gemma's, T5's or OLMo's norms:
+ffn.patch puts those on the ffn ops.
+"""
+
+import argparse
+import hashlib
+import json
+import platform
+import re
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+from torch import nn
+
+from .patch import _GemmaRMSNorm, _LlamaRMSNorm, _Olmo2RMSNorm
+
+__all__ = ["LAYERS", "PRODUCT_THEN_CAST", "RMSNorm", "RMSNormZeroCentered", "build_repository", "kernel_mapping"]
+
+# The "RMSNorm"-decorated classes of transformers 5.23 whose forward returns
+# (weight * x_hat).to(input_dtype); the other 129 return weight * x_hat.to(input_dtype).
+# The two differ in the output dtype when x is half precision and the weight float32
+# (autocast): x's dtype here, float32 for Llama. tests/test_hub.py checks the split
+# against transformers' source.
+PRODUCT_THEN_CAST = frozenset({
+    "AfmoeRMSNorm", "BeamRMSNorm", "DeepseekV4RMSNorm", "FlexOlmoRMSNorm", "FlintRMSNorm", "GptOssRMSNorm",
+    "Inkling2RMSNorm", "NemotronHRMSNorm", "NemotronH_Omni_RMSNorm", "Olmo2RMSNorm", "Olmo3RMSNorm",
+    "OlmoHybridRMSNorm", "OpenAIPrivacyFilterRMSNorm",
+})
+
+
+# kernels replaces a decorated module's forward with the layer's forward bound to
+# that module and refuses layers with members of their own (constructor,
+# attributes, methods) other than these two flags.
+class RMSNorm(nn.Module):
+    """transformers' "RMSNorm": x / sqrt(mean(x^2) + variance_epsilon) * weight."""
+
+    can_torch_compile = True
+    has_backward = True
+
+    def forward(self, hidden_states):
+        # By the class or a base: a subclass (ffn.patch's, a user's) computes its base's form.
+        cast = any(cls.__name__ in PRODUCT_THEN_CAST for cls in type(self).__mro__)
+        return (_Olmo2RMSNorm if cast else _LlamaRMSNorm).forward(self, hidden_states)
+
+
+class RMSNormZeroCentered(nn.Module):
+    """transformers' "RMSNormZeroCentered" (Qwen3.5): x_hat * (1 + weight) in float32, with the module's `eps`."""
+
+    can_torch_compile = True
+    has_backward = True
+    forward = _GemmaRMSNorm.forward
+
+
+LAYERS = ("RMSNorm", "RMSNormZeroCentered")
+
+
+def kernel_mapping(repo_path):
+    """The mapping for kernels.use_kernel_mapping / register_kernel_mapping that sends
+    every name in LAYERS to the ffn repository at `repo_path`, on "cpu" and "cuda", for
+    the modes TRAINING and INFERENCE, each with and without TORCH_COMPILE."""
+    from kernels import LocalLayerRepository, Mode
+
+    path = Path(repo_path).resolve()
+    if not (path / "build").is_dir():
+        raise FileNotFoundError(f"{path} is not an ffn kernel repository (no build/): build it with `make hub` "
+                                "or `python -m ffn.hub build`")
+    modes = (Mode.TRAINING, Mode.INFERENCE, Mode.TRAINING | Mode.TORCH_COMPILE, Mode.INFERENCE | Mode.TORCH_COMPILE)
+    return {name: {device: {mode: LocalLayerRepository(path, layer_name=name) for mode in modes}
+                   for device in ("cpu", "cuda")}
+            for name in LAYERS}
+
+
+# ----------------------------------------------------------------------------- the repository
+_KERNEL_MODULE = '''"""ffn's layers for the Hugging Face `kernels` library (written by `python -m ffn.hub build`).
+
+`layers` is ffn.hub: the layer classes under the names transformers decorates.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+# torch.ops.ffn can be registered once per process: a process that already imported
+# ffn keeps it; otherwise this repository's copy of the package becomes `ffn`.
+if "ffn" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("ffn", Path(__file__).parent / "ffn" / "__init__.py")
+    _ffn = importlib.util.module_from_spec(_spec)
+    sys.modules["ffn"] = _ffn
+    try:
+        _spec.loader.exec_module(_ffn)
+    except BaseException:
+        del sys.modules["ffn"]
+        raise
+
+from ffn import hub as layers  # noqa: E402
+'''
+
+_README = """---
+library_name: kernels
+---
+
+# ffn
+
+ffn's fused RMSNorm for `kernels.kernelize` (layers: {layers}), on CPU and CUDA,
+training and inference, with and without torch.compile. Variants: {variants}.
+
+```python
+from kernels import Mode, kernelize, use_kernel_mapping
+from ffn.hub import kernel_mapping
+
+with use_kernel_mapping(kernel_mapping("path/to/this/repository")):
+    kernelize(model, mode=Mode.INFERENCE, device="cuda")
+```
+"""
+
+_CUDA_RELEASE = re.compile(rb"Cuda compilation tools, release (\d+)\.(\d+)")
+_LINUX_TAG = re.compile(r"(?:many)?linux(?:\d+|_\d+_\d+)?_(\w+)")
+# No license is declared by the project; SPDX's value for "none stated".
+_LICENSE = "NOASSERTION"
+
+
+def _wheel_contents(wheel):
+    """(files {path in the package: bytes}, Requires-Dist lines, (cpu, os)) of a wheel of ffn."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        files = {n[len("ffn/"):]: zf.read(n) for n in names if n.startswith("ffn/") and not n.endswith("/")}
+        info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        requires = [line.split(":", 1)[1].strip() for line in zf.read(f"{info}/METADATA").decode().splitlines()
+                    if line.startswith("Requires-Dist:")]
+        tags = [line.split(":", 1)[1].strip() for line in zf.read(f"{info}/WHEEL").decode().splitlines()
+                if line.startswith("Tag:")]
+    platforms = {tag.rsplit("-", 1)[1] for tag in tags}
+    if len(platforms) != 1 or not _LINUX_TAG.fullmatch(next(iter(platforms))):
+        raise ValueError(f"{wheel}: expected a wheel for one Linux platform, got the tags {tags}")
+    return files, requires, (_LINUX_TAG.fullmatch(platforms.pop()).group(1), "linux")
+
+
+def _installed_contents():
+    """The same for the ffn package this process imported (an installed or editable ffn)."""
+    from importlib.metadata import requires
+
+    root = Path(__file__).parent
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+             if p.is_file() and "__pycache__" not in p.parts}
+    return files, requires("ffn") or [], (platform.machine(), platform.system().lower())
+
+
+def _min_torch(requires):
+    """(major, minor) of the `torch>=X.Y` requirement: the stable ABI the binary targets."""
+    from packaging.requirements import Requirement
+
+    for line in requires:
+        req = Requirement(line)
+        if req.name == "torch":
+            for spec in req.specifier:
+                if spec.operator == ">=":
+                    major, minor = spec.version.split(".")[:2]
+                    return int(major), int(minor)
+    raise ValueError(f"ffn's requirements {requires} name no minimum torch (torch>=X.Y)")
+
+
+def build_repository(out, wheel=None):
+    """Writes the kernel repository into `out` (replacing it) from `wheel`, a wheel of
+    ffn, or from the ffn package this process imported when wheel is None. Returns the
+    variant directories."""
+    files, requires, (cpu, os_name) = _wheel_contents(wheel) if wheel else _installed_contents()
+    if "hub.py" not in files:
+        raise ValueError(f"{wheel}: this ffn has no ffn.hub (a wheel built before it): rebuild it (make -B wheel)")
+    binaries = [name for name in files if re.fullmatch(r"_C\.[\w.-]*so", name)]
+    if len(binaries) != 1:
+        raise ValueError(f"expected one binary ffn/_C*.so, found {binaries}")
+    abi = "torch-stable-abi{}{}".format(*_min_torch(requires))
+    backends = ["cpu"]
+    cuda = _CUDA_RELEASE.search(files[binaries[0]])
+    if cuda:  # the binary has CUDA kernels: the CUDA runtime it links statically
+        backends.append(f"cu{int(cuda.group(1))}{int(cuda.group(2))}")
+
+    from kernels._rust import Digest, DigestAlgorithm
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    variants = []
+    for backend in backends:
+        variant = out / "build" / f"{abi}-{backend}-{cpu}-{os_name}"
+        for name, data in files.items():
+            path = variant / "ffn" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        (variant / "__init__.py").write_text(_KERNEL_MODULE)
+        digest = Digest.hash_variant(DigestAlgorithm.SHA256, variant)
+        # The id names the kernel module in sys.modules: unique per build and backend.
+        build_id = hashlib.sha256(json.dumps(digest.files, sort_keys=True).encode()).hexdigest()[:12]
+        metadata = {
+            "id": f"_ffn_{backend}_{build_id}",
+            "name": "ffn",
+            "version": 1,
+            "license": _LICENSE,
+            "python-depends": [],
+            "backend": {"type": "cpu" if backend == "cpu" else "cuda"},
+            "digest": {"algorithm": "sha256", "files": digest.files},
+        }
+        (variant / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        variants.append(variant)
+    (out / "README.md").write_text(_README.format(layers=", ".join(LAYERS),
+                                                  variants=", ".join(v.name for v in variants)))
+    return variants
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m ffn.hub", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="write the kernel repository")
+    build.add_argument("--wheel", help="a wheel of ffn (default: the installed ffn package)")
+    build.add_argument("--out", default="build/hub", help="the repository directory (default: build/hub)")
+    args = parser.parse_args(argv)
+    try:
+        variants = build_repository(args.out, wheel=args.wheel)
+    except (OSError, ValueError) as e:
+        parser.exit(1, f"{parser.prog} build: {e}\n")
+    for variant in variants:
+        print(variant)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
