@@ -37,6 +37,21 @@ struct NormKernels {
                    const Tensor& grad_weight, const Tensor& grad_bias);
 };
 
+// Calls fn(T{}, P{}) with T = x's dtype and P = the parameters' dtype: T, or
+// float32 for a half precision x with float32 parameters. `param` is the weight
+// (or, without one, the bias or its gradient); undefined means P = T. Both
+// backends' kernels dispatch through it.
+template <typename Fn>
+void dispatch_norm_types(const Tensor& x, const Tensor& param, const Fn& fn) {
+  dispatch_float_types(x.scalar_type(), "ffn_norm", [&](auto t) {
+    using T = decltype(t);
+    if constexpr (!std::is_same_v<T, acc_type<T>>) {
+      if (param.defined() && param.scalar_type() == kFloat) return fn(t, float{});
+    }
+    fn(t, t);
+  });
+}
+
 namespace cpu {
 extern const NormKernels kNormKernels;
 }  // namespace cpu

@@ -30,20 +30,6 @@ namespace ffn {
 namespace cpu {
 namespace {
 
-// Calls fn(T{}, P{}) with T = x's dtype and P = the parameters' dtype: T, or
-// float32 for a half precision x with float32 parameters. `param` is the
-// weight (or, without one, the bias or its gradient); undefined means P = T.
-template <typename Fn>
-void dispatch_norm_types(const Tensor& x, const Tensor& param, const Fn& fn) {
-  dispatch_float_types(x.scalar_type(), "ffn_norm", [&](auto t) {
-    using T = decltype(t);
-    if constexpr (!std::is_same_v<T, acc_t<T>>) {
-      if (param.defined() && param.scalar_type() == kFloat) return fn(t, float{});
-    }
-    fn(t, t);
-  });
-}
-
 // Mean and biased variance of a row. One pass sums x and x^2; only when the mean
 // is large next to the spread (mean^2 > var, where E[x^2] - mean^2 would lose more
 // than a bit to cancellation: the shifted rows this library is about) does a

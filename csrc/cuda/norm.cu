@@ -971,23 +971,6 @@ void backward(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x, con
   if (grad_bias.defined()) sum_partials<A, P>(db_partial, grad_bias);
 }
 
-// Calls fn(T{}, P{}) with T = x's dtype and P = the parameters' dtype: T, or
-// float32 for a half precision x with float32 parameters. `param` is the
-// weight (or, without one, the bias or its gradient); undefined means P = T.
-template <typename Fn>
-void dispatch_norm_types(const Tensor& x, const Tensor& param, const Fn& fn) {
-  dispatch_float_types(x.scalar_type(), "ffn_norm", [&](auto t) {
-    using T = decltype(t);
-    if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) {
-      if (param.defined() && param.scalar_type() == kFloat) {
-        fn(T{}, float{});
-        return;
-      }
-    }
-    fn(T{}, T{});
-  });
-}
-
 void norm_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
                   const Tensor& bias, double eps, double weight_offset, bool center,
                   const Tensor& y, const Tensor& sum, const Tensor& mean, const Tensor& rstd) {
