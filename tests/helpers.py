@@ -176,3 +176,15 @@ def reference_op(name):
 
 def ffn_op(name):
     return getattr(torch.ops.ffn, name)
+
+
+class OpsCalled(torch.overrides.TorchFunctionMode):
+    """Records the names of the torch functions and ops called inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ffn
-from helpers import assert_accurate, randn, run_three_ways
+from helpers import OpsCalled, assert_accurate, randn, run_three_ways
 
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
 
@@ -323,14 +323,6 @@ def reference_output(module, x):
     return getattr(module, PROJECTIONS[type(module)][1])(h)
 
 
-class OpsCalled(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.add(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture

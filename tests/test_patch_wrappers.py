@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import ffn
+from helpers import OpsCalled
 from test_patch import build, fwd_bwd, inputs, max_grad_diff, patched_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -20,16 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 M = ffn.modules
 
 
-class OpsCalled(TorchFunctionMode):
-    """Records the names of the torch functions and ops called inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.add(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True)
