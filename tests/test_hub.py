@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ffn
+import test_patch
 
 pytest.importorskip("kernels")
 T = pytest.importorskip("transformers")
@@ -75,15 +76,8 @@ def hub_repo(tmp_path_factory):
 
 
 def build(arch, seed=0):
-    """The model in eval mode, norm weights away from their init."""
-    make_config, cls_name, _ = ARCHS[arch]
-    torch.manual_seed(seed)
-    model = getattr(T, cls_name)(make_config()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    """The model in eval mode, norm weights away from their init (test_patch's builder)."""
+    return test_patch.build(arch, seed, archs=ARCHS)
 
 
 def kernelized_copy(model, repo, mode, device):

@@ -62,9 +62,10 @@ ARCHS = {
 ENC_DEC = {"t5_v1_0", "t5_v1_1"}
 
 
-def build(arch, seed=0):
-    """The unpatched model, in eval mode, with norm weights away from their ones/zeros init."""
-    make_config, cls_name, _ = ARCHS[arch]
+def build(arch, seed=0, archs=ARCHS):
+    """The unpatched model, in eval mode, with norm weights away from their ones/zeros init
+    (`archs`: the table of tiny configs, as ARCHS; test_hub.py has its own)."""
+    make_config, cls_name, _ = archs[arch]
     torch.manual_seed(seed)
     model = getattr(T, cls_name)(make_config()).eval()
     with torch.no_grad():
