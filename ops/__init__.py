@@ -16,7 +16,9 @@ AddRMSNorm, GeluFFN, ReluFFN, SwiGLU, GeGLU, ReGLU;
 the FFN modules share the ffn.modules.FFN interface). ffn.reference holds the same
 math in plain PyTorch; ffn.telemetry names, combines and summarizes the telemetry
 sums; ffn.activations is the table of activations and ffn.schema reads the ops'
-defaults. ffn.patch(model) puts a Hugging Face transformers model on the ops;
+defaults. ffn.patch(model) puts a Hugging Face transformers model on the ops
+and ffn.unpatch(model) takes it off (both from ffn.patching; ffn.telemetry.record
+records a patched model's FFN telemetry);
 ffn.distributed holds their DTensor sharding strategies and tensor-parallel plans.
 The A/B harness is the separate subpackage ffn.harness, which `import ffn` does
 not load.
@@ -27,14 +29,14 @@ import torch
 from . import _C  # noqa: F401  (loads the C++/CUDA library: schemas and kernels)
 from . import _registrations  # noqa: F401  (autograd and fake kernels)
 from . import distributed  # noqa: F401  (DTensor strategies, registered when torch.distributed.tensor loads)
-from . import activations, modules, reference, schema, telemetry
+from . import activations, modules, patching, reference, schema, telemetry
 from .modules import (FFN, AddLayerNorm, AddRMSNorm, GatedFFN, GeGLU, GeluFFN, GemmaRMSNorm, LayerNorm, ReGLU,
                       ReluFFN, RMSNorm, SwiGLU)
-from .patch import patch  # ffn.patch(model): HF transformers models (imports transformers only when called)
+from .patching import patch, unpatch  # HF transformers models (import transformers only when called)
 
 ops = torch.ops.ffn
 
 __all__ = ["FFN", "AddLayerNorm", "AddRMSNorm", "GatedFFN", "GeGLU", "GeluFFN", "GemmaRMSNorm", "LayerNorm", "ReGLU",
            "ReluFFN", "RMSNorm", "SwiGLU", "activations",
-           "distributed", "modules", "ops", "patch", "reference", "schema", "telemetry"]
+           "distributed", "modules", "ops", "patch", "patching", "reference", "schema", "telemetry", "unpatch"]
 __version__ = "0.1.0"

@@ -2,9 +2,10 @@
 transformers decorates with `@use_kernel_forward_from_hub(...)` on the ffn ops.
 
     from kernels import Mode, kernelize, use_kernel_mapping
-    from ffn.hub import kernel_mapping
+    from ffn.hub import kernel_mapping, mark_mlps
 
     model = LlamaForCausalLM.from_pretrained(...)
+    mark_mlps(model)   # the MLPs too (transformers marks only its norms)
     with use_kernel_mapping(kernel_mapping("build/hub")):
         kernelize(model, mode=Mode.TRAINING | Mode.TORCH_COMPILE, device="cuda")
 
@@ -29,16 +30,22 @@ process, so the kernel module uses the `ffn` the process already imported and
 otherwise imports its own copy under the name `ffn`.
 
 Layers, under the names transformers gives them (each is a forward with no state of
-its own that runs ffn.patch's implementation on the module's own parameters):
+its own that runs ffn.patching's implementation on the module's own parameters):
 
     RMSNorm              the "RMSNorm" classes: Llama's weight * x_hat.to(x.dtype), or
                          (weight * x_hat).to(x.dtype) for the classes in
                          PRODUCT_THEN_CAST (Olmo2, GPT-OSS, ...)
     RMSNormZeroCentered  Qwen3.5's x_hat * (1 + weight) in float32
+    SwiGLUMLP, GeGLUMLP  a Llama-style MLP, down_proj(act_fn(gate_proj(x)) * up_proj(x)),
+                         as the fused gated op for the module's own act_fn (silu: swiglu,
+                         gelu / gelu_tanh: geglu, relu: reglu); another act_fn runs the
+                         module's own forward
 
-transformers 5.23 decorates no MLP class (the MLP names of its default mapping,
-"SwiGLUMLP" and "GeGLUMLP", have no users), nor Gemma's, T5's or OLMo's norms:
-ffn.patch puts those on the ffn ops.
+transformers 5.23 decorates no MLP class (its default mapping's "SwiGLUMLP" and
+"GeGLUMLP" have no users): mark_mlps(model) marks a model's Llama-style MLP classes
+for kernelize with kernels' own replace_kernel_forward_from_hub. Gemma's, T5's and
+OLMo's norms and the other MLP layouts (Phi3's packed gate_up_proj, GPT-2, GPT-NeoX,
+Falcon, T5) carry no hub name: ffn.patch puts those on the ffn ops.
 """
 
 import argparse
@@ -53,9 +60,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .patch import _GemmaRMSNorm, _LlamaRMSNorm, _Olmo2RMSNorm
+from .patching import _activation_of, _GatedSplit, _GemmaRMSNorm, _LlamaRMSNorm, _Olmo2RMSNorm, fused_op_of, run_mlp
 
-__all__ = ["LAYERS", "PRODUCT_THEN_CAST", "RMSNorm", "RMSNormZeroCentered", "build_repository", "kernel_mapping"]
+__all__ = ["LAYERS", "PRODUCT_THEN_CAST", "GeGLUMLP", "RMSNorm", "RMSNormZeroCentered", "SwiGLUMLP",
+           "build_repository", "kernel_mapping", "mark_mlps"]
 
 # The "RMSNorm"-decorated classes of transformers 5.23 whose forward returns
 # (weight * x_hat).to(input_dtype); the other 129 return weight * x_hat.to(input_dtype).
@@ -92,7 +100,61 @@ class RMSNormZeroCentered(nn.Module):
     forward = _GemmaRMSNorm.forward
 
 
-LAYERS = ("RMSNorm", "RMSNormZeroCentered")
+def _gated_mlp_forward(self, x):
+    activation = _activation_of(self.act_fn)
+    if activation is None:  # no ffn op for it: the module's own forward
+        return type(self).forward(self, x)
+    return run_mlp(self, x, _GatedSplit, activation, fused_op_of(activation, gated=True))
+
+
+class SwiGLUMLP(nn.Module):
+    """transformers' "SwiGLUMLP": a Llama-style MLP (gate_proj, up_proj, down_proj, act_fn)."""
+
+    can_torch_compile = True
+    has_backward = True
+    forward = _gated_mlp_forward
+
+
+class GeGLUMLP(nn.Module):
+    """transformers' "GeGLUMLP": the same layout with a GELU act_fn (Gemma)."""
+
+    can_torch_compile = True
+    has_backward = True
+    forward = _gated_mlp_forward
+
+
+LAYERS = ("RMSNorm", "RMSNormZeroCentered", "SwiGLUMLP", "GeGLUMLP")
+
+
+def _mlp_layer_of(activation):
+    """The hub name of a Llama-style MLP with this activation: "GeGLUMLP" for the GELUs, else "SwiGLUMLP"."""
+    op = fused_op_of(activation, gated=True) if activation else None
+    return None if op is None else "GeGLUMLP" if op == "geglu" else "SwiGLUMLP"
+
+
+def mark_mlps(model):
+    """Marks the classes of `model`'s Llama-style MLPs (gate_proj, up_proj and down_proj
+    layers and an act_fn ffn runs) for kernels.kernelize, as "SwiGLUMLP" or "GeGLUMLP",
+    with kernels.replace_kernel_forward_from_hub: transformers decorates no MLP class.
+    Classes that already carry a hub name are left as they are. It marks the class
+    (every model of it), as kernels does; the class forward is unchanged until
+    kernelize. Returns {class: layer name} of the classes it marked."""
+    from kernels import replace_kernel_forward_from_hub
+
+    marked = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls in marked or hasattr(cls, "kernel_layer_name"):
+            continue
+        if not (all(isinstance(getattr(module, name, None), nn.Module) for name in _GatedSplit._in_names)
+                and isinstance(getattr(module, _GatedSplit._out_name, None), nn.Module)
+                and hasattr(module, "act_fn")):
+            continue
+        layer = _mlp_layer_of(_activation_of(module.act_fn))
+        if layer is not None:
+            replace_kernel_forward_from_hub(cls, layer)
+            marked[cls] = layer
+    return marked
 
 
 def kernel_mapping(repo_path):
@@ -142,13 +204,15 @@ library_name: kernels
 
 # ffn
 
-ffn's fused RMSNorm for `kernels.kernelize` (layers: {layers}), on CPU and CUDA,
-training and inference, with and without torch.compile. Variants: {variants}.
+ffn's fused RMSNorm and gated MLPs for `kernels.kernelize` (layers: {layers}), on
+CPU and CUDA, training and inference, with and without torch.compile. Variants:
+{variants}.
 
 ```python
 from kernels import Mode, kernelize, use_kernel_mapping
-from ffn.hub import kernel_mapping
+from ffn.hub import kernel_mapping, mark_mlps
 
+mark_mlps(model)   # transformers decorates its norms, not its MLPs
 with use_kernel_mapping(kernel_mapping("path/to/this/repository")):
     kernelize(model, mode=Mode.INFERENCE, device="cuda")
 ```

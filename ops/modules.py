@@ -21,9 +21,8 @@ side-by-side checks.
 The FFN modules share one interface (FFN), so training code, telemetry and
 quantization probes need not know which FFN they hold: `activation` and
 `gated` name the nonlinearity as the kernels and ffn_stats take it,
-`forward_with_preact` also returns the pre-activation, `in_proj`/`out_proj`
-are the (weight, bias) of the two projections, and `hidden`/`down` split the
-forward at the tensor entering the down projection.
+`forward_with_preact` also returns the pre-activation, and `in_proj`/`out_proj`
+are the (weight, bias) of the two projections.
 """
 
 import math
@@ -32,13 +31,11 @@ import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
 from . import reference
 from .activations import GATED_OPS, gelu_activation
-from .activations import activation as _activation
 from .schema import op_default
 
 
@@ -202,10 +199,6 @@ def _uninitialized_linear(in_features, out_features, bias, device, dtype):
     return nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype).to_empty(device=device)
 
 
-def _float(t):
-    return None if t is None else t.float()
-
-
 _LINEAR = frozenset({"torch.nn.modules.linear.Linear"})
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -312,24 +305,6 @@ class FFN(nn.Module):
         if self.activation == "relu":
             return torch.relu(preact)
         return ops.bias_gelu(preact, None, self.approximate)
-
-    def hidden(self, x):
-        """(gate pre-activation, or None when not gated; h, the tensor entering the down
-        projection) for input x, in plain PyTorch and float32: for probes, not training."""
-        w_in, b_in = self.in_proj()
-        preact = F.linear(x.float(), w_in.float(), _float(b_in))
-        gate = preact.chunk(2, dim=-1)[0] if self.gated else None
-        return gate, self._activate(preact)
-
-    def down(self, h):
-        """The down projection applied to h, in float32."""
-        w_out, b_out = self.out_proj()
-        return F.linear(h, w_out.float(), _float(b_out))
-
-    def _activate(self, preact):
-        if self.gated:
-            return reference.gated_activation(preact, self.activation)
-        return _activation(self.activation).fn(preact)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for old, new in self._legacy_keys.items():
@@ -441,9 +416,8 @@ class GatedFFN(FFN):
 
     gate_up_proj: nn.Linear(d_model, 2*d_ff), its weight [2*d_ff, d_model] packing gate
     rows then up rows, so one GEMM computes both (Phi-3's layout and names);
-    down_proj: nn.Linear(d_ff, d_out). d_ff is used as given (for parameter parity with a
-    GELU FFN of width d_ff, pass gated_d_ff(d_model, d_ff)). Subclasses set `op` (a gated
-    op of ffn.activations.GATED_OPS).
+    down_proj: nn.Linear(d_ff, d_out). d_ff is used as given (about 2/3 of a GELU FFN's width
+    has its parameter count). Subclasses set `op` (a gated op of ffn.activations.GATED_OPS).
     """
 
     gated = True
@@ -540,24 +514,3 @@ class ReGLU(GatedFFN):
 # The FFN module of each FFN op: gelu_ffn and every gated op of the activation table.
 FFN_MODULES = {"gelu_ffn": GeluFFN, "relu_ffn": ReluFFN, **{cls.op: cls for cls in (SwiGLU, GeGLU, ReGLU)}}
 assert set(FFN_MODULES) == {"gelu_ffn", "relu_ffn", *GATED_OPS}, "a gated op of ffn.activations has no module"
-
-
-def ffn_param_count(d_model, d_ff, gated, bias):
-    """Parameters of one FFN (d_out = d_model)."""
-    if gated:
-        return 3 * d_model * d_ff + (2 * d_ff + d_model if bias else 0)
-    return 2 * d_model * d_ff + (d_ff + d_model if bias else 0)
-
-
-def gated_d_ff(d_model, d_ff, bias=True):
-    """The width of a gated FFN with the parameter count of a GELU FFN of width d_ff:
-    2/3 of d_ff, rounded to the integer whose count is closest; it must be within 1%."""
-    target = ffn_param_count(d_model, d_ff, False, bias)
-    base = round(2 * d_ff / 3)
-    width = min((base - 1, base, base + 1),
-                key=lambda w: abs(ffn_param_count(d_model, w, True, bias) - target))
-    mismatch = abs(ffn_param_count(d_model, width, True, bias) - target) / target
-    if mismatch >= 0.01:
-        raise ValueError(f"no gated FFN width matches the parameter count of a GELU FFN with d_model={d_model}, "
-                         f"d_ff={d_ff} within 1% (best: {width}, off by {mismatch:.2%}); use a larger d_ff")
-    return width

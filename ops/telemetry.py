@@ -11,6 +11,10 @@ nonlinearity (max|h| / rms(h), kurtosis, share of |h| > 6 rms(h)) that hurt
     stats = combine([stats_microbatch_0, stats_microbatch_1])   # all_reduce_(stats) across ranks
     summarize(stats)  # {"input_mean": ..., "gate_near_zero_frac": ..., ...}
 
+    with record(model) as rec:       # a model patched by ffn.patch: every MLP's stats
+        model(input_ids)
+    rec.table()                      # [{"layer": 0, "module": "model.layers.0.mlp", ...}, ...]
+
 `preact` is the pre-activation FFN modules return from forward_with_preact
 (the second output of torch.ops.ffn._gelu_ffn_fwd / _gated_ffn_fwd, bias included); h = act(preact) (plain) or act(gate) * up (gated) is
 recomputed inside the kernel and never materialized. The op returns raw sums,
@@ -29,7 +33,9 @@ float64 input) and not rounded to the input dtype before it enters the
 statistics. The defaults of the thresholds are the op schema's (ffn.schema).
 """
 
+import contextlib
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -70,8 +76,8 @@ def ffn_stats(ffn_input, preact, activation, gated, near_zero=_NEAR_ZERO, large=
     """Raw telemetry sums of one FFN call: a float64 [len(STAT_FIELDS)] tensor on the inputs' device.
 
     ffn_input: [..., d], the normalized FFN input; preact: [tokens, d_ff] or, gated,
-    [tokens, 2*d_ff] (gate columns, then up); activation: "gelu" | "gelu_tanh" |
-    "silu" | "relu". Not differentiable (the result never requires grad).
+    [tokens, 2*d_ff] (gate columns, then up); activation: one of
+    ffn.activations.ACTIVATION_NAMES. Not differentiable (the result never requires grad).
     """
     return torch.ops.ffn.ffn_stats(ffn_input, preact, activation, gated, near_zero, large, outlier)
 
@@ -176,3 +182,85 @@ def reference_stats(ffn_input, preact, activation, gated, near_zero=_NEAR_ZERO, 
     return torch.stack(
         [torch.as_tensor(values[name], dtype=torch.float64, device=z.device) for name in STAT_FIELDS]
     )
+
+
+# ----------------------------------------------------------------------------- recording a patched model
+def _layer_index(name):
+    m = re.search(r"\.(\d+)(\.|$)", f".{name}")
+    return int(m.group(1)) if m else None
+
+
+class FFNTelemetry:
+    """Per-layer FFN telemetry of a model patched by ffn.patch: ffn_stats of every patched
+    MLP's input and pre-activation, summed over the calls while attached."""
+
+    def __init__(self, model, near_zero=None, large=None, outlier=None):
+        from .patching import _FFNPatched
+
+        self.modules = [(name, m) for name, m in model.named_modules() if isinstance(m, _FFNPatched)]
+        if not self.modules:
+            raise ValueError("ffn.telemetry.record: the model has no patched MLP (call ffn.patch(model) first)")
+        defaults = (_NEAR_ZERO, _LARGE, _OUTLIER)
+        self._args = tuple(d if v is None else v for v, d in zip((near_zero, large, outlier), defaults))
+        self._calls = {name: [] for name, _ in self.modules}
+
+    def attach(self):
+        for name, m in self.modules:
+            m._ffn_telemetry = self._calls[name]
+            m._ffn_telemetry_args = self._args
+        return self
+
+    def detach(self):
+        for _, m in self.modules:
+            m.__dict__.pop("_ffn_telemetry", None)
+            m.__dict__.pop("_ffn_telemetry_args", None)
+
+    def reset(self):
+        for calls in self._calls.values():
+            calls.clear()
+
+    def stats(self):
+        """{module name: combined raw stats vector} (STAT_FIELDS), for modules that ran."""
+        return {name: combine(calls) for name, calls in self._calls.items() if calls}
+
+    def table(self):
+        """One dict per patched MLP that ran: layer, module, kind, activation, gated, calls,
+        then summarize()'s entries."""
+        rows = []
+        for name, m in self.modules:
+            calls = self._calls[name]
+            if not calls:
+                continue
+            rows.append({"layer": _layer_index(name), "module": name, "kind": type(m)._ffn_original_class.__name__,
+                         "activation": m.activation, "gated": m.gated, "calls": len(calls),
+                         **summarize(combine(calls))})
+        return rows
+
+
+@contextlib.contextmanager
+def record(model, *, near_zero=None, large=None, outlier=None):
+    """Records FFN telemetry of a patched model while inside the block (eager mode):
+
+        with ffn.telemetry.record(model) as t:
+            model(input_ids)
+        t.table()   # [{"layer": 0, "module": "model.layers.0.mlp", "input_mean": ..., ...}, ...]
+    """
+    rec = FFNTelemetry(model, near_zero, large, outlier).attach()
+    try:
+        yield rec
+    finally:
+        rec.detach()
+
+
+def collect(model, batches, **thresholds):
+    """Runs the patched model in eval mode without gradients over `batches` (each a tensor
+    of input ids or a dict of model kwargs) and returns record()'s per-layer table."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), record(model, **thresholds) as rec:
+            for batch in batches:
+                model(**batch) if isinstance(batch, dict) else model(batch)
+    finally:
+        model.train(was_training)
+    return rec.table()

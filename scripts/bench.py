@@ -37,10 +37,10 @@ Definitions used in every table:
 - FFN shapes: gelu_ffn has d_ff = 4d and biases (GPT style); swiglu has no biases and its
   d_ff follows --gated-width, recorded in each row's "d_ff rule" column:
     llama (default): 8d/3 rounded UP to a multiple of 64 (llama_d_ff). This deliberately
-      differs from the library's rule, ffn.modules.gated_d_ff: these are the GEMM-friendly
+      differs from the harness's rule, ffn.harness.model.gated_d_ff: these are the GEMM-friendly
       widths that LLaMA-style models run, and the shapes of earlier bench/results files. It has
       the parameters of a bias-free 4d GELU FFN only up to the rounding (+3.1% at d=512, +0.2% at d=4096).
-    matched: ffn.modules.gated_d_ff(d, 4d, bias=False), the one rule used wherever parameter
+    matched: ffn.harness.model.gated_d_ff(d, 4d, bias=False), the one rule used wherever parameter
       parity with the GELU FFN is meant (the harness's models): 2/3 of 4d, within 1%.
 - peak memory (CUDA): torch.cuda.max_memory_allocated() during one fwd+bwd minus what was
   allocated before it (inputs and parameters), so it counts activations, gradients and workspace.
@@ -79,7 +79,7 @@ from benchmarking import (  # noqa: E402
     MIB, Report, default_json_path, environment, fmt_ms, fmt_num, fmt_ratio, log, make_timer, measure, verdict,
 )
 from ffn import reference  # noqa: E402
-from ffn.modules import gated_d_ff  # noqa: E402
+from ffn.harness.model import gated_d_ff  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm")
@@ -89,7 +89,7 @@ FFN_OPS = ("gelu_ffn", "swiglu")
 # ----------------------------------------------------------------------------- shapes and ops
 def llama_d_ff(d: int) -> int:
     """8d/3 rounded UP to a multiple of 64: the LLaMA-style gated width, GEMM-friendly. The benchmark's
-    deliberate exception to ffn.modules.gated_d_ff (the module docstring says why)."""
+    deliberate exception to ffn.harness.model.gated_d_ff (the module docstring says why)."""
     return 64 * math.ceil(8 * d / 3 / 64)
 
 
@@ -110,8 +110,8 @@ def bench_d_ff(op: str, d: int, gated_width: str = "llama") -> tuple[int, str]:
 
 def ffn_shapes_note(cfg):
     name = GATED_WIDTH_RULES[cfg.gated_width][0]
-    why = ("LLaMA-style, GEMM-friendly; not ffn.modules.gated_d_ff" if cfg.gated_width == "llama"
-           else "ffn.modules.gated_d_ff: the parameters of a bias-free 4d GELU FFN within 1%")
+    why = ("LLaMA-style, GEMM-friendly; not ffn.harness.model.gated_d_ff" if cfg.gated_width == "llama"
+           else "ffn.harness.model.gated_d_ff: the parameters of a bias-free 4d GELU FFN within 1%")
     return f"gelu_ffn: d_ff = 4d, with biases; swiglu: d_ff = {name} ({why}), no biases."
 
 
@@ -586,7 +586,7 @@ def parse_args(argv):
     p.add_argument("--ffn-dims", nargs="+", type=int, help="FFN d (default: 512 1024 4096 on cpu, 4096 on cuda)")
     p.add_argument("--gated-width", choices=sorted(GATED_WIDTH_RULES), default="llama",
                    help="swiglu's d_ff: llama = 8d/3 rounded up to 64 (default; the benchmark's deliberate exception), "
-                   "matched = ffn.modules.gated_d_ff(d, 4d, bias=False), the library's parameter-matched width")
+                   "matched = ffn.harness.model.gated_d_ff(d, 4d, bias=False), the harness's parameter-matched width")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls of each implementation first (default 3, quick 1)")
     p.add_argument("--reps", type=int, default=None, help="fixed repetitions (default: sized by --budget)")

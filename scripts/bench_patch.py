@@ -4,9 +4,13 @@ For each architecture, builds a small model offline (random weights, no hub down
 patches a copy with ffn.patch, and prints per architecture: what was replaced, the max
 relative difference of the float32 logits and parameter gradients against the unpatched
 model, and the forward+backward time of each (median and fastest of the interleaved
-repeats; on a shared machine the fastest is the steadier figure).
+repeats; on a shared machine the fastest is the steadier figure). With --kernelize, a
+third copy goes through the `kernels` route instead (ffn.hub.mark_mlps, then
+kernels.kernelize with ffn.hub's repository, built from the installed ffn into a
+temporary directory), timed in the same interleaved rounds.
 
     python scripts/bench_patch.py                       # every architecture, CPU
+    python scripts/bench_patch.py --arch llama --kernelize --threads 1
     python scripts/bench_patch.py --arch llama,gemma --hidden 512 --seq 256 --device cuda
     python scripts/bench_patch.py --json results.json
 """
@@ -17,6 +21,7 @@ import json
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -98,12 +103,29 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
+def kernelized_copy(model, hub_repo, device):
+    """A copy of model through kernels.kernelize with ffn's layers; (copy, {layer name: count})."""
+    from collections import Counter
+
+    from kernels import Mode, get_kernelized_layers, kernelize, use_kernel_mapping
+
+    twin = copy.deepcopy(model)
+    ffn.hub.mark_mlps(twin)
+    with use_kernel_mapping(ffn.hub.kernel_mapping(hub_repo), inherit_mapping=False):
+        kernelize(twin, mode=Mode.TRAINING, device=device)
+    return twin, dict(Counter(k.repo.layer_name for k in get_kernelized_layers(twin).layers.values()))
+
+
 def measure(arch, factory, cls_name, args):
     ref = build(factory, cls_name, args.device)
     ours = copy.deepcopy(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = ffn.patch(ours)
+    models = {"unpatched": ref, "patched": ours}
+    kernelized = {}
+    if args.hub_repo:
+        models["kernelized"], kernelized = kernelized_copy(ref, args.hub_repo, args.device)
     batch_inputs = inputs(arch, args.batch, args.seq, args.device)
     logits = ref(**batch_inputs).logits
     weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(args.device)
@@ -114,19 +136,21 @@ def measure(arch, factory, cls_name, args):
     scale = max(g.abs().max().item() for g in grads_ref.values())
     grad_diff = max((grads_ref[n] - grads_ours[n]).abs().max().item() for n in grads_ref) / scale
     for _ in range(args.warmup):
-        fwd_bwd(ref, batch_inputs, weights)
-        fwd_bwd(ours, batch_inputs, weights)
-    # Interleaved, so drift in the machine's speed hits both alike.
-    t_ref, t_ours = [], []
+        for model in models.values():
+            fwd_bwd(model, batch_inputs, weights)
+    # Interleaved, so drift in the machine's speed hits all alike.
+    times = {name: [] for name in models}
     for _ in range(args.repeats):
-        t_ref.append(timed(lambda: fwd_bwd(ref, batch_inputs, weights), args.device))
-        t_ours.append(timed(lambda: fwd_bwd(ours, batch_inputs, weights), args.device))
-    return {
-        "arch": arch, "replaced": dict(report), "logits_rel_diff": rel_diff(logits_ours, logits_ref),
-        "grad_rel_diff": grad_diff, "unpatched_ms": 1e3 * statistics.median(t_ref),
-        "patched_ms": 1e3 * statistics.median(t_ours), "unpatched_min_ms": 1e3 * min(t_ref),
-        "patched_min_ms": 1e3 * min(t_ours),
-    }
+        for name, model in models.items():
+            times[name].append(timed(lambda: fwd_bwd(model, batch_inputs, weights), args.device))
+    row = {"arch": arch, "replaced": dict(report), "logits_rel_diff": rel_diff(logits_ours, logits_ref),
+           "grad_rel_diff": grad_diff}
+    for name, t in times.items():
+        row[f"{name}_ms"], row[f"{name}_min_ms"] = 1e3 * statistics.median(t), 1e3 * min(t)
+    if args.hub_repo:
+        logits_k = fwd_bwd(models["kernelized"], batch_inputs, weights)
+        row.update(kernelized=kernelized, kernelized_logits_rel_diff=rel_diff(logits_k, logits_ref))
+    return row
 
 
 def main():
@@ -140,11 +164,22 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--kernelize", action="store_true",
+                        help="also time a copy kernelized with ffn.hub's layers (needs the kernels package)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
+
+    args.hub_repo = None
+    if args.kernelize:
+        import tempfile
+
+        import ffn.hub
+
+        args.hub_repo = Path(tempfile.mkdtemp(prefix="ffn-hub-")) / "ffn"
+        ffn.hub.build_repository(args.hub_repo)
 
     table = configs(args.hidden, args.layers)
     archs = args.arch.split(",") if args.arch else list(table)
@@ -154,9 +189,10 @@ def main():
     print(f"# ffn.patch, float32 {args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads; hidden {args.hidden}, {args.layers} layers, batch {args.batch} x "
           f"seq {args.seq}; forward+backward ms, median / fastest of {args.repeats}")
+    extra = " kernelized (layers) | kernelized ms | speedup (fastest) |" if args.hub_repo else ""
     print("| arch | replaced | logits max rel diff | grad max rel diff | unpatched ms | patched ms | "
-          "speedup (fastest) |")
-    print("|---|---|---|---|---|---|---|")
+          f"speedup (fastest) |{extra}")
+    print("|---|---|---|---|---|---|---|" + "---|---|---|" * bool(args.hub_repo))
     rows = []
     for arch in archs:
         row = measure(arch, *table[arch], args)
@@ -165,11 +201,15 @@ def main():
         print(f"| {arch} | {replaced} | {row['logits_rel_diff']:.1e} | {row['grad_rel_diff']:.1e} | "
               f"{row['unpatched_ms']:.1f} / {row['unpatched_min_ms']:.1f} | "
               f"{row['patched_ms']:.1f} / {row['patched_min_ms']:.1f} | "
-              f"{row['unpatched_min_ms'] / row['patched_min_ms']:.2f}x |", flush=True)
+              f"{row['unpatched_min_ms'] / row['patched_min_ms']:.2f}x |" + (
+                  f" {', '.join(f'{k} {v}' for k, v in row['kernelized'].items()) or 'none'} | "
+                  f"{row['kernelized_ms']:.1f} / {row['kernelized_min_ms']:.1f} | "
+                  f"{row['unpatched_min_ms'] / row['kernelized_min_ms']:.2f}x |" if args.hub_repo else ""),
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "torch": torch.__version__, "transformers": transformers.__version__,
-                       "args": vars(args), "rows": rows}, f, indent=2)
+                       "args": vars(args), "rows": rows}, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ PyTorch (ffn.telemetry.reference_stats, float64) for comparison. Timed with the
 benchmarks' shared timer (scripts/benchmarking.py: torch.utils.benchmark.Timer on
 CPU, CUDA events with an L2 flush on CUDA), the four interleaved.
 
-d_ff defaults to ffn.modules.gated_d_ff(d, 4d): the gated width with the parameters
+d_ff defaults to ffn.harness.model.gated_d_ff(d, 4d): the gated width with the parameters
 of a 4d GELU FFN, as the harness's gated models use.
 
     python scripts/bench_telemetry.py                       # CPU, 4096 tokens, d=256, d_ff=gated_d_ff(256, 1024)=682
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/benchmarking
 
 import ffn  # noqa: E402,F401  (registers torch.ops.ffn)
 from benchmarking import Report, environment, fmt_ms, log, make_timer, markdown_table, measure  # noqa: E402
-from ffn.modules import gated_d_ff  # noqa: E402
+from ffn.activations import ACTIVATION_NAMES  # noqa: E402
+from ffn.harness.model import gated_d_ff  # noqa: E402
 from ffn.telemetry import ffn_stats, reference_stats, summarize  # noqa: E402
 
 HEADERS = ["what", "median ms", "x forward", "reps"]
@@ -37,8 +38,8 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--tokens", type=int, default=None, help="default 4096 (quick: 256)")
     parser.add_argument("--d", type=int, default=None, help="default 256 (quick: 64)")
-    parser.add_argument("--d-ff", type=int, default=None, help="default ffn.modules.gated_d_ff(d, 4d)")
-    parser.add_argument("--activation", default="silu", choices=["silu", "gelu", "gelu_tanh", "relu"])
+    parser.add_argument("--d-ff", type=int, default=None, help="default ffn.harness.model.gated_d_ff(d, 4d)")
+    parser.add_argument("--activation", default="silu", choices=ACTIVATION_NAMES)
     parser.add_argument("--repeats", type=int, default=None, help="fixed interleaved repetitions (default: sized by --budget)")
     parser.add_argument("--budget", type=float, default=None, help="wall-clock seconds of repetitions (default 3, quick 0.2)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

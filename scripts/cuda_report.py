@@ -107,7 +107,19 @@ def resident_blocks(limits, registers, smem, block):
     return candidates[limit], limit
 
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")  # enum class Activation, in order
+def activation_enum_names(header=os.path.join(ROOT, "csrc", "activation_table.h")):
+    """The activation names in the order of C++'s `enum class Activation` (what the demangled
+    (ffn::Activation)N template arguments count), read from the C++ activation table itself:
+    the enum's enumerators, each named by its row of kActivations. The Python twin,
+    ffn.activations, lists the same names in its own order."""
+    with open(header) as f:
+        text = f.read()
+    enumerators = re.search(r"enum class Activation\s*\{([^}]*)\}", text).group(1)
+    names = dict(re.findall(r'\{\s*Activation::(\w+),\s*"(\w+)"', text))
+    return tuple(names[e.strip()] for e in enumerators.split(",") if e.strip())
+
+
+ACTIVATIONS = activation_enum_names()  # enum class Activation, in order
 
 
 def short_name(demangled):

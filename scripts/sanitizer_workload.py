@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-import ffn  # noqa: F401  (registers torch.ops.ffn)
+import ffn  # registers torch.ops.ffn
 
 # (rows, d) per 16-bit policy of csrc/cuda/norm.cu: sub-warp rows, a warp,
 # several warps, 1024 threads, long rows in shared memory, long rows re-read,
@@ -74,11 +74,11 @@ def main():
         run_case(lambda *a: torch.ops.ffn.relu_ffn(*a), [x, w1, b1, w2, b2], dtype, f"relu_ffn {dtype}")
         run_case(lambda x, wgu, w2: torch.ops.ffn.geglu(x, wgu, None, w2, None, "tanh"), [x, wgu, w2], dtype,
                  f"geglu tanh {dtype}")
-        for op in ("swiglu", "geglu", "reglu"):
+        for op in ffn.activations.GATED_OPS:
             run_case(lambda x, wgu, w2: getattr(torch.ops.ffn, op)(x, wgu, None, w2, None), [x, wgu, w2], dtype, f"{op} {dtype}")
         z = torch.randn(rows, 2 * f, generator=g).to(dtype)
         z[1, 0] = 40.0  # an outlier row for the second telemetry pass
-        for act in ("silu", "gelu", "gelu_tanh", "relu"):
+        for act in ffn.activations.ACTIVATION_NAMES:
             stats = torch.ops.ffn.ffn_stats(x.cuda(), z.cuda(), act, True, 0.05, 3.0, 6.0)
             want = torch.ops.ffn.ffn_stats(x, z, act, True, 0.05, 3.0, 6.0)
             torch.testing.assert_close(stats.cpu(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"ffn_stats {act}: {m}")

@@ -285,7 +285,7 @@ def op_checks(c):
     c.run("geglu/tanh-tp", check_op, lambda x, wgu, bgu, w2, b2: OPS.geglu(x, wgu, bgu, w2, b2, "tanh"),
           [x3, wgu, bgu, w2, b2], tp_gated, quiet=True, out_placements=[[P]],
           grad_placements=[[P], [SS(0)], [SS(0)], [Shard(1)], [R]])
-    for op in ("swiglu", "geglu", "reglu"):
+    for op in ffn.activations.GATED_OPS:
         f = getattr(OPS, op)
         c.run(f"{op}/tp", check_op, f, [x3, wgu, bgu, w2, b2], tp_gated, quiet=True, out_placements=[[P]],
               grad_placements=[[P], [SS(0)], [SS(0)], [Shard(1)], [R]])
@@ -347,7 +347,7 @@ def op_checks(c):
 
     # ---- gated_activation, bias_gelu, ffn_stats
     gu = torch.randn(B, T, 2 * ff)
-    for act in ("silu", "gelu", "relu"):
+    for act in ffn.activations.GATED_OPS.values():  # silu, gelu, relu
         f = lambda g, act=act: OPS.gated_activation(g, act)  # noqa: E731
         for pl in (Shard(0), Shard(1), SS(2)):
             c.run(f"gated_activation/{act}/{pl}", check_op, f, [gu], [pl], quiet=True,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ffn
+from ffn.activations import GATED_OPS
 from helpers import assert_accurate, randn
 
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
@@ -53,10 +54,8 @@ FFN_CASES = {
     "gelu_ffn-tanh": (lambda *a: torch.ops.ffn.gelu_ffn(*a, "tanh"),
                       lambda *a: ffn.reference.gelu_ffn(*a, "tanh"), False),
     "relu_ffn": (torch.ops.ffn.relu_ffn, ffn.reference.relu_ffn, False),
-    "swiglu": (torch.ops.ffn.swiglu, ffn.reference.swiglu, True),
-    "geglu": (torch.ops.ffn.geglu, ffn.reference.geglu, True),
+    **{op: (getattr(torch.ops.ffn, op), getattr(ffn.reference, op), True) for op in GATED_OPS},
     "geglu-tanh": (lambda *a: torch.ops.ffn.geglu(*a, "tanh"), lambda *a: ffn.reference.geglu(*a, "tanh"), True),
-    "reglu": (torch.ops.ffn.reglu, ffn.reference.reglu, True),
 }
 
 
@@ -138,11 +137,11 @@ def test_block_under_autocast_matches_eager():
                         name=f"grad {name}")
 
 
-@pytest.mark.parametrize("case", ("gelu_ffn", "gelu_ffn-tanh", "relu_ffn", "swiglu", "geglu", "reglu"))
+@pytest.mark.parametrize("case", ("gelu_ffn", "gelu_ffn-tanh", "relu_ffn", *GATED_OPS))
 def test_internal_forward_ops_autocast_like_the_public_ops(case):
     """Calling _gelu_ffn_fwd / _relu_ffn_fwd / _gated_ffn_fwd directly (for the pre-activation)
     under CPU autocast gives the public op's output bit for bit, in its dtype."""
-    gated = case not in ("gelu_ffn", "gelu_ffn-tanh", "relu_ffn")
+    gated = case in GATED_OPS
     d, d_ff = 32, 24
     rows_in = 2 * d_ff if gated else d_ff
     x, w_in, b_in = randn(2, 5, d), randn(rows_in, d, scale=d**-0.5), randn(rows_in, scale=0.5)
@@ -150,8 +149,7 @@ def test_internal_forward_ops_autocast_like_the_public_ops(case):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if gated:
             public = getattr(torch.ops.ffn, case)(x, w_in, b_in, w_out, b_out)
-            activation = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}[case]
-            out, preact = torch.ops.ffn._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, activation)
+            out, preact = torch.ops.ffn._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, GATED_OPS[case])
         elif case == "relu_ffn":
             public = torch.ops.ffn.relu_ffn(x, w_in, b_in, w_out, b_out)
             out, preact = torch.ops.ffn._relu_ffn_fwd(x, w_in, b_in, w_out, b_out)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ffn
+from ffn.activations import ACTIVATION_NAMES, GATED_OPS, GELU_APPROXIMATIONS
 from helpers import randn
 
 # opcheck and torch.compile trace and compile: seconds per test.
@@ -76,12 +77,9 @@ def test_opcheck_norm_backward_ops(op, device):
                     (torch.randn_like(y), x, *stats, w, b, weight_grad, bias_grad))
 
 
-GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
-
-
-@pytest.mark.parametrize("op", ("gelu_ffn", "relu_ffn", "swiglu", "geglu", "reglu"))
+@pytest.mark.parametrize("op", ("gelu_ffn", "relu_ffn", *GATED_OPS))
 def test_opcheck_ffns(op, device):
-    samples = ffn_samples(op not in ("gelu_ffn", "relu_ffn"), device)
+    samples = ffn_samples(op in GATED_OPS, device)
     if op == "gelu_ffn":
         opcheck(torch.ops.ffn.gelu_ffn, (*samples[0], "tanh"))
         for args, approximate in itertools.product(samples, ("none", "tanh")):
@@ -95,13 +93,13 @@ def test_opcheck_ffns(op, device):
         if op == "geglu":
             opcheck(torch.ops.ffn.geglu, (*samples[0], "tanh"))
         for args in samples:
-            opcheck(torch.ops.ffn._gated_ffn_fwd, (*args, GATED[op]))
+            opcheck(torch.ops.ffn._gated_ffn_fwd, (*args, GATED_OPS[op]))
 
 
 # "none"/"tanh": gelu_ffn's approximate; "plain relu": relu_ffn; the rest: the gated activations.
-@pytest.mark.parametrize("activation", ("none", "tanh", "plain relu", "silu", "gelu", "gelu_tanh", "relu"))
+@pytest.mark.parametrize("activation", (*GELU_APPROXIMATIONS, "plain relu", *ACTIVATION_NAMES))
 def test_opcheck_ffn_backward_ops(activation, device):
-    gated = activation not in ("none", "tanh", "plain relu")
+    gated = activation in ACTIVATION_NAMES
     name = "_gated_ffn" if gated else "_relu_ffn" if activation == "plain relu" else "_gelu_ffn"
     fwd, bwd = getattr(torch.ops.ffn, name + "_fwd"), getattr(torch.ops.ffn, name + "_bwd")
     static = () if name == "_relu_ffn" else (activation,)
@@ -112,7 +110,7 @@ def test_opcheck_ffn_backward_ops(activation, device):
         opcheck(bwd, (torch.randn_like(out), x, preact, w_in, w_out, *static, grad_mask))
 
 
-@pytest.mark.parametrize("activation", ("silu", "gelu", "gelu_tanh", "relu"))
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
 def test_opcheck_gated_activation(activation, device):
     for dtype in (torch.float32, torch.bfloat16):
         gate_up = randn(2, 3, 20, dtype=dtype, device=device)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ffn
+from ffn.activations import GATED_OPS
 
 
 def norm_args(d=8, dtype=torch.float32):
@@ -19,7 +20,7 @@ def ffn_args(gated, d=8, d_ff=6, dtype=torch.float32):
             torch.randn(d, d_ff, dtype=dtype), torch.randn(d, dtype=dtype))
 
 
-FFN_OPS = ("gelu_ffn", "relu_ffn", "swiglu", "geglu", "reglu")
+FFN_OPS = ("gelu_ffn", "relu_ffn", *GATED_OPS)
 NORM_OPS = ("layer_norm", "rms_norm")
 # Names of the FFN arguments in messages: gelu_ffn's and the gated family's.
 ARG_NAMES = {False: ("x", "w1", "b1", "w2", "b2"), True: ("x", "w_gate_up", "b_gate_up", "w_down", "b_down")}
@@ -96,7 +97,7 @@ def test_norm_0dim_input(op):
 # ----------------------------------------------------------------------------- FFNs
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_last_dim_mismatch(op):
-    gated = op not in ("gelu_ffn", "relu_ffn")
+    gated = op in GATED_OPS
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     x_, w_in_, b_in_, w_out_, b_out_ = ARG_NAMES[gated]
     rows_in = w_in.shape[0]
@@ -108,7 +109,7 @@ def test_ffn_last_dim_mismatch(op):
 
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_bias_wrong_size(op):
-    gated = op not in ("gelu_ffn", "relu_ffn")
+    gated = op in GATED_OPS
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     _, _, b_in_, _, b_out_ = ARG_NAMES[gated]
     with raises(f"ffn.{op}: {b_in_} must have shape [{w_in.shape[0]}], got [5]"):
@@ -119,7 +120,7 @@ def test_ffn_bias_wrong_size(op):
 
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_weight_not_2d(op):
-    gated = op not in ("gelu_ffn", "relu_ffn")
+    gated = op in GATED_OPS
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     w_in_ = ARG_NAMES[gated][1]
     with raises(f"ffn.{op}: {w_in_} must be a 2-D [out_features, in_features] weight, got shape"):
@@ -129,7 +130,7 @@ def test_ffn_weight_not_2d(op):
 @pytest.mark.parametrize("dtype", (torch.int64, torch.int32, torch.bool))
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_integer_dtypes(op, dtype):
-    gated = op not in ("gelu_ffn", "relu_ffn")
+    gated = op in GATED_OPS
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     with raises(f"ffn.{op}: x must be float64, float32, float16 or bfloat16, got"):
         call_ffn(op, (x.to(dtype), w_in.to(dtype), b_in.to(dtype), w_out.to(dtype), b_out.to(dtype)))
@@ -139,7 +140,7 @@ def test_ffn_integer_dtypes(op, dtype):
 
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_mixed_dtypes(op):
-    gated = op not in ("gelu_ffn", "relu_ffn")
+    gated = op in GATED_OPS
     _, w_in_, b_in_, w_out_, b_out_ = ARG_NAMES[gated]
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     with raises(f"ffn.{op}: {w_in_} must have x's dtype (BFloat16), got Float", "autocast"):
@@ -155,13 +156,13 @@ def test_ffn_mixed_dtypes(op):
 
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_0dim_input(op):
-    gated = op not in ("gelu_ffn", "relu_ffn")
+    gated = op in GATED_OPS
     _, w_in, b_in, w_out, b_out = ffn_args(gated)
     with raises(f"ffn.{op}: x must have at least 1 dimension"):
         call_ffn(op, (torch.tensor(1.0), w_in, b_in, w_out, b_out))
 
 
-@pytest.mark.parametrize("op", ("swiglu", "geglu", "reglu"))
+@pytest.mark.parametrize("op", GATED_OPS)
 def test_gated_odd_rows(op):
     x, w_in, b_in, w_out, b_out = ffn_args(True)
     with raises(f"ffn.{op}: w_gate_up must have an even number of rows", "got 11"):
@@ -176,7 +177,7 @@ def test_gelu_ffn_bad_approximate():
 def test_gated_ffn_bad_approximate():
     with raises("ffn.geglu: approximate must be 'none' or 'tanh' (as in F.gelu), got 'erf'"):
         torch.ops.ffn.geglu(*ffn_args(True), "erf")
-    for op in ("swiglu", "reglu"):
+    for op in [g for g, act in GATED_OPS.items() if act != "gelu"]:  # swiglu, reglu: no GELU gate
         with raises(f'ffn.{op}: approximate applies to GELU gates (geglu) only; expected "none", got "tanh"'):
             getattr(torch.ops.ffn, op)(*ffn_args(True), "tanh")
 
@@ -224,7 +225,7 @@ def device_cases():
         for i, name in ((1, "weight"), (2, "bias")):
             yield op, fn, (x, w, b), i, name
     for op in FFN_OPS:
-        gated = op not in ("gelu_ffn", "relu_ffn")
+        gated = op in GATED_OPS
         for i in range(1, 5):
             yield op, getattr(torch.ops.ffn, op), ffn_args(gated), i, ARG_NAMES[gated][i]
     yield "bias_gelu", torch.ops.ffn.bias_gelu, (x, b), 1, "bias"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ffn
-from ffn.activations import ACTIVATIONS
+from ffn.activations import ACTIVATION_NAMES, ACTIVATIONS, GATED_OPS, gelu_activation
 from helpers import (
     DTYPES,
     HALF_DTYPES,
@@ -43,9 +43,9 @@ class FfnCase:
     @property
     def activation(self):
         """The gated op's activation string (as taken by _gated_ffn_fwd and gated_activation)."""
-        if self.name == "geglu" and self.approximate == "tanh":
-            return "gelu_tanh"
-        return {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}[self.name]
+        if self.name == "geglu":
+            return gelu_activation(self.approximate)
+        return GATED_OPS[self.name]
 
     @property
     def internal(self):
@@ -62,10 +62,8 @@ FFNS = [
     FfnCase("gelu_ffn", gated=False),
     FfnCase("gelu_ffn", gated=False, approximate="tanh"),
     FfnCase("relu_ffn", gated=False),
-    FfnCase("swiglu", gated=True),
-    FfnCase("geglu", gated=True),
+    *(FfnCase(op, gated=True) for op in GATED_OPS),
     FfnCase("geglu", gated=True, approximate="tanh"),
-    FfnCase("reglu", gated=True),
 ]
 SWIGLU = next(c for c in FFNS if c.name == "swiglu")
 BIASES = {"bias": (True, True), "nobias": (False, False), "bias_in": (True, False), "bias_out": (False, True)}
@@ -298,7 +296,7 @@ def test_ffn_saves_only_input_and_preactivation():
 
 
 # ----------------------------------------------------------------------------- elementwise pieces
-GATED_ACTS = ("silu", "gelu", "gelu_tanh", "relu")
+GATED_ACTS = ACTIVATION_NAMES
 ELEMENTWISE_DIMS = (1, 7, 64, 127, 4097, 16384)
 
 

@@ -1,6 +1,7 @@
 """ffn as a Hugging Face kernel (ffn.hub): the repository built in the session from
 the installed package (layout, metadata and the variant kernels picks), kernelize of
-tiny offline models on CPU (and CUDA when present) in the modes TRAINING and INFERENCE,
+tiny offline models (norms, and MLPs marked by ffn.hub.mark_mlps) on CPU (and CUDA
+when present) in the modes TRAINING and INFERENCE,
 with torch.compile(fullgraph=True), against each model's unkernelized twin (logits,
 gradients, state_dict, ffn op calls), the output dtypes of each norm form, the split of
 transformers' "RMSNorm" classes that the RMSNorm layer relies on, and the repository's
@@ -39,24 +40,28 @@ ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=VOCAB)
 
 # name -> (config factory, model class, {layer name: modules kernelize gives an ffn layer})
+SWIGLU = {"SwiGLUMLP": 2}  # the two layers' MLPs, marked by mark_mlps
 ARCHS = {
-    "llama": (lambda: T.LlamaConfig(**DECODER, **ATTN), "LlamaForCausalLM", {"RMSNorm": 5}),
-    "mistral": (lambda: T.MistralConfig(**DECODER, **ATTN), "MistralForCausalLM", {"RMSNorm": 5}),
-    "qwen3": (lambda: T.Qwen3Config(**DECODER, **ATTN, head_dim=8), "Qwen3ForCausalLM", {"RMSNorm": 9}),
+    "llama": (lambda: T.LlamaConfig(**DECODER, **ATTN), "LlamaForCausalLM", {"RMSNorm": 5, **SWIGLU}),
+    "mistral": (lambda: T.MistralConfig(**DECODER, **ATTN), "MistralForCausalLM", {"RMSNorm": 5, **SWIGLU}),
+    "qwen3": (lambda: T.Qwen3Config(**DECODER, **ATTN, head_dim=8), "Qwen3ForCausalLM", {"RMSNorm": 9, **SWIGLU}),
+    # Phi3's MLP packs gate and up in one layer: only ffn.patch reaches it.
     "phi3": (lambda: T.Phi3Config(**DECODER, **ATTN, pad_token_id=0, eos_token_id=1, bos_token_id=1),
              "Phi3ForCausalLM", {"RMSNorm": 5}),
     # Olmo2's norms multiply before the cast (hub.PRODUCT_THEN_CAST).
     "olmo2": (lambda: T.Olmo2Config(**DECODER, **ATTN, pad_token_id=0, eos_token_id=1), "Olmo2ForCausalLM",
-              {"RMSNorm": 9}),
+              {"RMSNorm": 9, **SWIGLU}),
     # Zero-centered norms; the gated norm of the linear-attention layer keeps its forward.
     "qwen3_5": (lambda: T.Qwen3_5TextConfig(**DECODER, **ATTN, head_dim=8, linear_num_key_heads=2,
                                             linear_num_value_heads=4, linear_key_head_dim=8,
                                             linear_value_head_dim=8,
                                             layer_types=["linear_attention", "full_attention"]),
-                "Qwen3_5ForCausalLM", {"RMSNormZeroCentered": 7}),
-    # Gemma's norms carry no hub decorator: only ffn.patch reaches them.
-    "gemma": (lambda: T.GemmaConfig(**DECODER, **ATTN, head_dim=8), "GemmaForCausalLM", {}),
+                "Qwen3_5ForCausalLM", {"RMSNormZeroCentered": 7, **SWIGLU}),
+    # Gemma's norms carry no hub decorator (only ffn.patch reaches them); its MLP is a tanh GeGLU.
+    "gemma": (lambda: T.GemmaConfig(**DECODER, **ATTN, head_dim=8), "GemmaForCausalLM", {"GeGLUMLP": 2}),
 }
+NORM_LAYERS = ("RMSNorm", "RMSNormZeroCentered")
+_MARKED = {}  # classes mark_mlps marked during a test, unmarked after it
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +70,21 @@ def _offline(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(autouse=True)
+def _unmark_mlps():
+    """mark_mlps marks classes, as kernels' replace_kernel_forward_from_hub does: undone after each test."""
+    yield
+    for cls in _MARKED:
+        del cls.kernel_layer_name, cls.kernel_condition
+    _MARKED.clear()
+
+
+def mark_mlps(model):
+    marked = hub.mark_mlps(model)
+    _MARKED.update(marked)
+    return marked
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +96,11 @@ def hub_repo(tmp_path_factory):
 
 
 def build(arch, seed=0):
-    """The model in eval mode, norm weights away from their init (test_patch's builder)."""
-    return test_patch.build(arch, seed, archs=ARCHS)
+    """The model in eval mode, norm weights away from their init (test_patch's builder),
+    its MLP classes marked for kernelize."""
+    model = test_patch.build(arch, seed, archs=ARCHS)
+    mark_mlps(model)
+    return model
 
 
 def kernelized_copy(model, repo, mode, device):
@@ -220,8 +243,12 @@ def test_kernelize_matches_the_unkernelized_model(hub_repo, arch, mode, device):
     ids = input_ids(device)
     with torch.no_grad(), CountFfnOps() as counted:
         ours(ids)
-    # One ffn norm op per kernelized module (rms_norm's forward op reaches the dispatcher).
-    assert sum(counted.calls.values()) == len(want) and all("rms_norm" in op for op in counted.calls)
+    # One ffn op per kernelized module: a norm op per norm, a fused gated FFN op per MLP.
+    kinds = Counter("norm" if "rms_norm" in op else "mlp" if "ffn" in op else op
+                    for op, n in counted.calls.items() for _ in range(n))
+    layers_of = Counter(want.values())
+    assert kinds == Counter(norm=sum(layers_of[n] for n in NORM_LAYERS),
+                            mlp=layers_of["SwiGLUMLP"] + layers_of["GeGLUMLP"]) - Counter(), counted.calls
 
     if mode == Mode.TRAINING:
         logits_ref, logits_ours = fwd_bwd(ref, ids), fwd_bwd(ours, ids)
@@ -250,8 +277,9 @@ def _counting_aot_eager(seen):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, mode", [("llama", Mode.TRAINING | Mode.TORCH_COMPILE),
-                                        ("olmo2", Mode.INFERENCE | Mode.TORCH_COMPILE)],
-                         ids=["llama-training", "olmo2-inference"])
+                                        ("olmo2", Mode.INFERENCE | Mode.TORCH_COMPILE),
+                                        ("gemma", Mode.TRAINING | Mode.TORCH_COMPILE)],
+                         ids=["llama-training", "olmo2-inference", "gemma-training"])
 def test_compile_fullgraph(hub_repo, arch, mode, device):
     torch._dynamo.reset()
     ref = build(arch).to(device)
@@ -266,7 +294,10 @@ def test_compile_fullgraph(hub_repo, arch, mode, device):
         with torch.no_grad():
             logits_ref, logits_ours = ref(ids).logits, compiled(ids).logits
     torch.testing.assert_close(logits_ours, logits_ref, rtol=1e-5, atol=1e-5)
-    assert seen == ["ffn.rms_norm"] * sum(ARCHS[arch][2].values())
+    layers_of = ARCHS[arch][2]
+    want = Counter({"ffn.rms_norm": sum(layers_of.get(n, 0) for n in NORM_LAYERS),
+                    "ffn.swiglu": layers_of.get("SwiGLUMLP", 0), "ffn.geglu": layers_of.get("GeGLUMLP", 0)})
+    assert Counter(seen) == want - Counter()
 
 
 # ----------------------------------------------------------------------------- the norm forms
@@ -308,6 +339,48 @@ def test_subclass_keeps_its_base_form(hub_repo):
     assert get_kernelized_layers(ours).layers
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     assert ours(x).dtype == ref(x).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- the MLP layers
+def test_mark_mlps_marks_llama_style_classes_once():
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    def unmarked(arch):
+        return test_patch.build(arch, archs=ARCHS)
+
+    assert not hasattr(LlamaMLP, "kernel_layer_name")
+    assert mark_mlps(unmarked("llama")) == {LlamaMLP: "SwiGLUMLP"}
+    assert mark_mlps(unmarked("llama")) == {}  # marked already
+    assert mark_mlps(unmarked("gemma")) == {GemmaMLP: "GeGLUMLP"}
+    assert mark_mlps(unmarked("phi3")) == {} and not hasattr(Phi3MLP, "kernel_layer_name")
+
+
+def _kernelized_mlp(hub_repo, arch):
+    ref = build(arch).model.layers[0].mlp
+    return ref, kernelized_copy(ref, hub_repo, Mode.TRAINING, "cpu")
+
+
+def test_mlp_with_a_hooked_projection_runs_it_as_a_module(hub_repo):
+    ref, ours = _kernelized_mlp(hub_repo, "llama")
+    for m in (ref, ours):
+        m.up_proj.register_forward_hook(lambda mod, args, out: out * 2)
+    x = torch.randn(3, 4, 32)
+    with pytest.warns(UserWarning, match=r"ffn.hub: LlamaMLP.up_proj \(.*\) has hooks"), CountFfnOps() as counted:
+        got = ours(x)
+    assert counted.calls.get("swiglu", 0) == 0 and counted.calls  # the elementwise ffn op, not the fused one
+    torch.testing.assert_close(got, ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_with_an_activation_ffn_lacks_runs_its_own_forward(hub_repo):
+    ref, ours = _kernelized_mlp(hub_repo, "llama")
+    ref.act_fn = ours.act_fn = torch.nn.Softplus()
+    x = torch.randn(3, 4, 32)
+    with CountFfnOps() as counted:
+        got = ours(x)
+    assert counted.calls == {}
+    torch.testing.assert_close(got, ref(x), rtol=0, atol=0)
 
 
 def _forward_returns(source, layer_name):
@@ -377,6 +450,7 @@ def test_repository_loads_its_own_ffn_in_a_fresh_interpreter(hub_repo):
                                                  vocab_size=97, num_attention_heads=4, num_key_value_heads=2))
         ids = torch.randint(2, 97, (2, 8))
         want = model(ids).logits
+        ffn.hub.mark_mlps(model)
         with use_kernel_mapping(ffn.hub.kernel_mapping(repo), inherit_mapping=False):
             kernelize(model, mode=Mode.TRAINING, device="cpu")
         with Count():
@@ -387,4 +461,4 @@ def test_repository_loads_its_own_ffn_in_a_fresh_interpreter(hub_repo):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == "5"  # one ffn.rms_norm per RMSNorm
+    assert out.stdout.split()[-1] == "7"  # one ffn.rms_norm per RMSNorm, one ffn.swiglu per MLP

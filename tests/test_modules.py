@@ -275,9 +275,6 @@ def test_ffn_modules_share_one_interface(cls, kwargs, backend, device):
     out, preact = module.forward_with_preact(x)
     assert_same(out, module(x))
     assert_same(preact, F.linear(x, w_in, b_in).reshape(10, -1))  # the pre-activation, bias included
-    gate, h = module.hidden(x)
-    assert (gate is None) == (not module.gated)
-    torch.testing.assert_close(module.down(h), out, rtol=1e-5, atol=1e-6)
     stats = torch.ops.ffn.ffn_stats(x, preact, module.activation, module.gated)
     torch.testing.assert_close(stats, ffn.telemetry.reference_stats(x, preact, module.activation, module.gated),
                                rtol=1e-6, atol=1e-6)
@@ -335,8 +332,6 @@ def test_ffn_projections_are_nn_linear_submodules(cls, kwargs):
     module = cls(16, **kwargs)
     names = PROJECTIONS[cls]
     assert [n for n, m in module.named_modules() if isinstance(m, nn.Linear)] == list(names)
-    assert sum(p.numel() for p in module.parameters()) == ffn.modules.ffn_param_count(16, 24, module.gated,
-                                                                              module.out_proj()[1] is not None)
     # An init loop over nn.Linear (nanoGPT's _init_weights) reaches the FFN.
     net = Net(module)
     net.apply(lambda m: nn.init.normal_(m.weight, std=0.02) if isinstance(m, nn.Linear) else None)
@@ -398,7 +393,7 @@ def test_lora_on_the_projections_is_not_bypassed(cls, fresh_warnings):
                                          r"peft\.tuners\.lora\.layer\.Linear: running it as a module"), \
             OpsCalled() as rec:
         out = net(x)
-    assert not {"gelu_ffn", "relu_ffn", "swiglu", "geglu", "reglu"} & rec.names
+    assert not set(ffn.modules.FFN_MODULES) & rec.names
     want = reference_output(module, x)
     assert_same(out, want)
     out_p, preact = module.forward_with_preact(x)

@@ -38,6 +38,16 @@ def test_op_defaults_come_from_the_schemas():
         op_default("swiglu", "eps")
 
 
+def test_fused_op_of_each_activation():
+    from ffn.activations import approximate_of, fused_op
+
+    assert {name: (fused_op(name, True), fused_op(name, False), approximate_of(name)) for name in ACTIVATIONS} == {
+        "silu": ("swiglu", None, "none"), "gelu": ("geglu", "gelu_ffn", "none"),
+        "gelu_tanh": ("geglu", "gelu_ffn", "tanh"), "relu": ("reglu", "relu_ffn", "none")}
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fused_op("swish", True)
+
+
 def test_activation_table_covers_every_gated_op_and_module():
     assert GATED_OPS == {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
     for op, activation in GATED_OPS.items():

@@ -16,7 +16,7 @@ from torch import nn
 import ffn
 
 T = pytest.importorskip("transformers")
-P = sys.modules["ffn.patch"]  # the module (ffn.patch is the function)
+P = ffn.patching
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -133,7 +133,7 @@ def test_patch_reports_what_it_replaced(arch):
             if isinstance(m, ffn.FFN):  # every MLP of these architectures runs on a fused op
                 gated = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu"}
                 fused = gated[m.activation] if m.gated else "relu_ffn" if m.activation == "relu" else "gelu_ffn"
-                assert m._fused_op() == fused
+                assert m._ffn_fused_op == fused
 
 
 # ----------------------------------------------------------------------------- float32: logits and gradients
@@ -267,7 +267,7 @@ def test_parameters_are_the_hf_ones_in_their_own_storage_across_to():
 def test_unpatch_restores_the_classes():
     ref = build("gemma")
     ours = patched_copy(ref)
-    assert P.unpatch(ours) == {"GemmaRMSNorm": 5, "GemmaMLP": 2}
+    assert ffn.unpatch(ours) == {"GemmaRMSNorm": 5, "GemmaMLP": 2}
     assert {type(m) for m in ours.modules()} == {type(m) for m in ref.modules()}
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs("gemma")).logits, ref(**inputs("gemma")).logits)
@@ -354,7 +354,7 @@ def test_telemetry_table_matches_reference_stats(arch):
     with torch.no_grad():
         plain = model(**inputs(arch)).logits
         captured.clear()
-        with ffn.patch.telemetry(model) as rec:
+        with ffn.telemetry.record(model) as rec:
             logits = model(**inputs(arch)).logits
     for h in hooks:
         h.remove()
@@ -383,7 +383,7 @@ def test_telemetry_table_matches_reference_stats(arch):
 def test_telemetry_with_gradients_and_collect():
     ref = build("llama")
     ours = patched_copy(ref)
-    with ffn.patch.telemetry(ours) as rec:
+    with ffn.telemetry.record(ours) as rec:
         logits_ours = fwd_bwd(ours, "llama")
     logits_ref = fwd_bwd(ref, "llama")
     torch.testing.assert_close(logits_ours, logits_ref, rtol=1e-5, atol=1e-5)
@@ -391,14 +391,14 @@ def test_telemetry_with_gradients_and_collect():
     assert diff <= 2e-5 * scale
     assert [row["calls"] for row in rec.table()] == [1, 1]
     ours.train()
-    table = P.collect_telemetry(ours, [inputs("llama")["input_ids"], inputs("llama", seed=9)])
+    table = ffn.telemetry.collect(ours, [inputs("llama")["input_ids"], inputs("llama", seed=9)])
     assert ours.training and [row["layer"] for row in table] == [0, 1] and all(r["calls"] == 2 for r in table)
     assert all(0 <= r["gate_near_zero_frac"] <= 1 and r["h_max_over_rms"] >= 1 for r in table)
 
 
 def test_telemetry_needs_a_patched_model():
     with pytest.raises(ValueError, match="ffn.patch"):
-        with ffn.patch.telemetry(build("llama")):
+        with ffn.telemetry.record(build("llama")):
             pass
 
 

@@ -9,7 +9,7 @@ the flags. The op library (`import ffn`) never imports this package.
     designs.py      Design and the design vocabulary and grammar (--designs)
     model.py        the Transformer LM built from a Design
     data.py         the bundled corpus, byte tokens, batches
-    distributed.py  one process, or ranks under torchrun: the process group and device mesh (--parallel)
+    processes.py    one process, or ranks under torchrun: the process group and device mesh (--parallel)
     parallel.py     FSDP2 and tensor parallelism of the model, the gathered replica for evaluation
     checkpoint.py   checkpoints (torch.distributed.checkpoint) that load into any mode and world size,
                     with sha256 of every file, verified before a resume loads anything

@@ -32,7 +32,7 @@ from . import data as textdata
 from . import designs as designgrammar
 from .config import DEFAULT_DESIGNS, DEFAULT_PROBE_SHIFT, PRESETS, STUDY, RunConfig, TrainConfig
 from .designs import FFNS, LAYOUTS, NORMS, PLACEMENTS, Design
-from .distributed import DEFAULT_TIMEOUT_S, PARALLEL_MODES, init_dist
+from .processes import DEFAULT_TIMEOUT_S, PARALLEL_MODES, init_dist
 from .files import RunLock
 from .metrics import MetricsLog
 from .model import BACKENDS

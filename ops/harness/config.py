@@ -40,7 +40,7 @@ class TrainConfig:
     d_model: int
     n_layers: int
     n_heads: int
-    d_ff: int  # the GELU FFN's width; gated FFNs use ffn.modules.gated_d_ff of it
+    d_ff: int  # the GELU FFN's width; gated FFNs use ffn.harness.model.gated_d_ff of it
     seq_len: int
     batch_size: int  # per rank
     steps: int

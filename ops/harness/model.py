@@ -27,12 +27,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import telemetry
-from ..modules import LayerNorm, RMSNorm, gated_d_ff
+from ..modules import LayerNorm, RMSNorm
 from ..schema import op_default
 from .designs import NORMS, Design
 
 BACKENDS = ("ffn", "torch")
 NORM_MODULES = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}
+
+
+def ffn_param_count(d_model, d_ff, gated, bias):
+    """Parameters of one FFN (d_out = d_model)."""
+    if gated:
+        return 3 * d_model * d_ff + (2 * d_ff + d_model if bias else 0)
+    return 2 * d_model * d_ff + (d_ff + d_model if bias else 0)
+
+
+def gated_d_ff(d_model, d_ff, bias=True):
+    """The width of a gated FFN with the parameter count of a GELU FFN of width d_ff:
+    2/3 of d_ff, rounded to the integer whose count is closest; it must be within 1%."""
+    target = ffn_param_count(d_model, d_ff, False, bias)
+    base = round(2 * d_ff / 3)
+    width = min((base - 1, base, base + 1),
+                key=lambda w: abs(ffn_param_count(d_model, w, True, bias) - target))
+    mismatch = abs(ffn_param_count(d_model, width, True, bias) - target) / target
+    if mismatch >= 0.01:
+        raise ValueError(f"no gated FFN width matches the parameter count of a GELU FFN with d_model={d_model}, "
+                         f"d_ff={d_ff} within 1% (best: {width}, off by {mismatch:.2%}); use a larger d_ff")
+    return width
 
 
 @dataclass(frozen=True)
@@ -42,7 +63,7 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    d_ff: int = 512  # the GELU FFN's width; gated FFNs use gated_d_ff(d_ff)
+    d_ff: int = 512  # the GELU FFN's width; gated FFNs use gated_d_ff(d_model, d_ff)
     ffn_bias: bool = True
     design: Design = Design()
     backend: str = "ffn"

@@ -1,6 +1,6 @@
-"""Outlier statistics of the FFN, from the FFN modules' shared interface (hidden, down,
-in_proj, out_proj, gated): cheap enough to log at the telemetry cadence, and measured
-on validation windows after training.
+"""Outlier statistics of the FFN, from the FFN modules' shared interface (in_proj,
+out_proj, activation, gated; h and the output from probes.hidden / probes.down): cheap
+enough to log at the telemetry cadence, and measured on validation windows after training.
 
 Per layer:
     h_rms_kurtosis      kurtosis over neurons k of r_k = rms over tokens of h_k (h: the
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import Block
+from .probes import down, hidden
 from .quant import W8A8_MODES, w8a8_output
 
 OUTLIER_KEYS = ("h_rms_kurtosis", "h_max_over_median", "resid_max_over_median", "gate_up_cos", "gate_up_cos_max",
@@ -74,12 +75,12 @@ def captured(model):
 def layer_outliers(ffn, ffn_in, resid, with_quant=True):
     """The OUTLIER_KEYS of one layer from its FFN input and residual input tensors."""
     x = ffn_in.reshape(-1, ffn_in.shape[-1]).float()
-    _, h = ffn.hidden(x)
+    _, h = hidden(ffn, x)
     cos_mean, cos_max = gate_up_alignment(ffn)
     out = {"h_rms_kurtosis": kurtosis(h.square().mean(0).sqrt()), "h_max_over_median": max_over_median(h),
            "resid_max_over_median": max_over_median(resid), "gate_up_cos": cos_mean, "gate_up_cos_max": cos_max}
     if with_quant:
-        ref = ffn.down(h)
+        ref = down(ffn, h)
         calib = {"x": x.abs().amax(0), "h": h.abs().amax(0)}  # channel_absmax(ffn, x), h already computed
         norm = ref.norm()
         for mode in W8A8_MODES:

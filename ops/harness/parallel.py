@@ -1,5 +1,5 @@
 """FSDP2 and tensor parallelism of the harness's TransformerLM (model.py), on the device
-mesh of distributed.init_dist.
+mesh of processes.init_dist.
 
 fsdp: fully_shard of every Block, then of the root (embeddings, final norm, tied head), on the
   "dp" mesh; with AMP on CUDA a MixedPrecisionPolicy (bf16 parameters, fp32 gradient

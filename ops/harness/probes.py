@@ -17,15 +17,43 @@ never arrives (e.g. LayerNorm removes it exactly). `norm_input_rms` measures
 the scale of the residual stream entering each FFN norm, so a shift can be
 given in units of it. It is an evaluation-time
 analysis on plain PyTorch copies of the FFN math, not training telemetry.
+
+Those copies are hidden() and down() below (the quantization and outlier probes use
+them too): the FFN split at h, in float32, built on the FFN interface of ffn.modules.FFN
+(in_proj, out_proj, activation, gated), so they take every module that implements it.
 """
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
+from .. import reference
+from ..activations import activation as activation_spec
 from .model import Block, shift_probe
 
 OFFSET_KEYS = ("input_offset", "gate_offset", "down_in_offset")
+
+
+def _float(t):
+    return None if t is None else t.float()
+
+
+def hidden(ffn, x):
+    """(gate pre-activation, or None when not gated; h, the tensor entering the down
+    projection) of the FFN module `ffn` for input x, in plain PyTorch and float32: for
+    probes, not training."""
+    w_in, b_in = ffn.in_proj()
+    preact = F.linear(x.float(), w_in.float(), _float(b_in))
+    if ffn.gated:
+        return preact.chunk(2, dim=-1)[0], reference.gated_activation(preact, ffn.activation)
+    return None, activation_spec(ffn.activation).fn(preact)
+
+
+def down(ffn, h):
+    """The down projection of the FFN module `ffn` applied to h, in float32."""
+    w_out, b_out = ffn.out_proj()
+    return F.linear(h, w_out.float(), _float(b_out))
 
 
 def run_with_hooks(model, batches, handles):
@@ -143,7 +171,7 @@ class ShiftRecorder:
         for block, cap, acc in zip(self.blocks, self.caps, self.acc):
             x = cap.pop("ffn_in")
             x = x.reshape(-1, x.shape[-1])
-            gate, h = block.ffn.hidden(x)
+            gate, h = hidden(block.ffn, x)
             add = "add_base" if self.phase == "base" else "add_shifted"
             getattr(acc["input_offset"], add)(x.float())
             getattr(acc["down_in_offset"], add)(h)

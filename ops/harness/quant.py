@@ -18,7 +18,7 @@ import contextlib
 import torch
 
 from ..modules import FFN
-from .probes import run_with_hooks
+from .probes import down, hidden, run_with_hooks
 
 
 def quantize(weight, bits=8):
@@ -72,8 +72,8 @@ def quantized_down_input(model, bits=8):
 
     def make(i, module):
         def forward(x):
-            _, h = module.hidden(x)
-            return module.down(fake_quantize_rows(h, bits)).to(_out_dtype(module, x))
+            _, h = hidden(module, x)
+            return down(module, fake_quantize_rows(h, bits)).to(_out_dtype(module, x))
         return forward
 
     with _replaced_forwards(model, make):
@@ -176,7 +176,7 @@ def _weights(ffn, w_in, w_out):
 def channel_absmax(ffn, x):
     """Calibration statistics of one FFN on input x: {"x": max|x_j|, "h": max|h_k|} per channel."""
     x2 = x.reshape(-1, x.shape[-1]).float()
-    _, h = ffn.hidden(x2)
+    _, h = hidden(ffn, x2)
     return {"x": x2.abs().amax(0), "h": h.abs().amax(0)}
 
 
@@ -197,11 +197,11 @@ def w8a8_output(ffn, x, calib, mode, bits=8, plan=None):
     s, absmax, w_in_q = plan["x"]
     xq = _quantized_act(x, s, absmax, bits)
     with _weights(ffn, w_in_q, w_out):
-        _, h = ffn.hidden(xq)
+        _, h = hidden(ffn, xq)
     s, absmax, w_out_q = plan["h"]
     hq = _quantized_act(h, s, absmax, bits)
     with _weights(ffn, w_in, w_out_q):
-        return ffn.down(hq)
+        return down(ffn, hq)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The training loop of one design: same seed, batches and budget for every design;
 checkpoints (DCP, checkpoint.py) and --resume; under torchrun DDP, FSDP2, tensor parallel
-or FSDP2 x TP (distributed.py, parallel.py), on the batches of a one-process run.
+or FSDP2 x TP (processes.py, parallel.py), on the batches of a one-process run.
 
 train_design puts together the pieces below, one job each: build (seeding, the model, its
 sharding and optimizer), restore (--resume: the run identity, the checkpoint, the RNG),
@@ -28,9 +28,8 @@ from .outliers import captured, model_outliers
 from .designs import describe, run_label
 from .evaluate import evaluate, evaluate_design, layer_summaries
 from .metrics import SKIP_TIMING_STEPS, cpu_step_memory, paired_overhead
-from .model import ModelConfig, TransformerLM, param_count
+from .model import ModelConfig, TransformerLM, ffn_param_count, param_count
 from .results import DesignResult
-from ..modules import ffn_param_count
 
 # TrainConfig fields a checkpoint's losses do not depend on: resuming with any other
 # setting changed would silently continue a different run (e.g. --steps moves the LR schedule).

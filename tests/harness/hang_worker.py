@@ -4,7 +4,7 @@ timeout of argv[1] seconds, then rank 1 hangs while rank 0 waits in a barrier.""
 import sys
 import time
 
-from ffn.harness.distributed import init_dist
+from ffn.harness.processes import init_dist
 
 timeout = float(sys.argv[1])
 env = init_dist("cpu", "ddp", timeout_s=timeout)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ffn.harness import checkpoint, cli, distributed, metrics
-from ffn.harness.distributed import Dist
+from ffn.harness import checkpoint, cli, metrics, processes
+from ffn.harness.processes import Dist
 from ffn.harness.files import LOCK_FILE, RunLock, atomic_write_text
 from ffn.harness.metrics import MetricsLog
 
@@ -230,11 +230,11 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
         raise SystemExit("stop here")
 
     monkeypatch.setattr(cli, "init_dist", fake_init_dist)
-    for argv, want in (([], distributed.DEFAULT_TIMEOUT_S), (["--dist-timeout", "42"], 42.0)):
+    for argv, want in (([], processes.DEFAULT_TIMEOUT_S), (["--dist-timeout", "42"], 42.0)):
         with pytest.raises(SystemExit, match="stop here"):
             cli.main(["--preset", "tiny", *argv])
         assert seen["timeout_s"] == want
-    assert distributed.DEFAULT_TIMEOUT_S == 600
+    assert processes.DEFAULT_TIMEOUT_S == 600
 
 
 def test_a_hung_rank_ends_the_run_after_the_timeout(tmp_path):

@@ -9,8 +9,7 @@ import ffn
 from ffn import telemetry
 from ffn.harness import designs
 from ffn.harness.designs import Design
-from ffn.harness.model import shift_probe
-from ffn.modules import ffn_param_count, gated_d_ff
+from ffn.harness.model import ffn_param_count, gated_d_ff, shift_probe
 
 from .tiny import SUMMARY_KEYS, TINY, read_metrics, run_args, tiny_batch, tiny_model, train_losses
 
@@ -24,15 +23,22 @@ def test_gated_ffn_width_keeps_parameter_count_within_one_percent(d_model, d_ff,
     assert abs(ffn_param_count(d_model, width, True, bias) - plain) / plain < 0.01
 
 
+@pytest.mark.parametrize("cls", list(ffn.modules.FFN_MODULES.values()), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bias", (True, False))
+def test_ffn_param_count_is_the_modules_count(cls, bias):
+    module = cls(16, 24, bias=bias)
+    assert sum(p.numel() for p in module.parameters()) == ffn_param_count(16, 24, module.gated, bias)
+
+
 def test_gated_and_gelu_models_have_matching_parameter_counts():
     counts = {ffn_name: sum(p.numel() for p in tiny_model(Design(norm="rmsnorm", ffn=ffn_name),
                                                           d_model=64, d_ff=256).parameters())
-              for ffn_name in ("gelu", "swiglu", "geglu", "reglu")}
+              for ffn_name in designs.FFNS}
     assert max(counts.values()) / min(counts.values()) < 1.01
 
 
 COMBINATIONS = list(itertools.product(("layernorm", "rmsnorm"), (None, True, False),
-                                      ("gelu", "swiglu", "geglu", "reglu"), ("pre", "post"),
+                                      designs.FFNS, ("pre", "post"),
                                       ("serial", "parallel")))
 
 

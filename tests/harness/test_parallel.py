@@ -22,7 +22,7 @@ import torch
 
 from ffn import distributed as fd
 from ffn.harness import checkpoint, cli
-from ffn.harness.distributed import Dist, _check_mode
+from ffn.harness.processes import Dist, _check_mode
 from ffn.harness.evaluate import evaluate
 from ffn.harness.model import TransformerLM
 from ffn.harness.parallel import check_tp_sizes

@@ -1,11 +1,45 @@
 """Where a mean shift arrives: the shift offsets and the norm input rms."""
 
 import pytest
+import torch
 
 import ffn
 from ffn.harness import designs, probes
 
 from .tiny import TINY, tiny_batch, tiny_model
+
+
+# Every FFN module, each activation and bias setting once.
+FFN_CASES = [
+    (ffn.GeluFFN, {}),
+    (ffn.GeluFFN, {"bias": False, "approximate": "tanh"}),
+    (ffn.ReluFFN, {}),
+    (ffn.SwiGLU, {"bias": True}),
+    (ffn.GeGLU, {}),
+    (ffn.GeGLU, {"approximate": "tanh"}),
+    (ffn.ReGLU, {"bias": True}),
+]
+
+
+@pytest.mark.parametrize("backend", ("ffn", "torch"))
+@pytest.mark.parametrize("cls,kwargs", FFN_CASES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(FFN_CASES)])
+def test_hidden_and_down_split_the_ffn_at_h(cls, kwargs, backend):
+    """probes.hidden / probes.down, from the FFN interface alone, compose to the module's forward."""
+    torch.manual_seed(0)
+    module = cls(16, 24, backend=backend, **kwargs)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+    x = torch.randn(2, 5, 16)
+    out, preact = module.forward_with_preact(x)
+    gate, h = probes.hidden(module, x)
+    assert h.dtype == torch.float32 and h.shape == (2, 5, 24)
+    if module.gated:
+        torch.testing.assert_close(gate, preact.reshape(2, 5, -1)[..., :24])
+    else:
+        assert gate is None
+    torch.testing.assert_close(probes.down(module, h), out, rtol=1e-5, atol=1e-6)
+
 
 def test_shift_offsets_find_the_shift_under_rmsnorm_and_none_under_layernorm():
     batches = [tiny_batch(seed=s)[0] for s in range(2)]

@@ -17,7 +17,7 @@ sys.path.insert(0, str(SCRIPTS))
 import benchmarking  # noqa: E402
 from script_loader import load_script  # noqa: E402
 from ffn.harness.tables import markdown_table  # noqa: E402
-from ffn.modules import gated_d_ff  # noqa: E402
+from ffn.harness.model import gated_d_ff  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_gated_width_rules(bench):
     # LLaMA-style: 8d/3 rounded up to 64 (the benchmark's documented exception).
     assert [bench.llama_d_ff(d) for d in (512, 1024, 4096)] == [1408, 2752, 10944]
     assert bench.bench_d_ff("swiglu", 1024) == (2752, "8d/3 up to 64")
-    # matched: the library's rule, the parameters of a bias-free 4d GELU FFN.
+    # matched: the harness's rule, the parameters of a bias-free 4d GELU FFN.
     assert bench.bench_d_ff("swiglu", 1024, "matched") == (gated_d_ff(1024, 4096, bias=False), "gated_d_ff(d, 4d)")
     assert bench.bench_d_ff("gelu_ffn", 1024, "matched") == (4096, "4d")
     # No case builder shares a name with the harness model's functions.

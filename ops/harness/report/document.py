@@ -3,10 +3,10 @@ outlier probes, case-study answers and the plots, in one markdown file."""
 
 from pathlib import Path
 
-from ...modules import gated_d_ff
 from .. import studies
 from ..health import THRESHOLDS
 from ..metrics import records_by_kind
+from ..model import gated_d_ff
 from ..tables import markdown_table
 from .findings import findings
 from .plots import plot_losses, plot_paired, plot_probe, plot_quant, plot_seeds, plot_telemetry

@@ -1,8 +1,9 @@
-"""ffn.patch(model): the norms and MLPs of a Hugging Face transformers model on the ffn ops.
+"""ffn.patching: the norms and MLPs of a Hugging Face transformers model on the ffn ops.
 
     import ffn
     model = LlamaForCausalLM.from_pretrained(...)
-    replaced = ffn.patch(model)          # {"LlamaRMSNorm": 5, "LlamaMLP": 2}
+    replaced = ffn.patch(model)          # {"LlamaRMSNorm": 5, "LlamaMLP": 2}  (ffn.patching.patch)
+    ffn.unpatch(model)                   # the original classes back
 
 Each supported module is patched in place by swapping its class for a subclass
 whose forward calls torch.ops.ffn (FfnLlamaRMSNorm for LlamaRMSNorm, ...). The
@@ -24,15 +25,15 @@ checked at each call: a projection wrapped by a LoRA adapter, a quantizer or a
 hook, whether before or after patch(), is called as a module, with ffn's
 elementwise activation in between, and a warning names it once.
 
-The patched MLPs implement ffn.modules.FFN (in_proj/out_proj,
-forward_with_preact, hidden/down, `activation`, `gated`), so ffn's telemetry and
-probes take them like ffn's own modules; `telemetry(model)` (also
-`ffn.patch.telemetry`) records per-layer FFN telemetry while the model runs.
+The patched MLPs implement ffn.modules.FFN (in_proj/out_proj, forward_with_preact,
+`activation`, `gated`), so ffn's telemetry and the harness's probes take them like
+ffn's own modules; ffn.telemetry.record(model) records per-layer FFN telemetry of a
+patched model while it runs. The forwards here are also ffn.hub's layers (the
+`kernels` route to the same math).
 
-transformers is imported only when patch() (or telemetry) is called.
+transformers is imported only when patch() is called.
 """
 
-import contextlib
 import re
 import warnings
 
@@ -41,16 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import telemetry as _telemetry
-from .activations import GATED_OPS
+from .activations import GELU_APPROXIMATIONS, approximate_of, fused_op
 from .modules import FFN, layer_wrapper, warn_unfused
 
-__all__ = ["patch", "unpatch", "telemetry", "collect_telemetry", "FFNTelemetry", "PatchReport",
-           "UnsupportedModuleError", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch", "unpatch", "run_mlp", "PatchReport", "UnsupportedModuleError", "SUPPORTED_MODEL_TYPES"]
 
 _ops = torch.ops.ffn
 _HALF = (torch.float16, torch.bfloat16)
-# The activation of a gated op's gate -> the op ("silu" -> "swiglu", ...).
-_GATED_OP_OF = {act: op for op, act in GATED_OPS.items()}
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2",
                          "gemma", "gemma2", "falcon", "t5")
@@ -167,12 +165,16 @@ class _FFNPatched(_Patched, FFN):
     activation and down projection (T5 in training); otherwise it calls the projection
     layers themselves, with the ffn elementwise op (gated_activation / bias_gelu;
     torch.relu for a plain ReLU FFN) and dropout in between.
+
+    Each subclass is a layout: its class attributes name the module's layers and its
+    classmethods read them from a module given as argument, so run_mlp (and ffn.hub,
+    on transformers' own unpatched classes) uses them on any module of that layout.
     """
 
     backend = "ffn"
     _ffn_activation = None
     _ffn_fused_op = None  # the fused op for the activation, or None (set by patch())
-    _ffn_telemetry = None  # a list while telemetry records (see FFNTelemetry)
+    _ffn_telemetry = None  # a list while telemetry records (see ffn.telemetry.FFNTelemetry)
     _ffn_telemetry_args = ()
     _dropout_name = None  # dropout between activation and down projection (T5)
     _in_names = ()  # the input projection layers; their outputs, concatenated, are the pre-activation
@@ -185,76 +187,106 @@ class _FFNPatched(_Patched, FFN):
 
     @property
     def approximate(self):
-        return "tanh" if self._ffn_activation == "gelu_tanh" else "none"
-
-    def _fused_op(self):
-        return self._ffn_fused_op
+        return approximate_of(self._ffn_activation)
 
     def in_proj(self):
-        (name,) = self._in_names
-        return getattr(self, name).weight, getattr(self, name).bias
+        return type(self)._in_weights(self)
 
-    def _wrapper(self):
-        for name in (*self._in_names, self._out_name):
-            why = layer_wrapper(getattr(self, name), self._plain_layers)
+    def out_proj(self):
+        return type(self)._out_weights(self)
+
+    def forward(self, x):
+        return run_mlp(self, x, type(self), self._ffn_activation, self._ffn_fused_op)
+
+    def forward_with_preact(self, x):
+        return run_mlp(self, x, type(self), self._ffn_activation, self._ffn_fused_op, with_preact=True)
+
+    @classmethod
+    def _in_weights(cls, module):
+        (name,) = cls._in_names
+        return getattr(module, name).weight, getattr(module, name).bias
+
+    @classmethod
+    def _out_weights(cls, module):
+        layer = getattr(module, cls._out_name)
+        return layer.weight, layer.bias
+
+    @classmethod
+    def _wrapped(cls, module):
+        """None when the fused op may run; else warns (once) naming what wraps a projection."""
+        for name in (*cls._in_names, cls._out_name):
+            why = layer_wrapper(getattr(module, name), cls._plain_layers)
             if why is not None:
-                warn_unfused(f"ffn.patch: {type(self)._ffn_original_class.__name__}.{name} {why}: running it as "
+                patched = isinstance(module, _Patched)
+                orig = type(module)._ffn_original_class if patched else type(module)
+                warn_unfused(f"ffn.{'patch' if patched else 'hub'}: {orig.__name__}.{name} {why}: running it as "
                              "a module, the fused FFN op is not used")
                 return why
         return None
 
-    def _mid_dropout(self):
-        drop = getattr(self, self._dropout_name) if self._dropout_name else None
+    @classmethod
+    def _mid_dropout(cls, module):
+        drop = getattr(module, cls._dropout_name) if cls._dropout_name else None
         return drop if drop is not None and drop.training and drop.p > 0 else None
 
-    def _before_down(self, h):
+    @classmethod
+    def _before_down(cls, module, h):
         return h
 
-    def _after(self, out):
+    @classmethod
+    def _after(cls, module, out):
         return out
 
-    def _record(self, x, preact):
-        if self._ffn_telemetry is not None:
-            self._ffn_telemetry.append(_telemetry.ffn_stats(x, preact.reshape(-1, preact.shape[-1]),
-                                                            self._ffn_activation, self.gated,
-                                                            *self._ffn_telemetry_args))
 
-    def _run(self, x, with_preact=False):
-        op, drop = self._fused_op(), self._mid_dropout()
-        if op is not None and drop is None and self._wrapper() is None:
-            (w_in, b_in), (w_out, b_out) = self.in_proj(), self.out_proj()
-            # The fused ops take one dtype (autocast casts to it); T5 keeps `wo` in float32
-            # next to half activations and casts h to it, which the unfused path does.
-            if x.dtype == w_in.dtype == w_out.dtype or torch.is_autocast_enabled(x.device.type):
-                if self._ffn_telemetry is None and not with_preact:
-                    extra = () if op == "relu_ffn" else (self.approximate,)
-                    return self._after(getattr(_ops, op)(x, w_in, b_in, w_out, b_out, *extra))
-                # The internal forward ops follow the public ops' autocast rule (csrc/schemas.cpp).
-                if self.gated:
-                    out, preact = _ops._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, self._ffn_activation)
-                elif op == "relu_ffn":
-                    out, preact = _ops._relu_ffn_fwd(x, w_in, b_in, w_out, b_out)
-                else:
-                    out, preact = _ops._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, self.approximate)
-                self._record(x, preact)
-                out = self._after(out)
-                return (out, preact) if with_preact else out
-        layers = [getattr(self, name)(x) for name in self._in_names]
-        preact = layers[0] if len(layers) == 1 else torch.cat(layers, dim=-1)
-        h = self._elementwise(_ops, preact)
-        if drop is not None:
-            h = drop(h)
-        out = getattr(self, self._out_name)(self._before_down(h))
-        preact = preact.reshape(-1, preact.shape[-1])
-        self._record(x, preact)
-        out = self._after(out)
-        return (out, preact) if with_preact else out
+def run_mlp(module, x, layout, activation, fused_op, with_preact=False):
+    """The forward of an HF MLP `module` on the ffn ops: the one implementation behind
+    ffn.patch's MLP classes and ffn.hub's MLP layers. `layout` is the _FFNPatched
+    subclass that knows the module's layers (module need not be an instance of it),
+    `activation` the ffn activation name, `fused_op` the fused op for it or None.
+    Returns the output, or with_preact (output, pre-activation [rows, F or 2F])."""
+    approximate = approximate_of(activation)
+    drop = layout._mid_dropout(module)
+    telemetry = getattr(module, "_ffn_telemetry", None)
+    if fused_op is not None and drop is None and layout._wrapped(module) is None:
+        (w_in, b_in), (w_out, b_out) = layout._in_weights(module), layout._out_weights(module)
+        # The fused ops take one dtype (autocast casts to it); T5 keeps `wo` in float32
+        # next to half activations and casts h to it, which the unfused path does.
+        if x.dtype == w_in.dtype == w_out.dtype or torch.is_autocast_enabled(x.device.type):
+            if telemetry is None and not with_preact:
+                extra = () if fused_op == "relu_ffn" else (approximate,)
+                return layout._after(module, getattr(_ops, fused_op)(x, w_in, b_in, w_out, b_out, *extra))
+            # The internal forward ops follow the public ops' autocast rule (ops/_registrations.py).
+            if layout.gated:
+                out, preact = _ops._gated_ffn_fwd(x, w_in, b_in, w_out, b_out, activation)
+            elif fused_op == "relu_ffn":
+                out, preact = _ops._relu_ffn_fwd(x, w_in, b_in, w_out, b_out)
+            else:
+                out, preact = _ops._gelu_ffn_fwd(x, w_in, b_in, w_out, b_out, approximate)
+            _record(module, telemetry, activation, layout.gated, x, preact)
+            out = layout._after(module, out)
+            return (out, preact) if with_preact else out
+    layers = [getattr(module, name)(x) for name in layout._in_names]
+    preact = layers[0] if len(layers) == 1 else torch.cat(layers, dim=-1)
+    if layout.gated:
+        h = _ops.gated_activation(preact, activation)
+    elif activation == "relu":
+        h = torch.relu(preact)
+    else:
+        h = _ops.bias_gelu(preact, None, approximate)
+    if drop is not None:
+        h = drop(h)
+    out = getattr(module, layout._out_name)(layout._before_down(module, h))
+    preact = preact.reshape(-1, preact.shape[-1])
+    _record(module, telemetry, activation, layout.gated, x, preact)
+    out = layout._after(module, out)
+    return (out, preact) if with_preact else out
 
-    def forward(self, x):
-        return self._run(x)
 
-    def forward_with_preact(self, x):
-        return self._run(x, with_preact=True)
+def _record(module, telemetry, activation, gated, x, preact):
+    """Appends the call's ffn_stats to the list an ffn.telemetry.FFNTelemetry attached."""
+    if telemetry is not None:
+        telemetry.append(_telemetry.ffn_stats(x, preact.reshape(-1, preact.shape[-1]), activation, gated,
+                                              *module._ffn_telemetry_args))
 
 
 class _GatedSplit(_FFNPatched):
@@ -267,8 +299,9 @@ class _GatedSplit(_FFNPatched):
     gated = True
     _in_names, _out_name = ("gate_proj", "up_proj"), "down_proj"
 
-    def in_proj(self):
-        g, u = (getattr(self, name) for name in self._in_names)
+    @classmethod
+    def _in_weights(cls, module):
+        g, u = (getattr(module, name) for name in cls._in_names)
         b = None if g.bias is None else torch.cat([g.bias, u.bias])
         return torch.cat([g.weight, u.weight]), b
 
@@ -276,8 +309,9 @@ class _GatedSplit(_FFNPatched):
 class _T5Gated(_GatedSplit):
     _in_names, _out_name, _dropout_name = ("wi_0", "wi_1"), "wo", "dropout"
 
-    def _before_down(self, h):
-        w = getattr(self.wo, "weight", None)  # as T5DenseGatedActDense: h in wo's dtype unless it is int8
+    @classmethod
+    def _before_down(cls, module, h):
+        w = getattr(module.wo, "weight", None)  # as T5DenseGatedActDense: h in wo's dtype unless it is int8
         return h.to(w.dtype) if isinstance(w, torch.Tensor) and h.dtype != w.dtype and w.dtype != torch.int8 else h
 
 
@@ -307,14 +341,17 @@ class _GPT2MLP(_PlainMLP):
     _in_names, _out_name = ("c_fc",), "c_proj"
     _plain_layers = frozenset({"transformers.pytorch_utils.Conv1D"})
 
-    def in_proj(self):
-        return self.c_fc.weight.t(), self.c_fc.bias
+    @classmethod
+    def _in_weights(cls, module):
+        return module.c_fc.weight.t(), module.c_fc.bias
 
-    def out_proj(self):
-        return self.c_proj.weight.t(), self.c_proj.bias
+    @classmethod
+    def _out_weights(cls, module):
+        return module.c_proj.weight.t(), module.c_proj.bias
 
-    def _after(self, out):
-        return self.dropout(out)
+    @classmethod
+    def _after(cls, module, out):
+        return module.dropout(out)
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -332,7 +369,7 @@ def _activation_of(act):
     if t in (A.GELUTanh, A.NewGELUActivation, A.FastGELUActivation):
         return "gelu_tanh"
     if t is nn.GELU:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+        return GELU_APPROXIMATIONS.get(act.approximate)
     if act is F.silu:
         return "silu"
     return None
@@ -345,15 +382,18 @@ def _mlp_handler(mixin, act_attr):
         act = _activation_of(getattr(module, act_attr))
         if act is None:
             raise _Unknown(f"activation {type(getattr(module, act_attr)).__name__}")
-        if not mixin.gated and act not in ("gelu", "gelu_tanh", "relu"):
+        fused = fused_op_of(act, mixin.gated)
+        if not mixin.gated and fused is None:
             raise _Skip(f"no ffn op for a non-gated {act} FFN")
-        if mixin.gated:
-            fused = _GATED_OP_OF.get("gelu" if act == "gelu_tanh" else act)  # geglu, approximate="tanh"
-        else:
-            fused = "relu_ffn" if act == "relu" else "gelu_ffn"
-        return mixin, {"_ffn_activation": act, "_ffn_fused_op": fused if fused and hasattr(_ops, fused) else None}
+        return mixin, {"_ffn_activation": act, "_ffn_fused_op": fused}
 
     return handle
+
+
+def fused_op_of(activation, gated):
+    """ffn.activations.fused_op, where this build of the library has the op; else None."""
+    fused = fused_op(activation, gated)
+    return fused if fused and hasattr(_ops, fused) else None
 
 
 def _norm_handler(mixin):
@@ -490,88 +530,3 @@ def unpatch(model):
             module.__class__ = orig
             counts[orig.__name__] = counts.get(orig.__name__, 0) + 1
     return counts
-
-
-# ----------------------------------------------------------------------------- telemetry
-def _layer_index(name):
-    m = re.search(r"\.(\d+)(\.|$)", f".{name}")
-    return int(m.group(1)) if m else None
-
-
-class FFNTelemetry:
-    """Per-layer FFN telemetry of a patched model: ffn_stats of every patched MLP's
-    input and pre-activation, summed over the calls while attached."""
-
-    def __init__(self, model, near_zero=None, large=None, outlier=None):
-        self.modules = [(name, m) for name, m in model.named_modules() if isinstance(m, _FFNPatched)]
-        if not self.modules:
-            raise ValueError("ffn.patch.telemetry: the model has no patched MLP (call ffn.patch(model) first)")
-        defaults = (_telemetry._NEAR_ZERO, _telemetry._LARGE, _telemetry._OUTLIER)
-        self._args = tuple(d if v is None else v for v, d in zip((near_zero, large, outlier), defaults))
-        self._calls = {name: [] for name, _ in self.modules}
-
-    def attach(self):
-        for name, m in self.modules:
-            m._ffn_telemetry = self._calls[name]
-            m._ffn_telemetry_args = self._args
-        return self
-
-    def detach(self):
-        for _, m in self.modules:
-            m.__dict__.pop("_ffn_telemetry", None)
-            m.__dict__.pop("_ffn_telemetry_args", None)
-
-    def reset(self):
-        for calls in self._calls.values():
-            calls.clear()
-
-    def stats(self):
-        """{module name: combined raw stats vector} (ffn.telemetry.STAT_FIELDS), for modules that ran."""
-        return {name: _telemetry.combine(calls) for name, calls in self._calls.items() if calls}
-
-    def table(self):
-        """One dict per patched MLP that ran: layer, module, kind, activation, gated, calls,
-        then ffn.telemetry.summarize's entries."""
-        rows = []
-        for name, m in self.modules:
-            calls = self._calls[name]
-            if not calls:
-                continue
-            rows.append({"layer": _layer_index(name), "module": name, "kind": type(m)._ffn_original_class.__name__,
-                         "activation": m.activation, "gated": m.gated, "calls": len(calls),
-                         **_telemetry.summarize(_telemetry.combine(calls))})
-        return rows
-
-
-@contextlib.contextmanager
-def telemetry(model, *, near_zero=None, large=None, outlier=None):
-    """Records FFN telemetry of a patched model while inside the block (eager mode):
-
-        with ffn.patch.telemetry(model) as t:
-            model(input_ids)
-        t.table()   # [{"layer": 0, "module": "model.layers.0.mlp", "input_mean": ..., ...}, ...]
-    """
-    rec = FFNTelemetry(model, near_zero, large, outlier).attach()
-    try:
-        yield rec
-    finally:
-        rec.detach()
-
-
-def collect_telemetry(model, batches, **thresholds):
-    """Runs the patched model in eval mode without gradients over `batches` (each a tensor
-    of input ids or a dict of model kwargs) and returns the per-layer table."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), telemetry(model, **thresholds) as rec:
-            for batch in batches:
-                model(**batch) if isinstance(batch, dict) else model(batch)
-    finally:
-        model.train(was_training)
-    return rec.table()
-
-
-patch.telemetry = telemetry
-patch.collect_telemetry = collect_telemetry
-patch.unpatch = unpatch
