@@ -14,7 +14,7 @@ JOBS        ?= $(shell nproc)
 PYTEST_ARGS ?=
 AB_ARGS     ?=
 
-.PHONY: all venv system-deps wheel build build-cpp data test compat-2.11 test-python test-cpp test-cuda-emu ab study bench \
+.PHONY: all venv system-deps wheel build build-cpp data test compat-2.11 test-python test-cpp test-cuda-emu ab study study-2x2 study-shift study-layout bench \
         cuda-report gpu-check compat-check hub clean
 
 all: build
@@ -140,6 +140,19 @@ ab: build data
 # The multi-seed study: 3 seeds of A, B, B+bias, B+recenter (about half an hour on 2 cores).
 study: build data
 	$(PY) scripts/ab.py --preset study --name study $(AB_ARGS)
+
+# The case-study experiments, 3 seeds each at the `short` preset (the study's model at half its
+# budget); every report under runs/<name>/. C = 1 for the trained-in per-sequence shift (README).
+study-2x2: build data
+	$(PY) scripts/ab.py --preset short --seeds 3 --name study-2x2 --designs A,B,rms+gelu,ln+swiglu $(AB_ARGS)
+
+study-shift: build data
+	$(PY) scripts/ab.py --preset short --seeds 3 --name study-shift \
+	  --designs A,B,B+recenter,B+bias,A+vshift=1,B+vshift=1,B+recenter+vshift=1,B+bias+vshift=1 $(AB_ARGS)
+
+study-layout: build data
+	$(PY) scripts/ab.py --preset short --seeds 3 --name study-layout \
+	  --designs A,B,A+post,B+post,A+parallel,B+parallel $(AB_ARGS)
 
 bench: build
 	$(PY) scripts/bench.py --device cpu

@@ -21,6 +21,12 @@ PRESETS = {
     "study": dict(d_model=96, n_layers=4, n_heads=4, d_ff=384, seq_len=128, batch_size=32, steps=500,
                   lr=8e-3, warmup=30, eval_every=125, eval_windows=128, telemetry_every=50,
                   ckpt_every=250, amp=False),
+    # The case-study experiments (make study-2x2 / study-shift / study-layout, 3 seeds each):
+    # the study's model, batch and lr at half its budget (250 steps, 1.02M tokens), so that
+    # each target fits well under an hour on 2 cores (README gives the measured times).
+    "short": dict(d_model=96, n_layers=4, n_heads=4, d_ff=384, seq_len=128, batch_size=32, steps=250,
+                  lr=8e-3, warmup=15, eval_every=125, eval_windows=128, telemetry_every=25,
+                  ckpt_every=125, amp=False),
     # A few seconds per design: for tests and smoke runs.
     "tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=96, seq_len=32, batch_size=4, steps=4,
                  lr=3e-3, warmup=2, eval_every=2, eval_windows=8, telemetry_every=2,
