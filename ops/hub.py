@@ -49,12 +49,15 @@ Falcon, T5) carry no hub name: ffn.patch puts those on the ffn ops.
 """
 
 import argparse
+import ast
 import hashlib
+import inspect
 import json
 import platform
 import re
 import shutil
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -132,25 +135,49 @@ def _mlp_layer_of(activation):
     return None if op is None else "GeGLUMLP" if op == "geglu" else "SwiGLUMLP"
 
 
+def _computes_llama_mlp(cls):
+    """Whether cls.forward is exactly `return self.down_proj(self.act_fn(self.gate_proj(x)) *
+    self.up_proj(x))` (or the same through one local variable), read from its source: many
+    transformers MLPs with these layers add a clamp, a scale, dropout or a norm."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    fn = tree.body[0]
+    args = fn.args
+    if (not isinstance(fn, ast.FunctionDef) or len(args.args) != 2 or args.vararg or args.kwarg
+            or args.kwonlyargs or args.defaults):
+        return False
+    x = args.args[1].arg
+    body = [stmt for stmt in fn.body
+            if not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))]  # docstring
+    want = ast.dump(ast.parse(f"self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))",
+                              mode="eval").body)
+    if len(body) == 1 and isinstance(body[0], ast.Return):
+        return body[0].value is not None and ast.dump(body[0].value) == want
+    if len(body) == 2 and isinstance(body[0], ast.Assign) and isinstance(body[1], ast.Return):
+        (target,) = body[0].targets
+        return (isinstance(target, ast.Name) and ast.dump(body[0].value) == want
+                and isinstance(body[1].value, ast.Name) and body[1].value.id == target.id)
+    return False
+
+
 def mark_mlps(model):
-    """Marks the classes of `model`'s Llama-style MLPs (gate_proj, up_proj and down_proj
-    layers and an act_fn ffn runs) for kernels.kernelize, as "SwiGLUMLP" or "GeGLUMLP",
-    with kernels.replace_kernel_forward_from_hub: transformers decorates no MLP class.
-    Classes that already carry a hub name are left as they are. It marks the class
-    (every model of it), as kernels does; the class forward is unchanged until
-    kernelize. Returns {class: layer name} of the classes it marked."""
+    """Marks the classes of `model`'s Llama-style MLPs for kernels.kernelize, as "SwiGLUMLP" or
+    "GeGLUMLP", with kernels.replace_kernel_forward_from_hub (transformers decorates no MLP
+    class). A class is marked when its forward is exactly down_proj(act_fn(gate_proj(x)) *
+    up_proj(x)) (no clamp, scale, dropout or norm: _computes_llama_mlp) and its act_fn is one
+    ffn runs; classes that already carry a hub name are left as they are. It marks the class
+    (every model of it), as kernels does; forward is unchanged until kernelize. Returns
+    {class: layer name} of the classes it marked."""
     from kernels import replace_kernel_forward_from_hub
 
     marked = {}
     for module in model.modules():
         cls = type(module)
-        if cls in marked or hasattr(cls, "kernel_layer_name"):
+        if cls in marked or hasattr(cls, "kernel_layer_name") or not _computes_llama_mlp(cls):
             continue
-        if not (all(isinstance(getattr(module, name, None), nn.Module) for name in _GatedSplit._in_names)
-                and isinstance(getattr(module, _GatedSplit._out_name, None), nn.Module)
-                and hasattr(module, "act_fn")):
-            continue
-        layer = _mlp_layer_of(_activation_of(module.act_fn))
+        layer = _mlp_layer_of(_activation_of(getattr(module, "act_fn", None)))
         if layer is not None:
             replace_kernel_forward_from_hub(cls, layer)
             marked[cls] = layer

@@ -357,6 +357,26 @@ def test_mark_mlps_marks_llama_style_classes_once():
     assert mark_mlps(unmarked("phi3")) == {} and not hasattr(Phi3MLP, "kernel_layer_name")
 
 
+def test_only_mlps_that_compute_the_llama_form_are_marked():
+    """Many transformers MLPs with gate/up/down layers add a clamp, scale, dropout or norm:
+    mark_mlps must leave those to their own forward."""
+    from transformers.models.bitnet.modeling_bitnet import BitNetMLP
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4MLP
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1MLP
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+    from transformers.models.t5gemma.modeling_t5gemma import T5GemmaMLP
+
+    assert hub._computes_llama_mlp(Qwen2MLP)  # `return self.down_proj(...)` directly
+    for cls in (BitNetMLP, DeepseekV4MLP, FalconH1MLP, T5GemmaMLP):
+        assert not hub._computes_llama_mlp(cls), cls
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x):
+            return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    assert not hub._computes_llama_mlp(Scaled)
+
+
 def _kernelized_mlp(hub_repo, arch):
     ref = build(arch).model.layers[0].mlp
     return ref, kernelized_copy(ref, hub_repo, Mode.TRAINING, "cpu")
