@@ -12,6 +12,14 @@ Per layer:
     gate_up_cos         gated FFNs: mean over units of cos(gate row k, up row k) of W_in
                         (Fishman et al., ICLR 2025: gate/up alignment grows outliers); NaN otherwise
     gate_up_cos_max     the largest of those cosines
+    gate_rel_*          gated FFNs (NaN otherwise): gate saturation relative to the gate's own
+                        scale, which the absolute telemetry thresholds (|act| > 6) never reach at
+                        small widths. With a = |act(gate pre-activation)| and s = rms(a) over the
+                        layer's entries: gate_rel_near_zero_frac = share of a < 0.01 s,
+                        gate_rel_large4_frac / gate_rel_large8_frac = share of a > 4 s / 8 s,
+                        gate_rel_p99 / gate_rel_max = the 99th percentile (nearest rank) and max
+                        of a / s; gate_preact_tail4_frac = share of gate pre-activations z with
+                        |z - mean z| > 4 std z
     w8a8_<mode>_err     ||FFN_W8A8(x) - FFN(x)|| / ||FFN(x)|| on this batch with static activation
                         scales calibrated on the same batch (quant.W8A8_MODES)
 """
@@ -22,12 +30,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..activations import activation as activation_spec
 from .model import Block
 from .probes import down, hidden
 from .quant import W8A8_MODES, w8a8_output
 
+GATE_KEYS = ("gate_rel_near_zero_frac", "gate_rel_large4_frac", "gate_rel_large8_frac", "gate_rel_p99",
+             "gate_rel_max", "gate_preact_tail4_frac")
 OUTLIER_KEYS = ("h_rms_kurtosis", "h_max_over_median", "resid_max_over_median", "gate_up_cos", "gate_up_cos_max",
-                *(f"w8a8_{m}_err" for m in W8A8_MODES))
+                *GATE_KEYS, *(f"w8a8_{m}_err" for m in W8A8_MODES))
 # The median of |values| is taken over at most this many entries (a fixed strided subsample).
 MEDIAN_SAMPLE = 1 << 20
 
@@ -56,6 +67,29 @@ def gate_up_alignment(ffn):
     return float(cos.mean()), float(cos.max())
 
 
+def gate_saturation(gate_preact, activation):
+    """The GATE_KEYS of one layer's gate pre-activations (any shape; None: not gated, all NaN),
+    in float32 over all entries."""
+    if gate_preact is None or gate_preact.numel() == 0:
+        return dict.fromkeys(GATE_KEYS, float("nan"))
+    z = gate_preact.detach().float().flatten()
+    a = activation_spec(activation).fn(z).abs()
+    scale = a.square().mean().sqrt()
+    z_dev = (z - z.mean()).abs()
+    z_std = z_dev.square().mean().sqrt()
+    if scale == 0:
+        rel = dict.fromkeys(GATE_KEYS[:5], float("nan"))
+    else:
+        ratio = a / scale
+        rel = {"gate_rel_near_zero_frac": float((ratio < 0.01).float().mean()),
+               "gate_rel_large4_frac": float((ratio > 4).float().mean()),
+               "gate_rel_large8_frac": float((ratio > 8).float().mean()),
+               "gate_rel_p99": float(ratio.kthvalue(math.ceil(0.99 * ratio.numel())).values),
+               "gate_rel_max": float(ratio.max())}
+    tail = float((z_dev > 4 * z_std).float().mean()) if z_std > 0 else float("nan")
+    return {**rel, "gate_preact_tail4_frac": tail}
+
+
 @contextlib.contextmanager
 def captured(model):
     """Within the block, each Block's forward stores its residual input ('resid') and FFN input
@@ -75,10 +109,11 @@ def captured(model):
 def layer_outliers(ffn, ffn_in, resid, with_quant=True):
     """The OUTLIER_KEYS of one layer from its FFN input and residual input tensors."""
     x = ffn_in.reshape(-1, ffn_in.shape[-1]).float()
-    _, h = hidden(ffn, x)
+    gate, h = hidden(ffn, x)
     cos_mean, cos_max = gate_up_alignment(ffn)
     out = {"h_rms_kurtosis": kurtosis(h.square().mean(0).sqrt()), "h_max_over_median": max_over_median(h),
-           "resid_max_over_median": max_over_median(resid), "gate_up_cos": cos_mean, "gate_up_cos_max": cos_max}
+           "resid_max_over_median": max_over_median(resid), "gate_up_cos": cos_mean, "gate_up_cos_max": cos_max,
+           **gate_saturation(gate, ffn.activation)}
     if with_quant:
         ref = down(ffn, h)
         calib = {"x": x.abs().amax(0), "h": h.abs().amax(0)}  # channel_absmax(ffn, x), h already computed

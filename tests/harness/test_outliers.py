@@ -1,5 +1,6 @@
-"""The outlier probes (kurtosis of per-neuron rms, max/median, gate/up alignment) and the
-W8A8 quantization probes, against hand-computed values on tiny tensors."""
+"""The outlier probes (kurtosis of per-neuron rms, max/median, gate/up alignment, gate
+saturation relative to the gate's scale) and the W8A8 quantization probes, against
+hand-computed values on tiny tensors."""
 
 import math
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from scipy import stats as scistats
 
-from ffn.harness import designs, outliers, probes, quant
+from ffn.harness import cli, designs, outliers, probes, quant
 
-from .tiny import tiny_batch, tiny_model
+from .tiny import read_metrics, run_args, tiny_batch, tiny_model
 
 
 class IdentityFFN:
@@ -50,6 +51,52 @@ def test_layer_outliers_of_a_known_input():
     assert got["h_max_over_median"] == pytest.approx(4.0)  # sorted |x|: 0 0 1 1 1 1 3 4 -> lower median 1
     assert got["resid_max_over_median"] == pytest.approx(4.0)
     assert math.isnan(got["gate_up_cos"])
+
+
+def test_gate_saturation_relative_to_the_gate_scale_by_hand():
+    # relu: a = z. 97 ones, one 0, one 10, one 20: rms(a) = sqrt((97 + 100 + 400) / 100) = sqrt(5.97)
+    z = torch.tensor([1.0] * 97 + [0.0, 10.0, 20.0])
+    s = math.sqrt(5.97)  # 2.443: 10 / s = 4.09 (> 4), 20 / s = 8.19 (> 8)
+    got = outliers.gate_saturation(z.reshape(10, 10), "relu")
+    assert got["gate_rel_near_zero_frac"] == pytest.approx(0.01)
+    assert got["gate_rel_large4_frac"] == pytest.approx(0.02)
+    assert got["gate_rel_large8_frac"] == pytest.approx(0.01)
+    assert got["gate_rel_p99"] == pytest.approx(10 / s, rel=1e-6)  # the 99th of 100 sorted values
+    assert got["gate_rel_max"] == pytest.approx(20 / s, rel=1e-6)
+    # z: mean 1.27, std 2.087 (population): 10 and 20 lie beyond 4 std (8.35) of the mean, 0 does not
+    assert got["gate_preact_tail4_frac"] == pytest.approx(0.02)
+
+
+def test_gate_saturation_counts_near_zero_activations_of_negative_preactivations():
+    # silu(-30) = -2.8e-12: |act| near zero although |z| is the largest of all
+    z = torch.tensor([-30.0, 1.0, 1.0, 1.0])
+    got = outliers.gate_saturation(z, "silu")
+    a = torch.nn.functional.silu(z).abs()
+    assert got["gate_rel_near_zero_frac"] == pytest.approx(0.25)
+    assert got["gate_rel_max"] == pytest.approx(float(a.max() / a.square().mean().sqrt()), rel=1e-6)
+    assert got["gate_rel_large4_frac"] == 0.0 and got["gate_preact_tail4_frac"] == 0.0
+
+
+def test_gate_saturation_is_nan_without_a_gate_or_a_scale():
+    for gate in (None, torch.zeros(0, 4)):
+        assert all(math.isnan(v) for v in outliers.gate_saturation(gate, "silu").values())
+    flat = outliers.gate_saturation(torch.full((4, 4), -50.0), "relu")  # act 0 everywhere, z constant
+    assert set(flat) == set(outliers.GATE_KEYS) and all(math.isnan(v) for v in flat.values())
+
+
+def test_training_logs_relative_gate_saturation_per_layer_at_every_telemetry_step(tmp_path):
+    assert cli.main(run_args(tmp_path, "gates", "--designs", "A,B", "--no-report")) == 0
+    records = read_metrics(tmp_path, "gates", "outliers")
+    # tiny preset: 4 steps, telemetry every 2 and at the last step -> steps 0, 2, 3; 2 layers
+    for design, gated in (("A", False), ("B", True)):
+        mine = [r for r in records if r["design"] == design]
+        assert sorted((r["step"], r["layer"]) for r in mine) == [(s, layer) for s in (0, 2, 3) for layer in (0, 1)]
+        for r in mine:
+            values = [r[key] for key in outliers.GATE_KEYS]
+            if gated:
+                assert 0 <= r["gate_rel_large4_frac"] <= 1 and 1 <= r["gate_rel_p99"] <= r["gate_rel_max"]
+            else:
+                assert all(math.isnan(v) for v in values)
 
 
 def test_gate_up_alignment_of_known_rows():
