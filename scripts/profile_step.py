@@ -21,6 +21,7 @@ per step is the "passes over memory" figure beside the time.
 
     python scripts/profile_step.py                       # both workloads, d 96 and d 256
     python scripts/profile_step.py --workload sublayer --threads 2
+    python scripts/profile_step.py --quick --impls ffn,torch      # smoke run, seconds
 
 It prints figures; it is not a test. Timings come from the profiler (which adds overhead
 per op: compare shares, and use scripts/bench.py or bench_patch.py for wall times).
@@ -180,7 +181,12 @@ def main(argv=None):
     parser.add_argument("--step-shapes", default="96x16,256x8", help="d_model x batch of the step workload")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-sized: the smallest sublayer shape and a 1-layer d 32 step")
     args = parser.parse_args(argv)
+    shapes = SUBLAYER_SHAPES[:1] if args.quick else SUBLAYER_SHAPES
+    if args.quick:
+        args.step_shapes, args.seq, args.layers = "32x2", 16, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # Inductor's kernels by name in the profile
@@ -189,7 +195,7 @@ def main(argv=None):
           f"self CPU time per call from torch.profiler, {args.repeats} calls after 3 warm-up calls")
     if args.workload in ("sublayer", "both"):
         for design in args.designs.split(","):
-            for d, d_ff, rows in SUBLAYER_SHAPES:
+            for d, d_ff, rows in shapes:
                 print(f"\nsublayer {design}: d {d}, d_ff {4 * d if design == 'A' else d_ff}, {rows} rows, fwd+bwd")
                 for impl in impls:
                     torch._dynamo.reset()
