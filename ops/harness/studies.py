@@ -7,6 +7,7 @@ paired difference over the same seeds. A claim is made only when the interval ex
 """
 
 from collections import OrderedDict
+from dataclasses import replace
 
 from . import stats
 from .designs import parse_design
@@ -85,10 +86,28 @@ def interval(rs, metric):
 
 def paired(rs, base, metric):
     """Paired difference rs - base over the seeds both have."""
+    return paired_by(rs, base, METRICS[metric][0])
+
+
+def paired_by(rs, base, get):
+    """Paired difference of get(result), rs - base, over the seeds both have."""
     by_seed = {r.seed: r for r in base}
     pairs = [(r, by_seed[r.seed]) for r in rs if r.seed in by_seed]
-    get = METRICS[metric][0]
     return stats.paired_interval([get(a) for a, _ in pairs], [get(b) for _, b in pairs])
+
+
+def contrast(terms, get):
+    """Mean and 95% t interval over seeds of sum(coef * get(result of that seed)) for the
+    (coef, group results) terms, over the seeds every group has: a paired difference of
+    differences, or a main effect of a 2x2."""
+    by_seed = [{r.seed: r for r in rs} for _, rs in terms]
+    seeds = sorted(set.intersection(*(set(b) for b in by_seed)), key=lambda s: (s is None, s))
+
+    def value(r):
+        v = get(r)
+        return v if isnum(v) else float("nan")
+
+    return stats.mean_interval([sum(coef * value(b[s]) for (coef, _), b in zip(terms, by_seed)) for s in seeds])
 
 
 def baseline_of(group_rs, all_groups):
@@ -185,16 +204,153 @@ def seed_findings(results):
 
 
 # ----------------------------------------------------------------------------- case studies
-def _find(g, spec, lr=None):
-    want = parse_design(spec)
+def find_design(g, design, lr=None):
+    """The results of the group that trained `design` (at learning rate lr), or None."""
     for rs in g.values():
-        if rs[0].design == want and (lr is None or rs[0].lr == lr):
+        if rs[0].design == design and (lr is None or rs[0].lr == lr):
             return rs
     return None
 
 
+def _find(g, spec, lr=None):
+    return find_design(g, parse_design(spec), lr)
+
+
 def _m(rs, metric):
     return interval(rs, metric).fmt(METRICS[metric][1])
+
+
+def _offset(rs, key):
+    """Interval over seeds of a shift-probe offset, averaged over layers."""
+    return stats.mean_interval([sum(o[key] for o in r.shift_probe.offsets if isnum(o[key])) / len(r.shift_probe.offsets)
+                                for r in rs])
+
+
+def mean_shift_answer(g, lr):
+    """Case study 1 from the post-training shift probe of B (and A, B+recenter, B+bias when run)."""
+    A, B = _find(g, "A", lr), _find(g, "B", lr)
+    B_rec, B_bias = _find(g, "B+recenter", lr), _find(g, "B+bias", lr)
+    if not (B and B[0].shift_probe):
+        return "Not measured: the run has no B design with the shift probe (--probe-shift > 0)."
+    text = (f"Experiment: the post-training shift probe ({B[0].shift_probe.shift_rms_units:g}× the rms of each FFN "
+            f"norm's input). Under {marked(B[0].group, B)} the shift reaches the gate pre-activations (offset "
+            f"{_offset(B, 'gate_offset').fmt('.3f')} of their std) and the down-projection input (offset "
+            f"{_offset(B, 'down_in_offset').fmt('.3f')} of its rms) and costs {_m(B, 'shift probe Δ loss')} nats.")
+    if A:
+        text += (f" Under {marked(A[0].group, A)} (LayerNorm: mean over features subtracted) the down-projection "
+                 f"offset is {_offset(A, 'down_in_offset').fmt('.2e')} and the cost {_m(A, 'shift probe Δ loss')}.")
+    if B_rec:
+        ci = paired(B_rec, B, "shift probe Δ loss")
+        text += (f" The minimal test of the causal chain, putting mean subtraction back with SwiGLU kept "
+                 f"({marked(B_rec[0].group, B_rec)}), leaves a gate offset of "
+                 f"{_offset(B_rec, 'gate_offset').fmt('.2e')}; its shift "
+                 f"cost minus B's: {ci.fmt('+.4f')} ({verdict(ci, 'smaller', 'larger', groups=(B_rec, B))}).")
+        if usable(B_rec + B):
+            text += (" The mean shift is therefore the cause of the shifted gate inputs at this scale."
+                     if ci.sign() == -1 else " Whether removing it changes the loss is not resolved by these seeds."
+                     if ci.sign() == 0 else "")
+    if B_bias:
+        ci = paired(B_bias, B, "shift probe Δ loss")
+        text += (f" A learnable RMSNorm bias ({marked(B_bias[0].group, B_bias)}): shift cost minus B's "
+                 f"{ci.fmt('+.4f')} ({verdict(ci, groups=(B_bias, B))}).")
+    return text
+
+
+def shift_probe_choice(g, lr):
+    """Case study 2 from the per-sequence shift probe of A and B after training: (what was
+    measured, the choice it supports), or None when the run lacks them."""
+    A, B = _find(g, "A", lr), _find(g, "B", lr)
+    if not (A and B and A[0].vshift_probe and B[0].vshift_probe):
+        return None
+    ci_c = paired(B, A, "shift probe Δ loss")
+    ci_v = paired(B, A, "per-sequence shift probe Δ loss")
+    measured = (f"Experiment: the per-sequence shift probe (the mean shift of probe 1, its size multiplied per "
+                f"sequence by m = exp(z − 1/2), z ~ N(0, 1)). Loss cost: A "
+                f"{_m(A, 'per-sequence shift probe Δ loss')}, B {_m(B, 'per-sequence shift probe Δ loss')}; paired "
+                f"B − A {ci_v.fmt('+.4f')} ({verdict(ci_v, groups=(B, A))}); with a constant shift B − A "
+                f"{ci_c.fmt('+.4f')} ({verdict(ci_c, groups=(B, A))}).")
+    if not usable(A + B):
+        return measured, "No choice: a run of A or B diverged or did not learn, so its numbers are no result."
+    return measured, {1: "Choice from these numbers: Design A (its loss moves less under the varying shift).",
+                      -1: "Choice from these numbers: Design B (its loss moves less under the varying shift).",
+                      0: "The evidence at this scale does not separate A from B on robustness to the varying "
+                         "shift."}[ci_v.sign()]
+
+
+def trained_shift_twins(g, lr):
+    """[(results trained with vshift=C, results of the same design without it)] of the run."""
+    out = []
+    for rs in g.values():
+        if rs[0].design.var_shift and rs[0].lr == lr:
+            twin = find_design(g, replace(rs[0].design, var_shift=0.0), lr)
+            if twin:
+                out.append((rs, twin))
+    return out
+
+
+QUANT_OPTIONS = (("1 (LayerNorm, SwiGLU)", "ln+swiglu"), ("2 (RMSNorm, GELU)", "rms+gelu"),
+                 ("3 (RMSNorm, SwiGLU)", "B"), ("4 (LayerNorm, GELU: no change)", "A"))
+
+
+def quantization_answer(g, lr):
+    """Case study 3 from the quantization probes and outlier statistics of the option designs."""
+    found = [(label, _find(g, spec, lr)) for label, spec in QUANT_OPTIONS]
+    rows = [[label, marked(rs[0].group, rs), _m(rs, "val loss"), _m(rs, "int8 weights Δ loss"),
+             _m(rs, "W8A8 tensor Δ loss"),
+             _m(rs, "max|h|/rms"), _m(rs, "kurtosis of neuron rms(h)")] for label, rs in found if rs]
+    if not rows:
+        return "Not measured: none of the four option designs is in the run."
+    text = ("Experiment: the post-training quantization probes (int8 weights per channel; W8A8 with static "
+            "per-tensor activation scales) and the outlier statistics on validation windows.\n\n"
+            + markdown_table(["option", "design", "val loss", "int8 w Δ loss", "W8A8 tensor Δ loss", "max|h|/rms",
+                              "kurtosis neuron rms(h)"], rows) + "\n\n")
+    base = dict(found)[QUANT_OPTIONS[3][0]]
+    verdicts = []
+    for label, rs in found:
+        if rs and base and rs is not base:
+            ci_q = paired(rs, base, "W8A8 tensor Δ loss")
+            ci_l = paired(rs, base, "val loss")
+            verdicts.append(f"option {label.split()[0]} − option 4: W8A8 cost {ci_q.fmt('+.4f')} "
+                            f"({verdict(ci_q, groups=(rs, base))}), val loss {ci_l.fmt('+.4f')} "
+                            f"({verdict(ci_l, groups=(rs, base))})")
+    text += ("; ".join(verdicts) + ". ") if verdicts else ""
+    better = [v for v in verdicts if "lower), val loss" in v]
+    text += ("An option that lowers the W8A8 cost with the interval excluding 0: " + "; ".join(better) + "."
+             if better else "No option lowers the quantization cost with an interval excluding 0 at this scale; "
+             "int8 weight-only costs are near the resolution of the validation loss.")
+    missing = [spec for label, spec in QUANT_OPTIONS if not dict(found)[label]]
+    if missing:
+        text += f" Not run: {', '.join(missing)} (--designs A,ln+swiglu,rms+gelu,B answers all four)."
+    return text
+
+
+def layout_twins(g, lr):
+    """[(results of a post-norm or parallel design, results of its pre-norm serial twin)] of the run."""
+    out = []
+    for rs in g.values():
+        d = rs[0].design
+        if rs[0].lr != lr or (d.placement == "pre" and d.layout == "serial"):
+            continue
+        twin = find_design(g, replace(d, placement="pre", layout="serial"), lr)
+        if twin:
+            out.append((rs, twin))
+    return out
+
+
+def layout_answer(g, lr):
+    """Case study 4 from the post-norm and parallel designs against their pre-norm serial twins."""
+    parts = []
+    for rs, twin in layout_twins(g, lr):
+        ci = paired(rs, twin, "val loss")
+        ci_s = paired(rs, twin, "shift probe Δ loss")
+        parts.append(f"{marked(rs[0].group, rs)} − {marked(twin[0].group, twin)}: val loss {ci.fmt('+.4f')} "
+                     f"({verdict(ci, groups=(rs, twin))}), "
+                     f"shift cost {ci_s.fmt('+.4f')} ({verdict(ci_s, groups=(rs, twin))})")
+    if not parts:
+        return ("Not run at this scale: --designs A,B,A+post,B+post,A+parallel,B+parallel --seeds 3 measures it. "
+                "No claim is made.")
+    return "Experiment: the designs with another placement or layout vs their pre-norm serial twins. " + \
+        "; ".join(parts) + "."
 
 
 def case_studies(results, meta):
@@ -204,127 +360,28 @@ def case_studies(results, meta):
     n = min(len(rs) for rs in g.values())
     scale = (f"Scale: {meta.train_config().d_model}-wide, {meta.train_config().n_layers}-layer byte-level models, "
              f"{representatives(results)[0].steps} steps, {n} seed(s) per design.")
-    A, B = _find(g, "A", lr), _find(g, "B", lr)
-    B_rec, B_bias = _find(g, "B+recenter", lr), _find(g, "B+bias", lr)
     out = [scale, ""]
+    out.append("### 1. What RMSNorm + SwiGLU does with a mean shift (the distribution-shift analysis)\n\n"
+               + mean_shift_answer(g, lr) + "\n")
 
-    # 1. The mean-shift analysis.
-    text = "### 1. What RMSNorm + SwiGLU does with a mean shift (the distribution-shift analysis)\n\n"
-    if B and B[0].shift_probe:
-        off = lambda rs, k: stats.mean_interval(  # noqa: E731
-            [sum(o[k] for o in r.shift_probe.offsets if isnum(o[k])) / len(r.shift_probe.offsets) for r in rs])
-        text += (f"Experiment: the post-training shift probe ({B[0].shift_probe.shift_rms_units:g}× the rms of each FFN "
-                 f"norm's input). Under {marked(B[0].group, B)} the shift reaches the gate pre-activations (offset "
-                 f"{off(B, 'gate_offset').fmt('.3f')} of their std) and the down-projection input (offset "
-                 f"{off(B, 'down_in_offset').fmt('.3f')} of its rms) and costs {_m(B, 'shift probe Δ loss')} nats.")
-        if A:
-            text += (f" Under {marked(A[0].group, A)} (LayerNorm: mean over features subtracted) the down-projection "
-                     "offset is "
-                     f"{off(A, 'down_in_offset').fmt('.2e')} and the cost {_m(A, 'shift probe Δ loss')}.")
-        if B_rec:
-            ci = paired(B_rec, B, "shift probe Δ loss")
-            text += (f" The minimal test of the causal chain, putting mean subtraction back with SwiGLU kept "
-                     f"({marked(B_rec[0].group, B_rec)}), leaves a gate offset of "
-                     f"{off(B_rec, 'gate_offset').fmt('.2e')}; its shift "
-                     f"cost minus B's: {ci.fmt('+.4f')} ({verdict(ci, 'smaller', 'larger', groups=(B_rec, B))}).")
-            if usable(B_rec + B):
-                text += (" The mean shift is therefore the cause of the shifted gate inputs at this scale."
-                         if ci.sign() == -1 else " Whether removing it changes the loss is not resolved by these seeds."
-                         if ci.sign() == 0 else "")
-        if B_bias:
-            ci = paired(B_bias, B, "shift probe Δ loss")
-            text += (f" A learnable RMSNorm bias ({marked(B_bias[0].group, B_bias)}): shift cost minus B's "
-                     f"{ci.fmt('+.4f')} ({verdict(ci, groups=(B_bias, B))}).")
-    else:
-        text += "Not measured: the run has no B design with the shift probe (--probe-shift > 0)."
-    out.append(text + "\n")
-
-    # 2. A or B under a positive mean shift whose size varies across requests.
     text = "### 2. Design A or B under a positive mean shift whose magnitude varies across requests\n\n"
-    if A and B and A[0].vshift_probe and B[0].vshift_probe:
-        ci_c = paired(B, A, "shift probe Δ loss")
-        ci_v = paired(B, A, "per-sequence shift probe Δ loss")
-        text += (f"Experiment: the per-sequence shift probe (the mean shift of probe 1, its size multiplied per "
-                 f"sequence by m = exp(z − 1/2), z ~ N(0, 1)). Loss cost: A {_m(A, 'per-sequence shift probe Δ loss')}, "
-                 f"B {_m(B, 'per-sequence shift probe Δ loss')}; paired B − A {ci_v.fmt('+.4f')} "
-                 f"({verdict(ci_v, groups=(B, A))}); with a constant shift B − A {ci_c.fmt('+.4f')} "
-                 f"({verdict(ci_c, groups=(B, A))}).")
-        trained = [(rs, _find(g, rs[0].spec.split("+vshift")[0], lr)) for rs in g.values()
-                   if rs[0].design.var_shift and rs[0].lr == lr]
+    probe = shift_probe_choice(g, lr)
+    if probe is None:
+        text += "Not measured: the run needs designs A and B with the shift probe."
+    else:
+        measured, choice = probe
+        trained = trained_shift_twins(g, lr)
+        text += measured
         for rs, twin in trained:
-            if twin:
-                ci = paired(rs, twin, "val loss")
-                text += (f" Trained with it ({marked(rs[0].group, rs)}, shift {rs[0].design.var_shift:g}·m while "
-                         "training and "
-                         f"evaluating): val loss {_m(rs, 'val loss')}, minus {marked(twin[0].group, twin)} without it: "
-                         f"{ci.fmt('+.4f')} ({verdict(ci, groups=(rs, twin))}).")
-        if not usable(A + B):
-            text += " No choice: a run of A or B diverged or did not learn, so its numbers are no result."
-        elif ci_v.sign() == 1:
-            text += " Choice from these numbers: Design A (its loss moves less under the varying shift)."
-        elif ci_v.sign() == -1:
-            text += " Choice from these numbers: Design B (its loss moves less under the varying shift)."
-        else:
-            text += " The evidence at this scale does not separate A from B on robustness to the varying shift."
+            ci = paired(rs, twin, "val loss")
+            text += (f" Trained with it ({marked(rs[0].group, rs)}, shift {rs[0].design.var_shift:g}·m while "
+                     f"training and evaluating): val loss {_m(rs, 'val loss')}, minus {marked(twin[0].group, twin)} "
+                     f"without it: {ci.fmt('+.4f')} ({verdict(ci, groups=(rs, twin))}).")
+        text += " " + choice
         if not trained:
             text += " Not run: training with the shift (--designs A,B,A+vshift=1,B+vshift=1)."
-    else:
-        text += "Not measured: the run needs designs A and B with the shift probe."
     out.append(text + "\n")
-
-    # 3. The quantization regression and its four options.
-    text = "### 3. Quantization regression: which single change first (options 1–4)\n\n"
-    options = [("1 (LayerNorm, SwiGLU)", "ln+swiglu"), ("2 (RMSNorm, GELU)", "rms+gelu"), ("3 (RMSNorm, SwiGLU)", "B"),
-               ("4 (LayerNorm, GELU: no change)", "A")]
-    found = [(label, _find(g, spec, lr)) for label, spec in options]
-    rows = [[label, marked(rs[0].group, rs), _m(rs, "val loss"), _m(rs, "int8 weights Δ loss"),
-             _m(rs, "W8A8 tensor Δ loss"),
-             _m(rs, "max|h|/rms"), _m(rs, "kurtosis of neuron rms(h)")] for label, rs in found if rs]
-    if rows:
-        text += ("Experiment: the post-training quantization probes (int8 weights per channel; W8A8 with static "
-                 "per-tensor activation scales) and the outlier statistics on validation windows.\n\n"
-                 + markdown_table(["option", "design", "val loss", "int8 w Δ loss", "W8A8 tensor Δ loss", "max|h|/rms",
-                           "kurtosis neuron rms(h)"], rows) + "\n\n")
-        base = dict(found)["4 (LayerNorm, GELU: no change)"]
-        verdicts = []
-        for label, rs in found:
-            if rs and base and rs is not base:
-                ci_q = paired(rs, base, "W8A8 tensor Δ loss")
-                ci_l = paired(rs, base, "val loss")
-                verdicts.append(f"option {label.split()[0]} − option 4: W8A8 cost {ci_q.fmt('+.4f')} "
-                                f"({verdict(ci_q, groups=(rs, base))}), val loss {ci_l.fmt('+.4f')} "
-                                f"({verdict(ci_l, groups=(rs, base))})")
-        text += ("; ".join(verdicts) + ". ") if verdicts else ""
-        better = [v for v in verdicts if "W8A8 cost" in v and "), val loss" in v and "lower), val loss" in v]
-        text += ("An option that lowers the W8A8 cost with the interval excluding 0: " + "; ".join(better) + "."
-                 if better else "No option lowers the quantization cost with an interval excluding 0 at this scale; "
-                 "int8 weight-only costs are near the resolution of the validation loss.")
-        missing = [spec for label, spec in options if not dict(found)[label]]
-        if missing:
-            text += f" Not run: {', '.join(missing)} (--designs A,ln+swiglu,rms+gelu,B answers all four)."
-    else:
-        text += "Not measured: none of the four option designs is in the run."
-    out.append(text + "\n")
-
-    # 4. Norm placement and block layout.
-    text = "### 4. Pre- vs post-norm, serial vs parallel\n\n"
-    parts = []
-    for rs in g.values():
-        d = rs[0].design
-        if rs[0].lr != lr or (d.placement == "pre" and d.layout == "serial"):
-            continue
-        from dataclasses import replace
-        twin = next((t for t in g.values() if t[0].lr == lr and
-                     t[0].design == replace(d, placement="pre", layout="serial")), None)
-        if twin:
-            ci = paired(rs, twin, "val loss")
-            ci_s = paired(rs, twin, "shift probe Δ loss")
-            parts.append(f"{marked(rs[0].group, rs)} − {marked(twin[0].group, twin)}: val loss {ci.fmt('+.4f')} "
-                         f"({verdict(ci, groups=(rs, twin))}), "
-                         f"shift cost {ci_s.fmt('+.4f')} ({verdict(ci_s, groups=(rs, twin))})")
-    text += ("Experiment: the designs with another placement or layout vs their pre-norm serial twins. "
-             + "; ".join(parts) + "." if parts else
-             "Not run at this scale: --designs A,B,A+post,B+post,A+parallel,B+parallel --seeds 3 measures it. "
-             "No claim is made.")
-    out.append(text + "\n")
+    out.append("### 3. Quantization regression: which single change first (options 1–4)\n\n"
+               + quantization_answer(g, lr) + "\n")
+    out.append("### 4. Pre- vs post-norm, serial vs parallel\n\n" + layout_answer(g, lr) + "\n")
     return out

@@ -219,3 +219,70 @@ def plot_quant(run_dir, results):
     ax.set_title("quantization probes per design (mean over seeds, 95% t interval)", fontsize=10)
     fig.tight_layout()
     return _save(plt, fig, run_dir, "quant.png", dpi=100)
+
+
+def plot_intervals(out_dir, name, title, panels):
+    """Forest plots, one panel per (panel title, [(label, stats.Interval)]) of `panels` (each on
+    its own scale): mean and 95% interval, red where the interval excludes 0. None when no
+    row has a value."""
+    panels = [(t, [(label, ci) for label, ci in rows if isnum(ci.mean)]) for t, rows in panels]
+    panels = [(t, rows) for t, rows in panels if rows]
+    if not panels:
+        return None
+    plt = _pyplot()
+    height = max(len(rows) for _, rows in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 2, 0.45 * height + 1.8), squeeze=False)
+    for ax, (panel, rows) in zip(axes[0], panels):
+        for y, (_, ci) in enumerate(rows):
+            err = [[ci.mean - ci.lo], [ci.hi - ci.mean]] if ci.known else None
+            ax.errorbar([ci.mean], [y], xerr=err, fmt="o", color="C3" if ci.excludes_zero() else "C0", capsize=4)
+        ax.axvline(0, color="gray", ls=":")
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([label for label, _ in rows], fontsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.grid(alpha=0.3, axis="x")
+        ax.set_title(panel, fontsize=9)
+    fig.suptitle(f"{title}: mean and 95% t interval over seeds (red: the interval excludes 0)", fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, out_dir, name, dpi=100)
+
+
+GATE_PLOT_KEYS = (("gate_rel_large4_frac", "|act(gate)| > 4 rms (%)"),
+                  ("gate_rel_near_zero_frac", "|act(gate)| < 0.01 rms (%)"))
+
+
+def plot_gate_saturation(out_dir, designs, records):
+    """Per layer (columns), the relative gate saturation shares (rows: GATE_PLOT_KEYS) over
+    training: one thin line per seed, the mean over seeds thick, one color per design.
+    `designs`: [(name, results of its seeds)]; `records`: label -> its "outliers" records."""
+    import numpy as np
+
+    n_layers = 1 + max((t["layer"] for _, rs in designs for r in rs for t in records.get(r.label, [])), default=-1)
+    if n_layers == 0:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(GATE_PLOT_KEYS), n_layers, figsize=(4 * n_layers, 3.2 * len(GATE_PLOT_KEYS)),
+                             squeeze=False)
+    for row, (key, title) in enumerate(GATE_PLOT_KEYS):
+        for layer in range(n_layers):
+            ax = axes[row][layer]
+            for i, (name, rs) in enumerate(designs):
+                curves = {}
+                for r in rs:
+                    points = [(t["step"], 100 * t[key]) for t in records.get(r.label, [])
+                              if t["layer"] == layer and isnum(t.get(key))]
+                    if points:
+                        ax.plot(*zip(*points), color=f"C{i}", lw=0.6, alpha=0.5)
+                        curves[r.seed] = dict(points)
+                common = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+                if common:
+                    mean = np.mean([[c[s] for s in common] for c in curves.values()], axis=0)
+                    ax.plot(common, mean, color=f"C{i}", lw=2, label=f"{name} (n={len(curves)})")
+            ax.set_title(f"layer {layer}: {title}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("gate saturation relative to the gate's own rms, per layer over training\n"
+                 "(training batches at the telemetry steps; thin: seeds, thick: their mean)", fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, out_dir, "gate_saturation.png", dpi=100)
