@@ -7,8 +7,9 @@
 CPU: rms_norm / layer_norm against torch's native F.rms_norm / F.layer_norm (add_rms_norm, the
 fused residual add, against `s = x + residual; F.rms_norm(s)`), and
 gelu_ffn / swiglu against the eager composite in ffn.reference, forward (under no_grad) and
-forward+backward (gradients of x and every parameter), plus the activation bytes each FFN
-saves for backward.
+forward+backward (gradients of x and every parameter), each also against torch.compile of that
+torch code and with the ffn op's call compiled (unless --no-compile), plus the activation bytes
+each FFN saves for backward.
 
 CUDA: the device's copy bandwidth (x.clone()), then the norms against torch eager
 and torch.compile of the eager code (time, GB/s, % of copy bandwidth, speedup), and the FFNs
@@ -30,6 +31,12 @@ Definitions used in every table:
     ffn fwd+bwd:   fwd + read dout, x, weights, write dx and the weight/bias gradients
   The same byte count divides every implementation's time, so GB/s ratios equal speedups.
 - % copy (CUDA): GB/s / the copy bandwidth measured by x.clone() (read + write) in the same run.
+- compiled (CPU): torch.compile (Inductor, dynamic=False, a fresh cache per shape) of the torch
+  code ("torch compiled") and of the call of the ffn op ("ffn compiled": the op is opaque to
+  Inductor, so this is the op plus Dynamo's guards, what a compiled model that calls it gets),
+  compiled before timing and timed in the same interleaved rounds as the eager pair. "speedup vs
+  compiled" = torch compiled time / the faster of ffn and ffn compiled: >= 1.00 means ffn is at
+  least as fast as what a torch.compile user has without it.
 - saved activations: bytes of the tensors autograd saves for backward during the forward,
   counted with torch.autograd.graph.saved_tensors_hooks, deduplicated by storage (a view of a
   saved tensor costs nothing extra). Parameters (and views of them) are left out and shown
@@ -268,7 +275,70 @@ def copy_bandwidth(timer, cfg, numel):
     return bandwidth(2 * x.nbytes, seconds), x.nbytes
 
 
+def compiled(*fns):
+    """torch.compile of each fn, specialized to the shapes it is called with."""
+    torch._dynamo.reset()  # a fresh cache per shape: no recompile limit, no dynamic-shape kernels
+    return [torch.compile(fn, dynamic=False) for fn in fns]
+
+
+def try_impl(timer, name, fn, failures):
+    """Runs fn once; an implementation that raises (e.g. no CUDA kernel yet, no C++ compiler for
+    torch.compile on CPU) is reported n/a."""
+    try:
+        fn()
+        timer.sync()
+        return True
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of one implementation must not stop the run
+        failures.setdefault(name, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return False
+
+
+def measure_available(timer, impls, cfg, failures):
+    """Times the implementations that run; {name: seconds or None}."""
+    names = [n for n, fn in impls.items() if try_impl(timer, n, fn, failures)]
+    if not names:
+        return {n: None for n in impls}, 0
+    times, reps = time_impls(timer, [impls[n] for n in names], cfg)
+    out = dict.fromkeys(impls)
+    out.update(zip(names, times))
+    return out, reps
+
+
+def log_failures(failures):
+    if failures:
+        log("implementations that failed (reported n/a):")
+        for name, err in failures.items():
+            log(f"  {name}: {err}")
+
+
 # ----------------------------------------------------------------------------- CPU
+CPU_COMPILE_NOTE = (
+    "torch compiled = torch.compile (Inductor, a fresh cache and static shapes per shape) of the torch code; ffn compiled = "
+    "torch.compile of the ffn op's call (an opaque op to Inductor: what compiling a model that calls it gives). All four are "
+    "timed in the same interleaved rounds, compilation done before. speedup vs compiled = torch compiled / the faster of "
+    "ffn and ffn compiled."
+)
+
+
+def time_cpu_row(timer, cfg, run, ffn_fn, torch_fn, compiled_fns, case, failures):
+    """({ffn, torch, torch_compiled, ffn_compiled: median seconds or None, vs_compiled}, reps) of one
+    CPU row: the eager pair, and the compiled pair (torch's, ffn's) when given, in the same rounds.
+    vs_compiled: torch compiled over the faster ffn (None without it); a compiled implementation
+    that fails is n/a (failures)."""
+    impls = {"ffn": run(ffn_fn), "torch": run(torch_fn)}
+    if compiled_fns is not None:
+        impls["torch_compiled"], impls["ffn_compiled"] = (run(fn) for fn in compiled_fns)
+    times, reps = measure_available(timer, impls, cfg, failures)
+    t = {k: times.get(k) for k in ("ffn", "torch", "torch_compiled", "ffn_compiled")}
+    if t["ffn"] is None or t["torch"] is None:
+        raise RuntimeError(f"{case}: the eager implementations failed: {failures}")
+    best_ffn = min(v for v in (t["ffn"], t["ffn_compiled"]) if v is not None)
+    t["vs_compiled"] = None if t["torch_compiled"] is None else t["torch_compiled"] / best_ffn
+    return t, reps
+
+
 def run_cpu(cfg, report):
     timer = make_timer("cpu")
     dtype = DTYPES[cfg.dtype[0]]
@@ -276,13 +346,19 @@ def run_cpu(cfg, report):
     report.env["copy_bandwidth_gbps"] = round(copy_gbps, 2)
     log(f"CPU copy bandwidth (x.clone() of {copy_bytes // MIB} MiB float32, read+write): {copy_gbps:.1f} GB/s")
 
+    failures = {}
+    report.env["failures"] = failures
+    compile_note = CPU_COMPILE_NOTE if cfg.compile else "Compiled columns n/a (this run: --no-compile)."
+
     norm_ops = [op for op in cfg.ops if op in NORM_OPS]
     if norm_ops:
         sec = report.section(
-            f"Norms vs torch native ({cfg.dtype[0]}, {torch.get_num_threads()} threads)",
-            ["op", "pass", "rows x d", "ffn ms", "torch ms", "speedup", "ffn GB/s", "torch GB/s", "reps", "target"],
+            f"Norms vs torch native and torch.compile ({cfg.dtype[0]}, {torch.get_num_threads()} threads)",
+            ["op", "pass", "rows x d", "ffn ms", "torch ms", "speedup", "torch compiled ms", "ffn compiled ms",
+             "speedup vs compiled", "ffn GB/s", "torch GB/s", "reps", "target"],
             "torch = F.rms_norm / F.layer_norm (add_rms_norm: x + residual, then F.rms_norm). "
-            "Target: speedup >= 1.00 (at least as fast as torch's native CPU kernel).",
+            f"{compile_note} Targets: speedup >= 1.00 (at least as fast as torch's native CPU kernel) and "
+            "speedup vs compiled >= 1.00.",
         )
         for op in norm_ops:
             for rows in cfg.rows:
@@ -290,28 +366,35 @@ def run_cpu(cfg, report):
                     inputs, params, ffn_fn, torch_fn = norm_case(op, rows, d, dtype, "cpu")
                     grad_inputs = requiring_grad(inputs)
                     dy = norm_grad_out(op, inputs)
+                    compiled_fns = compiled(torch_fn, ffn_fn) if cfg.compile else None
                     for pass_name in ("fwd", "fwd+bwd"):
                         bwd = pass_name == "fwd+bwd"
                         run = pass_runner(bwd, inputs, grad_inputs, dy)
-                        fns = [run(ffn_fn), run(torch_fn)]
-                        (t_ffn, t_torch), reps = time_impls(timer, fns, cfg)
+                        t, reps = time_cpu_row(timer, cfg, run, ffn_fn, torch_fn, compiled_fns, f"{op} {rows}x{d}", failures)
                         nbytes = norm_bytes(rows, d, inputs[0].element_size(), len(params), bwd, op == "add_rms_norm")
-                        speedup = t_torch / t_ffn
-                        ok = speedup >= 1.0
-                        row = [op, pass_name, f"{rows}x{d}", fmt_ms(t_ffn), fmt_ms(t_torch), fmt_ratio(speedup),
-                               fmt_num(bandwidth(nbytes, t_ffn)), fmt_num(bandwidth(nbytes, t_torch)), reps, verdict(ok)]
+                        speedup = t["torch"] / t["ffn"]
+                        ok = speedup >= 1.0 and (t["vs_compiled"] is None or t["vs_compiled"] >= 1.0)
+                        row = [op, pass_name, f"{rows}x{d}", fmt_ms(t["ffn"]), fmt_ms(t["torch"]), fmt_ratio(speedup),
+                               fmt_ms(t["torch_compiled"]), fmt_ms(t["ffn_compiled"]), fmt_ratio(t["vs_compiled"]),
+                               fmt_num(bandwidth(nbytes, t["ffn"])), fmt_num(bandwidth(nbytes, t["torch"])), reps, verdict(ok)]
                         report.add_row(sec, row, {"kind": "norm", "op": op, "pass": pass_name, "dtype": cfg.dtype[0], "rows": rows, "d": d,
-                                                  "bytes": nbytes, "reps": reps, "ffn_s": t_ffn, "torch_s": t_torch, "speedup": speedup})
-                        report.target(f"{op} {pass_name} {rows}x{d} as fast as torch", ok, f"{speedup:.2f}x")
+                                                  "bytes": nbytes, "reps": reps, "ffn_s": t["ffn"], "torch_s": t["torch"], "speedup": speedup,
+                                                  "compile_s": t["torch_compiled"], "ffn_compile_s": t["ffn_compiled"],
+                                                  "speedup_vs_compile": t["vs_compiled"]})
+                        report.target(f"{op} {pass_name} {rows}x{d} as fast as torch", speedup >= 1.0, f"{speedup:.2f}x")
+                        if t["vs_compiled"] is not None:
+                            report.target(f"{op} {pass_name} {rows}x{d} as fast as torch.compile", t["vs_compiled"] >= 1.0,
+                                          f"{t['vs_compiled']:.2f}x")
                     report.save()
 
     ffn_ops = [op for op in cfg.ops if op in FFN_OPS]
     if ffn_ops:
         sec = report.section(
-            f"FFN ops vs eager composite ({cfg.dtype[0]}, {torch.get_num_threads()} threads)",
-            ["op", "pass", "tokens x d x d_ff", "d_ff rule", "ffn ms", "eager ms", "speedup", "ffn GB/s", "ffn GFLOP/s", "eager GFLOP/s",
-             "reps", "target"],
-            f"eager = ffn.reference (F.linear, F.gelu / F.silu * up, F.linear). {ffn_shapes_note(cfg)} Target: speedup >= 1.00.",
+            f"FFN ops vs eager composite and torch.compile ({cfg.dtype[0]}, {torch.get_num_threads()} threads)",
+            ["op", "pass", "tokens x d x d_ff", "d_ff rule", "ffn ms", "eager ms", "speedup", "torch compiled ms", "ffn compiled ms",
+             "speedup vs compiled", "ffn GB/s", "ffn GFLOP/s", "eager GFLOP/s", "reps", "target"],
+            f"eager = ffn.reference (F.linear, F.gelu / F.silu * up, F.linear). {ffn_shapes_note(cfg)} {compile_note} "
+            "Targets: speedup >= 1.00 and speedup vs compiled >= 1.00.",
         )
         mem = report.section(
             f"FFN activation bytes saved for backward ({cfg.dtype[0]})",
@@ -325,20 +408,26 @@ def run_cpu(cfg, report):
                 grad_inputs = requiring_grad(inputs)
                 dout = torch.randn_like(inputs[0])
                 shape = f"{tokens}x{d}x{d_ff}"
+                compiled_fns = compiled(eager_fn, ffn_fn) if cfg.compile else None
                 for pass_name in ("fwd", "fwd+bwd"):
                     bwd = pass_name == "fwd+bwd"
                     run = pass_runner(bwd, inputs, grad_inputs, dout)
-                    fns = [run(ffn_fn), run(eager_fn)]
-                    (t_ffn, t_eager), reps = time_impls(timer, fns, cfg)
+                    t, reps = time_cpu_row(timer, cfg, run, ffn_fn, eager_fn, compiled_fns, f"{op} {shape}", failures)
                     nbytes, flops = ffn_cost(tokens, d, d_ff, op == "swiglu", inputs[0].element_size(), op == "gelu_ffn", bwd)
-                    speedup = t_eager / t_ffn
-                    ok = speedup >= 1.0
-                    row = [op, pass_name, shape, rule, fmt_ms(t_ffn), fmt_ms(t_eager), fmt_ratio(speedup), fmt_num(bandwidth(nbytes, t_ffn)),
-                           fmt_num(flops / t_ffn / 1e9), fmt_num(flops / t_eager / 1e9), reps, verdict(ok)]
+                    speedup = t["torch"] / t["ffn"]
+                    ok = speedup >= 1.0 and (t["vs_compiled"] is None or t["vs_compiled"] >= 1.0)
+                    row = [op, pass_name, shape, rule, fmt_ms(t["ffn"]), fmt_ms(t["torch"]), fmt_ratio(speedup),
+                           fmt_ms(t["torch_compiled"]), fmt_ms(t["ffn_compiled"]), fmt_ratio(t["vs_compiled"]),
+                           fmt_num(bandwidth(nbytes, t["ffn"])), fmt_num(flops / t["ffn"] / 1e9), fmt_num(flops / t["torch"] / 1e9), reps,
+                           verdict(ok)]
                     report.add_row(sec, row, {"kind": "ffn", "op": op, "pass": pass_name, "dtype": cfg.dtype[0], "tokens": tokens, "d": d,
-                                              "d_ff": d_ff, "d_ff_rule": rule, "bytes": nbytes, "flops": flops, "reps": reps, "ffn_s": t_ffn,
-                                              "eager_s": t_eager, "speedup": speedup})
-                    report.target(f"{op} {pass_name} {shape} as fast as eager", ok, f"{speedup:.2f}x")
+                                              "d_ff": d_ff, "d_ff_rule": rule, "bytes": nbytes, "flops": flops, "reps": reps, "ffn_s": t["ffn"],
+                                              "eager_s": t["torch"], "speedup": speedup, "compile_s": t["torch_compiled"],
+                                              "ffn_compile_s": t["ffn_compiled"], "speedup_vs_compile": t["vs_compiled"]})
+                    report.target(f"{op} {pass_name} {shape} as fast as eager", speedup >= 1.0, f"{speedup:.2f}x")
+                    if t["vs_compiled"] is not None:
+                        report.target(f"{op} {pass_name} {shape} as fast as torch.compile", t["vs_compiled"] >= 1.0,
+                                      f"{t['vs_compiled']:.2f}x")
                 saved_ffn = saved_activation_bytes(ffn_fn, grad_inputs, grad_inputs[1:])
                 saved_eager = saved_activation_bytes(eager_fn, grad_inputs, grad_inputs[1:])
                 param_bytes = sum(p.nbytes for p in params)
@@ -351,42 +440,13 @@ def run_cpu(cfg, report):
                                           "param_bytes": param_bytes})
                 report.target(f"{op} {shape} saved activations <= 2/3 of eager", ok, f"{ratio:.3f}")
                 report.save()
+    log_failures(failures)
 
 
 # ----------------------------------------------------------------------------- CUDA
-def compiled(fn):
-    """torch.compile of the eager code, specialized to the shapes it is called with."""
-    torch._dynamo.reset()  # a fresh cache per shape: no recompile limit, no dynamic-shape kernels
-    return torch.compile(fn, dynamic=False)
-
-
 def fits(bytes_needed):
     free, _total = torch.cuda.mem_get_info()
     return bytes_needed < 0.85 * free
-
-
-def try_impl(name, fn, failures):
-    """Runs fn once; an implementation that raises (e.g. no CUDA kernel yet) is reported n/a."""
-    try:
-        fn()
-        torch.cuda.synchronize()
-        return True
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure of one implementation must not stop the run
-        failures.setdefault(name, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        return False
-
-
-def measure_available(timer, impls, cfg, failures):
-    """Times the implementations that run; {name: seconds or None}."""
-    names = [n for n, fn in impls.items() if try_impl(n, fn, failures)]
-    if not names:
-        return {n: None for n in impls}, 0
-    times, reps = time_impls(timer, [impls[n] for n in names], cfg)
-    out = dict.fromkeys(impls)
-    out.update(zip(names, times))
-    return out, reps
 
 
 def peak_bytes(fn):
@@ -467,15 +527,12 @@ def run_cuda(cfg, report):
                         report.records.append({"kind": "ffn", "op": op, "dtype": dtype_name, "d": d, "skipped": "oom"})
                     release()
                     report.save()
-    if failures:
-        log("implementations that failed (reported n/a):")
-        for name, err in failures.items():
-            log(f"  {name}: {err}")
+    log_failures(failures)
 
 
 def run_cuda_norm(cfg, report, sec, timer, op, dtype_name, dtype, rows, d, copy_gbps, failures):
     inputs, params, ffn_fn, torch_fn = norm_case(op, rows, d, dtype, cfg.device)
-    compile_fn = compiled(torch_fn)
+    (compile_fn,) = compiled(torch_fn)
     liger_fn = liger_norm(op)
     grad_inputs = requiring_grad(inputs)
     dy = norm_grad_out(op, inputs)
@@ -532,7 +589,7 @@ def gemm_only(op, inputs, grad_out, d_ff, with_backward):
 
 def run_cuda_ffn(cfg, report, sec, timer, op, dtype_name, dtype, tokens, d, failures):
     inputs, params, ffn_fn, eager_fn, d_ff, rule = ffn_case(op, tokens, d, dtype, cfg.device, cfg.gated_width)
-    compile_fn = compiled(eager_fn)
+    (compile_fn,) = compiled(eager_fn)
     grad_inputs = requiring_grad(inputs)
     dout = torch.randn_like(inputs[0])
     shape = f"{tokens}x{d}x{d_ff}"
@@ -587,6 +644,9 @@ def parse_args(argv):
     p.add_argument("--gated-width", choices=sorted(GATED_WIDTH_RULES), default="llama",
                    help="swiglu's d_ff: llama = 8d/3 rounded up to 64 (default; the benchmark's deliberate exception), "
                    "matched = ffn.harness.model.gated_d_ff(d, 4d, bias=False), the harness's parameter-matched width")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="cpu: also time torch.compile of the torch code and of the ffn op's call (default; each shape "
+                   "compiles 4 graphs, seconds each); cuda always compares against torch.compile")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls of each implementation first (default 3, quick 1)")
     p.add_argument("--reps", type=int, default=None, help="fixed repetitions (default: sized by --budget)")

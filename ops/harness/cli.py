@@ -96,6 +96,11 @@ def build_parser():
                    help="after training, evaluate with an extra mean shift into every FFN norm of this many "
                         "times the rms of that norm's input (default %(default)s; 0 turns the probe off)")
     p.add_argument("--backend", choices=list(BACKENDS), default="ffn")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training model, either backend (evaluation and probes run it "
+                        "uncompiled); the seconds spent compiling are reported apart from tokens/s. Off by "
+                        "default: on CPU a design's compile (tens of seconds, a C++ compiler needed) costs more "
+                        "than the presets' steps gain (README)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="sizes and budget (default: gpu with CUDA, else cpu)")
     for name, low in _SIZE_FLAGS.items():
@@ -143,7 +148,7 @@ def parse_config(argv=None):
     train = TrainConfig.from_preset(
         preset, **{name: getattr(args, name) for name in (*_SIZE_FLAGS, "lr")},
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ffn_bias=not args.no_ffn_bias, seed=args.seed,
-        backend=args.backend,
+        backend=args.backend, compile=args.compile,
     )
     if train.d_model % train.n_heads:
         raise SystemExit(f"ab: --d-model {train.d_model} must be a multiple of --n-heads {train.n_heads}")
@@ -219,6 +224,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     lock = RunLock(run_dir)
     try:
+        if config.compile and env.device.type == "cpu":
+            check_cpu_compiler()
         lock_run_dir(lock, env)
         corpus = load_corpus(run, env)
         unigram = textdata.unigram_entropy(corpus.val)
@@ -231,7 +238,8 @@ def main(argv=None):
                   f"unigram entropy of val: {unigram:.4f} nats/byte")
             print(f"preset {run.preset}: d_model={config.d_model} layers={config.n_layers} heads={config.n_heads} "
                   f"d_ff={config.d_ff} seq={config.seq_len} batch={config.batch_size}x{env.dp_world} "
-                  f"steps={config.steps} backend={config.backend} device={env.device} ranks={env.world} "
+                  f"steps={config.steps} backend={config.backend}{' compiled' if config.compile else ''} "
+                  f"device={env.device} ranks={env.world} "
                   + (f"parallel={env.parallel}" + (f" tp={env.tp_world} " if env.uses_tp else " ")
                      if env.world > 1 else "") +
                   f"seeds={run.seeds}" + (f" lrs={','.join(f'{v:g}' for v in run.lrs)}" if run.lrs else ""))
@@ -273,6 +281,16 @@ def main(argv=None):
     finally:
         lock.release()
         env.close()
+
+
+def check_cpu_compiler():
+    """SystemExit unless Inductor finds the C++ compiler it builds CPU kernels with."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler as e:
+        raise SystemExit(f"ab: --compile on CPU needs a C++ compiler for Inductor (set CXX to one): {e}") from None
 
 
 def lock_run_dir(lock, env):

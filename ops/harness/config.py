@@ -62,6 +62,7 @@ class TrainConfig:
     ffn_bias: bool = True
     seed: int = 1234
     backend: str = "ffn"  # "ffn" ops or plain "torch"
+    compile: bool = False  # torch.compile of the training forward (evaluation and probes run uncompiled)
 
     @classmethod
     def from_preset(cls, preset, **overrides):

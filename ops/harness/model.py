@@ -16,23 +16,51 @@ With telemetry requested for a forward pass, every block also computes the
 per-layer FFN statistics (ffn.telemetry.ffn_stats) from tensors the forward
 already has: the FFN input and the pre-activation the FFN module returns
 (FFN.forward_with_preact).
+
+On the ffn backend, pre-norm serial blocks fuse each residual add with the norm that
+reads its sum (torch.ops.ffn.add_layer_norm / add_rms_norm: the same numbers as the
+add and the norm apart): the attention output's add with n2, and, since a block hands
+its FFN output on unadded (`pending`), that add with the next block's n1 or the final
+norm. The add into n2 stays apart with a mean shift (the shift enters n2's input, not
+the residual stream) and whenever forward hooks watch the norm (they see its input).
 """
 
 import contextlib
+import functools
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from .. import telemetry
-from ..modules import LayerNorm, RMSNorm
+from ..modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 from ..schema import op_default
 from .designs import NORMS, Design
 
 BACKENDS = ("ffn", "torch")
 NORM_MODULES = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}
+
+
+class ResidualLayerNorm(AddLayerNorm):
+    """ffn.AddLayerNorm that is also the plain norm: forward(x) is layer_norm(x), forward(x, residual)
+    the fused (layer_norm(x + residual), x + residual). Parameters (and state_dict) as LayerNorm's."""
+
+    def forward(self, x, residual=None):
+        return LayerNorm.forward(self, x) if residual is None else super().forward(x, residual)
+
+
+class ResidualRMSNorm(AddRMSNorm):
+    """ffn.AddRMSNorm that is also the plain norm, as ResidualLayerNorm."""
+
+    def forward(self, x, residual=None):
+        return RMSNorm.forward(self, x) if residual is None else super().forward(x, residual)
+
+
+RESIDUAL_NORM_MODULES = {"layer_norm": ResidualLayerNorm, "rms_norm": ResidualRMSNorm}
 
 
 def ffn_param_count(d_model, d_ff, gated, bias):
@@ -86,9 +114,33 @@ class ModelConfig:
         return asdict(self)
 
 
-def make_norm(design, d_model, backend):
-    op = NORMS[design.norm].op
-    return NORM_MODULES[op](d_model, eps=op_default(op, "eps"), bias=design.has_norm_bias, backend=backend)
+def fuses_residual_add(config):
+    """Whether the model's norms take the residual add fused (module docstring)."""
+    return config.backend == "ffn" and config.design.placement == "pre" and config.design.layout == "serial"
+
+
+def make_norm(config):
+    design, op = config.design, NORMS[config.design.norm].op
+    modules = RESIDUAL_NORM_MODULES if fuses_residual_add(config) else NORM_MODULES
+    return modules[op](config.d_model, eps=op_default(op, "eps"), bias=design.has_norm_bias, backend=config.backend)
+
+
+def watched(module):
+    """Whether forward hooks, the module's own or global ones, see its calls."""
+    return bool(module._forward_pre_hooks or module._forward_hooks
+                or module_hooks._global_forward_pre_hooks or module_hooks._global_forward_hooks)
+
+
+def add_norm(norm, x, branch):
+    """(norm(x + branch), x + branch), x alone when branch is None: one fused op when the norm
+    takes the residual, no hook watches it (a hook must see the sum as the norm's input) and
+    the dtypes match (under autocast a bf16 branch is promoted into the float32 stream)."""
+    if branch is None:
+        return norm(x), x
+    if isinstance(norm, (ResidualLayerNorm, ResidualRMSNorm)) and not watched(norm) and x.dtype == branch.dtype:
+        return norm(x, branch)
+    s = x + branch
+    return norm(s), s
 
 
 def make_ffn(config):
@@ -124,9 +176,9 @@ class Block(nn.Module):
         self.var_shift = design.var_shift  # times the per-sequence multiplier; var_shift_probe() raises it
         self.capture = None  # a dict: forward stores its residual input and FFN input there (outliers.py)
         self.attn = CausalSelfAttention(config.d_model, config.n_heads)
-        self.norm1 = make_norm(design, config.d_model, config.backend)
+        self.norm1 = make_norm(config)
         # The parallel layout shares one norm between attention and FFN (PaLM).
-        self.norm2 = make_norm(design, config.d_model, config.backend) if design.layout == "serial" else None
+        self.norm2 = make_norm(config) if design.layout == "serial" else None
         self.ffn = make_ffn(config)
 
     @property
@@ -152,19 +204,35 @@ class Block(nn.Module):
             c = c + self.var_shift * mult
         return c
 
-    def forward(self, x, stats=None, mult=None):
-        if self.capture is not None:
-            self.capture["resid"] = x.detach()
+    def forward(self, x, stats=None, mult=None, pending=None):
+        """(x, pending): the block's input is x + pending (pending: the previous block's FFN output
+        not yet added, or None), its output likewise: pre-norm serial blocks hand their FFN
+        output on unadded, so that the add fuses with the next norm (add_norm); others add it."""
         c = self.shift(mult)
         shifted = torch.is_tensor(c) or c
+        if self.design.layout == "serial" and self.design.placement == "pre":
+            n, x = add_norm(self.norm1, x, pending)
+            if self.capture is not None:
+                self.capture["resid"] = x.detach()
+            a = self.attn(n)
+            if shifted:
+                x = x + a
+                n = self.norm2(x + c)
+            else:
+                n, x = add_norm(self.norm2, x, a)
+            return x, self._ffn(n, stats)
+        if pending is not None:
+            x = x + pending
+        if self.capture is not None:
+            self.capture["resid"] = x.detach()
+        return self._post_or_parallel(x, stats, c if shifted else None), None
 
+    def _post_or_parallel(self, x, stats, c):
+        """The output of a post-norm or parallel block (c: the shift, or None)."""
         def add(t):
-            return t + c if shifted else t
+            return t if c is None else t + c
 
         if self.design.layout == "serial":
-            if self.design.placement == "pre":
-                x = x + self.attn(self.norm1(x))
-                return x + self._ffn(self.norm2(add(x)), stats)
             x = self.norm1(x + self.attn(x))
             y = x + self._ffn(x, stats)
             return self.norm2(add(y))
@@ -183,8 +251,7 @@ class TransformerLM(nn.Module):
         self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         # Post-norm blocks end in a norm already.
-        self.norm_f = make_norm(config.design, config.d_model, config.backend) \
-            if config.design.placement == "pre" else None
+        self.norm_f = make_norm(config) if config.design.placement == "pre" else None
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied
         self._init_weights()
@@ -206,10 +273,11 @@ class TransformerLM(nn.Module):
         t = idx.shape[1]
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(t, device=idx.device))
         mult = sequence_multipliers(idx).to(x.dtype) if any(b.var_shift for b in self.blocks) else None
+        pending = None
         for block in self.blocks:
-            x = block(x, stats, mult)
+            x, pending = block(x, stats, mult, pending)
         if self.norm_f is not None:
-            x = self.norm_f(x)
+            x, _ = add_norm(self.norm_f, x, pending)
         logits = self.head(x)
         if targets is None:
             return logits
@@ -267,6 +335,39 @@ def sequence_multipliers(idx):
     h = h ^ (h >> 16)
     u = (h.double() + 0.5) / 2.0 ** 32
     return torch.exp(torch.special.ndtri(u) - 0.5).float().view(-1, 1, 1)
+
+
+class _CompileClock:
+    """Accumulates the seconds of every torch.compile compilation (Dynamo's outermost one:
+    AOTAutograd and Inductor within it, and a backward compiled on its first run)."""
+
+    def __init__(self):
+        from torch._dynamo.callback import callback_handler
+
+        self.wall = self.cpu = 0.0
+        self._started_at = None
+        callback_handler.register_start_callback(self._start)
+        callback_handler.register_end_callback(self._end)
+
+    def _start(self, args):
+        self._started_at = time.perf_counter(), time.process_time()
+
+    def _end(self, args):
+        wall, cpu = self._started_at
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+
+
+@functools.cache
+def _compile_clock():
+    return _CompileClock()
+
+
+def compile_seconds():
+    """(wall, CPU) seconds this process has spent in torch.compile since its first call, the CPU
+    time its own (Inductor's C++ compiler runs in child processes: in the wall time only)."""
+    clock = _compile_clock()
+    return clock.wall, clock.cpu
 
 
 def param_count(model):

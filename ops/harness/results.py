@@ -40,7 +40,7 @@ class DesignResult:
     tokens_seen: int
     final_val_loss: float
     final_train_loss: float  # mean of the last 10 steps
-    tokens_per_s: float  # wall clock, telemetry steps included
+    tokens_per_s: float  # wall clock, telemetry steps included (their telemetry and compile seconds not)
     tokens_per_s_without_telemetry: float | None
     telemetry_overhead: float | None  # paired, median (metrics.paired_overhead)
     telemetry_overhead_clock: str
@@ -64,6 +64,7 @@ class DesignResult:
     w8a8_delta: dict | None = None
     vshift_probe: dict | None = None  # {shifts, val_loss, telemetry}: the per-sequence shift probe
     identity: dict | None = None  # train.run_identity: what --resume checks a finished member against
+    compile_s: float | None = None  # --compile: seconds spent compiling, kept out of the step times; None: eager
 
     def __post_init__(self):
         if self.group is None:

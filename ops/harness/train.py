@@ -28,12 +28,13 @@ from .outliers import captured, model_outliers
 from .designs import describe, run_label
 from .evaluate import evaluate, evaluate_design, layer_summaries
 from .metrics import SKIP_TIMING_STEPS, cpu_step_memory, paired_overhead
-from .model import ModelConfig, TransformerLM, ffn_param_count, param_count
+from .model import ModelConfig, TransformerLM, compile_seconds, ffn_param_count, param_count
 from .results import DesignResult
 
 # TrainConfig fields a checkpoint's losses do not depend on: resuming with any other
 # setting changed would silently continue a different run (e.g. --steps moves the LR schedule).
-_NOT_IDENTITY = ("batch_size", "eval_every", "eval_windows", "telemetry_every", "ckpt_every")
+# torch.compile changes the losses only by float rounding: a run may resume with it on or off.
+_NOT_IDENTITY = ("batch_size", "eval_every", "eval_windows", "telemetry_every", "ckpt_every", "compile")
 
 
 def lr_at(step, config):
@@ -230,6 +231,8 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
     identity = run_identity(run, design, env, config, corpus.sha256)
     start_step, history = restore(run, design_dir, identity, model, optimizer, env)
     train_model = for_training(model, env)
+    if config.compile:
+        train_model = torch.compile(train_model)
     # FSDP2's MixedPrecisionPolicy replaces autocast (torchtitan's way); other modes autocast.
     train_autocast = par.mixed_precision(config, env) is None or not env.uses_fsdp
 
@@ -249,6 +252,7 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         env.sync()
+        compiled_before = compile_seconds() if config.compile else None
         t0, c0 = time.perf_counter(), time.process_time()
         with captured(model) if with_tel else contextlib.nullcontext() as caps:
             with env.autocast(config.amp and train_autocast):
@@ -265,6 +269,10 @@ def train_design(spec, design, run, corpus, env, log, run_dir, config=None, labe
         step_time, cpu_time = time.perf_counter() - t0, time.process_time() - c0
         if tel is not None:  # the telemetry's own cost is not the step's
             step_time, cpu_time = step_time - tel.wall, cpu_time - tel.cpu
+        if compiled_before is not None:  # nor is compiling: its seconds are reported apart
+            wall, cpu = (now - before for now, before in zip(compile_seconds(), compiled_before))
+            step_time, cpu_time = step_time - wall, cpu_time - cpu
+            history["compile_s"] = history.get("compile_s", 0.0) + wall
         loss_value = float(env.dp_all_reduce_(loss.detach().double().clone()) / env.dp_world)
         for key, value in (("step_times", step_time), ("cpu_times", cpu_time), ("telemetry_steps", with_tel),
                            ("losses", loss_value)):
@@ -344,4 +352,5 @@ def finish_design(spec, design, mconfig, model, run, corpus, env, history, confi
         w8a8_val_loss=evaluation.w8a8_val_loss,
         w8a8_delta={k: v - evaluation.val_loss for k, v in evaluation.w8a8_val_loss.items()},
         vshift_probe=evaluation.vshift_probe, identity=identity,
+        compile_s=history.get("compile_s", 0.0) if config.compile else None,
     )

@@ -3,10 +3,13 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from ffn.harness import cli, designs, report
+from ffn.harness.train import run_identity
 from ffn.harness.config import DEFAULT_PROBE_SHIFT, TrainConfig
 from ffn.harness.designs import Design
 from ffn.harness.results import load_run
@@ -69,6 +72,26 @@ def test_flags_become_typed_settings():
     assert run.train.eval_every == 9  # 0: evaluate at the end only
     with pytest.raises(TypeError, match="no settings"):
         TrainConfig.from_preset("tiny", depth=3)
+
+
+def test_compile_flag_is_a_training_setting_outside_the_run_identity():
+    assert cli.parse_config(["--preset", "tiny"]).train.compile is False
+    assert cli.parse_config(["--preset", "tiny", "--compile", "--no-compile"]).train.compile is False
+    run = cli.parse_config(["--preset", "tiny", "--compile"])
+    assert run.train.compile is True and run.to_dict()["train"]["compile"] is True  # run.json records it
+    # Compiled and eager losses differ by float rounding only: a run may resume with either.
+    identity = [run_identity(run, run.designs[0][1], SimpleNamespace(dp_world=1), train, "sha")
+                for train in (run.train, replace(run.train, compile=False))]
+    assert identity[0] == identity[1] and "compile" not in identity[0]
+
+
+def test_compile_on_cpu_needs_a_cpp_compiler(tmp_path, monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    with pytest.raises(SystemExit, match=r"--compile on CPU needs a C\+\+ compiler"):
+        cli.main(run_args(tmp_path, "no_cxx", "--designs", "B", "--device", "cpu", "--compile"))
+    assert not (tmp_path / "runs" / "no_cxx" / "B").exists()
 
 
 def test_study_preset_trains_three_seeds_of_the_default_designs():

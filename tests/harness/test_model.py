@@ -9,7 +9,7 @@ import ffn
 from ffn import telemetry
 from ffn.harness import designs
 from ffn.harness.designs import Design
-from ffn.harness.model import ffn_param_count, gated_d_ff, shift_probe
+from ffn.harness.model import ResidualRMSNorm, add_norm, ffn_param_count, gated_d_ff, shift_probe
 
 from .tiny import SUMMARY_KEYS, TINY, read_metrics, run_args, tiny_batch, tiny_model, train_losses
 
@@ -39,13 +39,14 @@ def test_gated_and_gelu_models_have_matching_parameter_counts():
 
 COMBINATIONS = list(itertools.product(("layernorm", "rmsnorm"), (None, True, False),
                                       designs.FFNS, ("pre", "post"),
-                                      ("serial", "parallel")))
+                                      ("serial", "parallel"), (0.0, 0.5)))
 
 
-@pytest.mark.parametrize("norm,norm_bias,ffn_name,placement,layout", COMBINATIONS)
-def test_every_flag_combination_trains_the_same_on_both_backends(norm, norm_bias, ffn_name, placement, layout):
+@pytest.mark.parametrize("norm,norm_bias,ffn_name,placement,layout,mean_shift", COMBINATIONS)
+def test_every_flag_combination_trains_the_same_on_both_backends(norm, norm_bias, ffn_name, placement, layout,
+                                                                 mean_shift):
     design = Design(norm=norm, ffn=ffn_name, norm_bias=norm_bias, placement=placement, layout=layout,
-                    mean_shift=0.5)
+                    mean_shift=mean_shift)
     ours = train_losses(tiny_model(design, "ffn"), with_telemetry=True)
     plain = train_losses(tiny_model(design, "torch"))
     assert all(torch.isfinite(torch.tensor(ours)))
@@ -61,6 +62,66 @@ def test_training_code_calls_the_ffn_ops():
         loss.backward()
     names = {e.name for e in prof.events()}
     assert {"ffn::rms_norm", "ffn::swiglu", "ffn::_gated_ffn_bwd", "ffn::_rms_norm_bwd"} <= names
+
+
+def norm_op_calls(model, x, y):
+    """How often each ffn norm op (plain or fused with the residual add) runs in forward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x, y)
+    names = [e.name for e in prof.events()]
+    counts = {op: names.count(f"ffn::{op}") for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")}
+    return {op: n for op, n in counts.items() if n}
+
+
+# spec -> (plain norm calls, fused add + norm calls) of the 2-layer model: a pre-norm serial
+# model fuses every norm after the first, except the FFN norms a mean shift enters.
+FUSED_CALLS = {"A": (1, 4), "B": (1, 4), "B+bias": (1, 4), "B+recenter": (1, 4), "B+shift=1": (3, 2),
+               "B+vshift=1": (3, 2), "A+post": (4, 0), "B+parallel": (3, 0), "A+post+parallel": (2, 0)}
+
+
+@pytest.mark.parametrize("spec", list(FUSED_CALLS))
+def test_pre_norm_serial_blocks_fuse_the_residual_add_with_the_same_numbers(spec):
+    design = designs.parse_design(spec)
+    x, y = tiny_batch()
+    model = tiny_model(design)
+    op = designs.NORMS[design.norm].op
+    plain, fused = FUSED_CALLS[spec]
+    assert norm_op_calls(model, x, y) == {op: plain, **({f"add_{op}": fused} if fused else {})}
+    steps = {}
+    for watched in (False, True):  # a hook on a norm makes the block add apart (it must see the norm's input)
+        model = tiny_model(design)
+        hooks = [m.register_forward_pre_hook(lambda mod, args: None) for m in model.modules()
+                 if isinstance(m, (ffn.LayerNorm, ffn.RMSNorm))] if watched else []
+        if watched:
+            assert norm_op_calls(model, x, y) == {op: plain + fused}
+        _, loss = model(x, y, stats=[])
+        loss.backward()
+        steps[watched] = [loss, *(p.grad for p in model.parameters())]
+        for hook in hooks:
+            hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(steps[False], steps[True]))
+
+
+def test_a_branch_of_another_dtype_is_added_apart_with_type_promotion():
+    """Under autocast a bf16 attention output meets the float32 residual stream: the fused op
+    takes one dtype, so the add is made apart and promotes, as the unfused model's does."""
+    norm = ResidualRMSNorm(8, eps=1e-6)
+    x, branch = torch.randn(4, 8), torch.randn(4, 8).bfloat16()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, s = add_norm(norm, x, branch)
+    assert "ffn::add_rms_norm" not in {e.name for e in prof.events()}
+    assert s.dtype == torch.float32 and torch.equal(s, x + branch) and torch.equal(y, norm(x + branch))
+    fused_y, fused_s = add_norm(norm, x, branch.float())
+    assert torch.equal(fused_s, s) and torch.equal(fused_y, y)
+
+
+def test_fused_norms_keep_the_state_dict_of_the_plain_ones():
+    for spec in ("A", "B+bias"):
+        design = designs.parse_design(spec)
+        ours, plain = tiny_model(design, "ffn"), tiny_model(design, "torch")
+        assert isinstance(ours.blocks[0].norm2, ffn.AddLayerNorm if spec == "A" else ffn.AddRMSNorm)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+        plain.load_state_dict(ours.state_dict())
 
 
 def test_norm_choices_build_the_right_modules():

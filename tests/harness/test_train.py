@@ -1,6 +1,7 @@
 """The training loop: checkpoints, resume, DDP with two processes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 
 from ffn.harness import cli
 from ffn.harness.files import atomic_torch_save
+from ffn.harness.results import load_run
 
 from .tiny import SUMMARY_KEYS, read_metrics, run_args
 
@@ -50,6 +52,30 @@ def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
     assert cli.main(run_args(tmp_path, "changed", *common, "--steps", "6", "--stop-at", "2")) == 0
     with pytest.raises(SystemExit, match=r"steps: 6 -> 8"):
         cli.main(run_args(tmp_path, "changed", *common, "--steps", "8", "--resume"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ffn", "torch"])
+def test_compiled_training_matches_eager_within_float32_rounding(tmp_path, backend):
+    common = ("--designs", "B", "--backend", backend, "--ckpt-every", "2", "--no-report")
+    assert cli.main(run_args(tmp_path, "eager", *common)) == 0
+    assert cli.main(run_args(tmp_path, "compiled", *common, "--compile")) == 0
+    # Resuming may turn compilation on or off: it is not part of the run's identity.
+    assert cli.main(run_args(tmp_path, "toggled", *common, "--stop-at", "2")) == 0
+    assert cli.main(run_args(tmp_path, "toggled", *common, "--compile", "--resume")) == 0
+    eager = read_metrics(tmp_path, "eager")
+    for name in ("compiled", "toggled"):
+        ours = read_metrics(tmp_path, name)
+        assert [r["step"] for r in ours] == [r["step"] for r in eager]
+        torch.testing.assert_close([r["loss"] for r in ours], [r["loss"] for r in eager], rtol=1e-5, atol=0)
+        for tel, ref in zip(read_metrics(tmp_path, name, "telemetry"), read_metrics(tmp_path, "eager", "telemetry")):
+            torch.testing.assert_close(tel["input_mean"], ref["input_mean"], rtol=1e-4, atol=1e-5)
+    meta, (compiled,) = load_run(tmp_path / "runs" / "compiled")
+    _, (plain,) = load_run(tmp_path / "runs" / "eager")
+    assert meta.config["train"]["compile"] is True
+    assert plain.compile_s is None and compiled.compile_s > 0
+    assert compiled.tokens_per_s > 0 and math.isfinite(compiled.tokens_per_s)
+    torch.testing.assert_close(compiled.final_val_loss, plain.final_val_loss, rtol=1e-5, atol=0)
 
 
 def test_ddp_with_two_processes_matches_one_process(tmp_path):

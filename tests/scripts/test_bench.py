@@ -107,7 +107,7 @@ def test_cpu_quick_run_writes_tables(bench, tmp_path):
     out = tmp_path / "cpu.json"
     results = bench.main(
         ["--device", "cpu", "--quick", "--rows", "16", "--dims", "7", "32", "--ffn-tokens", "16", "--ffn-dims", "32",
-         "--reps", "2", "--warmup", "1", "--budget", "0.02", "--json", str(out)]
+         "--reps", "2", "--warmup", "1", "--budget", "0.02", "--json", str(out), "--no-compile"]
     )
     written = json.loads(out.read_text())
     assert written["results"] == json.loads(json.dumps(results["results"]))
@@ -115,6 +115,7 @@ def test_cpu_quick_run_writes_tables(bench, tmp_path):
     # 3 norms (rms_norm, layer_norm, add_rms_norm) x 2 dims x 2 passes, 2 FFNs x 1 dim x 2 passes.
     assert len(timed) == 16
     assert all(r["ffn_s"] > 0 and r["speedup"] > 0 and r["reps"] == 2 for r in timed)
+    assert all(r["compile_s"] is None and r["speedup_vs_compile"] is None for r in timed)  # --no-compile
     ffn_rules = {(r["op"], r["d_ff"], r["d_ff_rule"]) for r in timed if r["kind"] == "ffn"}
     assert ffn_rules == {("gelu_ffn", 128, "4d"), ("swiglu", 128, "8d/3 up to 64")}
     saved = {r["op"]: r for r in results["results"] if r["kind"] == "ffn_saved"}
@@ -123,22 +124,57 @@ def test_cpu_quick_run_writes_tables(bench, tmp_path):
         # ffn keeps x and the pre-activation; eager also keeps the hidden activation.
         assert r["ffn_saved_bytes"] < r["eager_saved_bytes"]
     markdown = out.with_suffix(".md").read_text()
-    assert "| op | pass | rows x d | ffn ms | torch ms | speedup | ffn GB/s | torch GB/s | reps | target |" in markdown
-    assert ("| op | pass | tokens x d x d_ff | d_ff rule | ffn ms | eager ms | speedup | ffn GB/s | ffn GFLOP/s | eager GFLOP/s"
-            " | reps | target |") in markdown
+    assert ("| op | pass | rows x d | ffn ms | torch ms | speedup | torch compiled ms | ffn compiled ms | speedup vs compiled"
+            " | ffn GB/s | torch GB/s | reps | target |") in markdown
+    assert ("| op | pass | tokens x d x d_ff | d_ff rule | ffn ms | eager ms | speedup | torch compiled ms | ffn compiled ms"
+            " | speedup vs compiled | ffn GB/s | ffn GFLOP/s | eager GFLOP/s | reps | target |") in markdown
     assert "| op | tokens x d x d_ff | d_ff rule | ffn MiB | eager MiB | ffn/eager | params MiB (excluded) | target |" in markdown
     assert "| rms_norm | fwd+bwd | 16x7 |" in markdown and "| swiglu | fwd | 16x32x128 | 8d/3 up to 64 |" in markdown
+    assert "Compiled columns n/a (this run: --no-compile)." in markdown and "as fast as torch.compile" not in markdown
     assert "Targets:" in markdown and markdown.count("| layer_norm |") == 4
     assert markdown.count("| add_rms_norm |") == 4
 
 
 def test_cpu_quick_run_matched_width(bench, tmp_path):
     results = bench.main(["--device", "cpu", "--quick", "--ops", "swiglu", "--ffn-tokens", "8", "--ffn-dims", "96",
-                          "--reps", "1", "--warmup", "0", "--budget", "0.01", "--gated-width", "matched", "--markdown", str(tmp_path / "m.md")])
+                          "--reps", "1", "--warmup", "0", "--budget", "0.01", "--gated-width", "matched", "--markdown", str(tmp_path / "m.md"),
+                          "--no-compile"])
     rows = [r for r in results["results"] if r["kind"] == "ffn"]
     assert [r["d_ff"] for r in rows] == [gated_d_ff(96, 384, bias=False)] * 2
     assert all(r["d_ff_rule"] == "gated_d_ff(d, 4d)" for r in rows)
     assert "gated_d_ff(d, 4d)" in (tmp_path / "m.md").read_text() and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.slow
+def test_cpu_quick_run_times_torch_compile_in_the_same_rounds(bench, tmp_path):
+    results = bench.main(["--device", "cpu", "--quick", "--ops", "add_rms_norm", "swiglu", "--rows", "16", "--dims", "32",
+                          "--ffn-tokens", "16", "--ffn-dims", "32", "--reps", "2", "--warmup", "1", "--budget", "0.02",
+                          "--markdown", str(tmp_path / "c.md")])
+    timed = [r for r in results["results"] if r["kind"] in ("norm", "ffn")]
+    assert [(r["op"], r["pass"]) for r in timed] == [(op, p) for op in ("add_rms_norm", "swiglu") for p in ("fwd", "fwd+bwd")]
+    for r in timed:
+        assert r["compile_s"] > 0 and r["ffn_compile_s"] > 0 and r["reps"] == 2
+        assert r["speedup_vs_compile"] == pytest.approx(r["compile_s"] / min(r["ffn_s"], r["ffn_compile_s"]))
+    assert results["environment"]["failures"] == {}
+    names = [t["target"] for t in results["targets"]]
+    assert "add_rms_norm fwd+bwd 16x32 as fast as torch.compile" in names
+    assert "swiglu fwd 16x32x128 as fast as torch.compile" in names
+    assert "torch compiled = torch.compile" in (tmp_path / "c.md").read_text()
+
+
+def test_cpu_compile_failure_is_reported_not_fatal(bench, monkeypatch):
+    def no_compiler(fn, dynamic):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler")
+        return fails
+
+    monkeypatch.setattr(bench.torch, "compile", no_compiler)
+    results = bench.main(["--device", "cpu", "--quick", "--ops", "rms_norm", "--rows", "8", "--dims", "16", "--reps", "1",
+                          "--warmup", "0", "--budget", "0.01", "--no-save"])
+    rows = [r for r in results["results"] if r["kind"] == "norm"]
+    assert len(rows) == 2 and all(r["ffn_s"] > 0 and r["torch_s"] > 0 for r in rows)
+    assert all(r["compile_s"] is None and r["ffn_compile_s"] is None and r["speedup_vs_compile"] is None for r in rows)
+    assert set(results["environment"]["failures"]) == {"torch_compiled", "ffn_compiled"}
 
 
 # ----------------------------------------------------------------------------- bench_telemetry.py

@@ -49,7 +49,7 @@ def write_report(run_dir, results, meta):
         "",
         markdown_table(SUMMARY_HEADER, summary_rows(results)),
         "",
-        f"memory: {results[0].memory_kind}. tokens/s: wall clock, telemetry steps included. Δ loss columns: "
+        f"memory: {results[0].memory_kind}. tokens/s: wall clock, telemetry steps included (with --compile, the seconds spent compiling are left out and shown beside it). Δ loss columns: "
         "validation loss change with int8 / int4 FFN weights (per output channel) and with the down-projection "
         "input quantized to int8 (per token). max|h|/rms and kurtosis(h): the largest over layers, on the "
         "validation windows. Telemetry step overhead: "

@@ -17,7 +17,7 @@ def summary_rows(results):
     base = results[0]
     return [[marked(r.spec, [r]), r.description, f"{r.params:,}", fmt(r.final_val_loss),
              fmt(r.final_val_loss - base.final_val_loss if usable([r, base]) else None, "+.4f"),
-             fmt(r.tokens_per_s, ",.0f"),
+             fmt(r.tokens_per_s, ",.0f") + (f" (+{r.compile_s:.0f} s compile)" if r.compile_s is not None else ""),
              fmt(r.memory_bytes / 2**20, ".1f"), fmt(r.int8_delta, "+.5f"), fmt(r.int4_delta, "+.4f"),
              fmt(r.int8_h_delta, "+.4f"),
              fmt(max_over_layers(r, "h_max_over_rms"), ".1f"), fmt(max_over_layers(r, "h_kurtosis"), ".1f"),
