@@ -355,24 +355,23 @@ class _GPT2MLP(_PlainMLP):
 
 
 # ----------------------------------------------------------------------------- the registry
-def _activation_of(act):
-    """The ffn activation name of an HF / torch activation module, or None."""
-    from transformers import activations as A
+# transformers' activation modules by qualified class name: read without importing transformers,
+# which also keeps the lookup traceable by torch.compile (Dynamo refuses some imports).
+_HF_ACTIVATIONS = {f"transformers.activations.{cls}": name for cls, name in (
+    ("SiLUActivation", "silu"), ("GELUActivation", "gelu"), ("GELUTanh", "gelu_tanh"),
+    ("NewGELUActivation", "gelu_tanh"), ("FastGELUActivation", "gelu_tanh"))}
 
+
+def _activation_of(act):
+    """The ffn activation name of an HF / torch activation module (its exact class), or None."""
     t = type(act)
-    if t in (A.SiLUActivation, nn.SiLU):
+    if t is nn.SiLU or act is F.silu:
         return "silu"
     if t is nn.ReLU:
         return "relu"
-    if t is A.GELUActivation:
-        return "gelu"
-    if t in (A.GELUTanh, A.NewGELUActivation, A.FastGELUActivation):
-        return "gelu_tanh"
     if t is nn.GELU:
         return GELU_APPROXIMATIONS.get(act.approximate)
-    if act is F.silu:
-        return "silu"
-    return None
+    return _HF_ACTIVATIONS.get(f"{t.__module__}.{t.__qualname__}")
 
 
 def _mlp_handler(mixin, act_attr):
