@@ -14,7 +14,7 @@ JOBS        ?= $(shell nproc)
 PYTEST_ARGS ?=
 AB_ARGS     ?=
 
-.PHONY: all venv system-deps wheel build build-cpp data test compat-2.11 test-python test-cpp test-cuda-emu ab study study-2x2 study-shift study-layout bench \
+.PHONY: all venv system-deps wheel build build-cpp data test compat-2.11 test-python test-cpp test-cuda-emu ab study study-2x2 study-shift study-layout study-postnorm-lr study-lr256 studies-report bench \
         cuda-report gpu-check compat-check hub clean
 
 all: build
@@ -153,6 +153,20 @@ study-shift: build data
 study-layout: build data
 	$(PY) scripts/ab.py --preset short --seeds 3 --name study-layout \
 	  --designs A,B,A+post,B+post,A+parallel,B+parallel $(AB_ARGS)
+
+# Post-norm did not learn at the short preset's lr 8e-3: the layout pairs again at lr 2e-3.
+study-postnorm-lr: build data
+	$(PY) scripts/ab.py --preset short --seeds 3 --name study-postnorm-lr --designs A,B,A+post,B+post --lrs 0.002 $(AB_ARGS)
+
+# B's learning-rate sensitivity at d_model 256 (lr 3e-3 once left B untrained): A and B at two rates.
+study-lr256: build data
+	$(PY) scripts/ab.py --preset cpu --d-model 256 --d-ff 1024 --seeds 3 --name study-lr256 --designs A,B \
+	  --lrs 0.003,0.001 $(AB_ARGS)
+
+# Every case-study answer in one report, from the runs above (bench/results/studies/ holds the committed one).
+studies-report: build
+	$(PY) -m ffn.harness.report --studies runs/study-2x2 runs/study-shift runs/study-layout \
+	  runs/study-postnorm-lr runs/study-lr256 --out runs/studies
 
 bench: build
 	$(PY) scripts/bench.py --device cpu

@@ -22,7 +22,8 @@ from ..results import RunMeta, load_run
 from ..tables import isnum, markdown_table
 from .plots import plot_gate_saturation, plot_intervals, plot_quant
 
-MAKE_TARGETS = {"2x2": "make study-2x2", "shift": "make study-shift", "layout": "make study-layout"}
+MAKE_TARGETS = {"2x2": "make study-2x2", "shift": "make study-shift", "layout": "make study-layout",
+                "postnorm_lr": "make study-postnorm-lr", "lr256": "make study-lr256"}
 # The gate measures of the saturation answer: (record kind, key, label, format); the relative
 # ones from the "outliers" records (outliers.GATE_KEYS), the absolute ones from "telemetry".
 GATE_MEASURES = (
@@ -89,7 +90,8 @@ class Experiment:
         preset = self.meta.config.get("preset", "?")
         return (f"run `{self.name}` (designs {', '.join(self.meta.designs)}; preset `{preset}`: "
                 f"d_model {a.d_model}, {a.n_layers} layers, {a.steps} steps of {a.batch_size}×{a.seq_len} tokens, "
-                f"lr {a.lr:g}; {len(self.seeds)} seed(s): {', '.join(map(str, self.seeds))}; "
+                f"lr {', '.join(f'{v:g}' for v in self.meta.lrs) if self.meta.lrs else f'{a.lr:g}'}; "
+                f"{len(self.seeds)} seed(s): {', '.join(map(str, self.seeds))}; "
                 f"wall {self.meta.wall_s / 60:.1f} min)")
 
     def scale(self):
@@ -114,10 +116,6 @@ def _shift_score(e):
 
 def _quant_score(e):
     return sum(bool(e.find(spec)) for _, spec in studies.QUANT_OPTIONS) or None
-
-
-def _layout_score(e):
-    return len(studies.layout_twins(e.groups, e.lr)) or None
 
 
 def _name(rs):
@@ -471,34 +469,47 @@ def _quant_choice(opts):
 
 
 # ----------------------------------------------------------------------------- 4. layout
-def layout_section(exp, out_dir):
+def _run_lrs(e):
+    """The learning rates a run trained at: its sweep's, or its one."""
+    return list(e.meta.lrs) if e.meta.lrs else [e.lr]
+
+
+def layout_section(experiments, out_dir):
+    """Every given run (and every learning rate of a sweep) with post-norm or parallel designs
+    and their pre-norm serial twins, one table each."""
     lines = ["## 4. Pre- vs post-norm, serial vs parallel", ""]
-    if exp is None:
+    runs = [(e, lr) for e in experiments for lr in _run_lrs(e) if studies.layout_twins(e.groups, lr)]
+    if not runs:
         return lines + [f"Not measured: no given run has post-norm or parallel designs with their pre-norm serial "
                         f"twins; `{MAKE_TARGETS['layout']}` produces it.", ""]
-    lines.append(f"Backed by {exp.citation()}: each post-norm or parallel design against its pre-norm serial twin, "
-                 "paired by seed.")
-    lines.append("")
-    rows, cis = [], []
-    for rs, twin in studies.layout_twins(exp.groups, exp.lr):
-        ci = studies.paired(rs, twin, "val loss")
-        ci_s = studies.paired(rs, twin, "shift probe Δ loss")
-        cis.append((f"{rs[0].group} − {twin[0].group}", ci))
-        spikes = sum((r.health or {}).get("n_spikes", 0) for r in rs)
-        rows.append([rs[0].group, twin[0].group, _m(rs, "val loss"), ci.fmt("+.4f"), _sign(ci, rs, twin),
-                     _m(rs, "shift probe Δ loss"), ci_s.fmt("+.4f"), _sign(ci_s, rs, twin), _health(rs), spikes])
-    lines += [markdown_table(["design", "twin", "val loss", "Δ val loss (paired)", "sign", "shift probe Δ loss",
-                              "Δ shift cost (paired)", "sign", "health", "loss spikes (all seeds)"], rows), ""]
-    unstable = [_name(rs) for rs, _ in studies.layout_twins(exp.groups, exp.lr) if not usable(rs)]
+    panels, unstable, layers = [], [], set()
+    for e, lr in runs:
+        lines.append(f"Backed by {e.citation()}, at lr {lr:g}: each post-norm or parallel design against its pre-norm "
+                     "serial twin, paired by seed.")
+        lines.append("")
+        rows, cis = [], []
+        for rs, twin in studies.layout_twins(e.groups, lr):
+            ci = studies.paired(rs, twin, "val loss")
+            ci_s = studies.paired(rs, twin, "shift probe Δ loss")
+            cis.append((f"{rs[0].group} − {twin[0].group}", ci))
+            spikes = sum((r.health or {}).get("n_spikes", 0) for r in rs)
+            rows.append([rs[0].group, twin[0].group, _m(rs, "val loss"), ci.fmt("+.4f"), _sign(ci, rs, twin),
+                         _m(rs, "shift probe Δ loss"), ci_s.fmt("+.4f"), _sign(ci_s, rs, twin), _health(rs), spikes])
+            if not usable(rs):
+                unstable.append(f"{_name(rs)} at lr {lr:g}")
+        lines += [markdown_table(["design", "twin", "val loss", "Δ val loss (paired)", "sign", "shift probe Δ loss",
+                                  "Δ shift cost (paired)", "sign", "health", "loss spikes (all seeds)"], rows), ""]
+        panels.append((f"Δ val loss vs the pre-norm serial twin, `{e.name}` lr {lr:g}", cis))
+        layers.add(e.meta.train_config().n_layers)
     lines.append("Stability: " + (f"runs that are no result: {', '.join(unstable)}." if unstable else
                                   "every post-norm and parallel run trained to a result (none diverged, none failed "
                                   "to learn)."))
-    plot = plot_intervals(out_dir, "layout.png", "placement and layout", [
-        ("Δ val loss: design − its pre-norm serial twin", cis)])
-    lrs = f"learning rates {', '.join(f'{v:g}' for v in exp.meta.lrs)}" if exp.meta.lrs else "one learning rate"
+    plot = plot_intervals(out_dir, "layout.png", "placement and layout", panels)
+    lrs = sorted({lr for _, lr in runs})
     lines += ["", f"What this scale cannot decide: post-norm's instability is reported to grow with depth and "
-              f"learning rate (Xiong et al. 2020); with {exp.meta.train_config().n_layers} layers and {lrs} these "
-              "runs do not test that regime.", ""]
+              f"learning rate (Xiong et al. 2020); with {', '.join(map(str, sorted(layers)))} layers and "
+              f"learning rate{'s' if len(lrs) > 1 else ''} {', '.join(f'{v:g}' for v in lrs)} these runs do not "
+              "test deeper models, and the learning rate at which each layout trains best is not searched.", ""]
     if plot is not None:
         lines += [f"![{plot.stem}]({plot.name})", ""]
     return lines
@@ -518,19 +529,24 @@ def health_section(experiments):
         parts = []
         for e in swept:
             for lr in e.meta.lrs:
-                found = [(spec, studies.find_design(e.groups, parse_design(spec), lr)) for spec in ("A", "B")]
-                parts.append(f"`{e.name}` at lr {lr:g}: " + ", ".join(f"{spec} {_health(rs)}" for spec, rs in found
-                                                                      if rs))
-        lines.append("Learning-rate sensitivity (the sweeps' groups are named @lr=... above): " + "; ".join(parts)
-                     + ".")
+                A, B = (studies.find_design(e.groups, parse_design(spec), lr) for spec in ("A", "B"))
+                found = [(spec, rs) for spec, rs in (("A", A), ("B", B)) if rs]
+                text = f"`{e.name}` (d_model {e.meta.train_config().d_model}) at lr {lr:g}: " + ", ".join(
+                    f"{spec} {_m(rs, 'val loss')} ({_health(rs)})" for spec, rs in found)
+                if A and B:
+                    ci = studies.paired(B, A, "val loss")
+                    text += f"; B − A {ci.fmt('+.4f')} ({_sign(ci, B, A)})"
+                parts.append(text)
+        lines.append("Learning-rate sensitivity (the sweeps' groups are named @lr=... above; the earlier observation: "
+                     "at d_model 256 and lr 3e-3, B ended at 3.29 / 3.14 over two seeds while A trained): "
+                     + "; ".join(parts) + ".")
     else:
         widths = sorted({e.meta.train_config().d_model for e in experiments})
         lrs = sorted({e.meta.train_config().lr for e in experiments})
         lines.append("Learning-rate sensitivity: no given run sweeps the learning rate (each trains at "
                      f"{', '.join(f'{v:g}' for v in lrs)}, d_model {', '.join(map(str, widths))}). The sensitivity "
                      "of B seen at d_model 256 (lr 3e-3 left B at 3.29 / 3.14 over two seeds while A trained) is "
-                     "not tested by these runs; `scripts/ab.py --designs A,B --lrs ... --seeds 3 --d-model 256` "
-                     "tests it.")
+                     f"not tested by these runs; `{MAKE_TARGETS['lr256']}` tests it.")
     return lines + [""]
 
 
@@ -545,7 +561,6 @@ def write_studies_report(run_dirs, out_dir):
     probe_run = _best(experiments, _mean_shift_score)
     shift = _best(experiments, _shift_score)
     quant = _best(experiments, _quant_score)
-    layout = _best(experiments, _layout_score)
     lines = [
         "# Case studies: the answers across experiments",
         "",
@@ -564,7 +579,7 @@ def write_studies_report(run_dirs, out_dir):
         *gate_section(shift, out_dir),
         *platform_section(shift, probe_run, out_dir),
         *quantization_section(quant, out_dir),
-        *layout_section(layout, out_dir),
+        *layout_section(experiments, out_dir),
         *health_section(experiments),
     ]
     path = out_dir / "report.md"
