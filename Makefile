@@ -154,9 +154,10 @@ study-layout: build data
 	$(PY) scripts/ab.py --preset short --seeds 3 --name study-layout \
 	  --designs A,B,A+post,B+post,A+parallel,B+parallel $(AB_ARGS)
 
-# Post-norm did not learn at the short preset's lr 8e-3: the layout pairs again at lr 2e-3.
+# Post-norm stays at the unigram plateau at the short preset's lr 8e-3 (and at 2e-3): the
+# pre/post pairs again at lr 1e-3, where single-seed probes showed post-norm learning.
 study-postnorm-lr: build data
-	$(PY) scripts/ab.py --preset short --seeds 3 --name study-postnorm-lr --designs A,B,A+post,B+post --lrs 0.002 $(AB_ARGS)
+	$(PY) scripts/ab.py --preset short --seeds 3 --name study-postnorm-lr --designs A,B,A+post,B+post --lrs 0.001 $(AB_ARGS)
 
 # B's learning-rate sensitivity at d_model 256 (lr 3e-3 once left B untrained): A and B at two rates.
 study-lr256: build data
