@@ -85,11 +85,13 @@ def test_compile_flag_is_a_training_setting_outside_the_run_identity():
     assert identity[0] == identity[1] and "compile" not in identity[0]
 
 
-def test_compile_on_cpu_needs_a_cpp_compiler(tmp_path, monkeypatch):
+def test_compile_on_cpu_needs_a_cpp_compiler(tmp_path):
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
-    with pytest.raises(SystemExit, match=r"--compile on CPU needs a C\+\+ compiler"):
+    # config.patch, not monkeypatch: deleting an Inductor config entry (monkeypatch's undo of an
+    # attribute it found missing on the proxy) hides it for the rest of the process.
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-c++"),)}), \
+            pytest.raises(SystemExit, match=r"--compile on CPU needs a C\+\+ compiler"):
         cli.main(run_args(tmp_path, "no_cxx", "--designs", "B", "--device", "cpu", "--compile"))
     assert not (tmp_path / "runs" / "no_cxx" / "B").exists()
 
