@@ -172,10 +172,13 @@ def mark_mlps(model):
     {class: layer name} of the classes it marked."""
     from kernels import replace_kernel_forward_from_hub
 
-    marked = {}
+    marked, checked = {}, set()  # a class's source is read once, not once per module
     for module in model.modules():
         cls = type(module)
-        if cls in marked or hasattr(cls, "kernel_layer_name") or not _computes_llama_mlp(cls):
+        if cls in checked:
+            continue
+        checked.add(cls)
+        if hasattr(cls, "kernel_layer_name") or not _computes_llama_mlp(cls):
             continue
         layer = _mlp_layer_of(_activation_of(getattr(module, "act_fn", None)))
         if layer is not None:

@@ -132,6 +132,19 @@ def assert_grads_match(ref, ours):
     assert diff <= 2e-5 * scale, (diff, scale)
 
 
+def assert_matches_plain(ref, ours, run, ids, mode, no_grad):
+    """Logits of `run` (ours, or ours compiled) equal the plain model's within float32 rounding,
+    and in training the gradients that land in ours' parameters too; without training under
+    `no_grad` (inference_mode, or no_grad where Dynamo traces)."""
+    if Mode.TRAINING in mode:
+        logits_ref, logits_ours = fwd_bwd(ref, ids), fwd_bwd(run, ids)
+        assert_grads_match(ref, ours)
+    else:
+        with no_grad():
+            logits_ref, logits_ours = ref(ids).logits, run(ids).logits
+    torch.testing.assert_close(logits_ours, logits_ref, rtol=1e-5, atol=1e-5)
+
+
 class CountFfnOps(TorchDispatchMode):
     """Counts the torch.ops.ffn calls that reach the kernels, by op name."""
 
@@ -250,13 +263,7 @@ def test_kernelize_matches_the_unkernelized_model(hub_repo, arch, mode, device):
     assert kinds == Counter(norm=sum(layers_of[n] for n in NORM_LAYERS),
                             mlp=layers_of["SwiGLUMLP"] + layers_of["GeGLUMLP"]) - Counter(), counted.calls
 
-    if mode == Mode.TRAINING:
-        logits_ref, logits_ours = fwd_bwd(ref, ids), fwd_bwd(ours, ids)
-        assert_grads_match(ref, ours)
-    else:
-        with torch.inference_mode():
-            logits_ref, logits_ours = ref(ids).logits, ours(ids).logits
-    torch.testing.assert_close(logits_ours, logits_ref, rtol=1e-5, atol=1e-5)
+    assert_matches_plain(ref, ours, ours, ids, mode, torch.inference_mode)
 
     sd = ours.state_dict()
     assert list(sd) == list(sd_before)
@@ -287,13 +294,7 @@ def test_compile_fullgraph(hub_repo, arch, mode, device):
     seen = []
     compiled = torch.compile(ours, fullgraph=True, backend=_counting_aot_eager(seen))  # a graph break raises
     ids = input_ids(device)
-    if Mode.TRAINING in mode:
-        logits_ref, logits_ours = fwd_bwd(ref, ids), fwd_bwd(compiled, ids)
-        assert_grads_match(ref, ours)
-    else:
-        with torch.no_grad():
-            logits_ref, logits_ours = ref(ids).logits, compiled(ids).logits
-    torch.testing.assert_close(logits_ours, logits_ref, rtol=1e-5, atol=1e-5)
+    assert_matches_plain(ref, ours, compiled, ids, mode, torch.no_grad)
     layers_of = ARCHS[arch][2]
     want = Counter({"ffn.rms_norm": sum(layers_of.get(n, 0) for n in NORM_LAYERS),
                     "ffn.swiglu": layers_of.get("SwiGLUMLP", 0), "ffn.geglu": layers_of.get("GeGLUMLP", 0)})

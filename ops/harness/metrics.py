@@ -1,16 +1,19 @@
 """Training metrics: the metrics log (metrics.jsonl and TensorBoard), the paired
-telemetry overhead, and the CPU memory count of a training step.
+telemetry overhead, the seconds spent in torch.compile, and the CPU memory count of a
+training step.
 
 metrics.jsonl is appended one record a line. A process killed, or a disk filled, in the
 middle of a line leaves a torn last line: readers drop it and say so, a resume rewrites the
 file without it, and a failed append is undone and names the file."""
 
 import errno
+import functools
 import json
 import math
 import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +22,39 @@ import torch
 from .files import atomic_write_text, naming
 
 SKIP_TIMING_STEPS = 3  # first steps carry one-off costs (allocator, thread pools)
+
+
+class _CompileClock:
+    """Accumulates the seconds of every torch.compile compilation (Dynamo's outermost one:
+    AOTAutograd and Inductor within it, and a backward compiled on its first run)."""
+
+    def __init__(self):
+        from torch._dynamo.callback import callback_handler
+
+        self.wall = self.cpu = 0.0
+        self._started_at = None
+        callback_handler.register_start_callback(self._start)
+        callback_handler.register_end_callback(self._end)
+
+    def _start(self, args):
+        self._started_at = time.perf_counter(), time.process_time()
+
+    def _end(self, args):
+        wall, cpu = self._started_at
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+
+
+@functools.cache
+def _compile_clock():
+    return _CompileClock()
+
+
+def compile_seconds():
+    """(wall, CPU) seconds this process has spent in torch.compile since its first call, the CPU
+    time its own (Inductor's C++ compiler runs in child processes: in the wall time only)."""
+    clock = _compile_clock()
+    return clock.wall, clock.cpu
 
 
 def read_records(path, quiet=False):

@@ -26,9 +26,7 @@ the residual stream) and whenever forward hooks watch the norm (they see its inp
 """
 
 import contextlib
-import functools
 import math
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -335,39 +333,6 @@ def sequence_multipliers(idx):
     h = h ^ (h >> 16)
     u = (h.double() + 0.5) / 2.0 ** 32
     return torch.exp(torch.special.ndtri(u) - 0.5).float().view(-1, 1, 1)
-
-
-class _CompileClock:
-    """Accumulates the seconds of every torch.compile compilation (Dynamo's outermost one:
-    AOTAutograd and Inductor within it, and a backward compiled on its first run)."""
-
-    def __init__(self):
-        from torch._dynamo.callback import callback_handler
-
-        self.wall = self.cpu = 0.0
-        self._started_at = None
-        callback_handler.register_start_callback(self._start)
-        callback_handler.register_end_callback(self._end)
-
-    def _start(self, args):
-        self._started_at = time.perf_counter(), time.process_time()
-
-    def _end(self, args):
-        wall, cpu = self._started_at
-        self.wall += time.perf_counter() - wall
-        self.cpu += time.process_time() - cpu
-
-
-@functools.cache
-def _compile_clock():
-    return _CompileClock()
-
-
-def compile_seconds():
-    """(wall, CPU) seconds this process has spent in torch.compile since its first call, the CPU
-    time its own (Inductor's C++ compiler runs in child processes: in the wall time only)."""
-    clock = _compile_clock()
-    return clock.wall, clock.cpu
 
 
 def param_count(model):

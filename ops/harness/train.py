@@ -27,8 +27,8 @@ from .. import telemetry
 from .outliers import captured, model_outliers
 from .designs import describe, run_label
 from .evaluate import evaluate, evaluate_design, layer_summaries
-from .metrics import SKIP_TIMING_STEPS, cpu_step_memory, paired_overhead
-from .model import ModelConfig, TransformerLM, compile_seconds, ffn_param_count, param_count
+from .metrics import SKIP_TIMING_STEPS, compile_seconds, cpu_step_memory, paired_overhead
+from .model import ModelConfig, TransformerLM, ffn_param_count, param_count
 from .results import DesignResult
 
 # TrainConfig fields a checkpoint's losses do not depend on: resuming with any other
