@@ -216,7 +216,8 @@ def _find(g, spec, lr=None):
     return find_design(g, parse_design(spec), lr)
 
 
-def _m(rs, metric):
+def interval_text(rs, metric):
+    """The metric's mean over the seeds with its 95% interval, in the metric's format."""
     return interval(rs, metric).fmt(METRICS[metric][1])
 
 
@@ -235,10 +236,10 @@ def mean_shift_answer(g, lr):
     text = (f"Experiment: the post-training shift probe ({B[0].shift_probe.shift_rms_units:g}× the rms of each FFN "
             f"norm's input). Under {marked(B[0].group, B)} the shift reaches the gate pre-activations (offset "
             f"{_offset(B, 'gate_offset').fmt('.3f')} of their std) and the down-projection input (offset "
-            f"{_offset(B, 'down_in_offset').fmt('.3f')} of its rms) and costs {_m(B, 'shift probe Δ loss')} nats.")
+            f"{_offset(B, 'down_in_offset').fmt('.3f')} of its rms) and costs {interval_text(B, 'shift probe Δ loss')} nats.")
     if A:
         text += (f" Under {marked(A[0].group, A)} (LayerNorm: mean over features subtracted) the down-projection "
-                 f"offset is {_offset(A, 'down_in_offset').fmt('.2e')} and the cost {_m(A, 'shift probe Δ loss')}.")
+                 f"offset is {_offset(A, 'down_in_offset').fmt('.2e')} and the cost {interval_text(A, 'shift probe Δ loss')}.")
     if B_rec:
         ci = paired(B_rec, B, "shift probe Δ loss")
         text += (f" The minimal test of the causal chain, putting mean subtraction back with SwiGLU kept "
@@ -266,7 +267,7 @@ def shift_probe_choice(g, lr):
     ci_v = paired(B, A, "per-sequence shift probe Δ loss")
     measured = (f"Experiment: the per-sequence shift probe (the mean shift of probe 1, its size multiplied per "
                 f"sequence by m = exp(z − 1/2), z ~ N(0, 1)). Loss cost: A "
-                f"{_m(A, 'per-sequence shift probe Δ loss')}, B {_m(B, 'per-sequence shift probe Δ loss')}; paired "
+                f"{interval_text(A, 'per-sequence shift probe Δ loss')}, B {interval_text(B, 'per-sequence shift probe Δ loss')}; paired "
                 f"B − A {ci_v.fmt('+.4f')} ({verdict(ci_v, groups=(B, A))}); with a constant shift B − A "
                 f"{ci_c.fmt('+.4f')} ({verdict(ci_c, groups=(B, A))}).")
     if not usable(A + B):
@@ -295,9 +296,9 @@ QUANT_OPTIONS = (("1 (LayerNorm, SwiGLU)", "ln+swiglu"), ("2 (RMSNorm, GELU)", "
 def quantization_answer(g, lr):
     """Case study 3 from the quantization probes and outlier statistics of the option designs."""
     found = [(label, _find(g, spec, lr)) for label, spec in QUANT_OPTIONS]
-    rows = [[label, marked(rs[0].group, rs), _m(rs, "val loss"), _m(rs, "int8 weights Δ loss"),
-             _m(rs, "W8A8 tensor Δ loss"),
-             _m(rs, "max|h|/rms"), _m(rs, "kurtosis of neuron rms(h)")] for label, rs in found if rs]
+    rows = [[label, marked(rs[0].group, rs), interval_text(rs, "val loss"), interval_text(rs, "int8 weights Δ loss"),
+             interval_text(rs, "W8A8 tensor Δ loss"),
+             interval_text(rs, "max|h|/rms"), interval_text(rs, "kurtosis of neuron rms(h)")] for label, rs in found if rs]
     if not rows:
         return "Not measured: none of the four option designs is in the run."
     text = ("Experiment: the post-training quantization probes (int8 weights per channel; W8A8 with static "
@@ -375,7 +376,7 @@ def case_studies(results, meta):
         for rs, twin in trained:
             ci = paired(rs, twin, "val loss")
             text += (f" Trained with it ({marked(rs[0].group, rs)}, shift {rs[0].design.var_shift:g}·m while "
-                     f"training and evaluating): val loss {_m(rs, 'val loss')}, minus {marked(twin[0].group, twin)} "
+                     f"training and evaluating): val loss {interval_text(rs, 'val loss')}, minus {marked(twin[0].group, twin)} "
                      f"without it: {ci.fmt('+.4f')} ({verdict(ci, groups=(rs, twin))}).")
         text += " " + choice
         if not trained:

@@ -122,10 +122,6 @@ def _name(rs):
     return marked(rs[0].group, rs)
 
 
-def _m(rs, metric):
-    return studies.interval(rs, metric).fmt(studies.METRICS[metric][1])
-
-
 def _health(rs):
     """The health flags of a group's seeds in a few words."""
     texts = [f"seed {r.seed}: {flag_text(r.health)}" for r in rs if flag_text(r.health) not in ("ok", "–")]
@@ -296,7 +292,7 @@ def platform_section(shift, probe_run, out_dir):
         for spec, (rs, twin) in costs.items():
             ci = studies.paired(rs, twin, "val loss")
             cis.append((f"{rs[0].group} − {twin[0].group}", ci))
-            rows.append([twin[0].group, _m(twin, "val loss"), rs[0].group, _m(rs, "val loss"), ci.fmt("+.4f"),
+            rows.append([twin[0].group, studies.interval_text(twin, "val loss"), rs[0].group, studies.interval_text(rs, "val loss"), ci.fmt("+.4f"),
                          _sign(ci, rs, twin), f"{_health(twin)} / {_health(rs)}"])
         lines += [markdown_table(["design", "val loss", "trained with the shift", "val loss", "cost (paired)", "sign",
                                   "health (without / with)"], rows), ""]
@@ -311,8 +307,8 @@ def platform_section(shift, probe_run, out_dir):
             parts = []
             for rs, twin in probe:
                 ci = studies.paired(rs, twin, "per-sequence shift probe Δ loss")
-                parts.append(f"{_name(rs)} {_m(rs, 'per-sequence shift probe Δ loss')} vs {_name(twin)} "
-                             f"{_m(twin, 'per-sequence shift probe Δ loss')}: {ci.fmt('+.4f')} "
+                parts.append(f"{_name(rs)} {studies.interval_text(rs, 'per-sequence shift probe Δ loss')} vs {_name(twin)} "
+                             f"{studies.interval_text(twin, 'per-sequence shift probe Δ loss')}: {ci.fmt('+.4f')} "
                              f"({_sign(ci, rs, twin)})")
             lines += ["", "A further per-sequence shift after training (the probe, 1× each FFN norm input's rms × m) "
                       "on the shift-trained models against the unshifted ones: " + "; ".join(parts) + "."]
@@ -358,7 +354,7 @@ def _best_under_shift(costs):
         if rs is not best:
             ci = studies.paired(rs, best, "val loss")
             others.append((rs, ci))
-    text = f"Best under the shift (lowest mean val loss): {_name(best)} {_m(best, 'val loss')}"
+    text = f"Best under the shift (lowest mean val loss): {_name(best)} {studies.interval_text(best, 'val loss')}"
     if not others:
         return text + "."
     text += "; the others minus it: " + "; ".join(f"{_name(rs)} {ci.fmt('+.4f')} ({_sign(ci, rs, best)})"
@@ -388,7 +384,7 @@ def quantization_section(exp, out_dir):
                  "W8A8 with static per-tensor or per-channel activation scales, or SmoothQuant) and the outlier "
                  "statistics on validation windows, paired by seed against option 4.")
     lines.append("")
-    rows = [[label, opts[spec][0].group, *(_m(opts[spec], m) for m in QUANT_METRICS), _health(opts[spec])]
+    rows = [[label, opts[spec][0].group, *(studies.interval_text(opts[spec], m) for m in QUANT_METRICS), _health(opts[spec])]
             for label, spec in studies.QUANT_OPTIONS if opts[spec]]
     lines += [markdown_table(["option", "design", *QUANT_METRICS, "health"], rows), ""]
     base = opts["A"]
@@ -493,8 +489,8 @@ def layout_section(experiments, out_dir):
             ci_s = studies.paired(rs, twin, "shift probe Δ loss")
             cis.append((f"{rs[0].group} − {twin[0].group}", ci))
             spikes = sum((r.health or {}).get("n_spikes", 0) for r in rs)
-            rows.append([rs[0].group, twin[0].group, _m(rs, "val loss"), ci.fmt("+.4f"), _sign(ci, rs, twin),
-                         _m(rs, "shift probe Δ loss"), ci_s.fmt("+.4f"), _sign(ci_s, rs, twin), _health(rs), spikes])
+            rows.append([rs[0].group, twin[0].group, studies.interval_text(rs, "val loss"), ci.fmt("+.4f"), _sign(ci, rs, twin),
+                         studies.interval_text(rs, "shift probe Δ loss"), ci_s.fmt("+.4f"), _sign(ci_s, rs, twin), _health(rs), spikes])
             if not usable(rs):
                 unstable.append(f"{_name(rs)} at lr {lr:g}")
         lines += [markdown_table(["design", "twin", "val loss", "Δ val loss (paired)", "sign", "shift probe Δ loss",
@@ -521,7 +517,7 @@ def health_section(experiments):
     for e in experiments:
         for name, rs in e.groups.items():
             rows.append([f"`{e.name}`", name, len(rs), _health(rs),
-                         sum((r.health or {}).get("n_spikes", 0) for r in rs), _m(rs, "val loss")])
+                         sum((r.health or {}).get("n_spikes", 0) for r in rs), studies.interval_text(rs, "val loss")])
     lines = ["## Training health of the experiments", "",
              markdown_table(["run", "design", "seeds", "health", "loss spikes", "val loss"], rows), ""]
     swept = [e for e in experiments if e.meta.lrs]
@@ -532,7 +528,7 @@ def health_section(experiments):
                 A, B = (studies.find_design(e.groups, parse_design(spec), lr) for spec in ("A", "B"))
                 found = [(spec, rs) for spec, rs in (("A", A), ("B", B)) if rs]
                 text = f"`{e.name}` (d_model {e.meta.train_config().d_model}) at lr {lr:g}: " + ", ".join(
-                    f"{spec} {_m(rs, 'val loss')} ({_health(rs)})" for spec, rs in found)
+                    f"{spec} {studies.interval_text(rs, 'val loss')} ({_health(rs)})" for spec, rs in found)
                 if A and B:
                     ci = studies.paired(B, A, "val loss")
                     text += f"; B − A {ci.fmt('+.4f')} ({_sign(ci, B, A)})"
