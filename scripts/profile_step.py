@@ -9,9 +9,7 @@ share of self CPU time by kind of op and the ops that take the most:
   step       one fwd + bwd + AdamW step of the harness's TransformerLM (ffn.harness), the
              cpu preset's model by default
 
-Implementations: torch (plain PyTorch, F.* and nn.Linear), torch+compile (torch.compile of
-it, Inductor), ffn (the ffn ops), ffn+compile (torch.compile of the model that calls them:
-the ffn ops stay opaque calls, Inductor fuses what is around them).
+Implementations (torch, torch+compile, ffn, ffn+compile) and workloads: step_workloads.py.
 
 Kinds: gemm (mm/addmm/bmm/linear and their backward), ffn (torch.ops.ffn.* kernels),
 inductor (Inductor's generated C++ kernels: fused elementwise/reductions), attention (sdpa),
@@ -37,16 +35,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler start/stop lines
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import ffn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_workloads import IMPLS, SUBLAYER_SHAPES, step_fn, sublayer_fn  # noqa: E402
 
-IMPLS = ("torch", "torch+compile", "ffn", "ffn+compile")
-# (d_model, d_ff of the gated FFN, rows) of the sublayer table
-SUBLAYER_SHAPES = ((96, 256, 2048), (256, 683, 1024), (1024, 2816, 2048))
 GEMM = ("mm", "addmm", "bmm", "linear", "matmul", "baddbmm")
 ELEMENTWISE = ("add", "mul", "sub", "div", "copy_", "to", "_to_copy", "fill_", "zero_", "cat", "neg", "sum",
                "clone", "contiguous", "empty_like", "ones_like", "zeros_like", "where", "masked_fill", "embedding",
@@ -102,72 +97,6 @@ def summarize(label, times, calls, total, top):
     ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
     print("      top: " + ", ".join(f"{n.split('::')[-1]} {100 * t / total:.0f}% ({calls[n]:.0f}x)"
                                     for n, t in ranked))
-
-
-def maybe_compiled(fn, impl):
-    return torch.compile(fn) if impl.endswith("+compile") else fn
-
-
-def sublayer_fn(impl, d, d_ff, rows, design):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, d, generator=g, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(d, generator=g)).requires_grad_()
-    b = (0.1 * torch.randn(d, generator=g)).requires_grad_() if design == "A" else None
-    width = 4 * d if design == "A" else d_ff
-    w_in = (torch.randn((1 if design == "A" else 2) * width, d, generator=g) / d ** 0.5).requires_grad_()
-    b_in = (0.1 * torch.randn(w_in.shape[0], generator=g)).requires_grad_() if design == "A" else None
-    w_out = (torch.randn(d, width, generator=g) / width ** 0.5).requires_grad_()
-    b_out = (0.1 * torch.randn(d, generator=g)).requires_grad_() if design == "A" else None
-    grad = torch.randn(rows, d, generator=g)
-    ops = torch.ops.ffn
-
-    if impl.startswith("torch"):
-        def sublayer(x):
-            if design == "A":
-                n = F.layer_norm(x, (d,), w, b)
-                return x + F.linear(F.gelu(F.linear(n, w_in, b_in)), w_out, b_out)
-            n = F.rms_norm(x, (d,), w, 1e-6)
-            gate, up = F.linear(n, w_in).chunk(2, dim=-1)
-            return x + F.linear(F.silu(gate) * up, w_out)
-    else:
-        def sublayer(x):
-            if design == "A":
-                return x + ops.gelu_ffn(ops.layer_norm(x, w, b, 1e-5), w_in, b_in, w_out, b_out)
-            return x + ops.swiglu(ops.rms_norm(x, w, None, 1e-6), w_in, None, w_out, None)
-
-    forward = maybe_compiled(sublayer, impl)
-
-    def step():
-        for t in (x, w, b, w_in, b_in, w_out, b_out):
-            if t is not None:
-                t.grad = None
-        forward(x).backward(grad)
-    return step
-
-
-def step_fn(impl, design, d_model, batch, seq, layers):
-    from ffn.harness import data as textdata
-    from ffn.harness.config import TrainConfig
-    from ffn.harness.designs import parse_design
-    from ffn.harness.model import TransformerLM
-    from ffn.harness.train import make_optimizer, model_config
-
-    config = TrainConfig.from_preset("cpu", d_model=d_model, d_ff=4 * d_model, batch_size=batch, seq_len=seq,
-                                     n_layers=layers, backend="torch" if impl.startswith("torch") else "ffn")
-    torch.manual_seed(0)
-    model = TransformerLM(model_config(config, parse_design(design)))
-    optimizer = make_optimizer(model, config)
-    train_model = maybe_compiled(model, impl)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, textdata.VOCAB_SIZE, (batch, seq), generator=g)
-    y = torch.randint(0, textdata.VOCAB_SIZE, (batch, seq), generator=g)
-
-    def step():
-        _, loss = train_model(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 def main(argv=None):
