@@ -25,6 +25,43 @@ from .activations import ACTIVATIONS, GATED_OPS, GELU_APPROXIMATIONS
 from .telemetry import STAT_FIELDS
 
 _lib = "ffn::"
+# Kernels registered from Python (autograd, composites, autocast rules).
+_impl_lib = torch.library.Library("ffn", "IMPL")
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+
+
+def _register_autograd(name, backward, setup_context):
+    """What torch.library.register_autograd(name, backward, setup_context=...) registers, without
+    the per-call cost of its generality (schema defaults filled in and return counts checked in
+    Python, keyword-only arguments): a Python kernel at the Autograd key that runs an
+    autograd.Function around the op's backend kernel, so eager autograd, torch.compile and
+    AOTAutograd see the same thing. As there, setup_context gets every argument, the defaults the
+    dispatcher dropped filled back in, and backward returns a gradient for each."""
+    op = getattr(torch.ops.ffn, name).default
+    defaults = tuple(argument.default_value for argument in op._schema.arguments)
+
+    def forward(ctx, *args_and_keyset):
+        *args, keyset = args_and_keyset
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+        ctx.n_args = len(args)
+        setup_context(ctx, (*args, *defaults[len(args):]), output)
+        return output
+
+    def backward_of_args(ctx, *grads):
+        ctx.needs_input_grad = ctx.needs_input_grad[:ctx.n_args]  # without the keyset's
+        return (*backward(ctx, *grads)[:ctx.n_args], None)
+
+    function = type(f"Ffn{name}Backward", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_of_args)})
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args, keyset)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+
+    _impl_lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def _stat_dtype(x):
@@ -51,6 +88,16 @@ def _empty_grad(t, size, param):
     """A parameter gradient: `size` elements in the parameter's dtype, or [0] when not asked for."""
     dtype = param.dtype if param is not None else t.dtype
     return t.new_empty((size,), dtype=dtype)
+
+
+def _run_backward_op(op, *args):
+    """Runs one of the _*_bwd ops, which the backward formulas call. Outside create_graph it runs
+    below autograd: its Autograd kernel only refuses double backward, and skipping it saves a
+    Python redispatch per call. Under create_graph it goes through that kernel (and refuses)."""
+    if torch.is_grad_enabled():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -129,10 +176,8 @@ def _rms_norm_bwd_in_place_fake(grad_y, x, rstd, weight, bias, weight_grad, bias
 
 
 def _save_options(ctx, static):
-    """The norm ops' arguments after the tensors: eps, then weight_offset and
-    in_place_backward when the caller passed them."""
-    ctx.weight_offset = static[1] if len(static) > 1 else 0.0
-    ctx.in_place_backward = static[2] if len(static) > 2 else False
+    """The norm ops' arguments after the tensors: eps, weight_offset, in_place_backward."""
+    _eps, ctx.weight_offset, ctx.in_place_backward = static
     ctx.n_static = len(static)
 
 
@@ -201,10 +246,10 @@ def _norm_grads(ctx, bwd_op, bwd_in_place_op, grad_y, x, stats, weight, bias, gr
     need_w, need_b = ctx.needs_input_grad[ctx.n_inputs - 2:ctx.n_inputs]
     args = (x, *stats, weight, bias, need_w, need_b, ctx.weight_offset, grad_s)
     if ctx.in_place_backward and _can_overwrite(ctx, grad_y, x):
-        gw, gb = bwd_in_place_op(grad_y, *args)
+        gw, gb = _run_backward_op(bwd_in_place_op, grad_y, *args)
         gx = grad_y
     else:
-        gx, gw, gb = bwd_op(grad_y, *args)
+        gx, gw, gb = _run_backward_op(bwd_op, grad_y, *args)
     return gx, gw if need_w else None, gb if need_b else None
 
 
@@ -229,12 +274,12 @@ def _make_norm_backward(bwd_op, bwd_in_place_op):
     return backward
 
 
-torch.library.register_autograd(
-    _lib + "_layer_norm_fwd", _make_norm_backward(torch.ops.ffn._layer_norm_bwd, torch.ops.ffn._layer_norm_bwd_),
+_register_autograd(
+    "_layer_norm_fwd", _make_norm_backward(torch.ops.ffn._layer_norm_bwd, torch.ops.ffn._layer_norm_bwd_),
     setup_context=_norm_setup_context,
 )
-torch.library.register_autograd(
-    _lib + "_rms_norm_fwd", _make_norm_backward(torch.ops.ffn._rms_norm_bwd, torch.ops.ffn._rms_norm_bwd_),
+_register_autograd(
+    "_rms_norm_fwd", _make_norm_backward(torch.ops.ffn._rms_norm_bwd, torch.ops.ffn._rms_norm_bwd_),
     setup_context=_norm_setup_context,
 )
 
@@ -266,13 +311,13 @@ def _make_add_norm_backward(bwd_op, bwd_in_place_op):
     return backward
 
 
-torch.library.register_autograd(
-    _lib + "_add_layer_norm_fwd",
+_register_autograd(
+    "_add_layer_norm_fwd",
     _make_add_norm_backward(torch.ops.ffn._layer_norm_bwd, torch.ops.ffn._layer_norm_bwd_),
     setup_context=_add_norm_setup_context,
 )
-torch.library.register_autograd(
-    _lib + "_add_rms_norm_fwd",
+_register_autograd(
+    "_add_rms_norm_fwd",
     _make_add_norm_backward(torch.ops.ffn._rms_norm_bwd, torch.ops.ffn._rms_norm_bwd_),
     setup_context=_add_norm_setup_context,
 )
@@ -346,24 +391,24 @@ def _make_ffn_backward(bwd_op):
             return (None,) * (5 + len(ctx.activation))
         x, preact, w_in, w_out = ctx.saved_tensors
         grad_mask = list(ctx.needs_input_grad[:5])
-        grads = bwd_op(grad_out, x, preact, w_in, w_out, *ctx.activation, grad_mask)
+        grads = _run_backward_op(bwd_op, grad_out, x, preact, w_in, w_out, *ctx.activation, grad_mask)
         return (*(g if needed else None for g, needed in zip(grads, grad_mask)), *(None,) * len(ctx.activation))
 
     return backward
 
 
-torch.library.register_autograd(
-    _lib + "_gelu_ffn_fwd",
+_register_autograd(
+    "_gelu_ffn_fwd",
     _make_ffn_backward(torch.ops.ffn._gelu_ffn_bwd),
     setup_context=_ffn_setup_context,
 )
-torch.library.register_autograd(
-    _lib + "_relu_ffn_fwd",
+_register_autograd(
+    "_relu_ffn_fwd",
     _make_ffn_backward(torch.ops.ffn._relu_ffn_bwd),
     setup_context=_ffn_setup_context,
 )
-torch.library.register_autograd(
-    _lib + "_gated_ffn_fwd",
+_register_autograd(
+    "_gated_ffn_fwd",
     _make_ffn_backward(torch.ops.ffn._gated_ffn_bwd),
     setup_context=_ffn_setup_context,
 )
@@ -389,11 +434,11 @@ def _gated_activation_setup_context(ctx, inputs, output):
 
 def _gated_activation_backward(ctx, grad):
     (gate_up,) = ctx.saved_tensors
-    return torch.ops.ffn._gated_activation_bwd(grad, gate_up, ctx.activation), None
+    return _run_backward_op(torch.ops.ffn._gated_activation_bwd, grad, gate_up, ctx.activation), None
 
 
-torch.library.register_autograd(
-    _lib + "gated_activation",
+_register_autograd(
+    "gated_activation",
     _gated_activation_backward,
     setup_context=_gated_activation_setup_context,
 )
@@ -423,12 +468,12 @@ def _bias_gelu_setup_context(ctx, inputs, output):
 def _bias_gelu_backward(ctx, grad):
     x, bias = ctx.saved_tensors
     need_x, need_b = ctx.needs_input_grad[:2]
-    gx, gb = torch.ops.ffn._bias_gelu_bwd(grad, x, bias, ctx.approximate, need_b)
+    gx, gb = _run_backward_op(torch.ops.ffn._bias_gelu_bwd, grad, x, bias, ctx.approximate, need_b)
     return gx if need_x else None, gb if need_b else None, None
 
 
-torch.library.register_autograd(
-    _lib + "bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup_context
+_register_autograd(
+    "bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup_context
 )
 
 
@@ -465,8 +510,8 @@ for _name in (
     "_gated_activation_bwd",
     "_bias_gelu_bwd",
 ):
-    torch.library.register_autograd(
-        _lib + _name, _no_double_backward(_name.strip("_").removesuffix("_bwd")), setup_context=_nothing_to_save
+    _register_autograd(
+        _name, _no_double_backward(_name.strip("_").removesuffix("_bwd")), setup_context=_nothing_to_save
     )
 
 
@@ -475,9 +520,6 @@ for _name in (
 # Registered here rather than in C++: a stable-ABI kernel that calls another op
 # through the dispatcher sees only an error code when that op raises on torch
 # < 2.13, so the argument errors of the internal op would lose their message.
-_impl_lib = torch.library.Library("ffn", "IMPL")
-
-
 def _composite(name, fn):
     _impl_lib.impl(name, fn, "CompositeImplicitAutograd")
 
