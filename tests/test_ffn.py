@@ -450,14 +450,15 @@ def aten_vectorized(fn, t):
     return fn(view)[0, :n].view(t.shape)
 
 
-# The activations whose float32 CPU kernels take vec.h's inline exp instead of the Sleef exp that
-# ATen calls: their last bits differ from ATen's for a few percent of inputs (the accuracy test
-# below holds them to ATen's accuracy); the others are ATen's to the bit.
-EXP_ACTS = ("silu", "gelu")
+# The erf GELU's float32 CPU kernels take vec.h's inline exp (in the erf) where ATen calls Sleef's:
+# their last bits differ from ATen's for some inputs (values: about 1%; gradients, whose
+# exp(-x^2/2) comes out of the erf's exp: about a quarter), and the accuracy test below holds them
+# to ATen's accuracy. The other activations are ATen's to the bit.
+INLINE_EXP_ACTS = ("gelu",)
 
 
 def assert_matches_aten(ours, expected, act, msg):
-    if act in EXP_ACTS:
+    if act in INLINE_EXP_ACTS:
         torch.testing.assert_close(ours, expected, msg=msg)  # float32's default tolerances
     else:
         torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=msg)
@@ -465,7 +466,7 @@ def assert_matches_aten(ours, expected, act, msg):
 
 @pytest.mark.parametrize("act", GATED_ACTS)
 def test_gated_activation_float32_matches_aten(act):
-    """float32 gated activations use ATen's formulas: act(gate) * up, to the bit where no exp enters."""
+    """float32 gated activations use ATen's formulas: act(gate) * up, to the bit but for the erf GELU."""
     for d_ff in EXACT_SIZES:
         gate, up = randn(5, d_ff, scale=3.0), randn(5, d_ff)
         ours = torch.ops.ffn.gated_activation(torch.cat([gate, up], dim=-1), act)
@@ -486,10 +487,17 @@ def test_bias_gelu_float32_matches_aten(approximate):
                             msg=f"d={d}, no bias")
 
 
-@pytest.mark.parametrize("act", EXP_ACTS)
-def test_float32_exp_activations_are_as_accurate_as_aten(act):
-    """Against float64, the float32 SiLU and erf GELU (value and gradient) err no more than ATen's
-    vectorized kernels do, at most and on average, over [-20, 20] densely and N(0, 9) samples."""
+def ulp_error(got, exact):
+    """|got - exact| in units of the float32 spacing at the float64 `exact`."""
+    spacing = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0 ** -126))) - 23)
+    return (got.double() - exact).abs() / spacing
+
+
+@pytest.mark.parametrize("act", INLINE_EXP_ACTS)
+def test_float32_inline_exp_activations_are_as_accurate_as_aten(act):
+    """Against float64, the float32 erf GELU's values and gradients err (in ulps) as ATen's vectorized
+    kernels do: same mean, median and maximum, over [-20, 20] densely and N(0, 9) samples.
+    (The inline exp itself: tests/cpp/vec_test.cpp.)"""
     x = torch.cat([torch.linspace(-20, 20, 1 << 17), randn(1 << 15, scale=3.0)])
     fn = ACTIVATIONS[act].fn
     gate_up = torch.cat([x, torch.ones_like(x)]).view(1, -1).requires_grad_()
@@ -508,10 +516,11 @@ def test_float32_exp_activations_are_as_accurate_as_aten(act):
     exact.sum().backward()
     for what, got, aten, truth in (("value", ours.detach(), theirs, exact.detach()),
                                    ("gradient", ours_grad, theirs_grad, x64.grad)):
-        ours_err, aten_err = (got.double() - truth).abs(), (aten.double() - truth).abs()
-        assert ours_err.max() <= 1.001 * aten_err.max(), f"{act} {what}: max error"
-        assert ours_err.mean() <= 1.01 * aten_err.mean(), f"{act} {what}: mean error"
-        assert (got == aten).float().mean() > 0.85, f"{act} {what}: share equal to ATen's"
+        ours_err, aten_err = ulp_error(got, truth), ulp_error(aten, truth)
+        assert ours_err.max() <= aten_err.max() * 1.001, f"{act} {what}: max ulp error"
+        assert ours_err.mean() <= aten_err.mean() * 1.01, f"{act} {what}: mean ulp error"
+        assert ours_err.median() <= aten_err.median() + 0.25, f"{act} {what}: median ulp error"
+    assert (ours.detach() == theirs).float().mean() > 0.95, f"{act}: share of values equal to ATen's"
 
 
 @pytest.mark.parametrize("act", GATED_ACTS)

@@ -5,7 +5,7 @@
 // that the plain operators (+ - * / < <=) act on lane by lane, plus the few lane
 // functions the kernels need. With CPU_CAPABILITY_AVX2 (-mavx2 -mfma -mf16c) these
 // are AVX2/FMA/F16C instructions and the same Sleef functions ATen's AVX2 kernels
-// call, except float exp (exp_lanes: inline, faster); without it, the same code with
+// call, except in the float erf (inline_exp_lanes); without it, the same code with
 // scalar std:: math per lane.
 //
 // A row loop steps over kStep<T> = 256 bits of T at a time and does its math in
@@ -15,8 +15,8 @@
 // round in between. The step widths, the reduction orders and the FMAs are
 // ATen's AVX2 ones, so results are bit for bit those of ATen's Vectorized kernels
 // (which NaN a NaN result is aside: the compiler may swap the operands of + and *),
-// except where float exp enters (SiLU, the erf GELU), which differ in the last bit
-// for a few percent of inputs.
+// except the float erf GELU, whose erf takes an inline exp: it differs in the last
+// bits for some inputs (activation.h).
 //
 // The helpers are forced inline (and so are the kernels' per-step lambdas, with
 // C10_ALWAYS_INLINE_ATTRIBUTE): they run once per vector step of every row loop,
@@ -44,6 +44,7 @@
 // Sleef's vector exp/erf/tanh, the functions ATen's Vectorized<float/double> call:
 // libtorch_cpu.so (linked anyway, for the stable C shim) exports them as C symbols.
 extern "C" {
+__m256 Sleef_expf8_u10(__m256);
 __m256 Sleef_tanhf8_u10(__m256);
 __m256d Sleef_expd4_u10(__m256d);
 __m256d Sleef_erfd4_u10(__m256d);
@@ -144,10 +145,11 @@ C10_ALWAYS_INLINE V map_lanes(V v, const Fn& fn) {
 
 // float exp, inline: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts),
 // e^r by Cephes' degree-5 polynomial, 2^n applied as two powers of two so that subnormal results
-// keep their bits. At most 1.26 ulp from the correctly rounded e^x over every float (Sleef's
-// u10, ATen's, is 0.98), at 70% of its cost in the GELU kernels. Its results therefore differ
-// from ATen's in the last bit for a few percent of inputs.
-C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x_in) {
+// keep their bits; +inf above ln(FLT_MAX), 0 below the subnormals, NaN kept. At most 1.26 ulp from
+// the correctly rounded e^x over every float (Sleef's u10, exp_lanes, is 0.98), at 70% of its
+// cost in the GELU kernels. The float erf takes it: its Abramowitz-Stegun formula errs by up to
+// 1.5e-7 anyway, which dwarfs the difference.
+C10_ALWAYS_INLINE Float8 inline_exp_lanes(const Float8& x_in) {
 #if defined(CPU_CAPABILITY_AVX2)
   constexpr float kMax = 88.72283935546875f;      // above: +inf (e^x > FLT_MAX)
   constexpr float kMin = -103.97208404541015625f;  // below: 0 (e^x < half the least subnormal)
@@ -176,6 +178,13 @@ C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x_in) {
   y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), overflow);
   return _mm256_andnot_ps(underflow, y);
 #else
+  return map_lanes(x_in, [](float v) { return std::exp(v); });
+#endif
+}
+C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Sleef_expf8_u10(x);
+#else
   return map_lanes(x, [](float v) { return std::exp(v); });
 #endif
 }
@@ -202,9 +211,19 @@ C10_ALWAYS_INLINE Double4 tanh_lanes(const Double4& x) {
 #endif
 }
 
-C10_ALWAYS_INLINE Float8 erf_lanes(const Float8& x) {
+// exp(-x^2) and the x^2 (rounded) it was computed from, as erf_lanes leaves them.
+template <typename Reg>
+struct Gaussian {
+  Reg value;
+  Reg x_sq;
+};
+
+// erf(x), and into *gaussian (when asked) exp(-x^2) with its x^2, which the erf GELU's
+// derivative needs: the float AVX2 erf computes them on the way, so the pair costs one exp.
+C10_ALWAYS_INLINE Float8 erf_lanes(const Float8& x, Gaussian<Float8>* gaussian = nullptr) {
 #if defined(CPU_CAPABILITY_AVX2)
-  // ATen's Vectorized<float>::erf, operation for operation but its exp (Abramowitz-Stegun 7.1.26):
+  // ATen's Vectorized<float>::erf, operation for operation but for its exp, inline here
+  // (Abramowitz-Stegun 7.1.26):
   // erf(x) = sign(x) * (1 - t * r(t) * exp(-x^2)), t = 1 / (1 + p |x|).
   const __m256 neg_zero = _mm256_set1_ps(-0.f);
   const __m256 one = _mm256_set1_ps(1.0f);
@@ -215,14 +234,18 @@ C10_ALWAYS_INLINE Float8 erf_lanes(const Float8& x) {
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
-  const __m256 neg_x_sq = _mm256_xor_ps(neg_zero, _mm256_mul_ps(x, x));
-  const __m256 neg_exp = _mm256_xor_ps(neg_zero, exp_lanes(Float8(neg_x_sq)));
+  const __m256 x_sq = _mm256_mul_ps(x, x);
+  const Float8 exp_neg_x_sq = inline_exp_lanes(Float8(_mm256_xor_ps(neg_zero, x_sq)));
+  if (gaussian != nullptr) *gaussian = {exp_neg_x_sq, x_sq};
+  const __m256 neg_exp = _mm256_xor_ps(neg_zero, exp_neg_x_sq);
   return _mm256_xor_ps(sign, _mm256_fmadd_ps(_mm256_mul_ps(neg_exp, t), r, one));
 #else
+  if (gaussian != nullptr) *gaussian = {exp_lanes(-(x * x)), x * x};
   return map_lanes(x, [](float v) { return std::erf(v); });
 #endif
 }
-C10_ALWAYS_INLINE Double4 erf_lanes(const Double4& x) {
+C10_ALWAYS_INLINE Double4 erf_lanes(const Double4& x, Gaussian<Double4>* gaussian = nullptr) {
+  if (gaussian != nullptr) *gaussian = {exp_lanes(-(x * x)), x * x};
 #if defined(CPU_CAPABILITY_AVX2)
   return Sleef_erfd4_u10(x);
 #else
@@ -318,6 +341,17 @@ struct Pack {
 
   C10_ALWAYS_INLINE Pack exp() const { return map([](const Reg& x) { return exp_lanes(x); }); }
   C10_ALWAYS_INLINE Pack erf() const { return map([](const Reg& x) { return erf_lanes(x); }); }
+  // erf, with exp(-x^2) and its rounded x^2 (erf_lanes).
+  C10_ALWAYS_INLINE Pack erf(Pack& gaussian, Pack& x_sq) const {
+    Pack out;
+    for (int k = 0; k < kRegs; ++k) {
+      Gaussian<Reg> g;
+      out.reg[k] = erf_lanes(reg[k], &g);
+      gaussian.reg[k] = g.value;
+      x_sq.reg[k] = g.x_sq;
+    }
+    return out;
+  }
   C10_ALWAYS_INLINE Pack tanh() const { return map([](const Reg& x) { return tanh_lanes(x); }); }
   C10_ALWAYS_INLINE Pack neg() const { return map([](const Reg& x) { return -x; }); }
   C10_ALWAYS_INLINE Pack abs() const {
