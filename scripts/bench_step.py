@@ -2,14 +2,16 @@
 """How long the training step and the norm + FFN sublayer take: ffn against torch, eager and
 torch.compile, on CPU.
 
-The issue's speed tables (workloads and implementations: step_workloads.py), measured in one
-interleaved run per row (scripts/benchmarking.py): every implementation of a row is timed in each
-round, in a rotating order. Each row ends with "best ffn / torch compiled", the faster of ffn eager
-and ffn compiled over torch.compile of plain PyTorch (<= 1.00: ffn is at least as fast as what a
-user gets by turning on torch.compile).
+The issue's speed tables (workloads and implementations: step_workloads.py). Each row times its four
+implementations in paired rounds (benchmarking.paired_rounds): every round runs each of them once,
+back to back in a rotating order. The ms columns are medians over the rounds; "best ffn / torch
+compiled" is the median over rounds of that round's faster ffn (eager or compiled) over its
+torch.compile of plain PyTorch, with the quartiles of the per-round ratios beside it (<= 1.00: ffn
+is at least as fast as what a user gets by turning on torch.compile). Pairing by round is what
+makes the ratio hold on a VM whose speed drifts by tens of percent from one minute to the next.
 
     python scripts/bench_step.py                         # both tables, A and B
-    python scripts/bench_step.py --workload step --designs B --budget 20
+    python scripts/bench_step.py --workload step --designs B --rounds 30
     python scripts/bench_step.py --quick                 # smoke run: one small row of each
 
 Compile time is not timed: every compiled function is called (warm-up) before the rounds. It prints
@@ -19,6 +21,7 @@ figures; it is not a test.
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,17 +32,16 @@ import torch  # noqa: E402
 import ffn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarking import environment, fmt_ratio, make_timer, markdown_table, measure  # noqa: E402
+from benchmarking import environment, markdown_table, paired_rounds  # noqa: E402
 from step_workloads import IMPLS, STEP_SHAPES, SUBLAYER_SHAPES, step_fn, sublayer_fn  # noqa: E402
 
 
 def time_row(fns, args):
+    """(median seconds by implementation, per-round ratios of the faster ffn over torch compiled)."""
     torch._dynamo.reset()
-    seconds, rounds = measure(make_timer("cpu"), fns, warmup=args.warmup, budget=args.budget,
-                              min_reps=args.min_reps, max_reps=args.max_reps)
-    by_impl = dict(zip(IMPLS, seconds))
-    best_ffn = min(by_impl["ffn"], by_impl["ffn+compile"])
-    return by_impl, best_ffn / by_impl["torch+compile"], rounds
+    seconds = dict(zip(IMPLS, paired_rounds(fns, rounds=args.rounds, sample_seconds=args.sample_seconds)))
+    ratios = [min(f, fc) / tc for f, fc, tc in zip(seconds["ffn"], seconds["ffn+compile"], seconds["torch+compile"])]
+    return {impl: statistics.median(s) for impl, s in seconds.items()}, ratios
 
 
 def main(argv=None):
@@ -51,32 +53,35 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--budget", type=float, default=12.0, help="seconds of timed rounds per row")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--min-reps", type=int, default=5)
-    parser.add_argument("--max-reps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=20, help="paired rounds per row")
+    parser.add_argument("--sample-seconds", type=float, default=0.05,
+                        help="about how long one timed sample (back-to-back calls of one implementation) takes")
     parser.add_argument("--quick", action="store_true", help="smoke-sized: one small row per table")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     sublayer_shapes = SUBLAYER_SHAPES
     if args.quick:
         sublayer_shapes, args.step_shapes, args.seq, args.layers = SUBLAYER_SHAPES[:1], "32x2", 16, 1
-        args.budget, args.min_reps, args.warmup = 0.5, 2, 2
+        args.rounds, args.sample_seconds = 3, 0.01
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment("cpu", sys.argv if argv is None else argv)
     print(f"# torch {torch.__version__}, ffn {ffn.__version__} ({env.get('git_commit', '?')}), "
-          f"{torch.get_num_threads()} threads, CPU; median ms over interleaved rounds")
-    headers = ["workload", "design", "shape", *(f"{impl} ms" for impl in IMPLS), "best ffn / torch compiled",
-               "rounds"]
+          f"{torch.get_num_threads()} threads, CPU; median ms over {args.rounds} paired rounds")
+    headers = ["workload", "design", "shape", *(f"{impl} ms" for impl in IMPLS),
+               "best ffn / torch compiled [quartiles]"]
     rows, records = [], []
     designs = args.designs.split(",")
 
     def add(workload, design, shape, fns):
-        by_impl, ratio, rounds = time_row(fns, args)
-        rows.append([workload, design, shape, *(f"{1e3 * by_impl[i]:.2f}" for i in IMPLS), fmt_ratio(ratio), rounds])
-        records.append({"workload": workload, "design": design, "shape": shape, "rounds": rounds,
-                        "ms": {i: 1e3 * by_impl[i] for i in IMPLS}, "best_ffn_over_torch_compiled": ratio})
+        ms, ratios = time_row(fns, args)
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        median = statistics.median(ratios)
+        rows.append([workload, design, shape, *(f"{1e3 * ms[i]:.2f}" for i in IMPLS),
+                     f"{median:.3f} [{q1:.3f}, {q3:.3f}]"])
+        records.append({"workload": workload, "design": design, "shape": shape, "rounds": args.rounds,
+                        "ms": {i: 1e3 * ms[i] for i in IMPLS}, "best_ffn_over_torch_compiled": median,
+                        "ratio_quartiles": [q1, q3], "ratios": ratios})
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
 
     if args.workload in ("sublayer", "both"):

@@ -134,6 +134,31 @@ def measure(timer, fns, *, warmup=3, budget=1.0, min_reps=7, max_reps=100, reps=
             return timer.medians(), reps
 
 
+def paired_rounds(fns, *, rounds, sample_seconds=0.05, warmup=2):
+    """Seconds per call of each fn in each round: [fn][round], for ratios between functions paired by
+    round. Each round times every fn once (a sample of as many back-to-back calls as fill about
+    sample_seconds, timed with perf_counter), in a rotating order, so the fns of one round run
+    within a fraction of a second of each other. On a VM whose speed drifts by tens of percent
+    between minutes, the ratio of two fns within a round keeps what the drift would blur in their
+    separate medians: take the median of the per-round ratios (CPU; no device sync)."""
+    calls = []
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        fn()
+        calls.append(max(1, round(sample_seconds / max(time.perf_counter() - start, 1e-9))))
+    seconds = [[] for _ in fns]
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (r + k) % len(fns)
+            start = time.perf_counter()
+            for _ in range(calls[i]):
+                fns[i]()
+            seconds[i].append((time.perf_counter() - start) / calls[i])
+    return seconds
+
+
 # ----------------------------------------------------------------------------- environment
 def git_commit():
     """(commit, dirty): FFN_GIT_COMMIT overrides it (a copy without .git)."""

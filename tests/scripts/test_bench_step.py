@@ -1,0 +1,24 @@
+"""scripts/bench_step.py runs (smoke size): every implementation of every row timed in each round,
+and the ratio it reports is the median of the per-round ratios."""
+
+import json
+import statistics
+
+import pytest
+from script_loader import load_script
+
+
+@pytest.mark.slow
+def test_quick_tables(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert load_script("bench_step").main(["--quick", "--designs", "B", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["workload"], r["design"]) for r in rows] == [("sublayer fwd+bwd", "B"), ("step fwd+bwd+AdamW", "B")]
+    for row in rows:
+        ms = row["ms"]
+        assert set(ms) == {"torch", "torch+compile", "ffn", "ffn+compile"} and all(t > 0 for t in ms.values())
+        assert len(row["ratios"]) == row["rounds"] == 3 and all(r > 0 for r in row["ratios"])
+        assert row["best_ffn_over_torch_compiled"] == statistics.median(row["ratios"])
+    table = capsys.readouterr().out
+    table_rows = [line for line in table.splitlines() if line.startswith("| ") and "| B |" in line]
+    assert "best ffn / torch compiled" in table and len(table_rows) == 2
