@@ -5,9 +5,10 @@ torch.compile, on CPU.
 The issue's speed tables (workloads and implementations: step_workloads.py). Each row times its four
 implementations in paired rounds (benchmarking.paired_rounds): every round runs each of them once,
 back to back in a rotating order. The ms columns are medians over the rounds; "best ffn / torch
-compiled" is the median over rounds of that round's faster ffn (eager or compiled) over its
-torch.compile of plain PyTorch, with the quartiles of the per-round ratios beside it (<= 1.00: ffn
-is at least as fast as what a user gets by turning on torch.compile). Pairing by round is what
+compiled" takes the faster ffn implementation (eager or compiled, by median, named in brackets) and
+gives the median over rounds of its time over that round's torch.compile of plain PyTorch, with the
+quartiles of the per-round ratios (<= 1.00: ffn is at least as fast as what a user gets by turning
+on torch.compile). Pairing by round is what
 makes the ratio hold on a VM whose speed drifts by tens of percent from one minute to the next.
 
     python scripts/bench_step.py                         # both tables, A and B
@@ -37,11 +38,12 @@ from step_workloads import IMPLS, STEP_SHAPES, SUBLAYER_SHAPES, step_fn, sublaye
 
 
 def time_row(fns, args):
-    """(median seconds by implementation, per-round ratios of the faster ffn over torch compiled)."""
+    """(seconds per call by implementation and round, the faster ffn implementation by its median, and
+    that implementation's per-round ratios over torch compiled)."""
     torch._dynamo.reset()
     seconds = dict(zip(IMPLS, paired_rounds(fns, rounds=args.rounds, sample_seconds=args.sample_seconds)))
-    ratios = [min(f, fc) / tc for f, fc, tc in zip(seconds["ffn"], seconds["ffn+compile"], seconds["torch+compile"])]
-    return {impl: statistics.median(s) for impl, s in seconds.items()}, ratios
+    best = min(("ffn", "ffn+compile"), key=lambda impl: statistics.median(seconds[impl]))
+    return seconds, best, [f / tc for f, tc in zip(seconds[best], seconds["torch+compile"])]
 
 
 def main(argv=None):
@@ -74,14 +76,15 @@ def main(argv=None):
     designs = args.designs.split(",")
 
     def add(workload, design, shape, fns):
-        ms, ratios = time_row(fns, args)
+        seconds, best, ratios = time_row(fns, args)
+        ms = {impl: 1e3 * statistics.median(s) for impl, s in seconds.items()}
         q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         median = statistics.median(ratios)
-        rows.append([workload, design, shape, *(f"{1e3 * ms[i]:.2f}" for i in IMPLS),
-                     f"{median:.3f} [{q1:.3f}, {q3:.3f}]"])
-        records.append({"workload": workload, "design": design, "shape": shape, "rounds": args.rounds,
-                        "ms": {i: 1e3 * ms[i] for i in IMPLS}, "best_ffn_over_torch_compiled": median,
-                        "ratio_quartiles": [q1, q3], "ratios": ratios})
+        rows.append([workload, design, shape, *(f"{ms[i]:.2f}" for i in IMPLS),
+                     f"{median:.3f} [{q1:.3f}, {q3:.3f}] ({best})"])
+        records.append({"workload": workload, "design": design, "shape": shape, "rounds": args.rounds, "ms": ms,
+                        "best_ffn": best, "best_ffn_over_torch_compiled": median, "ratio_quartiles": [q1, q3],
+                        "ratios": ratios, "seconds": seconds})
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
 
     if args.workload in ("sublayer", "both"):
