@@ -34,7 +34,7 @@ import ffn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarking import environment, markdown_table, paired_rounds  # noqa: E402
-from step_workloads import IMPLS, STEP_SHAPES, SUBLAYER_SHAPES, step_fn, sublayer_fn  # noqa: E402
+from step_workloads import IMPLS, STEP_SHAPES, SUBLAYER_SHAPES, step_fn, sublayer_fn, sublayer_width  # noqa: E402
 
 
 def time_row(fns, args):
@@ -90,8 +90,7 @@ def main(argv=None):
     if args.workload in ("sublayer", "both"):
         for design in designs:
             for d, d_ff, n in sublayer_shapes:
-                width = 4 * d if design == "A" else d_ff
-                add("sublayer fwd+bwd", design, f"d {d}, d_ff {width}, {n} rows",
+                add("sublayer fwd+bwd", design, f"d {d}, d_ff {sublayer_width(design, d, d_ff)}, {n} rows",
                     [sublayer_fn(impl, d, d_ff, n, design) for impl in IMPLS])
     if args.workload in ("step", "both"):
         for shape in args.step_shapes.split(","):

@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import ffn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_workloads import IMPLS, SUBLAYER_SHAPES, step_fn, sublayer_fn  # noqa: E402
+from step_workloads import IMPLS, SUBLAYER_SHAPES, step_fn, sublayer_fn, sublayer_width  # noqa: E402
 
 GEMM = ("mm", "addmm", "bmm", "linear", "matmul", "baddbmm")
 ELEMENTWISE = ("add", "mul", "sub", "div", "copy_", "to", "_to_copy", "fill_", "zero_", "cat", "neg", "sum",
@@ -125,7 +125,7 @@ def main(argv=None):
     if args.workload in ("sublayer", "both"):
         for design in args.designs.split(","):
             for d, d_ff, rows in shapes:
-                print(f"\nsublayer {design}: d {d}, d_ff {4 * d if design == 'A' else d_ff}, {rows} rows, fwd+bwd")
+                print(f"\nsublayer {design}: d {d}, d_ff {sublayer_width(design, d, d_ff)}, {rows} rows, fwd+bwd")
                 for impl in impls:
                     torch._dynamo.reset()
                     summarize(impl, *profiled(sublayer_fn(impl, d, d_ff, rows, design), args.repeats), args.top)

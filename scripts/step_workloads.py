@@ -13,6 +13,11 @@ import torch.nn.functional as F
 IMPLS = ("torch", "torch+compile", "ffn", "ffn+compile")
 # (d_model, d_ff of the gated FFN, rows) of the issue's sublayer table; the GELU FFN is 4 * d_model wide.
 SUBLAYER_SHAPES = ((96, 256, 2048), (256, 683, 1024), (1024, 2816, 2048))
+
+
+def sublayer_width(design, d, d_ff):
+    """The sublayer's FFN width: 4 d for the GELU FFN (A), the table's d_ff for SwiGLU (B)."""
+    return 4 * d if design == "A" else d_ff
 # (d_model, batch) of the issue's step table, seq 128 and 4 layers.
 STEP_SHAPES = ((96, 16), (256, 8))
 
@@ -27,7 +32,7 @@ def sublayer_fn(impl, d, d_ff, rows, design):
     x = torch.randn(rows, d, generator=g, requires_grad=True)
     w = (1 + 0.1 * torch.randn(d, generator=g)).requires_grad_()
     b = (0.1 * torch.randn(d, generator=g)).requires_grad_() if design == "A" else None
-    width = 4 * d if design == "A" else d_ff
+    width = sublayer_width(design, d, d_ff)
     w_in = (torch.randn((1 if design == "A" else 2) * width, d, generator=g) / d ** 0.5).requires_grad_()
     b_in = (0.1 * torch.randn(w_in.shape[0], generator=g)).requires_grad_() if design == "A" else None
     w_out = (torch.randn(d, width, generator=g) / width ** 0.5).requires_grad_()

@@ -441,13 +441,16 @@ EXACT_SIZES = (1, 3, 7, 8, 15, 16, 17, 64, 127, 4097)
 # last bit. Ours runs ATen's vectorized formulas on every element, tails included:
 # it is compared with ATen's vectorized loop on the same values, laid out as a
 # non-contiguous view (no oneDNN) whose rows are whole numbers of vectors.
+def vector_rows(t):
+    """t's values at the start of row 0 of a non-contiguous [2, width] view, width whole vectors."""
+    width = -(-t.numel() // 64) * 64  # whole AVX2/AVX-512 float vectors
+    view = torch.zeros(2, 2 * width)[:, :width]
+    view[0, :t.numel()] = t.flatten()
+    return view
+
+
 def aten_vectorized(fn, t):
-    n = t.numel()
-    width = -(-n // 64) * 64  # whole AVX2/AVX-512 float vectors
-    buffer = torch.zeros(2, 2 * width)
-    view = buffer[:, :width]
-    view[0, :n] = t.flatten()
-    return fn(view)[0, :n].view(t.shape)
+    return fn(vector_rows(t))[0, :t.numel()].view(t.shape)
 
 
 # The erf GELU's float32 CPU kernels take vec.h's inline exp (in the erf) where ATen calls Sleef's:
@@ -504,10 +507,7 @@ def test_float32_inline_exp_activations_are_as_accurate_as_aten(act):
     ours = torch.ops.ffn.gated_activation(gate_up, act).flatten()
     ours.sum().backward()
     ours_grad = gate_up.grad.flatten()[:x.numel()]
-    width = -(-x.numel() // 64) * 64  # ATen's vectorized loop, as in aten_vectorized
-    buffer = torch.zeros(2, 2 * width)
-    buffer[0, :x.numel()] = x
-    view = buffer[:, :width].requires_grad_()
+    view = vector_rows(x).requires_grad_()  # ATen's vectorized loop, as in aten_vectorized
     theirs = fn(view)
     theirs.sum().backward()
     theirs, theirs_grad = theirs[0, :x.numel()].detach(), view.grad[0, :x.numel()]
