@@ -1,5 +1,6 @@
 #include "common.h"
 
+#include <array>
 #include <cmath>
 #include <string>
 
@@ -25,6 +26,24 @@ void mm_into(const Tensor& out, const Tensor& a, const Tensor& b) {
 
 void linear_into(const Tensor& out, const Tensor& x, const Tensor& weight, const OptTensor& bias) {
   call_op("aten::linear", "out", x, weight, bias, out);
+}
+
+Tensor scratch(Scratch slot, const Sizes& sizes, const Tensor& like) {
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  const int64_t bytes = numel * static_cast<int64_t>(like.element_size());
+  if (!like.is_cpu() || bytes > kScratchMaxBytes) return empty(sizes, like);
+  thread_local std::array<Tensor, static_cast<size_t>(Scratch::kCount)> buffers;
+  Tensor& buffer = buffers[static_cast<size_t>(slot)];
+  if (!buffer.defined() || buffer.scalar_type() != like.scalar_type() || buffer.numel() < numel) {
+    buffer = empty({numel}, like);
+  }
+  const Sizes strides = contiguous_strides(sizes);
+  AtenTensorHandle out = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(
+      buffer.get(), static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(),
+      /*storage_offset_increment=*/0, &out));
+  return Tensor(out);
 }
 
 Tensor contiguous_or_undefined(const OptTensor& t) {

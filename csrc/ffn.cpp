@@ -80,7 +80,7 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
   // of z + b where it is near 0: ReLU/GELU gates open or close wrongly.
   const Tensor x2d = as_rows(x);
   Tensor z = linear(x2d, w_in, b_in);
-  Tensor h = empty({z.size(0), d_ff}, z);
+  const Tensor h = scratch(Scratch::kHidden, {z.size(0), d_ff}, z);
   kernels.forward(z, Tensor(), act, gated, h);
   // The output is allocated in its final shape and the GEMM writes into a [rows, d_out]
   // view of it, so the op returns a tensor of its own, never a view of an internal
@@ -113,13 +113,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
   const Tensor g2d = as_rows(grad_out);
   const Tensor z = as_contiguous(preact);
 
-  Tensor grad_z;
-  Tensor h = need_w_out ? empty({z.size(0), d_ff}, z) : Tensor();
+  // grad_h, grad_z and h are temporaries (scratch). The activation pass reads each element of
+  // grad_h before it writes that element, so one of its outputs overwrites grad_h in place:
+  // grad_z when plain (same shape), h when gated; one [rows, d_ff] buffer fewer.
+  Tensor grad_z, h;
   if (need_x || need_w_in || need_b_in) {
-    Tensor grad_h = mm(g2d, w_out);
-    grad_z = gated ? empty(sizes_of(z), z) : grad_h;  // plain: overwrite grad_h in place
+    const Tensor grad_h = scratch(Scratch::kHiddenGrad, {z.size(0), d_ff}, z);
+    mm_into(grad_h, g2d, w_out);
+    if (gated) {
+      grad_z = scratch(Scratch::kPreactGrad, sizes_of(z), z);
+      if (need_w_out) h = grad_h;
+    } else {
+      grad_z = grad_h;
+      if (need_w_out) h = scratch(Scratch::kHidden, {z.size(0), d_ff}, z);
+    }
     kernels.backward(z, Tensor(), grad_h, act, gated, grad_z, h);
   } else if (need_w_out) {
+    h = scratch(Scratch::kHidden, {z.size(0), d_ff}, z);
     kernels.forward(z, Tensor(), act, gated, h);
   }
   // grad_x in x's shape, written through a [rows, d] view: a tensor of its own, as the fake's.

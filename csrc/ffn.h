@@ -26,9 +26,9 @@ struct ActivationKernels {
   // h = act(z + bias)                      (plain)
   // h = act(z_g + b_g) * (z_u + b_u)       (gated)
   void (*forward)(const Tensor& z, const Tensor& bias, Activation act, bool gated, const Tensor& h);
-  // grad_z = d h / d z * grad_h, with z + bias as the pre-activation; grad_z may
-  // alias grad_h when not gated. If h is defined it receives the recomputed
-  // hidden activation (what the down projection's weight gradient needs).
+  // grad_z = d h / d z * grad_h, with z + bias as the pre-activation. If h is defined
+  // it receives the recomputed hidden activation (what the down projection's weight
+  // gradient needs). grad_z (plain) or h (gated) may alias grad_h.
   void (*backward)(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
                    bool gated, const Tensor& grad_z, const Tensor& h);
 };

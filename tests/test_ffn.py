@@ -3,6 +3,7 @@ bias_gelu) against the eager composites in ffn.reference: forward and backward
 over shapes, dtypes and optional biases, gradcheck, double backward,
 bit-exactness of the float32 activations, determinism."""
 
+import concurrent.futures
 import itertools
 from dataclasses import dataclass
 
@@ -293,6 +294,48 @@ def test_ffn_saves_only_input_and_preactivation():
         case.ours(x, w_in, b_in, w_out, b_out)
     activations = [t for t in saved if t.data_ptr() not in (w_in.data_ptr(), w_out.data_ptr())]
     assert sorted(t.shape for t in activations) == sorted([x.shape, torch.Size([64, 2 * D_FF])])
+
+
+def ffn_call(case, rows, d_ff, dtype, inference):
+    """A function giving case.ours' forward and every gradient (forward only in inference mode)
+    on inputs drawn now, in this thread."""
+    inputs = ffn_inputs(case, (rows,), 24, dtype, "cpu", d_ff=d_ff, requires_grad=not inference)
+    grad_out = randn(rows, 24, dtype=dtype)
+
+    def results():
+        if inference:
+            with torch.inference_mode():
+                return (case.ours(*inputs),)
+        out = case.ours(*inputs)
+        return (out.detach(), *torch.autograd.grad(out, inputs, grad_out))
+    return results
+
+
+def test_ffn_temporaries_reused_between_calls_and_threads():
+    """On CPU the FFN ops keep their temporaries (hidden activation, its gradient, the
+    pre-activation's gradient) in per-thread buffers between calls. Each call gives the same bits
+    whether the calls before it were larger, smaller, of another dtype or in inference mode, and
+    while other threads run FFNs at the same time (the ops release the GIL)."""
+    specs = [(case, rows, d_ff, dtype, inference)
+             for case in (SWIGLU, FFNS[0])
+             for rows, d_ff, dtype, inference in ((300, 96, torch.float32, True), (64, 48, torch.float32, False),
+                                                  (300, 96, torch.float32, False), (7, 19, torch.float64, False),
+                                                  (300, 96, torch.bfloat16, False), (64, 48, torch.float32, True))]
+    calls = [ffn_call(*spec) for spec in specs]
+    first = [call() for call in calls]
+    for case, rows, d_ff, dtype, _ in specs[1:3]:  # accurate, not only repeatable
+        check_ffn(case, ffn_inputs(case, (rows,), 24, dtype, "cpu", d_ff=d_ff), with_grad=True)
+    assert_equal_results([call() for call in reversed(calls)][::-1], first)
+    orders = [list(range(i, len(calls))) + list(range(i)) for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(len(orders)) as pool:
+        for order, results in zip(orders, pool.map(lambda order: [calls[i]() for i in order * 3], orders)):
+            assert_equal_results(results, [first[i] for i in order * 3])
+
+
+def assert_equal_results(results, expected):
+    for got, want in zip(results, expected, strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- elementwise pieces

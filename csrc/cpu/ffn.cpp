@@ -49,7 +49,8 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
   const T* Z = z.const_data_ptr<T>();
   const T* B = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   const T* DH = grad_h.const_data_ptr<T>();
-  T* DZ = grad_z.mutable_data_ptr<T>();  // may alias DH (plain): each step reads before it writes
+  // DZ (plain) or H (gated) may alias DH: each step reads its dh before it writes.
+  T* DZ = grad_z.mutable_data_ptr<T>();
   T* H = h.defined() ? h.mutable_data_ptr<T>() : nullptr;
   torch::stable::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {

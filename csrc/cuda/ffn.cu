@@ -28,7 +28,7 @@ struct ActivationArgs {
   const T* bias;    // [z_cols] or null
   const T* grad_h;  // [rows, F] (backward)
   T* grad_z;        // [rows, z_cols] (backward; may alias grad_h when not gated)
-  T* h;             // [rows, F] or null in the backward
+  T* h;             // [rows, F] or null in the backward (may alias grad_h when gated)
   int64_t rows, F, z_cols;
   bool gated, vectorized;
 };
@@ -92,7 +92,7 @@ __global__ void activation_backward_kernel(const ActivationArgs<T> a) {
     T* grad_z = a.grad_z + row * a.z_cols + col;
     A gate[V], grad_h[V];
     load_preact(z, a.bias != nullptr ? a.bias + col : nullptr, count, a.vectorized, gate);
-    // Read before grad_z is written: they may be the same memory.
+    // Read before grad_z or h is written: either may be the same memory.
     load<V>(a.grad_h + row * a.F + col, count, a.vectorized, grad_h);
     T* h = a.h != nullptr ? a.h + row * a.F + col : nullptr;
     if (!a.gated) {
