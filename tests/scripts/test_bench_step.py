@@ -25,3 +25,23 @@ def test_quick_tables(tmp_path, capsys):
     table = capsys.readouterr().out
     table_rows = [line for line in table.splitlines() if line.startswith("| ") and "| B |" in line]
     assert "best ffn / torch compiled" in table and len(table_rows) == 2
+
+
+def test_combine_pools_the_rounds_of_runs(tmp_path, capsys):
+    """--combine: per row, the rounds of every run one after another; the faster ffn is chosen over
+    them all (here compiled ffn, though eager ffn is faster in the first run alone)."""
+    runs = [{"ffn": [1.0, 1.0], "ffn+compile": [2.0, 2.0], "torch+compile": [1.0, 2.0], "torch": [3.0, 3.0]},
+            {"ffn": [4.0, 4.0, 4.0], "ffn+compile": [1.5, 1.5, 1.5], "torch+compile": [1.0, 1.5, 3.0],
+             "torch": [3.0, 3.0, 3.0]}]
+    paths = []
+    for i, seconds in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        row = {"workload": "sublayer fwd+bwd", "design": "B", "shape": "d 8", "seconds": seconds}
+        paths[-1].write_text(json.dumps({"environment": {}, "rows": [row]}))
+    out = tmp_path / "pooled.json"
+    assert load_script("bench_step").main(["--combine", *map(str, paths), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["best_ffn"] == "ffn+compile" and row["rounds"] == 5
+    assert row["ratios"] == [2.0, 1.0, 1.5, 1.0, 0.5]
+    assert row["best_ffn_over_torch_compiled"] == 1.0
+    assert "1.000 [1.000, 1.500] (ffn+compile)" in capsys.readouterr().out
