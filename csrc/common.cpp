@@ -38,12 +38,7 @@ Tensor scratch(Scratch slot, const Sizes& sizes, const Tensor& like) {
   if (!buffer.defined() || buffer.scalar_type() != like.scalar_type() || buffer.numel() < numel) {
     buffer = empty({numel}, like);
   }
-  const Sizes strides = contiguous_strides(sizes);
-  AtenTensorHandle out = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(
-      buffer.get(), static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(),
-      /*storage_offset_increment=*/0, &out));
-  return Tensor(out);
+  return as_view(buffer, sizes);
 }
 
 Tensor contiguous_or_undefined(const OptTensor& t) {

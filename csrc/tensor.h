@@ -171,7 +171,7 @@ Tensor scratch(Scratch slot, const Sizes& sizes, const Tensor& like);
 inline Tensor as_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);
 }
-// A contiguous tensor seen with other sizes (same number of elements).
+// A contiguous tensor seen with other sizes: all its elements, or a leading part of them.
 inline Tensor as_view(const Tensor& t, const Sizes& sizes) {
   FFN_CHECK(t.is_contiguous(), "ffn: as_view needs a contiguous tensor");
   const Sizes strides = contiguous_strides(sizes);

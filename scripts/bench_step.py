@@ -111,17 +111,19 @@ def main(argv=None):
     else:
         print(f"# torch {torch.__version__}, ffn {ffn.__version__} ({env.get('git_commit', '?')}), "
               f"{torch.get_num_threads()} threads, CPU; median ms over {args.rounds} paired rounds")
-    if args.workload in ("sublayer", "both") and not args.combine:
-        for design in designs:
-            for d, d_ff, n in sublayer_shapes:
-                add("sublayer fwd+bwd", design, f"d {d}, d_ff {sublayer_width(design, d, d_ff)}, {n} rows",
-                    time_row([sublayer_fn(impl, d, d_ff, n, design) for impl in IMPLS], args))
-    if args.workload in ("step", "both") and not args.combine:
-        for shape in args.step_shapes.split(","):
-            d_model, batch = (int(v) for v in shape.split("x"))
+        if args.workload in ("sublayer", "both"):
             for design in designs:
-                add("step fwd+bwd+AdamW", design, f"d {d_model}, batch {batch}, seq {args.seq}, {args.layers} layers",
-                    time_row([step_fn(impl, design, d_model, batch, args.seq, args.layers) for impl in IMPLS], args))
+                for d, d_ff, n in sublayer_shapes:
+                    add("sublayer fwd+bwd", design, f"d {d}, d_ff {sublayer_width(design, d, d_ff)}, {n} rows",
+                        time_row([sublayer_fn(impl, d, d_ff, n, design) for impl in IMPLS], args))
+        if args.workload in ("step", "both"):
+            for shape in args.step_shapes.split(","):
+                d_model, batch = (int(v) for v in shape.split("x"))
+                for design in designs:
+                    add("step fwd+bwd+AdamW", design,
+                        f"d {d_model}, batch {batch}, seq {args.seq}, {args.layers} layers",
+                        time_row([step_fn(impl, design, d_model, batch, args.seq, args.layers) for impl in IMPLS],
+                                 args))
     print()
     print(markdown_table(headers, rows))
     if args.json:

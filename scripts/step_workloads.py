@@ -13,13 +13,13 @@ import torch.nn.functional as F
 IMPLS = ("torch", "torch+compile", "ffn", "ffn+compile")
 # (d_model, d_ff of the gated FFN, rows) of the issue's sublayer table; the GELU FFN is 4 * d_model wide.
 SUBLAYER_SHAPES = ((96, 256, 2048), (256, 683, 1024), (1024, 2816, 2048))
+# (d_model, batch) of the issue's step table, seq 128 and 4 layers.
+STEP_SHAPES = ((96, 16), (256, 8))
 
 
 def sublayer_width(design, d, d_ff):
     """The sublayer's FFN width: 4 d for the GELU FFN (A), the table's d_ff for SwiGLU (B)."""
     return 4 * d if design == "A" else d_ff
-# (d_model, batch) of the issue's step table, seq 128 and 4 layers.
-STEP_SHAPES = ((96, 16), (256, 8))
 
 
 def maybe_compiled(fn, impl):
