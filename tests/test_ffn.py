@@ -296,6 +296,27 @@ def test_ffn_saves_only_input_and_preactivation():
     assert sorted(t.shape for t in activations) == sorted([x.shape, torch.Size([64, 2 * D_FF])])
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=SHORT.get)
+@pytest.mark.parametrize("case", [FFNS[0], SWIGLU], ids=str)
+def test_ffn_bias_grads_over_many_rows(case, dtype, device):
+    """The bias gradients are column sums over all rows; the CPU kernels add them up in the
+    activation pass, in fixed row chunks with float64 partial sums. Over thousands of rows
+    (many chunks, odd widths for the vector tails) they are as accurate as torch's sums, and
+    the same bits for 1 and 2 threads whichever gradients are asked for."""
+    inputs = ffn_inputs(case, (3, 1000), 20, dtype, device, d_ff=37, requires_grad=True)
+    check_ffn(case, inputs, with_grad=True)
+    grad_out = randn(3, 1000, 20, dtype=dtype, device=device)
+
+    def bias_grads(wanted):  # the gradients of the inputs named, only those requiring grad
+        leaves = [None if t is None else t.detach().requires_grad_(name in wanted)
+                  for name, t in zip(ALL_ARGS, inputs)]
+        out = case.ours(*leaves)
+        return torch.autograd.grad(out, [t for name, t in zip(ALL_ARGS, leaves) if name in wanted], grad_out)
+    assert_same_across_threads(lambda: bias_grads(ALL_ARGS)[2::2])
+    alone = bias_grads(("b_in",)) + bias_grads(("b_out",))
+    assert_equal_results([alone], [bias_grads(ALL_ARGS)[2::2]])
+
+
 def ffn_call(case, rows, d_ff, dtype, inference):
     """A function giving case.ours' forward and every gradient (forward only in inference mode)
     on inputs drawn now, in this thread."""
