@@ -4,8 +4,7 @@
 // between them is one fused elementwise pass per direction, supplied by the
 // backend's ActivationKernels:
 //   forward   z = x w_in^T + b_in;  [h = act(z) (or act(z_g) * z_u)];  out = h w_out^T + b_out
-//   backward  dh = dout w_out;  [h = act(z); dz = act'(z) dh; db_in, db_out = column sums of
-//             dz, dout];  dW_out = dout^T h;  dx = dz w_in ...
+//   backward  dh = dout w_out;  [h = act(z); dz = act'(z) dh];  dW_out = dout^T h;  dx = dz w_in ...
 // Only x and the pre-activation z are kept for backward; h is recomputed in
 // the backward pass, which is what saves a [rows, d_ff] tensor per FFN.
 #include "common.h"
@@ -114,15 +113,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
   const Tensor g2d = as_rows(grad_out);
   const Tensor z = as_contiguous(preact);
 
-  // The biases' gradients come out of the activation pass (column sums of grad_z and grad_out),
-  // which therefore runs for b_out too: the same sums whichever gradients are asked for.
-  const Tensor grad_b_in = need_b_in ? empty({w_in.size(0)}, x) : empty_placeholder(x);
-  const Tensor grad_b_out = need_b_out ? empty({w_out.size(0)}, x) : empty_placeholder(x);
   // grad_h, grad_z and h are temporaries (scratch). The activation pass reads each element of
   // grad_h before it writes that element, so one of its outputs overwrites grad_h in place:
   // grad_z when plain (same shape), h when gated; one [rows, d_ff] buffer fewer.
   Tensor grad_z, h;
-  if (need_x || need_w_in || need_b_in || need_b_out) {
+  if (need_x || need_w_in || need_b_in) {
     const Tensor grad_h = scratch(Scratch::kHiddenGrad, {z.size(0), d_ff}, z);
     mm_into(grad_h, g2d, w_out);
     if (gated) {
@@ -132,8 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
       grad_z = grad_h;
       if (need_w_out) h = scratch(Scratch::kHidden, {z.size(0), d_ff}, z);
     }
-    kernels.backward(z, Tensor(), grad_h, act, gated, grad_z, h, need_b_in ? grad_b_in : Tensor(),
-                     g2d, need_b_out ? grad_b_out : Tensor());
+    kernels.backward(z, Tensor(), grad_h, act, gated, grad_z, h);
   } else if (need_w_out) {
     h = scratch(Scratch::kHidden, {z.size(0), d_ff}, z);
     kernels.forward(z, Tensor(), act, gated, h);
@@ -147,9 +141,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
   return {
       grad_x,
       need_w_in ? mm(t(grad_z), x2d) : empty_placeholder(x),
-      grad_b_in,
+      need_b_in ? sum_rows(grad_z) : empty_placeholder(x),
       need_w_out ? mm(t(g2d), h) : empty_placeholder(x),
-      grad_b_out,
+      need_b_out ? sum_rows(g2d) : empty_placeholder(x),
   };
 }
 
@@ -174,7 +168,7 @@ Tensor gated_activation_backward(const Tensor& grad, const Tensor& gate_up,
   check_grad(op, grad, with_last_dim(gate_up, gate_up.size(-1) / 2), gate_up);
   Tensor grad_gate_up = empty(sizes_of(gate_up), gate_up);
   kernels.backward(as_rows(gate_up), Tensor(), as_rows(grad), act, /*gated=*/true,
-                   as_rows(grad_gate_up), Tensor(), Tensor(), Tensor(), Tensor());
+                   as_rows(grad_gate_up), Tensor());
   return grad_gate_up;
 }
 
@@ -201,10 +195,9 @@ std::tuple<Tensor, Tensor> bias_gelu_backward(const Tensor& grad, const Tensor& 
   if (b.defined()) check_vector_param(op, "bias", b, x, x.size(-1), false);
   FFN_CHECK(!bias_grad || b.defined(), "ffn.", op, ": bias_grad needs the bias");
   Tensor grad_x = empty(sizes_of(x), x);
-  const Tensor grad_bias = bias_grad ? empty({x.size(-1)}, x) : empty_placeholder(x);
-  kernels.backward(as_rows(x), b, as_rows(grad), act, /*gated=*/false, as_rows(grad_x), Tensor(),
-                   bias_grad ? grad_bias : Tensor(), Tensor(), Tensor());
-  return {grad_x, grad_bias};
+  const Tensor grad_x2d = as_rows(grad_x);
+  kernels.backward(as_rows(x), b, as_rows(grad), act, /*gated=*/false, grad_x2d, Tensor());
+  return {grad_x, bias_grad ? sum_rows(grad_x2d) : empty_placeholder(x)};
 }
 
 }  // namespace ffn

@@ -29,13 +29,8 @@ struct ActivationKernels {
   // grad_z = d h / d z * grad_h, with z + bias as the pre-activation. If h is defined
   // it receives the recomputed hidden activation (what the down projection's weight
   // gradient needs). grad_z (plain) or h (gated) may alias grad_h.
-  // The biases' gradients, where defined: grad_bias [z_cols] the column sums of grad_z
-  // (as stored), grad_out_bias the column sums of grad_out (a [rows, d_out] tensor with
-  // grad_h's rows). The CPU kernels add them up while they walk the rows, deterministically
-  // (fixed row chunks, parallel.h): a separate reduction would read grad_z again.
   void (*backward)(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
-                   bool gated, const Tensor& grad_z, const Tensor& h, const Tensor& grad_bias,
-                   const Tensor& grad_out, const Tensor& grad_out_bias);
+                   bool gated, const Tensor& grad_z, const Tensor& h);
 };
 
 namespace cpu {

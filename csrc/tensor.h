@@ -219,7 +219,7 @@ inline Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bia
   return call_op("aten::linear", "", x, weight, bias)[0];
 }
 void linear_into(const Tensor& out, const Tensor& x, const Tensor& weight, const OptTensor& bias);
-// out[j] = the sum over rows of a 2-D tensor's column j (out: [cols], m's dtype).
-inline void sum_rows_into(Tensor out, const Tensor& m) { torch::stable::sum_out(out, m, Sizes{0}); }
+// The sum over rows of a 2-D tensor.
+inline Tensor sum_rows(const Tensor& m) { return torch::stable::sum(m, Sizes{0}); }
 
 }  // namespace ffn

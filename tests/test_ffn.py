@@ -299,10 +299,9 @@ def test_ffn_saves_only_input_and_preactivation():
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=SHORT.get)
 @pytest.mark.parametrize("case", [FFNS[0], SWIGLU], ids=str)
 def test_ffn_bias_grads_over_many_rows(case, dtype, device):
-    """The bias gradients are column sums over all rows; the CPU kernels add them up in the
-    activation pass, in fixed row chunks with float64 partial sums. Over thousands of rows
-    (many chunks, odd widths for the vector tails) they are as accurate as torch's sums, and
-    the same bits for 1 and 2 threads whichever gradients are asked for."""
+    """The bias gradients are column sums over all rows. Over thousands of rows (odd widths for
+    the vector tails) they are as accurate as torch's, and the same bits for 1 and 2 threads
+    whichever gradients are asked for."""
     inputs = ffn_inputs(case, (3, 1000), 20, dtype, device, d_ff=37, requires_grad=True)
     check_ffn(case, inputs, with_grad=True)
     grad_out = randn(3, 1000, 20, dtype=dtype, device=device)

@@ -1,6 +1,6 @@
 // Work splitting of the CPU kernels, and their one deterministic reduction.
 //
-// Reductions over rows (norm weight/bias gradients, FFN bias gradients, ffn_stats) split the rows
+// Reductions over rows (norm weight/bias gradients, ffn_stats) split the rows
 // into a fixed number of chunks, a function of the shape only (never of the
 // thread count); each chunk accumulates its own partial sums and the partials
 // are added in chunk order, so results are bit-reproducible on any machine.
@@ -28,13 +28,6 @@ inline int64_t row_grain(int64_t cols) {
 
 // The chunk count for `wanted` chunks: between 1 and kMaxRowChunks.
 inline int64_t row_chunks(int64_t wanted) { return std::clamp<int64_t>(wanted, 1, kMaxRowChunks); }
-
-// Row chunks of a parameter gradient summed over the rows of [rows, cols] (norm weight and
-// bias, FFN biases): few when there is little work, so that zeroing and reducing the partial
-// sums stays small next to the rows themselves.
-inline int64_t param_grad_chunks(int64_t rows, int64_t cols) {
-  return row_chunks(std::min(rows * std::max<int64_t>(cols, 1) / kGrainElements, rows));
-}
 
 // Calls body(chunk, begin_row, end_row) for each of `chunks` row chunks of
 // [rows, cols], in parallel. The caller adds the chunks' partials in order.

@@ -478,27 +478,6 @@ C10_ALWAYS_INLINE Pack<T> unfused(Pack<T> v) {
   return v;
 }
 
-// sums[0, n) += the step's first n values, in float64: sums of many rows (the FFN bias
-// gradients) then round once at the end, as accurate as ATen's cascade sums or better.
-template <typename T>
-C10_ALWAYS_INLINE void add_to_double_sums(double* sums, const Pack<T>& v, int64_t n) {
-  using Float4 = float __attribute__((vector_size(16)));
-  for (int k = 0; k < Pack<T>::kRegs; ++k) {
-    if constexpr (std::is_same_v<acc_t<T>, double>) {
-      store_lanes(sums, load_lanes(sums, n) + v.reg[k], n);
-    } else {
-      for (int half = 0; half < 2; ++half) {
-        const int64_t first = k * kLanes<float> + half * kLanes<double>;
-        const int64_t count = std::clamp<int64_t>(n - first, 0, kLanes<double>);
-        Float4 part;
-        std::memcpy(&part, reinterpret_cast<const float*>(&v.reg[k]) + half * kLanes<double>, sizeof(part));
-        store_lanes(sums + first, load_lanes(sums + first, count) + __builtin_convertvector(part, Double4),
-                    count);
-      }
-    }
-  }
-}
-
 template <typename T>
 C10_ALWAYS_INLINE acc_t<T> sum_lanes(const Pack<T>& v) {
   auto sum = v.reg[0];

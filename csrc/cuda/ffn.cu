@@ -163,8 +163,7 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
 }
 
 void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
-                         bool gated, const Tensor& grad_z, const Tensor& h, const Tensor& grad_bias,
-                         const Tensor& grad_out, const Tensor& grad_out_bias) {
+                         bool gated, const Tensor& grad_z, const Tensor& h) {
   const DeviceGuard guard(z.get_device_index());
   dispatch_float_types(z.scalar_type(), "ffn_act_bwd_cuda", [&](auto t) {
     using scalar_t = decltype(t);
@@ -182,9 +181,6 @@ void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad
       launch_activation(activation_backward_kernel<scalar_t, decltype(fn)>, a);
     });
   });
-  // The biases' gradients by ATen's column sums (deterministic on CUDA, on the current stream).
-  if (grad_bias.defined()) sum_rows_into(grad_bias, grad_z);
-  if (grad_out_bias.defined()) sum_rows_into(grad_out_bias, grad_out);
 }
 
 }  // namespace
