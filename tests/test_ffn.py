@@ -19,6 +19,7 @@ from helpers import (
     assert_accurate,
     assert_agrees_with_cpu,
     assert_same_across_threads,
+    grads,
     on_cpu,
     randn,
     run_three_ways,
@@ -306,14 +307,13 @@ def test_ffn_bias_grads_over_many_rows(case, dtype, device):
     check_ffn(case, inputs, with_grad=True)
     grad_out = randn(3, 1000, 20, dtype=dtype, device=device)
 
-    def bias_grads(wanted):  # the gradients of the inputs named, only those requiring grad
+    def input_grads(wanted):  # per input, its gradient when only the inputs named require grad
         leaves = [None if t is None else t.detach().requires_grad_(name in wanted)
                   for name, t in zip(ALL_ARGS, inputs)]
-        out = case.ours(*leaves)
-        return torch.autograd.grad(out, [t for name, t in zip(ALL_ARGS, leaves) if name in wanted], grad_out)
-    assert_same_across_threads(lambda: bias_grads(ALL_ARGS)[2::2])
-    alone = bias_grads(("b_in",)) + bias_grads(("b_out",))
-    assert_equal_results([alone], [bias_grads(ALL_ARGS)[2::2]])
+        return grads(case.ours(*leaves), leaves, grad_out)
+    assert_same_across_threads(lambda: input_grads(ALL_ARGS)[2::2])
+    alone = [input_grads(("b_in",))[2], input_grads(("b_out",))[4]]
+    assert_equal_results([alone], [input_grads(ALL_ARGS)[2::2]])
 
 
 def ffn_call(case, rows, d_ff, dtype, inference):
