@@ -23,8 +23,8 @@ all: build
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-cache-dir "$(TORCH)"
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements.txt
 	touch $@
 
 venv: $(VENV)/.deps

@@ -170,22 +170,30 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import transformers
-
-    args.hub_repo = None
-    if args.kernelize:
-        import tempfile
-
-        import ffn.hub
-
-        args.hub_repo = Path(tempfile.mkdtemp(prefix="ffn-hub-")) / "ffn"
-        ffn.hub.build_repository(args.hub_repo)
-
     table = configs(args.hidden, args.layers)
     archs = args.arch.split(",") if args.arch else list(table)
     unknown = set(archs) - set(table)
     if unknown:
         parser.error(f"unknown architectures {sorted(unknown)}; known: {', '.join(table)}")
+    if not args.kernelize:
+        args.hub_repo = None
+        report(args, table, archs)
+        return
+    import tempfile
+
+    import ffn.hub
+
+    # The repository lives as long as this run; the kernelized models import from it.
+    with tempfile.TemporaryDirectory(prefix="ffn-hub-") as tmp:
+        args.hub_repo = Path(tmp) / "ffn"
+        ffn.hub.build_repository(args.hub_repo)
+        report(args, table, archs)
+
+
+def report(args, table, archs):
+    """The table (and --json) for `archs`, measured on args.device."""
+    import transformers
+
     print(f"# ffn.patch, float32 {args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads; hidden {args.hidden}, {args.layers} layers, batch {args.batch} x "
           f"seq {args.seq}; forward+backward ms, median / fastest of {args.repeats}")

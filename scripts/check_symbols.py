@@ -21,12 +21,12 @@ TORCH_CXX_SYMBOL = re.compile(r"^(at|c10|torch|caffe2)::")
 ALLOWED_TORCH_LIBRARIES = {"libtorch_cpu.so"}
 
 
-def binaries(path):
-    """(name, path on disk) of each extension binary in a wheel, or the .so itself."""
+def binaries(path, workdir):
+    """(name, path on disk) of each extension binary in a wheel (extracted under workdir), or the .so itself."""
     path = Path(path)
     if path.suffix != ".whl":
         return [(path.name, path)]
-    out = Path(tempfile.mkdtemp(prefix="ffn-symbols-"))
+    out = Path(workdir) / path.stem
     with zipfile.ZipFile(path) as wheel:
         names = [n for n in wheel.namelist() if n.endswith(".so")]
         for name in names:
@@ -47,8 +47,13 @@ def needed_libraries(so):
 
 
 def main(paths):
+    with tempfile.TemporaryDirectory(prefix="ffn-symbols-") as workdir:
+        return check(paths, workdir)
+
+
+def check(paths, workdir):
     failed = False
-    found = [b for path in paths for b in binaries(path)]
+    found = [b for path in paths for b in binaries(path, workdir)]
     if not found:
         print("check_symbols: no extension binary found in", " ".join(paths))
         return 1

@@ -4,7 +4,7 @@
 #
 #   scripts/compat_check.sh WHEEL DIR SPEC...    e.g. scripts/compat_check.sh dist/ffn-*.whl build/compat torch==2.11.0
 #
-# DIR/<spec>/venv is kept between runs (each torch is downloaded once: 2.11.0 is
+# DIR/<spec>/venv is kept between runs (each torch is installed once: 2.11.0 is
 # the GPU machine's CUDA 13.0 build from PyPI, 2.13.0 the CPU build and 2.14.1 the
 # CUDA build on this machine's disk). The tests run from DIR/<spec>/run, so
 # `import ffn` is the installed wheel, never this checkout's ops/. PYTEST_ARGS
@@ -29,7 +29,14 @@ for spec in "$@"; do
   if [ ! -f "$venv/.deps" ] || [ "$root/requirements.txt" -nt "$venv/.deps" ]; then
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet "$spec" -r "$root/requirements.txt" || { summary+=("$spec: install failed"); status=1; continue; }
+    # No pip cache: a CUDA torch from PyPI is about 3 GB of wheels, which the cache would keep a
+    # second copy of beside the 5 GB venv; a failed install is removed, so it leaves no space taken.
+    if ! "$venv/bin/python" -m pip install --quiet --no-cache-dir "$spec" -r "$root/requirements.txt"; then
+      rm -rf "$venv"
+      summary+=("$spec: install failed ($(df -Ph "$dir" | awk 'NR == 2 {print $4}') free under $dir afterwards)")
+      status=1
+      continue
+    fi
     touch "$venv/.deps"
   fi
   "$venv/bin/python" -m pip install --quiet --no-deps --force-reinstall "$wheel"
