@@ -54,7 +54,7 @@ Sizes with_last_dim(const Tensor& t, int64_t last) {
 std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, const Tensor& w_in,
                                        const OptTensor& b_in, const Tensor& w_out,
                                        const OptTensor& b_out, Activation act, bool gated,
-                                       const ActivationKernels& kernels) {
+                                       const ActivationKernels& kernels, bool keep_preact) {
   const char* w_in_name = gated ? "w_gate_up" : "w1";
   const char* b_in_name = gated ? "b_gate_up" : "b1";
   const char* w_out_name = gated ? "w_down" : "w2";
@@ -80,7 +80,11 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
   // of z + b where it is near 0: ReLU/GELU gates open or close wrongly.
   const Tensor x2d = as_rows(x);
   Tensor z = linear(x2d, w_in, b_in);
-  const Tensor h = scratch(Scratch::kHidden, {z.size(0), d_ff}, z);
+  // Without a backward to feed, a plain FFN's h overwrites z: no second buffer to allocate and
+  // fault in, and the down GEMM reads the same layout as otherwise, so the same bits. (A gated
+  // h written over z's gate columns would reach the GEMM with z's row stride, which changes
+  // BLAS's rounding: its h keeps a buffer of its own.)
+  const Tensor h = keep_preact || gated ? scratch(Scratch::kHidden, {z.size(0), d_ff}, z) : z;
   kernels.forward(z, Tensor(), act, gated, h);
   // The output is allocated in its final shape and the GEMM writes into a [rows, d_out]
   // view of it, so the op returns a tensor of its own, never a view of an internal
@@ -88,7 +92,7 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
   // Falcon's `mlp_output += attention_output`), as the fake kernel does.
   Tensor out = empty(with_last_dim(x, w_out.size(0)), h);
   linear_into(as_view(out, {h.size(0), w_out.size(0)}), h, w_out, b_out);
-  return {out, z};
+  return {out, keep_preact ? z : empty_placeholder(x)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(

@@ -25,6 +25,7 @@ namespace ffn {
 struct ActivationKernels {
   // h = act(z + bias)                      (plain)
   // h = act(z_g + b_g) * (z_u + b_u)       (gated)
+  // h may be z itself (plain): each step reads its z before it writes h there.
   void (*forward)(const Tensor& z, const Tensor& bias, Activation act, bool gated, const Tensor& h);
   // grad_z = d h / d z * grad_h, with z + bias as the pre-activation. If h is defined
   // it receives the recomputed hidden activation (what the down projection's weight
@@ -41,11 +42,13 @@ extern const ActivationKernels kActivationKernels;
 }  // namespace cuda
 
 // out = down(act(x w_in^T + b_in)) for gelu_ffn and relu_ffn (gated = false) and the gated
-// family (gated = true, w_in = w_gate_up). Returns (out, preact [rows, w_in.size(0)]).
+// family (gated = true, w_in = w_gate_up). Returns (out, preact [rows, w_in.size(0)]); with
+// keep_preact false (no backward to come), (out, an empty [0] tensor), and a plain FFN writes
+// its activation over the pre-activation: one [rows, d_ff] buffer fewer.
 std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, const Tensor& w_in,
                                        const OptTensor& b_in, const Tensor& w_out,
                                        const OptTensor& b_out, Activation act, bool gated,
-                                       const ActivationKernels& kernels);
+                                       const ActivationKernels& kernels, bool keep_preact);
 // Gradients (x, w_in, b_in, w_out, b_out); those not in grad_mask are empty [0].
 // op names the backward op in messages.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
@@ -69,9 +72,9 @@ std::tuple<Tensor, Tensor> bias_gelu_backward(const Tensor& grad, const Tensor& 
 template <const ActivationKernels& K>
 std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1,
                                         const Tensor& w2, const OptTensor& b2,
-                                        std::string_view approximate) {
+                                        std::string_view approximate, bool keep_preact) {
   return ffn_forward("gelu_ffn", x, w1, b1, w2, b2, parse_gelu_approximate("gelu_ffn", approximate),
-                     /*gated=*/false, K);
+                     /*gated=*/false, K, keep_preact);
 }
 
 template <const ActivationKernels& K>
@@ -85,8 +88,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(
 
 template <const ActivationKernels& K>
 std::tuple<Tensor, Tensor> relu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                                        const Tensor& w2, const OptTensor& b2) {
-  return ffn_forward("relu_ffn", x, w1, b1, w2, b2, Activation::kRelu, /*gated=*/false, K);
+                                        const Tensor& w2, const OptTensor& b2, bool keep_preact) {
+  return ffn_forward("relu_ffn", x, w1, b1, w2, b2, Activation::kRelu, /*gated=*/false, K,
+                     keep_preact);
 }
 
 template <const ActivationKernels& K>
@@ -100,10 +104,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> relu_ffn_bwd(
 template <const ActivationKernels& K>
 std::tuple<Tensor, Tensor> gated_ffn_fwd(const Tensor& x, const Tensor& w_gate_up,
                                          const OptTensor& b_gate_up, const Tensor& w_down,
-                                         const OptTensor& b_down, std::string_view activation) {
+                                         const OptTensor& b_down, std::string_view activation,
+                                         bool keep_preact) {
   const Activation act = parse_gated_activation("_gated_ffn_fwd", activation);
   return ffn_forward(gated_ffn_name(act), x, w_gate_up, b_gate_up, w_down, b_down, act,
-                     /*gated=*/true, K);
+                     /*gated=*/true, K, keep_preact);
 }
 
 template <const ActivationKernels& K>

@@ -35,11 +35,13 @@
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <initializer_list>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -67,6 +69,20 @@ using Tensors2 = std::tuple<Tensor, Tensor>;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Whether autograd would record a call on these tensors: when not, the public FFNs ask their
+// internal op for no pre-activation (keep_preact false), as ops/_registrations.py does.
+inline bool grad_recorded(std::initializer_list<const Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : tensors) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+inline const Tensor* opt_ptr(const OptTensor& t) {
+  static const Tensor undefined;
+  return t.has_value() ? &*t : &undefined;
+}
 
 }  // namespace detail
 
@@ -171,15 +187,16 @@ inline detail::Tensors2 rms_norm_bwd_(const Tensor& grad_y, const Tensor& x, con
   return op.call(grad_y, x, rstd, weight, bias, weight_grad, bias_grad, weight_offset, grad_s);
 }
 
-// (out, preact): preact = x w1^T + b1 as a [rows, w1.size(0)] matrix.
+// (out, preact): preact = x w1^T + b1 as a [rows, w1.size(0)] matrix; with keep_preact false
+// (no backward to follow), an empty [0] tensor, and the activation overwrites it internally.
 inline detail::Tensors2 gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1,
                                      const Tensor& w2, const OptTensor& b2,
-                                     std::string_view approximate) {
+                                     std::string_view approximate, bool keep_preact = true) {
   static const auto op =
       detail::find_op<detail::Tensors2(const Tensor&, const Tensor&, const OptTensor&,
-                                       const Tensor&, const OptTensor&, std::string_view)>(
+                                       const Tensor&, const OptTensor&, std::string_view, bool)>(
           "ffn::_gelu_ffn_fwd");
-  return op.call(x, w1, b1, w2, b2, approximate);
+  return op.call(x, w1, b1, w2, b2, approximate, keep_preact);
 }
 
 // (grad_x, grad_w1, grad_b1, grad_w2, grad_b2), those in grad_mask.
@@ -193,11 +210,12 @@ inline detail::Tensors5 gelu_ffn_bwd(const Tensor& grad_out, const Tensor& x, co
 }
 
 inline detail::Tensors2 relu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                                     const Tensor& w2, const OptTensor& b2) {
-  static const auto op =
-      detail::find_op<detail::Tensors2(const Tensor&, const Tensor&, const OptTensor&,
-                                       const Tensor&, const OptTensor&)>("ffn::_relu_ffn_fwd");
-  return op.call(x, w1, b1, w2, b2);
+                                     const Tensor& w2, const OptTensor& b2,
+                                     bool keep_preact = true) {
+  static const auto op = detail::find_op<detail::Tensors2(
+      const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, bool)>(
+      "ffn::_relu_ffn_fwd");
+  return op.call(x, w1, b1, w2, b2, keep_preact);
 }
 
 inline detail::Tensors5 relu_ffn_bwd(const Tensor& grad_out, const Tensor& x, const Tensor& preact,
@@ -213,12 +231,13 @@ inline detail::Tensors5 relu_ffn_bwd(const Tensor& grad_out, const Tensor& x, co
 // (out, preact [rows, 2F], gate columns then up).
 inline detail::Tensors2 gated_ffn_fwd(const Tensor& x, const Tensor& w_gate_up,
                                       const OptTensor& b_gate_up, const Tensor& w_down,
-                                      const OptTensor& b_down, std::string_view activation) {
+                                      const OptTensor& b_down, std::string_view activation,
+                                      bool keep_preact = true) {
   static const auto op =
       detail::find_op<detail::Tensors2(const Tensor&, const Tensor&, const OptTensor&,
-                                       const Tensor&, const OptTensor&, std::string_view)>(
+                                       const Tensor&, const OptTensor&, std::string_view, bool)>(
           "ffn::_gated_ffn_fwd");
-  return op.call(x, w_gate_up, b_gate_up, w_down, b_down, activation);
+  return op.call(x, w_gate_up, b_gate_up, w_down, b_down, activation, keep_preact);
 }
 
 inline detail::Tensors5 gated_ffn_bwd(const Tensor& grad_out, const Tensor& x, const Tensor& preact,
@@ -291,12 +310,16 @@ inline std::tuple<Tensor, Tensor> add_rms_norm(const Tensor& x, const Tensor& re
 // w2 (gelu(x w1^T + b1)) + b2; approximate "none" or "tanh", as in F.gelu.
 inline Tensor gelu_ffn(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
                        const OptTensor& b2, std::string_view approximate = "none") {
-  return std::get<0>(internal::gelu_ffn_fwd(x, w1, b1, w2, b2, approximate));
+  return std::get<0>(internal::gelu_ffn_fwd(
+      x, w1, b1, w2, b2, approximate,
+      detail::grad_recorded({&x, &w1, detail::opt_ptr(b1), &w2, detail::opt_ptr(b2)})));
 }
 
 inline Tensor relu_ffn(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
                        const OptTensor& b2) {
-  return std::get<0>(internal::relu_ffn_fwd(x, w1, b1, w2, b2));
+  return std::get<0>(internal::relu_ffn_fwd(
+      x, w1, b1, w2, b2,
+      detail::grad_recorded({&x, &w1, detail::opt_ptr(b1), &w2, detail::opt_ptr(b2)})));
 }
 
 namespace detail {
@@ -322,22 +345,28 @@ inline const char* gate_activation(const char* op, const char* gate, std::string
 inline Tensor swiglu(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b_gate_up,
                      const Tensor& w_down, const OptTensor& b_down,
                      std::string_view approximate = "none") {
-  return std::get<0>(internal::gated_ffn_fwd(x, w_gate_up, b_gate_up, w_down, b_down,
-                                             detail::gate_activation("swiglu", "silu", approximate)));
+  return std::get<0>(internal::gated_ffn_fwd(
+      x, w_gate_up, b_gate_up, w_down, b_down, detail::gate_activation("swiglu", "silu", approximate),
+      detail::grad_recorded(
+          {&x, &w_gate_up, detail::opt_ptr(b_gate_up), &w_down, detail::opt_ptr(b_down)})));
 }
 
 inline Tensor geglu(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b_gate_up,
                     const Tensor& w_down, const OptTensor& b_down,
                     std::string_view approximate = "none") {
-  return std::get<0>(internal::gated_ffn_fwd(x, w_gate_up, b_gate_up, w_down, b_down,
-                                             detail::gate_activation("geglu", "gelu", approximate)));
+  return std::get<0>(internal::gated_ffn_fwd(
+      x, w_gate_up, b_gate_up, w_down, b_down, detail::gate_activation("geglu", "gelu", approximate),
+      detail::grad_recorded(
+          {&x, &w_gate_up, detail::opt_ptr(b_gate_up), &w_down, detail::opt_ptr(b_down)})));
 }
 
 inline Tensor reglu(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b_gate_up,
                     const Tensor& w_down, const OptTensor& b_down,
                     std::string_view approximate = "none") {
-  return std::get<0>(internal::gated_ffn_fwd(x, w_gate_up, b_gate_up, w_down, b_down,
-                                             detail::gate_activation("reglu", "relu", approximate)));
+  return std::get<0>(internal::gated_ffn_fwd(
+      x, w_gate_up, b_gate_up, w_down, b_down, detail::gate_activation("reglu", "relu", approximate),
+      detail::grad_recorded(
+          {&x, &w_gate_up, detail::opt_ptr(b_gate_up), &w_down, detail::opt_ptr(b_down)})));
 }
 
 // act(gate) * up on a packed [..., 2F] tensor (gate half first); activation

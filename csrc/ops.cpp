@@ -81,18 +81,20 @@ STABLE_TORCH_LIBRARY(ffn, m) {
   m.def("_rms_norm_bwd_(Tensor(a!) grad_y, Tensor x, Tensor rstd, Tensor? weight, Tensor? bias, "
         "bool weight_grad, bool bias_grad, float weight_offset=0.0, Tensor? grad_s=None) "
         "-> (Tensor grad_weight, Tensor grad_bias)");
-  m.def("_gelu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) "
-        "-> (Tensor out, Tensor preact)");
+  // keep_preact=False: no backward will follow (the public ops' call without autograd), so
+  // preact comes back empty [0] (and a plain FFN's activation is written over it).
+  m.def("_gelu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, "
+        "bool keep_preact=True) -> (Tensor out, Tensor preact)");
   m.def("_gelu_ffn_bwd(Tensor grad_out, Tensor x, Tensor preact, Tensor w1, Tensor w2, "
         "str approximate, bool[5] grad_mask) "
         "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
-  m.def("_relu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) "
-        "-> (Tensor out, Tensor preact)");
+  m.def("_relu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+        "bool keep_preact=True) -> (Tensor out, Tensor preact)");
   m.def("_relu_ffn_bwd(Tensor grad_out, Tensor x, Tensor preact, Tensor w1, Tensor w2, "
         "bool[5] grad_mask) "
         "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
   m.def("_gated_ffn_fwd(Tensor x, Tensor w_gate_up, Tensor? b_gate_up, Tensor w_down, "
-        "Tensor? b_down, str activation) -> (Tensor out, Tensor preact)");
+        "Tensor? b_down, str activation, bool keep_preact=True) -> (Tensor out, Tensor preact)");
   m.def("_gated_ffn_bwd(Tensor grad_out, Tensor x, Tensor preact, Tensor w_gate_up, "
         "Tensor w_down, str activation, bool[5] grad_mask) "
         "-> (Tensor grad_x, Tensor grad_w_gate_up, Tensor grad_b_gate_up, Tensor grad_w_down, "

@@ -324,30 +324,30 @@ _register_autograd(
 
 
 # ----------------------------------------------------------------------------- FFNs
-def _ffn_fwd_fake(op, x, w_in, b_in, w_out, b_out, gated):
+def _ffn_fwd_fake(op, x, w_in, b_in, w_out, b_out, gated, keep_preact):
     names = ("w_gate_up", "b_gate_up", "w_down", "b_down") if gated else ("w1", "b1", "w2", "b2")
     _check_devices(op, x, **dict(zip(names, (w_in, b_in, w_out, b_out))))
     return (
         x.new_empty((*x.shape[:-1], w_out.shape[0])),
-        x.new_empty((_rows(x), w_in.shape[0])),
+        x.new_empty((_rows(x), w_in.shape[0]) if keep_preact else (0,)),
     )
 
 
 @torch.library.register_fake(_lib + "_gelu_ffn_fwd")
-def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate):
-    return _ffn_fwd_fake("gelu_ffn", x, w1, b1, w2, b2, gated=False)
+def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate, keep_preact=True):
+    return _ffn_fwd_fake("gelu_ffn", x, w1, b1, w2, b2, gated=False, keep_preact=keep_preact)
 
 
 @torch.library.register_fake(_lib + "_relu_ffn_fwd")
-def _relu_ffn_fwd_fake(x, w1, b1, w2, b2):
-    return _ffn_fwd_fake("relu_ffn", x, w1, b1, w2, b2, gated=False)
+def _relu_ffn_fwd_fake(x, w1, b1, w2, b2, keep_preact=True):
+    return _ffn_fwd_fake("relu_ffn", x, w1, b1, w2, b2, gated=False, keep_preact=keep_preact)
 
 
 @torch.library.register_fake(_lib + "_gated_ffn_fwd")
-def _gated_ffn_fwd_fake(x, w_gate_up, b_gate_up, w_down, b_down, activation):
+def _gated_ffn_fwd_fake(x, w_gate_up, b_gate_up, w_down, b_down, activation, keep_preact=True):
     spec = ACTIVATIONS.get(activation)
     op = spec.gated_op if spec is not None and spec.gated_op else "_gated_ffn_fwd"
-    return _ffn_fwd_fake(op, x, w_gate_up, b_gate_up, w_down, b_down, gated=True)
+    return _ffn_fwd_fake(op, x, w_gate_up, b_gate_up, w_down, b_down, gated=True, keep_preact=keep_preact)
 
 
 def _ffn_bwd_fake(op, grad_out, x, preact, w_in, w_out, grad_mask):
@@ -373,26 +373,34 @@ def _gated_ffn_bwd_fake(grad_out, x, preact, w_gate_up, w_down, activation, grad
     return _ffn_bwd_fake("_gated_ffn_bwd", grad_out, x, preact, w_gate_up, w_down, grad_mask)
 
 
-def _ffn_setup_context(ctx, inputs, output):
-    x, w_in, _b_in, w_out, _b_out, *activation = inputs  # relu_ffn has no activation argument
-    _out, preact = output
-    ctx.mark_non_differentiable(preact)
-    # Else autograd fills a zero gradient for the pre-activation, as large as it is,
-    # on every backward (about 3% of a CPU FFN step).
-    ctx.set_materialize_grads(False)
-    # x and the pre-activation; the weights are parameters, held anyway.
-    ctx.save_for_backward(x, preact, w_in, w_out)
-    ctx.activation = activation
+def _make_ffn_setup_context(name):
+    def setup_context(ctx, inputs, output):
+        x, w_in, _b_in, w_out, _b_out, *activation, keep_preact = inputs  # relu_ffn has no activation argument
+        if not keep_preact:
+            raise RuntimeError(
+                f"ffn.{name}: keep_preact=False keeps no pre-activation for backward, but autograd is "
+                "recording this call; pass keep_preact=True (the default) when gradients are needed")
+        _out, preact = output
+        ctx.mark_non_differentiable(preact)
+        # Else autograd fills a zero gradient for the pre-activation, as large as it is,
+        # on every backward (about 3% of a CPU FFN step).
+        ctx.set_materialize_grads(False)
+        # x and the pre-activation; the weights are parameters, held anyway.
+        ctx.save_for_backward(x, preact, w_in, w_out)
+        ctx.activation = activation
+
+    return setup_context
 
 
 def _make_ffn_backward(bwd_op):
     def backward(ctx, grad_out, _grad_preact):
         if grad_out is None:
-            return (None,) * (5 + len(ctx.activation))
+            return (None,) * (6 + len(ctx.activation))
         x, preact, w_in, w_out = ctx.saved_tensors
         grad_mask = list(ctx.needs_input_grad[:5])
         grads = _run_backward_op(bwd_op, grad_out, x, preact, w_in, w_out, *ctx.activation, grad_mask)
-        return (*(g if needed else None for g, needed in zip(grads, grad_mask)), *(None,) * len(ctx.activation))
+        # None for the activation and keep_preact (trimmed to the arguments the call passed).
+        return (*(g if needed else None for g, needed in zip(grads, grad_mask)), *(None,) * (len(ctx.activation) + 1))
 
     return backward
 
@@ -400,17 +408,17 @@ def _make_ffn_backward(bwd_op):
 _register_autograd(
     "_gelu_ffn_fwd",
     _make_ffn_backward(torch.ops.ffn._gelu_ffn_bwd),
-    setup_context=_ffn_setup_context,
+    setup_context=_make_ffn_setup_context("_gelu_ffn_fwd"),
 )
 _register_autograd(
     "_relu_ffn_fwd",
     _make_ffn_backward(torch.ops.ffn._relu_ffn_bwd),
-    setup_context=_ffn_setup_context,
+    setup_context=_make_ffn_setup_context("_relu_ffn_fwd"),
 )
 _register_autograd(
     "_gated_ffn_fwd",
     _make_ffn_backward(torch.ops.ffn._gated_ffn_bwd),
-    setup_context=_ffn_setup_context,
+    setup_context=_make_ffn_setup_context("_gated_ffn_fwd"),
 )
 
 
@@ -545,9 +553,17 @@ _composite("layer_norm", _norm_composite(torch.ops.ffn._layer_norm_fwd.default, 
 _composite("rms_norm", _norm_composite(torch.ops.ffn._rms_norm_fwd.default, 1e-6))
 _composite("add_layer_norm", _add_norm_composite(torch.ops.ffn._add_layer_norm_fwd.default, 1e-5))
 _composite("add_rms_norm", _add_norm_composite(torch.ops.ffn._add_rms_norm_fwd.default, 1e-6))
-_composite("gelu_ffn", lambda x, w1, b1, w2, b2, approximate="none":
-           torch.ops.ffn._gelu_ffn_fwd.default(x, w1, b1, w2, b2, approximate)[0])
-_composite("relu_ffn", lambda x, w1, b1, w2, b2: torch.ops.ffn._relu_ffn_fwd.default(x, w1, b1, w2, b2)[0])
+def _keep_preact(*tensors):
+    """Whether autograd records this call, so that its backward needs the pre-activation. When not
+    (no_grad, inference_mode, nothing requires grad), the internal op returns none, and a plain FFN
+    writes its activation over it: one [rows, d_ff] buffer fewer to allocate and fault in."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+_composite("gelu_ffn", lambda x, w1, b1, w2, b2, approximate="none": torch.ops.ffn._gelu_ffn_fwd.default(
+    x, w1, b1, w2, b2, approximate, _keep_preact(x, w1, b1, w2, b2))[0])
+_composite("relu_ffn", lambda x, w1, b1, w2, b2: torch.ops.ffn._relu_ffn_fwd.default(
+    x, w1, b1, w2, b2, _keep_preact(x, w1, b1, w2, b2))[0])
 
 
 def _gated_composite(op, gate):
@@ -565,7 +581,9 @@ def _gated_composite(op, gate):
                                f'got "{approximate}"')
         else:
             activation = gate
-        return torch.ops.ffn._gated_ffn_fwd.default(x, w_gate_up, b_gate_up, w_down, b_down, activation)[0]
+        return torch.ops.ffn._gated_ffn_fwd.default(
+            x, w_gate_up, b_gate_up, w_down, b_down, activation,
+            _keep_preact(x, w_gate_up, b_gate_up, w_down, b_down))[0]
 
     return composite
 

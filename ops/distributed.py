@@ -240,8 +240,11 @@ def _ffn_layouts(op, x, gated):
 def _ffn_fwd(op, gated, with_preact):
     def strategy(x, w_in, b_in, w_out, b_out, *_args):
         partial, replicate, shard, _ = _p()
+        # keep_preact=False (the internal ops' last argument): preact is an empty [0], Replicate.
+        keeps_preact = not (_args and _args[-1] is False)
         out = []
         for kind, px, pre in _ffn_layouts(op, x, gated):
+            pre = pre if keeps_preact else replicate()
             if kind == "tp":
                 p_in = gate_up_placement(0) if gated else shard(0)
                 inputs = [px, p_in, _same(b_in, p_in), shard(1), _same(b_out, partial())]

@@ -299,6 +299,9 @@ def op_checks(c):
             c.run(f"{op}/inference-mode-tp", check_op, f, [x3, wgu, bgu, w2, b2], tp_gated, grad=False, quiet=True)
     with torch.inference_mode():
         c.run("gelu_ffn/inference-mode-tp", check_op, gelu, [x3, w1, b1, w2, b2], tp_gelu, grad=False, quiet=True)
+    with torch.no_grad():  # the composite runs above DTensor: _*_fwd with keep_preact=False reaches it
+        c.run("gelu_ffn/no-grad-tp", check_op, gelu, [x3, w1, b1, w2, b2], tp_gelu, grad=False, quiet=True)
+        c.run("swiglu/no-grad-tp", check_op, OPS.swiglu, [x3, wgu, bgu, w2, b2], tp_gated, grad=False, quiet=True)
 
     # ---- FFN internal ops directly (pre-activation placement; backward op)
     for name, (wi, bi, pin) in (("_gelu_ffn", (w1, b1, Shard(0))), ("_relu_ffn", (w1, b1, Shard(0))),
@@ -306,12 +309,16 @@ def op_checks(c):
         gated = name == "_gated_ffn"
         fwd, bwd = getattr(OPS, name + "_fwd"), getattr(OPS, name + "_bwd")
         if name == "_relu_ffn":  # no activation argument
-            fwd = lambda x, wi, bi, w2, b2, act, f=fwd: f(x, wi, bi, w2, b2)  # noqa: E731
+            fwd = lambda x, wi, bi, w2, b2, act, *keep, f=fwd: f(x, wi, bi, w2, b2, *keep)  # noqa: E731
             bwd = lambda g, x, pre, wi, w2, act, mask, f=bwd: f(g, x, pre, wi, w2, mask)  # noqa: E731
         act = "silu" if gated else "none"
         pre_tp = SS(1) if gated else Shard(1)
         c.run(f"{name}_fwd/tp", check_op, lambda x, wi, bi, w2, b2, fwd=fwd, act=act: fwd(x, wi, bi, w2, b2, act),
               [x3, wi, bi, w2, b2], [R, pin, pin, Shard(1), R], quiet=True, out_placements=[[P], [pre_tp]])
+        c.run(f"{name}_fwd/tp-no-preact", check_op,
+              lambda x, wi, bi, w2, b2, fwd=fwd, act=act: fwd(x, wi, bi, w2, b2, act, False),
+              [x3, wi, bi, w2, b2], [R, pin, pin, Shard(1), R], grad=False, quiet=True,
+              out_placements=[[P], [R]])
         c.run(f"{name}_fwd/dp-xS1", check_op,
               lambda x, wi, bi, w2, b2, fwd=fwd, act=act: fwd(x, wi, bi, w2, b2, act),
               [x3, wi, bi, w2, b2], [Shard(1), R, R, R, R], quiet=True)

@@ -80,20 +80,28 @@ def test_opcheck_norm_backward_ops(op, device):
 @pytest.mark.parametrize("op", ("gelu_ffn", "relu_ffn", *GATED_OPS))
 def test_opcheck_ffns(op, device):
     samples = ffn_samples(op in GATED_OPS, device)
+    # keep_preact=False, the public ops' call without autograd: on inputs that need no gradient.
+    detached = [tuple(None if t is None else t.detach() for t in args) for args in samples]
     if op == "gelu_ffn":
         opcheck(torch.ops.ffn.gelu_ffn, (*samples[0], "tanh"))
         for args, approximate in itertools.product(samples, ("none", "tanh")):
             opcheck(torch.ops.ffn._gelu_ffn_fwd, (*args, approximate))
+        for args in detached:
+            opcheck(torch.ops.ffn._gelu_ffn_fwd, (*args, "none", False))
     elif op == "relu_ffn":
         opcheck(torch.ops.ffn.relu_ffn, samples[0])
         for args in samples:
             opcheck(torch.ops.ffn._relu_ffn_fwd, args)
+        for args in detached:
+            opcheck(torch.ops.ffn._relu_ffn_fwd, (*args, False))
     else:
         opcheck(getattr(torch.ops.ffn, op), samples[0])
         if op == "geglu":
             opcheck(torch.ops.ffn.geglu, (*samples[0], "tanh"))
         for args in samples:
             opcheck(torch.ops.ffn._gated_ffn_fwd, (*args, GATED_OPS[op]))
+        for args in detached:
+            opcheck(torch.ops.ffn._gated_ffn_fwd, (*args, GATED_OPS[op], False))
 
 
 # "none"/"tanh": gelu_ffn's approximate; "plain relu": relu_ffn; the rest: the gated activations.

@@ -171,6 +171,70 @@ def test_ffn_preactivation_is_linear(case, dtype, device):
     torch.testing.assert_close(preact, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_without_preact_same_output(case, dtype, device):
+    """keep_preact=False (no backward to come; a plain FFN then writes its activation over the
+    pre-activation): the output is the same to the bit, for every layout, and the pre-activation
+    comes back as an empty [0] tensor."""
+    op, static = case.internal
+    fwd = getattr(torch.ops.ffn, f"_{op}_fwd")
+    for kind in FFN_SHAPES:
+        inputs = shaped_ffn_inputs(case, kind, dtype, device)
+        out, preact = fwd(*inputs, *static)
+        out_over_preact, no_preact = fwd(*inputs, *static, False)
+        assert torch.equal(out_over_preact, out), kind
+        assert no_preact.shape == (0,) and no_preact.dtype == dtype, kind
+        # Odd widths: the kernels' tail code writes over the pre-activation too.
+        for d_ff in (1, 3, 33):
+            inputs = ffn_inputs(case, (5,), 24, dtype, device, d_ff=d_ff)
+            assert torch.equal(fwd(*inputs, *static, False)[0], fwd(*inputs, *static)[0]), d_ff
+
+
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_public_ffns_keep_preact_only_when_autograd_records(case, device):
+    """The public ops ask their internal op for the pre-activation only when autograd records the
+    call (its backward needs it): not under no_grad or inference_mode, nor when nothing requires
+    grad. Either way the output is the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op, _ = case.internal
+    internal = getattr(torch.ops.ffn, f"_{op}_fwd").default
+
+    class KeepPreactSeen(TorchDispatchMode):
+        keep_preact = None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is internal:  # the mode sees trailing default arguments dropped
+                self.keep_preact = args[-1] if isinstance(args[-1], bool) else True
+            return func(*args, **(kwargs or {}))
+
+    inputs = ffn_inputs(case, (3, 4), 16, torch.float32, device)
+    outputs = {}
+    # Under inference_mode the mode sees the public op itself (its composite runs below the mode):
+    # there, is_grad_enabled() is False, the composite's test, as under no_grad.
+    for name, context, requires_grad, expected in (
+        ("no_grad", torch.no_grad, True, False),
+        ("inference_mode", torch.inference_mode, True, None),
+        ("nothing requires grad", torch.enable_grad, False, False),
+        ("autograd records", torch.enable_grad, True, True),
+    ):
+        leaves = [None if t is None else t.detach().requires_grad_(requires_grad) for t in inputs]
+        with context(), KeepPreactSeen() as seen:
+            outputs[name] = case.ours(*leaves)
+        assert seen.keep_preact is expected, name
+    for name, out in outputs.items():
+        assert torch.equal(out.detach(), outputs["autograd records"].detach()), name
+
+
+@pytest.mark.parametrize("case", FFNS, ids=str)
+def test_ffn_without_preact_refuses_autograd(case, device):
+    op, static = case.internal
+    x, *params = ffn_inputs(case, (3,), 8, torch.float32, device)
+    with pytest.raises(RuntimeError, match=rf"ffn\._{op}_fwd: keep_preact=False keeps no pre-activation"):
+        getattr(torch.ops.ffn, f"_{op}_fwd")(x.requires_grad_(), *params, *static, False)
+
+
 def shaped_ffn_inputs(case, kind, dtype, device):
     d = 24
     if kind == "3d":

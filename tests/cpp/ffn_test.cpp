@@ -147,7 +147,14 @@ TEST_F(SeededTest, FfnCppApiMatchesDispatcher) {
     const Activation act = c.gated ? parse_gated_activation(c.op, c.activation)
                                    : parse_gelu_approximate(c.op, approximate_of(c));
     const auto [out, preact] = call_body(ffn_forward, c.op, x, w.w_in, w.b_in, w.w_out, w.b_out,
-                                         act, c.gated, cpu::kActivationKernels);
+                                         act, c.gated, cpu::kActivationKernels, /*keep_preact=*/true);
+    // Without a backward to come (the public function's call: nothing requires grad), the
+    // activation overwrites the pre-activation: the same output, no preact.
+    const auto [out_inference, no_preact] =
+        call_body(ffn_forward, c.op, x, w.w_in, w.b_in, w.w_out, w.b_out, act, c.gated,
+                  cpu::kActivationKernels, /*keep_preact=*/false);
+    EXPECT_TRUE(at::equal(out_inference, out));
+    EXPECT_EQ(no_preact.numel(), 0);
     EXPECT_TRUE(at::equal(out, ffn_public(c, x, w)));
     EXPECT_TRUE(at::equal(preact, std::get<1>(ffn_fwd(c, x, w))));
     const Tensor g = at::randn_like(out);

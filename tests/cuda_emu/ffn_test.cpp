@@ -90,9 +90,9 @@ TEST_F(SeededTest, EmulatedFfnOpsMatchCpu) {
       // What the op templates gated_ffn_fwd<K> ("silu") and gelu_ffn_fwd<K> ("none")
       // run, with the table as an argument.
       const Activation act = gated ? Activation::kSilu : Activation::kGelu;
-      const auto forward = [&](const ActivationKernels& kernels) {
+      const auto forward = [&](const ActivationKernels& kernels, bool keep_preact = true) {
         return call_body(ffn_forward, gated ? "swiglu" : "gelu_ffn", x, w_in, b_in, w_out, b_out,
-                         act, gated, kernels);
+                         act, gated, kernels, keep_preact);
       };
       const auto backward = [&](const Tensor& preact, const ActivationKernels& kernels) {
         return call_body(ffn_backward, gated ? "_gated_ffn_bwd" : "_gelu_ffn_bwd", g, x, preact,
@@ -104,6 +104,11 @@ TEST_F(SeededTest, EmulatedFfnOpsMatchCpu) {
       const auto grads_ref = backward(std::get<1>(out_ref), cpu::kActivationKernels);
       EXPECT_TRUE(matches(std::get<0>(out), std::get<0>(out_ref), dtype)) << "out";
       EXPECT_TRUE(matches(std::get<1>(out), std::get<1>(out_ref), dtype)) << "preact";
+      // Without a backward to feed (plain: the kernel writes h over z): the same output.
+      const auto out_over_preact = forward(cuda::kActivationKernels, /*keep_preact=*/false);
+      EXPECT_TRUE(matches(std::get<0>(out_over_preact), std::get<0>(out_ref), dtype))
+          << "out, activation written over the pre-activation";
+      EXPECT_EQ(std::get<1>(out_over_preact).numel(), 0);
       EXPECT_TRUE(matches(std::get<0>(grads), std::get<0>(grads_ref), dtype)) << "grad_x";
       EXPECT_TRUE(matches(std::get<1>(grads), std::get<1>(grads_ref), dtype)) << "grad_w_in";
       EXPECT_TRUE(matches(std::get<2>(grads), std::get<2>(grads_ref), dtype)) << "grad_b_in";
