@@ -188,7 +188,7 @@ inline detail::Tensors2 rms_norm_bwd_(const Tensor& grad_y, const Tensor& x, con
 }
 
 // (out, preact): preact = x w1^T + b1 as a [rows, w1.size(0)] matrix; with keep_preact false
-// (no backward to follow), an empty [0] tensor, and the activation overwrites it internally.
+// (no backward to follow), an empty [0] tensor (the plain FFNs write their activation over it).
 inline detail::Tensors2 gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1,
                                      const Tensor& w2, const OptTensor& b2,
                                      std::string_view approximate, bool keep_preact = true) {
