@@ -185,10 +185,10 @@ def test_ffn_without_preact_same_output(case, dtype, device):
         out_over_preact, no_preact = fwd(*inputs, *static, False)
         assert torch.equal(out_over_preact, out), kind
         assert no_preact.shape == (0,) and no_preact.dtype == dtype, kind
-        # Odd widths: the kernels' tail code writes over the pre-activation too.
-        for d_ff in (1, 3, 33):
-            inputs = ffn_inputs(case, (5,), 24, dtype, device, d_ff=d_ff)
-            assert torch.equal(fwd(*inputs, *static, False)[0], fwd(*inputs, *static)[0]), d_ff
+    # Odd widths: the kernels' tail code writes over the pre-activation too.
+    for d_ff in (1, 3, 33):
+        inputs = ffn_inputs(case, (5,), 24, dtype, device, d_ff=d_ff)
+        assert torch.equal(fwd(*inputs, *static, False)[0], fwd(*inputs, *static)[0]), d_ff
 
 
 @pytest.mark.parametrize("case", FFNS, ids=str)
