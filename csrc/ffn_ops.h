@@ -41,7 +41,6 @@
 #include <c10/util/Exception.h>
 
 #include <array>
-#include <initializer_list>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -70,18 +69,16 @@ using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// Whether autograd would record a call on these tensors: when not, the public FFNs ask their
-// internal op for no pre-activation (keep_preact false), as ops/_registrations.py does.
-inline bool grad_recorded(std::initializer_list<const Tensor*> tensors) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const Tensor* t : tensors) {
-    if (t->defined() && t->requires_grad()) return true;
-  }
-  return false;
-}
-inline const Tensor* opt_ptr(const OptTensor& t) {
-  static const Tensor undefined;
-  return t.has_value() ? &*t : &undefined;
+// Whether autograd would record an FFN call on these arguments: when not, the public FFNs ask
+// their internal op for no pre-activation (keep_preact false), as ops/_registrations.py does.
+inline bool grad_recorded(const Tensor& x, const Tensor& w_in, const OptTensor& b_in,
+                          const Tensor& w_out, const OptTensor& b_out) {
+  const auto requires_grad = [](const OptTensor& t) {
+    return t.has_value() && t->defined() && t->requires_grad();
+  };
+  return at::GradMode::is_enabled() &&
+         (x.requires_grad() || w_in.requires_grad() || requires_grad(b_in) ||
+          w_out.requires_grad() || requires_grad(b_out));
 }
 
 }  // namespace detail
@@ -312,14 +309,14 @@ inline Tensor gelu_ffn(const Tensor& x, const Tensor& w1, const OptTensor& b1, c
                        const OptTensor& b2, std::string_view approximate = "none") {
   return std::get<0>(internal::gelu_ffn_fwd(
       x, w1, b1, w2, b2, approximate,
-      detail::grad_recorded({&x, &w1, detail::opt_ptr(b1), &w2, detail::opt_ptr(b2)})));
+      detail::grad_recorded(x, w1, b1, w2, b2)));
 }
 
 inline Tensor relu_ffn(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
                        const OptTensor& b2) {
   return std::get<0>(internal::relu_ffn_fwd(
       x, w1, b1, w2, b2,
-      detail::grad_recorded({&x, &w1, detail::opt_ptr(b1), &w2, detail::opt_ptr(b2)})));
+      detail::grad_recorded(x, w1, b1, w2, b2)));
 }
 
 namespace detail {
@@ -347,8 +344,7 @@ inline Tensor swiglu(const Tensor& x, const Tensor& w_gate_up, const OptTensor& 
                      std::string_view approximate = "none") {
   return std::get<0>(internal::gated_ffn_fwd(
       x, w_gate_up, b_gate_up, w_down, b_down, detail::gate_activation("swiglu", "silu", approximate),
-      detail::grad_recorded(
-          {&x, &w_gate_up, detail::opt_ptr(b_gate_up), &w_down, detail::opt_ptr(b_down)})));
+      detail::grad_recorded(x, w_gate_up, b_gate_up, w_down, b_down)));
 }
 
 inline Tensor geglu(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b_gate_up,
@@ -356,8 +352,7 @@ inline Tensor geglu(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b
                     std::string_view approximate = "none") {
   return std::get<0>(internal::gated_ffn_fwd(
       x, w_gate_up, b_gate_up, w_down, b_down, detail::gate_activation("geglu", "gelu", approximate),
-      detail::grad_recorded(
-          {&x, &w_gate_up, detail::opt_ptr(b_gate_up), &w_down, detail::opt_ptr(b_down)})));
+      detail::grad_recorded(x, w_gate_up, b_gate_up, w_down, b_down)));
 }
 
 inline Tensor reglu(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b_gate_up,
@@ -365,8 +360,7 @@ inline Tensor reglu(const Tensor& x, const Tensor& w_gate_up, const OptTensor& b
                     std::string_view approximate = "none") {
   return std::get<0>(internal::gated_ffn_fwd(
       x, w_gate_up, b_gate_up, w_down, b_down, detail::gate_activation("reglu", "relu", approximate),
-      detail::grad_recorded(
-          {&x, &w_gate_up, detail::opt_ptr(b_gate_up), &w_down, detail::opt_ptr(b_down)})));
+      detail::grad_recorded(x, w_gate_up, b_gate_up, w_down, b_down)));
 }
 
 // act(gate) * up on a packed [..., 2F] tensor (gate half first); activation
