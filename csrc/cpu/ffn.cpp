@@ -19,26 +19,33 @@ C10_ALWAYS_INLINE Pack<T> preact_at(const T* z, const T* bias, int64_t i, int64_
   return bias == nullptr ? v : round_to<T>(v + load<T>(bias + i, n));
 }
 
+// The forward's row loop takes its pointers and sizes as arguments, so they stay in registers:
+// held in the parallel_for lambda's captures, they were reloaded from memory at every step, after
+// each call into Sleef's exp (opaque to the compiler). (The backward keeps its loop in the lambda:
+// compiled as separate loops, with and without h, the erf GELU's float64 gradient came out
+// different in the last bit between them.)
+template <typename T, typename A, bool kGated>
+void forward_rows(const T* Z, const T* B, T* H, int64_t F, int64_t z_cols, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const T* zr = Z + r * z_cols;
+    T* hr = H + r * F;
+    for_each_step<T>(F, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const auto g = preact_at<T>(zr, B, i, n);
+      auto out = A::value(g);
+      if constexpr (kGated) out = out * preact_at<T>(zr + F, B != nullptr ? B + F : nullptr, i, n);
+      store<T>(hr + i, out, n);
+    });
+  }
+}
+
 template <typename T, typename A>
 void forward_kernel(const Tensor& z, const Tensor& bias, bool gated, const Tensor& h) {
-  const int64_t rows = h.size(0), F = h.size(1), z_cols = z.size(1);
+  const int64_t F = h.size(1), z_cols = z.size(1);
   const T* Z = z.const_data_ptr<T>();
   const T* B = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* H = h.mutable_data_ptr<T>();
-  torch::stable::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* zr = Z + r * z_cols;
-      T* hr = H + r * F;
-      for_each_step<T>(F, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-        const auto g = preact_at<T>(zr, B, i, n);
-        auto out = A::value(g);
-        if (gated) {
-          const auto u = preact_at<T>(zr + F, B != nullptr ? B + F : nullptr, i, n);
-          out = out * u;
-        }
-        store<T>(hr + i, out, n);
-      });
-    }
+  torch::stable::parallel_for(0, h.size(0), row_grain(z_cols), [&](int64_t begin, int64_t end) {
+    (gated ? forward_rows<T, A, true> : forward_rows<T, A, false>)(Z, B, H, F, z_cols, begin, end);
   });
 }
 
