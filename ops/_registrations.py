@@ -20,6 +20,7 @@ import sys
 import weakref
 
 import torch
+from torch.autograd import forward_ad
 
 from .activations import ACTIVATIONS, GATED_OPS, GELU_APPROXIMATIONS
 from .telemetry import STAT_FIELDS
@@ -58,10 +59,25 @@ def _register_autograd(name, backward, setup_context):
     def autograd_kernel(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return function.apply(*args, keyset)
+        _refuse_forward_ad(name, args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
 
     _impl_lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _refuse_forward_ad(name, args):
+    """The ops have no forward-mode formulas: below autograd a dual input's tangent would be
+    dropped and the output come back without one, a silently wrong jvp. (Where an input requires
+    grad, autograd.Function refuses forward mode itself.) The dual level is looked up first, so
+    calls outside torch.autograd.forward_ad / torch.func.jvp cost nothing more."""
+    if getattr(forward_ad, "_current_level", -1) < 0:
+        return
+    if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise RuntimeError(
+            f"ffn.{name} got an input with a forward-mode tangent (torch.autograd.forward_ad, "
+            "torch.func.jvp): the ffn ops have backward formulas only; use reverse mode (backward, "
+            "torch.autograd.grad)")
 
 
 def _stat_dtype(x):

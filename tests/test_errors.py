@@ -5,9 +5,11 @@ import re
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import ffn
 from ffn.activations import GATED_OPS
+from test_outputs import public_calls
 
 
 def norm_args(d=8, dtype=torch.float32):
@@ -289,3 +291,37 @@ def test_ffn_backward_errors_name_their_op(op):
         bwd(grad[:, :7], x, preact, w1, w2, *approximate, mask)
     with raises(f"ffn.{op}: x must be float64, float32, float16 or bfloat16, got Int"):
         bwd(grad, x.int(), preact, w1, w2, *approximate, mask)
+
+
+# ----------------------------------------------------------------------------- forward-mode AD
+def outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_rms_norm", "gelu_ffn", "relu_ffn", "gated_activation",
+                                  "bias_gelu", *GATED_OPS])
+def test_forward_mode_ad_refused_not_dropped(name):
+    """The ops have no forward-mode formulas. A dual input is refused with an error saying so, rather
+    than its tangent dropped (jvp would get no tangent back, or a zero one from torch.func.jvp);
+    inputs without tangents give the usual results inside a dual level."""
+    _, op, _, args = next(call for call in public_calls("cpu") if call[0] == name)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    expected = outputs(op(*args))
+    with fwAD.dual_level():
+        assert all(torch.equal(a, b) for a, b in zip(outputs(op(*args)), expected, strict=True))
+        for i, a in enumerate(args):
+            if not isinstance(a, torch.Tensor):
+                continue
+            dual = list(args)
+            dual[i] = fwAD.make_dual(a, torch.ones_like(a))
+            with raises("got an input with a forward-mode tangent", "use reverse mode"):
+                op(*dual)
+            # Where another input requires grad, autograd.Function refuses forward mode itself.
+            recorded = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and j != i else t
+                        for j, t in enumerate(dual)]
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in recorded):
+                with pytest.raises(NotImplementedError, match="jvp"):
+                    op(*recorded)
+    x = args[0]
+    with raises("got an input with a forward-mode tangent"):
+        torch.func.jvp(lambda t: op(t, *args[1:]), (x,), (torch.ones_like(x),))
