@@ -5,8 +5,8 @@
 // that the plain operators (+ - * / < <=) act on lane by lane, plus the few lane
 // functions the kernels need. With CPU_CAPABILITY_AVX2 (-mavx2 -mfma -mf16c) these
 // are AVX2/FMA/F16C instructions and the same Sleef functions ATen's AVX2 kernels
-// call, except in the float erf (inline_exp_lanes); without it, the same code with
-// scalar std:: math per lane.
+// call (the float exp inline, Sleef's to the bit), except in the float erf
+// (inline_exp_lanes); without it, the same code with scalar std:: math per lane.
 //
 // A row loop steps over kStep<T> = 256 bits of T at a time and does its math in
 // T's accumulation type (float for half types, else T): the step is held as a
@@ -43,8 +43,8 @@
 #if defined(CPU_CAPABILITY_AVX2)
 // Sleef's vector exp/erf/tanh, the functions ATen's Vectorized<float/double> call:
 // libtorch_cpu.so (linked anyway, for the stable C shim) exports them as C symbols.
+// (The float exp is written out inline below: exp_lanes.)
 extern "C" {
-__m256 Sleef_expf8_u10(__m256);
 __m256 Sleef_tanhf8_u10(__m256);
 __m256d Sleef_expd4_u10(__m256d);
 __m256d Sleef_erfd4_u10(__m256d);
@@ -181,9 +181,31 @@ C10_ALWAYS_INLINE Float8 inline_exp_lanes(const Float8& x_in) {
   return map_lanes(x_in, [](float v) { return std::exp(v); });
 #endif
 }
+// float exp, Sleef's expf8_u10 (the AVX2 build ATen's Vectorized<float>::exp calls) operation for
+// operation and constant for constant, inline: the same bits for every float (tests/cpp/vec_test.cpp
+// compares them all), without the call, around which every live vector register is spilled (the
+// ABI saves none). 2^q * e^s with q = round(x log2 e), s = x - q ln 2 (ln 2 in two parts), e^s by a
+// degree-7 polynomial, 2^q applied in two halves; 0 below -104, +inf above 100.
 C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x) {
 #if defined(CPU_CAPABILITY_AVX2)
-  return Sleef_expf8_u10(x);
+  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.44269502162933349609375f)));
+  const __m256 q_float = _mm256_cvtepi32_ps(q);
+  __m256 s = _mm256_fmadd_ps(q_float, _mm256_set1_ps(-0.693145751953125f), x);
+  s = _mm256_fmadd_ps(q_float, _mm256_set1_ps(-1.428606765330187045e-06f), s);
+  __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(1.98527617612853646278381e-4f), s,
+                             _mm256_set1_ps(1.39304355252534151077271e-3f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(8.33336077630519866943359e-3f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(4.16664853692054748535156e-2f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(1.66666671633720397949219e-1f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.5f));
+  __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s), _mm256_set1_ps(1.0f));
+  const __m256i half_q = _mm256_srai_epi32(q, 1);
+  const auto power_of_two = [](__m256i k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+  };
+  y = _mm256_mul_ps(_mm256_mul_ps(y, power_of_two(half_q)), power_of_two(_mm256_sub_epi32(q, half_q)));
+  y = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), y);
+  return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(_mm256_set1_ps(100.0f), x, _CMP_LT_OQ));
 #else
   return map_lanes(x, [](float v) { return std::exp(v); });
 #endif
