@@ -4,14 +4,13 @@
 // activations the forward computes.
 //
 // The formulas follow ATen's vectorized CPU kernels (Activation.cpp) term for
-// term, so float32 results match them bit for bit, tails included, but for the erf
-// GELU: its erf takes vec.h's inline exp, and its derivative takes exp(-x^2/2) from
-// that same exp, which makes it 1.3x (forward) and 1.8x (backward) faster than ATen's
-// formula. Its last bits differ from ATen's for some inputs, at the same accuracy
-// against float64 (tests/test_ffn.py measures both). (F.gelu with approximate="none"
-// on a contiguous float32 tensor runs oneDNN's GELU instead, and ATen's scalar
-// remainder loop uses std::erf/std::exp: both differ from ATen's vectorized loop in
-// the last bit too.)
+// term, so float32 values match them bit for bit, tails included, and so do the
+// gradients but for the erf GELU's: its derivative takes exp(-x^2/2) from the exp
+// the erf computes anyway (one exp per element, not two). Its last bits differ from
+// ATen's for some inputs, at the same accuracy against float64 (tests/test_ffn.py
+// measures both). (F.gelu with approximate="none" on a contiguous float32 tensor
+// runs oneDNN's GELU instead, and ATen's scalar remainder loop uses std::erf and
+// std::exp: both differ from ATen's vectorized loop in the last bit too.)
 #pragma once
 
 #include "activation_table.h"

@@ -5,8 +5,8 @@
 // that the plain operators (+ - * / < <=) act on lane by lane, plus the few lane
 // functions the kernels need. With CPU_CAPABILITY_AVX2 (-mavx2 -mfma -mf16c) these
 // are AVX2/FMA/F16C instructions and the same Sleef functions ATen's AVX2 kernels
-// call (the float exp inline, Sleef's to the bit), except in the float erf
-// (inline_exp_lanes); without it, the same code with scalar std:: math per lane.
+// call (the float exp written out inline, Sleef's to the bit); without it, the same
+// code with scalar std:: math per lane.
 //
 // A row loop steps over kStep<T> = 256 bits of T at a time and does its math in
 // T's accumulation type (float for half types, else T): the step is held as a
@@ -14,9 +14,7 @@
 // otherwise), so half types are converted once on load and once on store and never
 // round in between. The step widths, the reduction orders and the FMAs are
 // ATen's AVX2 ones, so results are bit for bit those of ATen's Vectorized kernels
-// (which NaN a NaN result is aside: the compiler may swap the operands of + and *),
-// except the float erf GELU, whose erf takes an inline exp: it differs in the last
-// bits for some inputs (activation.h).
+// (which NaN a NaN result is aside: the compiler may swap the operands of + and *).
 //
 // The helpers are forced inline (and so are the kernels' per-step lambdas, with
 // C10_ALWAYS_INLINE_ATTRIBUTE): they run once per vector step of every row loop,
@@ -143,47 +141,9 @@ C10_ALWAYS_INLINE V map_lanes(V v, const Fn& fn) {
   return v;
 }
 
-// float exp, inline: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts),
-// e^r by Cephes' degree-5 polynomial, 2^n applied as two powers of two so that subnormal results
-// keep their bits; +inf above ln(FLT_MAX), 0 below the subnormals, NaN kept. At most 1.26 ulp from
-// the correctly rounded e^x over every float (Sleef's u10, exp_lanes, is 0.98), at 70% of its
-// cost in the GELU kernels. The float erf takes it: its Abramowitz-Stegun formula errs by up to
-// 1.5e-7 anyway, which dwarfs the difference.
-C10_ALWAYS_INLINE Float8 inline_exp_lanes(const Float8& x_in) {
-#if defined(CPU_CAPABILITY_AVX2)
-  constexpr float kMax = 88.72283935546875f;      // above: +inf (e^x > FLT_MAX)
-  constexpr float kMin = -103.97208404541015625f;  // below: 0 (e^x < half the least subnormal)
-  const __m256 overflow = _mm256_cmp_ps(x_in, _mm256_set1_ps(kMax), _CMP_GT_OQ);
-  const __m256 underflow = _mm256_cmp_ps(x_in, _mm256_set1_ps(kMin), _CMP_LT_OQ);
-  // Clamped with x second, so that a NaN passes through min and max (and then every step).
-  const __m256 x = _mm256_max_ps(_mm256_set1_ps(kMin), _mm256_min_ps(_mm256_set1_ps(kMax), x_in));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  // 2^n = 2^(n/2) * 2^(n - n/2): each factor a normal float for every n in [-150, 128].
-  const __m256i n_int = _mm256_cvtps_epi32(n);
-  const __m256i half_n = _mm256_srai_epi32(n_int, 1);
-  const auto power_of_two = [](__m256i k) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
-  };
-  y = _mm256_mul_ps(_mm256_mul_ps(y, power_of_two(half_n)), power_of_two(_mm256_sub_epi32(n_int, half_n)));
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), overflow);
-  return _mm256_andnot_ps(underflow, y);
-#else
-  return map_lanes(x_in, [](float v) { return std::exp(v); });
-#endif
-}
 // float exp, Sleef's expf8_u10 (the AVX2 build ATen's Vectorized<float>::exp calls) operation for
 // operation and constant for constant, inline: the same bits for every float (tests/cpp/vec_test.cpp
-// compares them all), without the call, around which every live vector register is spilled (the
+// compares a sample and the range's edges; all 2^32 patterns were compared once), without the call, around which every live vector register is spilled (the
 // ABI saves none). 2^q * e^s with q = round(x log2 e), s = x - q ln 2 (ln 2 in two parts), e^s by a
 // degree-7 polynomial, 2^q applied in two halves; 0 below -104, +inf above 100.
 C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x) {
@@ -244,8 +204,7 @@ struct Gaussian {
 // derivative needs: the float AVX2 erf computes them on the way, so the pair costs one exp.
 C10_ALWAYS_INLINE Float8 erf_lanes(const Float8& x, Gaussian<Float8>* gaussian = nullptr) {
 #if defined(CPU_CAPABILITY_AVX2)
-  // ATen's Vectorized<float>::erf, operation for operation but for its exp, inline here
-  // (Abramowitz-Stegun 7.1.26):
+  // ATen's Vectorized<float>::erf, operation for operation (Abramowitz-Stegun 7.1.26):
   // erf(x) = sign(x) * (1 - t * r(t) * exp(-x^2)), t = 1 / (1 + p |x|).
   const __m256 neg_zero = _mm256_set1_ps(-0.f);
   const __m256 one = _mm256_set1_ps(1.0f);
@@ -257,7 +216,7 @@ C10_ALWAYS_INLINE Float8 erf_lanes(const Float8& x, Gaussian<Float8>* gaussian =
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
   const __m256 x_sq = _mm256_mul_ps(x, x);
-  const Float8 exp_neg_x_sq = inline_exp_lanes(Float8(_mm256_xor_ps(neg_zero, x_sq)));
+  const Float8 exp_neg_x_sq = exp_lanes(Float8(_mm256_xor_ps(neg_zero, x_sq)));
   if (gaussian != nullptr) *gaussian = {exp_neg_x_sq, x_sq};
   const __m256 neg_exp = _mm256_xor_ps(neg_zero, exp_neg_x_sq);
   return _mm256_xor_ps(sign, _mm256_fmadd_ps(_mm256_mul_ps(neg_exp, t), r, one));
