@@ -298,6 +298,8 @@ def outputs(result):
     return result if isinstance(result, tuple) else (result,)
 
 
+# torch.func.jvp's first use scripts its decompositions, which warns that torch.jit.script is deprecated.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_rms_norm", "gelu_ffn", "relu_ffn", "gated_activation",
                                   "bias_gelu", *GATED_OPS])
 def test_forward_mode_ad_refused_not_dropped(name):
