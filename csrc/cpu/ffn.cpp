@@ -20,10 +20,10 @@ C10_ALWAYS_INLINE Pack<T> preact_at(const T* z, const T* bias, int64_t i, int64_
 }
 
 // The forward's row loop takes its pointers and sizes as arguments, so they stay in registers:
-// held in the parallel_for lambda's captures, they were reloaded from memory at every step, after
-// each call into Sleef's exp (opaque to the compiler). (The backward keeps its loop in the lambda:
-// compiled as separate loops, with and without h, the erf GELU's float64 gradient came out
-// different in the last bit between them.)
+// held in the parallel_for lambda's captures, they were reloaded from memory at every step after
+// each call into Sleef (tanh; float64's exp and erf), which the compiler cannot see into. (The
+// backward keeps its loop in the lambda: compiled as separate loops, with and without h, the erf
+// GELU's float64 gradient came out different in the last bit between them.)
 template <typename T, typename A, bool kGated>
 void forward_rows(const T* Z, const T* B, T* H, int64_t F, int64_t z_cols, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {

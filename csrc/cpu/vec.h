@@ -142,10 +142,11 @@ C10_ALWAYS_INLINE V map_lanes(V v, const Fn& fn) {
 }
 
 // float exp, Sleef's expf8_u10 (the AVX2 build ATen's Vectorized<float>::exp calls) operation for
-// operation and constant for constant, inline: the same bits for every float (tests/cpp/vec_test.cpp
-// compares a sample and the range's edges; all 2^32 patterns were compared once), without the call, around which every live vector register is spilled (the
-// ABI saves none). 2^q * e^s with q = round(x log2 e), s = x - q ln 2 (ln 2 in two parts), e^s by a
-// degree-7 polynomial, 2^q applied in two halves; 0 below -104, +inf above 100.
+// operation and constant for constant, inline: the same bits for every float (all 2^32 patterns
+// compared once; tests/cpp/vec_test.cpp compares a sample and the range's edges), without the
+// call, around which every live vector register is spilled (the ABI saves none). 2^q * e^s with
+// q = round(x log2 e), s = x - q ln 2 (ln 2 in two parts), e^s by a degree-7 polynomial, 2^q
+// applied in two halves; 0 below -104, +inf above 100.
 C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.44269502162933349609375f)));

@@ -35,8 +35,11 @@ TEST(SleefExp, SameBitsAsSleef) {
     bits[filled++] = static_cast<int32_t>(pattern);
     if (filled == 8) compare(bits), filled = 0;
   };
-  for (uint64_t pattern = 0; pattern < (uint64_t{1} << 32); pattern += 61) add(static_cast<uint32_t>(pattern));
-  // Around 0, the underflow (-104) and overflow (100) cut-offs and e^x's own limits (-103.97, 88.72).
+  for (uint64_t pattern = 0; pattern < (uint64_t{1} << 32); pattern += 61) {
+    add(static_cast<uint32_t>(pattern));
+  }
+  // Around 0, the cut-offs to 0 (-104) and +inf (100), e^x's own limits (-103.97, 88.72) and where
+  // its results turn subnormal (-87.34).
   for (const float edge : {0.0f, -104.0f, 100.0f, -103.972084f, 88.7228394f, -87.3365479f}) {
     for (const float sign : {1.0f, -1.0f}) {
       const uint32_t center = std::bit_cast<uint32_t>(sign * edge);
