@@ -57,13 +57,19 @@ def _register_autograd(name, backward, setup_context):
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_of_args)})
 
     def autograd_kernel(keyset, *args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if _autograd_records(*args):
             return function.apply(*args, keyset)
         _refuse_forward_ad(name, args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
 
     _impl_lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _autograd_records(*args):
+    """Whether autograd records an op call on these arguments: grad mode on and a tensor among them
+    requiring grad (None and non-tensor arguments count as not)."""
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
 
 
 def _refuse_forward_ad(name, args):
@@ -569,17 +575,14 @@ _composite("layer_norm", _norm_composite(torch.ops.ffn._layer_norm_fwd.default, 
 _composite("rms_norm", _norm_composite(torch.ops.ffn._rms_norm_fwd.default, 1e-6))
 _composite("add_layer_norm", _add_norm_composite(torch.ops.ffn._add_layer_norm_fwd.default, 1e-5))
 _composite("add_rms_norm", _add_norm_composite(torch.ops.ffn._add_rms_norm_fwd.default, 1e-6))
-def _keep_preact(*tensors):
-    """Whether autograd records this call, so that its backward needs the pre-activation. When not
-    (no_grad, inference_mode, nothing requires grad), the internal op returns none, and a plain FFN
-    writes its activation over it: one [rows, d_ff] buffer fewer to allocate and fault in."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
+# The FFNs ask for the pre-activation (keep_preact) only when autograd records the call, as its
+# backward needs it. When not (no_grad, inference_mode, nothing requires grad), the internal op
+# returns none, and a plain FFN writes its activation over it: one [rows, d_ff] buffer fewer to
+# allocate and fault in.
 _composite("gelu_ffn", lambda x, w1, b1, w2, b2, approximate="none": torch.ops.ffn._gelu_ffn_fwd.default(
-    x, w1, b1, w2, b2, approximate, _keep_preact(x, w1, b1, w2, b2))[0])
+    x, w1, b1, w2, b2, approximate, _autograd_records(x, w1, b1, w2, b2))[0])
 _composite("relu_ffn", lambda x, w1, b1, w2, b2: torch.ops.ffn._relu_ffn_fwd.default(
-    x, w1, b1, w2, b2, _keep_preact(x, w1, b1, w2, b2))[0])
+    x, w1, b1, w2, b2, _autograd_records(x, w1, b1, w2, b2))[0])
 
 
 def _gated_composite(op, gate):
@@ -599,7 +602,7 @@ def _gated_composite(op, gate):
             activation = gate
         return torch.ops.ffn._gated_ffn_fwd.default(
             x, w_gate_up, b_gate_up, w_down, b_down, activation,
-            _keep_preact(x, w_gate_up, b_gate_up, w_down, b_down))[0]
+            _autograd_records(x, w_gate_up, b_gate_up, w_down, b_down))[0]
 
     return composite
 
