@@ -5,7 +5,7 @@
 // that the plain operators (+ - * / < <=) act on lane by lane, plus the few lane
 // functions the kernels need. With CPU_CAPABILITY_AVX2 (-mavx2 -mfma -mf16c) these
 // are AVX2/FMA/F16C instructions and the same Sleef functions ATen's AVX2 kernels
-// call (the float exp written out inline, Sleef's to the bit); without it, the same
+// call (the float exp and tanh written out inline, Sleef's to the bit); without it, the same
 // code with scalar std:: math per lane.
 //
 // A row loop steps over kStep<T> = 256 bits of T at a time and does its math in
@@ -41,9 +41,8 @@
 #if defined(CPU_CAPABILITY_AVX2)
 // Sleef's vector exp/erf/tanh, the functions ATen's Vectorized<float/double> call:
 // libtorch_cpu.so (linked anyway, for the stable C shim) exports them as C symbols.
-// (The float exp is written out inline below: exp_lanes.)
+// (The float exp and tanh are written out inline below: exp_lanes, tanh_lanes.)
 extern "C" {
-__m256 Sleef_tanhf8_u10(__m256);
 __m256d Sleef_expd4_u10(__m256d);
 __m256d Sleef_erfd4_u10(__m256d);
 __m256d Sleef_tanhd4_u10(__m256d);
@@ -135,6 +134,17 @@ C10_ALWAYS_INLINE V maximum_lanes(const V& a, const V& b) {
 #endif
 }
 
+// v exactly as computed, opaque to the optimizer: the multiply that produced v is not fused
+// into a later add or subtract (FMA contraction, which GCC does with -mfma: C++ defaults to
+// -ffp-contract=fast). (Without FMA there is no contraction.)
+template <typename V>
+C10_ALWAYS_INLINE V unfused_lanes(V v) {
+#if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
+
 template <typename V, typename Fn>
 C10_ALWAYS_INLINE V map_lanes(V v, const Fn& fn) {
   for (int j = 0; j < static_cast<int>(sizeof(V) / sizeof(v[0])); ++j) v[j] = fn(v[j]);
@@ -179,9 +189,122 @@ C10_ALWAYS_INLINE Double4 exp_lanes(const Double4& x) {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+namespace sleef_float {
+
+// A float carried as an unevaluated sum hi + lo, about 48 bits.
+struct Pair {
+  __m256 hi, lo;
+};
+
+// a * b rounded to float on its own, as in Sleef (built with -ffp-contract=off): never fused
+// into the add that follows it (without the barrier two lanes of 2^32 came out different).
+C10_ALWAYS_INLINE __m256 rounded_mul(__m256 a, __m256 b) {
+  return unfused_lanes(_mm256_mul_ps(a, b));
+}
+
+// Sums: the low word gathers each add's rounding error (Dekker/Knuth). add_fast assumes
+// |a.hi| >= |b.hi|; add_exact does not (its error term is exact for any order).
+C10_ALWAYS_INLINE Pair add_exact(__m256 a, __m256 b) {
+  const __m256 hi = _mm256_add_ps(a, b);
+  const __m256 b_part = _mm256_sub_ps(hi, a);
+  return {hi, _mm256_add_ps(_mm256_sub_ps(a, _mm256_sub_ps(hi, b_part)), _mm256_sub_ps(b, b_part))};
+}
+C10_ALWAYS_INLINE Pair add_exact(const Pair& a, __m256 b) {
+  const Pair sum = add_exact(a.hi, b);
+  return {sum.hi, _mm256_add_ps(sum.lo, a.lo)};
+}
+C10_ALWAYS_INLINE Pair add_exact(const Pair& a, const Pair& b) {
+  const Pair sum = add_exact(a.hi, b.hi);
+  return {sum.hi, _mm256_add_ps(sum.lo, _mm256_add_ps(a.lo, b.lo))};
+}
+C10_ALWAYS_INLINE Pair add_fast(__m256 a, const Pair& b) {
+  const __m256 hi = _mm256_add_ps(a, b.hi);
+  return {hi, _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(a, hi), b.hi), b.lo)};
+}
+C10_ALWAYS_INLINE Pair add_fast(const Pair& a, const Pair& b) {
+  const __m256 hi = _mm256_add_ps(a.hi, b.hi);
+  const __m256 err = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(a.hi, hi), b.hi), a.lo);
+  return {hi, _mm256_add_ps(err, b.lo)};
+}
+
+// Products: an FMA gives the exact rounding error of hi = a * b.
+C10_ALWAYS_INLINE Pair mul(const Pair& a, __m256 b) {
+  const __m256 hi = rounded_mul(a.hi, b);
+  return {hi, _mm256_fmadd_ps(a.lo, b, _mm256_fmsub_ps(a.hi, b, hi))};
+}
+C10_ALWAYS_INLINE Pair mul(const Pair& a, const Pair& b) {
+  const __m256 hi = rounded_mul(a.hi, b.hi);
+  const __m256 err = _mm256_fmadd_ps(a.lo, b.hi, _mm256_fmsub_ps(a.hi, b.hi, hi));
+  return {hi, _mm256_fmadd_ps(a.hi, b.lo, err)};
+}
+C10_ALWAYS_INLINE Pair square(const Pair& a) {
+  const __m256 hi = rounded_mul(a.hi, a.hi);
+  return {hi, _mm256_fmadd_ps(_mm256_add_ps(a.hi, a.hi), a.lo, _mm256_fmsub_ps(a.hi, a.hi, hi))};
+}
+
+// 1 / a: the float reciprocal, then one Newton step's correction in the low word.
+C10_ALWAYS_INLINE Pair reciprocal(const Pair& a) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 hi = _mm256_div_ps(one, a.hi);
+  const __m256 residual = _mm256_fnmadd_ps(a.lo, hi, _mm256_fnmadd_ps(a.hi, hi, one));
+  return {hi, rounded_mul(hi, residual)};
+}
+C10_ALWAYS_INLINE Pair divide(const Pair& n, const Pair& d) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 inv = _mm256_div_ps(one, d.hi);
+  const __m256 hi = rounded_mul(n.hi, inv);
+  const __m256 err = _mm256_fmsub_ps(inv, n.hi, hi);
+  const __m256 residual = _mm256_fnmadd_ps(d.lo, inv, _mm256_fnmadd_ps(d.hi, inv, one));
+  return {hi, _mm256_fmadd_ps(hi, residual, _mm256_fmadd_ps(n.lo, inv, err))};
+}
+
+// e^a for a >= 0 as a pair: 2^q e^s with q = round(a log2 e) and s = a - q ln 2 (ln 2 in two
+// parts, s kept as a pair), e^s = 1 + s + s^2 (1/2 + s (1/6 + s p(s))), 2^q applied in two halves.
+C10_ALWAYS_INLINE Pair exp_pair(__m256 a) {
+  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(a, _mm256_set1_ps(0x1.715476p+0f)));
+  const __m256 q_float = _mm256_cvtepi32_ps(q);
+  const __m256 head = rounded_mul(q_float, _mm256_set1_ps(-0x1.62e4p-1f));
+  Pair s = add_exact(add_exact(a, head), rounded_mul(q_float, _mm256_set1_ps(-0x1.7f7d1cp-20f)));
+  __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(0x1.9f6ffep-13f), s.hi,
+                             _mm256_set1_ps(0x1.6d7ef8p-10f));
+  u = _mm256_fmadd_ps(u, s.hi, _mm256_set1_ps(0x1.11121ap-7f));
+  u = _mm256_fmadd_ps(u, s.hi, _mm256_set1_ps(0x1.5554b8p-5f));
+  Pair t = add_exact(mul(s, u), _mm256_set1_ps(0x1.555554p-3f));
+  t = add_exact(mul(s, t), _mm256_set1_ps(0.5f));
+  t = add_fast(_mm256_set1_ps(1.0f), add_exact(s, mul(square(s), t)));
+  const __m256i half_q = _mm256_srai_epi32(q, 1);
+  const auto power_of_two = [](__m256i k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+  };
+  const __m256 scale_1 = power_of_two(half_q), scale_2 = power_of_two(_mm256_sub_epi32(q, half_q));
+  return {rounded_mul(_mm256_mul_ps(t.hi, scale_1), scale_2),
+          rounded_mul(_mm256_mul_ps(t.lo, scale_1), scale_2)};
+}
+
+}  // namespace sleef_float
+#endif
+
+// float tanh, Sleef's tanhf8_u10 (the AVX2 build ATen's Vectorized<float>::tanh calls) operation
+// for operation, inline, as exp_lanes: the same bits for every float (all 2^32 patterns compared
+// once; tests/cpp/vec_test.cpp compares a sample and the edges). tanh |x| = (e - 1/e) / (e + 1/e)
+// with e = e^|x| carried in float pairs; 1 above |x| = 8.664339742 (where it rounds to 1);
+// x's sign.
 C10_ALWAYS_INLINE Float8 tanh_lanes(const Float8& x) {
 #if defined(CPU_CAPABILITY_AVX2)
-  return Sleef_tanhf8_u10(x);
+  using namespace sleef_float;
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  const __m256 abs_x = _mm256_andnot_ps(sign_mask, x);
+  const Pair e = exp_pair(abs_x);
+  const Pair inv_e = reciprocal(e);
+  const Pair neg_inv_e{_mm256_xor_ps(sign_mask, inv_e.hi), _mm256_xor_ps(sign_mask, inv_e.lo)};
+  const Pair q = divide(add_fast(e, neg_inv_e), add_fast(e, inv_e));
+  __m256 y = _mm256_add_ps(q.hi, q.lo);
+  const __m256 saturated =
+      _mm256_or_ps(_mm256_cmp_ps(abs_x, _mm256_set1_ps(0x1.154246p+3f), _CMP_GT_OQ),
+                   _mm256_cmp_ps(y, y, _CMP_NEQ_UQ));
+  y = _mm256_xor_ps(_mm256_blendv_ps(y, one, saturated), _mm256_and_ps(sign_mask, x));
+  return _mm256_or_ps(y, _mm256_cmp_ps(x, x, _CMP_NEQ_UQ));
 #else
   return map_lanes(x, [](float v) { return std::tanh(v); });
 #endif
@@ -448,16 +571,11 @@ C10_ALWAYS_INLINE Pack<T> round_to(const Pack<T>& v) {
   }
 }
 
-// v exactly as computed, opaque to the optimizer: the multiply that produced v is
-// not fused into a later add or subtract (FMA contraction, which GCC does with
-// -mfma). A quantity computed in two passes then rounds the same way in both, and
-// exact cancellations between them stay exact. (Without FMA there is no contraction.)
+// unfused_lanes for each register: a quantity computed in two passes then rounds the same way
+// in both, and exact cancellations between them stay exact.
 template <typename T>
 C10_ALWAYS_INLINE Pack<T> unfused(Pack<T> v) {
-#if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__)
-  for (auto& r : v.reg) asm("" : "+x"(r));
-#endif
-  return v;
+  return v.map([](const typename Pack<T>::Reg& r) { return unfused_lanes(r); });
 }
 
 template <typename T>
