@@ -58,6 +58,8 @@ def _register_autograd(name, backward, setup_context):
 
     def autograd_kernel(keyset, *args):
         if _autograd_records(*args):
+            if torch._C._are_functorch_transforms_active():
+                _refuse_functorch_autograd(name)
             return function.apply(*args, keyset)
         _refuse_forward_ad(name, args)
         with torch._C._AutoDispatchBelowAutograd():
@@ -70,6 +72,17 @@ def _autograd_records(*args):
     """Whether autograd records an op call on these arguments: grad mode on and a tensor among them
     requiring grad (None and non-tensor arguments count as not)."""
     return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
+def _refuse_functorch_autograd(name):
+    """Under torch.func's differentiating transforms (grad, vjp, jacrev, hessian) autograd.Function
+    needs a setup_context that works from inside an op's Autograd kernel, which PyTorch does not
+    offer (its own torch.library.custom_op ops fail the same way). autograd.Function.apply would
+    raise here with a message about setup_context; this one says what to do instead."""
+    raise RuntimeError(
+        f"ffn.{name}: torch.func transforms that differentiate (grad, vjp, jacrev, hessian) are not supported "
+        "by the ffn ops; use torch.autograd.grad or .backward() (torch.autograd.functional.jacobian for "
+        "Jacobians); torch.vmap works")
 
 
 def _refuse_forward_ad(name, args):
@@ -106,6 +119,78 @@ def _check_devices(op, x, **tensors):
             )
 
 
+# The C++ ops' argument checks (csrc/common.cpp, norm.cpp, ffn.cpp), repeated for the fake kernels:
+# on the meta device and under FakeTensorMode (torch.compile's tracing) only the fakes run, and
+# without these they would give a result shape for arguments the real kernels reject. Same
+# messages; torch._check keeps them valid for symbolic sizes.
+_C10_DTYPE_NAMES = {
+    torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype):
+    return _C10_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _fail_unless(condition, op, message):
+    torch._check(condition, lambda: f"ffn.{op}: {message()}")
+
+
+def _check_input(op, name, x):
+    _fail_unless(x.dim() >= 1, op, lambda: f"{name} must have at least 1 dimension (features last), got a 0-dim tensor")
+    _fail_unless(x.dtype in _FLOAT_DTYPES, op,
+                 lambda: f"{name} must be float64, float32, float16 or bfloat16, got {_dtype_name(x.dtype)}")
+
+
+def _check_vector_param(op, name, param, x, size, allow_float32):
+    if param is None:
+        return
+    _fail_unless(param.dim() == 1 and param.shape[0] == size, op,
+                 lambda: f"{name} must have shape [{size}], got {list(param.shape)}")
+    half_x = x.dtype in (torch.float16, torch.bfloat16)
+    _fail_unless(param.dtype == x.dtype or (allow_float32 and half_x and param.dtype == torch.float32), op,
+                 lambda: f"{name} must have x's dtype ({_dtype_name(x.dtype)})"
+                         f"{' or float32' if allow_float32 and half_x else ''}, got {_dtype_name(param.dtype)}")
+
+
+def _check_linear_weight(op, name, weight, x, rows, cols):
+    _fail_unless(weight.dim() == 2, op,
+                 lambda: f"{name} must be a 2-D [out_features, in_features] weight, got shape {list(weight.shape)}")
+    _fail_unless(weight.shape[1] == cols and (rows is None or weight.shape[0] == rows), op,
+                 lambda: f"{name} must have shape [{'*' if rows is None else rows}, {cols}], got {list(weight.shape)}")
+    _fail_unless(weight.dtype == x.dtype, op,
+                 lambda: f"{name} must have x's dtype ({_dtype_name(x.dtype)}), got {_dtype_name(weight.dtype)} "
+                         "(cast the weights, or run under torch.autocast)")
+
+
+def _check_norm_args(op, x, weight, bias, eps, weight_offset):
+    """norm_forward's checks after x's (and residual's): parameters, weight_offset, eps."""
+    d = x.shape[-1]
+    _check_vector_param(op, "weight", weight, x, d, allow_float32=True)
+    _check_vector_param(op, "bias", bias, x, d, allow_float32=True)
+    if weight is not None and bias is not None:
+        _fail_unless(bias.dtype == weight.dtype, op, lambda: f"bias must have weight's dtype "
+                                                             f"({_dtype_name(weight.dtype)}), got {_dtype_name(bias.dtype)}")
+    _fail_unless(math.isfinite(weight_offset), op, lambda: f"weight_offset must be a finite number, got {weight_offset:g}")
+    _fail_unless(weight_offset == 0 or weight is not None, op,
+                 lambda: f"weight_offset ({weight_offset:g}) scales a weight, but weight is None")
+    _fail_unless(math.isfinite(eps) and eps >= 0, op, lambda: f"eps must be a finite number >= 0, got {eps:g}")
+
+
+def _check_gelu_approximate(op, approximate):
+    _fail_unless(approximate in GELU_APPROXIMATIONS, op,
+                 lambda: f"approximate must be 'none' or 'tanh' (as in F.gelu), got '{approximate}'")
+
+
+def _check_gated_activation(op, activation):
+    names = list(ACTIVATIONS)
+    expected = ", ".join(f"'{n}'" for n in names[:-1]) + f" or '{names[-1]}'"
+    _fail_unless(activation in ACTIVATIONS, op, lambda: f"activation must be {expected}, got '{activation}'")
+
+
 def _empty_grad(t, size, param):
     """A parameter gradient: `size` elements in the parameter's dtype, or [0] when not asked for."""
     dtype = param.dtype if param is not None else t.dtype
@@ -128,20 +213,25 @@ def _like_x(x):
 
 
 @torch.library.register_fake(_lib + "_layer_norm_fwd")
-def _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0, in_place_backward=False):
-    _check_devices("layer_norm", x, weight=weight, bias=bias)
+def _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0, in_place_backward=False, op="layer_norm"):
+    _check_devices(op, x, weight=weight, bias=bias)
+    _check_input(op, "x", x)
+    _check_norm_args(op, x, weight, bias, eps, weight_offset)
     stats = x.shape[:-1]
     return _like_x(x), x.new_empty(stats, dtype=_stat_dtype(x)), x.new_empty(stats, dtype=_stat_dtype(x))
 
 
 @torch.library.register_fake(_lib + "_rms_norm_fwd")
-def _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0, in_place_backward=False):
-    _check_devices("rms_norm", x, weight=weight, bias=bias)
+def _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0, in_place_backward=False, op="rms_norm"):
+    _check_devices(op, x, weight=weight, bias=bias)
+    _check_input(op, "x", x)
+    _check_norm_args(op, x, weight, bias, eps, weight_offset)
     return _like_x(x), x.new_empty(x.shape[:-1], dtype=_stat_dtype(x))
 
 
 def _check_residual(op, x, residual):
     _check_devices(op, x, residual=residual)
+    _check_input(op, "x", x)
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise RuntimeError(f"ffn.{op}: residual must have x's shape {list(x.shape)} and dtype {x.dtype}, "
                            f"got {list(residual.shape)} of {residual.dtype}")
@@ -150,14 +240,14 @@ def _check_residual(op, x, residual):
 @torch.library.register_fake(_lib + "_add_layer_norm_fwd")
 def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps, weight_offset=0.0, in_place_backward=False):
     _check_residual("add_layer_norm", x, residual)
-    y, mean, rstd = _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset)
+    y, mean, rstd = _layer_norm_fwd_fake(x, weight, bias, eps, weight_offset, op="add_layer_norm")
     return y, _like_x(x), mean, rstd
 
 
 @torch.library.register_fake(_lib + "_add_rms_norm_fwd")
 def _add_rms_norm_fwd_fake(x, residual, weight, bias, eps, weight_offset=0.0, in_place_backward=False):
     _check_residual("add_rms_norm", x, residual)
-    y, rstd = _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset)
+    y, rstd = _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset, op="add_rms_norm")
     return y, _like_x(x), rstd
 
 
@@ -349,6 +439,14 @@ _register_autograd(
 def _ffn_fwd_fake(op, x, w_in, b_in, w_out, b_out, gated, keep_preact):
     names = ("w_gate_up", "b_gate_up", "w_down", "b_down") if gated else ("w1", "b1", "w2", "b2")
     _check_devices(op, x, **dict(zip(names, (w_in, b_in, w_out, b_out))))
+    _check_input(op, "x", x)
+    _check_linear_weight(op, names[0], w_in, x, None, x.shape[-1])
+    if gated:
+        _fail_unless(w_in.shape[0] % 2 == 0, op, lambda: "w_gate_up must have an even number of rows "
+                                                         f"([2*d_ff, d]: gate rows, then up rows), got {w_in.shape[0]}")
+    _check_linear_weight(op, names[2], w_out, x, None, w_in.shape[0] // 2 if gated else w_in.shape[0])
+    _check_vector_param(op, names[1], b_in, x, w_in.shape[0], allow_float32=False)
+    _check_vector_param(op, names[3], b_out, x, w_out.shape[0], allow_float32=False)
     return (
         x.new_empty((*x.shape[:-1], w_out.shape[0])),
         x.new_empty((_rows(x), w_in.shape[0]) if keep_preact else (0,)),
@@ -357,6 +455,7 @@ def _ffn_fwd_fake(op, x, w_in, b_in, w_out, b_out, gated, keep_preact):
 
 @torch.library.register_fake(_lib + "_gelu_ffn_fwd")
 def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate, keep_preact=True):
+    _check_gelu_approximate("gelu_ffn", approximate)
     return _ffn_fwd_fake("gelu_ffn", x, w1, b1, w2, b2, gated=False, keep_preact=keep_preact)
 
 
@@ -367,6 +466,7 @@ def _relu_ffn_fwd_fake(x, w1, b1, w2, b2, keep_preact=True):
 
 @torch.library.register_fake(_lib + "_gated_ffn_fwd")
 def _gated_ffn_fwd_fake(x, w_gate_up, b_gate_up, w_down, b_down, activation, keep_preact=True):
+    _check_gated_activation("_gated_ffn_fwd", activation)
     spec = ACTIVATIONS.get(activation)
     op = spec.gated_op if spec is not None and spec.gated_op else "_gated_ffn_fwd"
     return _ffn_fwd_fake(op, x, w_gate_up, b_gate_up, w_down, b_down, gated=True, keep_preact=keep_preact)
@@ -447,6 +547,10 @@ _register_autograd(
 # ----------------------------------------------------------------------------- elementwise pieces
 @torch.library.register_fake(_lib + "gated_activation")
 def _gated_activation_fake(gate_up, activation="silu"):
+    _check_input("gated_activation", "gate_up", gate_up)
+    _check_gated_activation("gated_activation", activation)
+    _fail_unless(gate_up.shape[-1] % 2 == 0, "gated_activation",
+                 lambda: f"gate_up's last dimension must be even ([..., 2*d_ff]: gate, then up), got {gate_up.shape[-1]}")
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
 
@@ -477,6 +581,9 @@ _register_autograd(
 @torch.library.register_fake(_lib + "bias_gelu")
 def _bias_gelu_fake(x, bias, approximate="none"):
     _check_devices("bias_gelu", x, bias=bias)
+    _check_input("bias_gelu", "x", x)
+    _check_gelu_approximate("bias_gelu", approximate)
+    _check_vector_param("bias_gelu", "bias", bias, x, x.shape[-1], allow_float32=False)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ffn
 from ffn.activations import GATED_OPS
@@ -37,9 +38,22 @@ def raises(*fragments, exc=RuntimeError):
     return pytest.raises(exc, match=".*".join(re.escape(f) for f in fragments))
 
 
+@pytest.fixture(params=["cpu", "meta", "fake"])
+def kernels(request):
+    """Which kernels check the arguments: the real CPU ones; or the fake kernels alone, as on the
+    meta device (tensors made inside the test land there) and under FakeTensorMode (torch.compile's
+    tracing), where a shape the real kernels reject must not trace to a result."""
+    if request.param == "cpu":
+        yield
+        return
+    context = torch.device("meta") if request.param == "meta" else FakeTensorMode()
+    with context:
+        yield
+
+
 # ----------------------------------------------------------------------------- norms
 @pytest.mark.parametrize("op", NORM_OPS)
-def test_norm_weight_wrong_size(op):
+def test_norm_weight_wrong_size(op, kernels):
     x, w, b = norm_args()
     with raises(f"ffn.{op}: weight must have shape [8], got [9]"):
         getattr(torch.ops.ffn, op)(x, torch.ones(9), b)
@@ -50,7 +64,7 @@ def test_norm_weight_wrong_size(op):
 
 
 @pytest.mark.parametrize("op", NORM_OPS)
-def test_norm_last_dim_mismatch(op):
+def test_norm_last_dim_mismatch(op, kernels):
     _, w, b = norm_args(8)
     with raises(f"ffn.{op}: weight must have shape [5]"):
         getattr(torch.ops.ffn, op)(torch.randn(2, 3, 5), w, None)
@@ -60,14 +74,14 @@ def test_norm_last_dim_mismatch(op):
 
 @pytest.mark.parametrize("dtype", (torch.int64, torch.int32, torch.bool, torch.complex64))
 @pytest.mark.parametrize("op", NORM_OPS)
-def test_norm_bad_input_dtype(op, dtype):
+def test_norm_bad_input_dtype(op, dtype, kernels):
     x = torch.ones(3, 8, dtype=dtype)
     with raises(f"ffn.{op}: x must be float64, float32, float16 or bfloat16, got"):
         getattr(torch.ops.ffn, op)(x, None, None)
 
 
 @pytest.mark.parametrize("op", NORM_OPS)
-def test_norm_mixed_parameter_dtypes(op):
+def test_norm_mixed_parameter_dtypes(op, kernels):
     x, w, b = norm_args()
     norm = getattr(torch.ops.ffn, op)
     with raises(f"ffn.{op}: weight must have x's dtype (Float), got Long"):
@@ -84,21 +98,21 @@ def test_norm_mixed_parameter_dtypes(op):
 
 @pytest.mark.parametrize("eps", (-1e-5, math.nan, math.inf, -math.inf))
 @pytest.mark.parametrize("op", NORM_OPS)
-def test_norm_bad_eps(op, eps):
+def test_norm_bad_eps(op, eps, kernels):
     x, w, b = norm_args()
     with raises(f"ffn.{op}: eps must be a finite number >= 0, got"):
         getattr(torch.ops.ffn, op)(x, w, b, eps)
 
 
 @pytest.mark.parametrize("op", NORM_OPS)
-def test_norm_0dim_input(op):
+def test_norm_0dim_input(op, kernels):
     with raises(f"ffn.{op}: x must have at least 1 dimension"):
         getattr(torch.ops.ffn, op)(torch.tensor(1.0), None, None)
 
 
 # ----------------------------------------------------------------------------- FFNs
 @pytest.mark.parametrize("op", FFN_OPS)
-def test_ffn_last_dim_mismatch(op):
+def test_ffn_last_dim_mismatch(op, kernels):
     gated = op in GATED_OPS
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     x_, w_in_, b_in_, w_out_, b_out_ = ARG_NAMES[gated]
@@ -110,7 +124,7 @@ def test_ffn_last_dim_mismatch(op):
 
 
 @pytest.mark.parametrize("op", FFN_OPS)
-def test_ffn_bias_wrong_size(op):
+def test_ffn_bias_wrong_size(op, kernels):
     gated = op in GATED_OPS
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     _, _, b_in_, _, b_out_ = ARG_NAMES[gated]
@@ -121,7 +135,7 @@ def test_ffn_bias_wrong_size(op):
 
 
 @pytest.mark.parametrize("op", FFN_OPS)
-def test_ffn_weight_not_2d(op):
+def test_ffn_weight_not_2d(op, kernels):
     gated = op in GATED_OPS
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     w_in_ = ARG_NAMES[gated][1]
@@ -131,7 +145,7 @@ def test_ffn_weight_not_2d(op):
 
 @pytest.mark.parametrize("dtype", (torch.int64, torch.int32, torch.bool))
 @pytest.mark.parametrize("op", FFN_OPS)
-def test_ffn_integer_dtypes(op, dtype):
+def test_ffn_integer_dtypes(op, dtype, kernels):
     gated = op in GATED_OPS
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
     with raises(f"ffn.{op}: x must be float64, float32, float16 or bfloat16, got"):
@@ -141,7 +155,7 @@ def test_ffn_integer_dtypes(op, dtype):
 
 
 @pytest.mark.parametrize("op", FFN_OPS)
-def test_ffn_mixed_dtypes(op):
+def test_ffn_mixed_dtypes(op, kernels):
     gated = op in GATED_OPS
     _, w_in_, b_in_, w_out_, b_out_ = ARG_NAMES[gated]
     x, w_in, b_in, w_out, b_out = ffn_args(gated)
@@ -157,7 +171,7 @@ def test_ffn_mixed_dtypes(op):
 
 
 @pytest.mark.parametrize("op", FFN_OPS)
-def test_ffn_0dim_input(op):
+def test_ffn_0dim_input(op, kernels):
     gated = op in GATED_OPS
     _, w_in, b_in, w_out, b_out = ffn_args(gated)
     with raises(f"ffn.{op}: x must have at least 1 dimension"):
@@ -165,18 +179,18 @@ def test_ffn_0dim_input(op):
 
 
 @pytest.mark.parametrize("op", GATED_OPS)
-def test_gated_odd_rows(op):
+def test_gated_odd_rows(op, kernels):
     x, w_in, b_in, w_out, b_out = ffn_args(True)
     with raises(f"ffn.{op}: w_gate_up must have an even number of rows", "got 11"):
         call_ffn(op, (x, w_in[:11], b_in[:11], w_out, b_out))
 
 
-def test_gelu_ffn_bad_approximate():
+def test_gelu_ffn_bad_approximate(kernels):
     with raises("ffn.gelu_ffn: approximate must be 'none' or 'tanh' (as in F.gelu), got 'erf'"):
         torch.ops.ffn.gelu_ffn(*ffn_args(False), "erf")
 
 
-def test_gated_ffn_bad_approximate():
+def test_gated_ffn_bad_approximate(kernels):
     with raises("ffn.geglu: approximate must be 'none' or 'tanh' (as in F.gelu), got 'erf'"):
         torch.ops.ffn.geglu(*ffn_args(True), "erf")
     for op in [g for g, act in GATED_OPS.items() if act != "gelu"]:  # swiglu, reglu: no GELU gate
@@ -184,13 +198,13 @@ def test_gated_ffn_bad_approximate():
             getattr(torch.ops.ffn, op)(*ffn_args(True), "tanh")
 
 
-def test_gated_ffn_bad_activation():
+def test_gated_ffn_bad_activation(kernels):
     with raises("ffn._gated_ffn_fwd: activation must be 'silu', 'gelu', 'gelu_tanh' or 'relu', got 'swish'"):
         torch.ops.ffn._gated_ffn_fwd(*ffn_args(True), "swish")
 
 
 # ----------------------------------------------------------------------------- elementwise pieces
-def test_gated_activation_errors():
+def test_gated_activation_errors(kernels):
     with raises("ffn.gated_activation: activation must be 'silu', 'gelu', 'gelu_tanh' or 'relu', got 'tanh'"):
         torch.ops.ffn.gated_activation(torch.randn(3, 8), "tanh")
     with raises("ffn.gated_activation: gate_up's last dimension must be even", "got 7"):
@@ -201,7 +215,7 @@ def test_gated_activation_errors():
         torch.ops.ffn.gated_activation(torch.ones(3, 8, dtype=torch.long))
 
 
-def test_bias_gelu_errors():
+def test_bias_gelu_errors(kernels):
     x = torch.randn(3, 8)
     with raises("ffn.bias_gelu: approximate must be 'none' or 'tanh' (as in F.gelu), got 'erf'"):
         torch.ops.ffn.bias_gelu(x, None, "erf")
@@ -253,7 +267,7 @@ def test_tensors_on_different_devices(case, other):
 @pytest.mark.parametrize("op", NORM_OPS + FFN_OPS)
 def test_all_on_meta_works(op):
     """The meta device (shape inference, deferred init) runs the ops when every tensor is there."""
-    args = norm_args() if op in NORM_OPS else ffn_args(op != "gelu_ffn")
+    args = norm_args() if op in NORM_OPS else ffn_args(op in GATED_OPS)
     out = getattr(torch.ops.ffn, op)(*[t.to("meta") for t in args])
     assert out.device.type == "meta" and out.shape == (3, 8)
 
@@ -327,3 +341,24 @@ def test_forward_mode_ad_refused_not_dropped(name):
     x = args[0]
     with raises("got an input with a forward-mode tangent"):
         torch.func.jvp(lambda t: op(t, *args[1:]), (x,), (torch.ones_like(x),))
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_rms_norm", "gelu_ffn", "relu_ffn", "gated_activation",
+                                  "bias_gelu", *GATED_OPS])
+def test_func_transforms_that_differentiate_say_so(name):
+    """torch.func.grad / vjp / jacrev are refused with an error naming the ffn op and what to use instead,
+    not PyTorch's own message about autograd.Function's setup_context."""
+    _, op, _, args = next(call for call in public_calls("cpu") if call[0] == name)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    x, rest = args[0], args[1:]
+
+    def loss(t):
+        return sum(out.sum() for out in outputs(op(t, *rest)))
+
+    refused = ("ffn.", "torch.func transforms that differentiate", "use torch.autograd.grad")
+    with raises(*refused):
+        torch.func.grad(loss)(x)
+    with raises(*refused):
+        torch.func.vjp(lambda t: outputs(op(t, *rest))[0], x)
+    with raises(*refused):
+        torch.func.jacrev(lambda t: outputs(op(t, *rest))[0])(x)
