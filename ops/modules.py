@@ -212,13 +212,16 @@ def _plain_tensor(t):
 
 def layer_wrapper(layer, plain=_LINEAR):
     """None when a fused op may read `layer`'s weight and bias instead of calling it: its class
-    is exactly one of `plain` (qualified names), no hook (its own or global) would run when it is
-    called, and its weight and bias are plain tensors (or DTensors, which the ops shard).
+    is exactly one of `plain` (qualified names), its class's forward is what runs (no forward set on
+    the instance), no hook (its own or global) would run when it is called, and its weight and bias
+    are plain tensors (or DTensors, which the ops shard).
     Otherwise what wraps it, as a phrase ("is a peft.tuners.lora.layer.Linear")."""
     cls = type(layer)
     name = f"{cls.__module__}.{cls.__qualname__}"
     if name not in plain:
         return f"is a {name}"
+    if "forward" in vars(layer):  # accelerate's hooks (device_map, offloading) or a wrapper set on the instance
+        return f"({name}) has a forward of its own (accelerate's hooks, or a wrapper)"
     if any(getattr(layer, h) for h in _MODULE_HOOKS) or any(
             getattr(_module_globals, f"_global{h}") for h in _MODULE_HOOKS):
         return f"({name}) has hooks"

@@ -35,6 +35,7 @@ transformers is imported only when patch() is called.
 """
 
 import re
+import types
 import warnings
 
 import torch
@@ -96,9 +97,22 @@ def _norm_call(op, x, weight, bias, eps, out_dtype, weight_offset=0.0):
 
 # ----------------------------------------------------------------------------- norms
 class _Patched:
-    """Marks a patched class; _ffn_original_class is set on each generated subclass."""
+    """Marks a patched class; _ffn_original_class and _ffn_mixin are set on each generated subclass."""
 
     _ffn_original_class = None
+    _ffn_mixin = None
+
+    def __reduce_ex__(self, protocol):
+        # The Ffn* classes are made at run time (_patched_class), so pickle cannot find them by name:
+        # a patched module pickles as its original class and mixin, and the class is made again on load.
+        cls = type(self)
+        return _new_patched_module, (cls._ffn_original_class, cls._ffn_mixin), self.__getstate__()
+
+
+def _new_patched_module(orig, mixin):
+    """An instance of patch()'s class for `orig`, without __init__ (pickle sets its state)."""
+    cls = _patched_class(orig, mixin)
+    return cls.__new__(cls)
 
 
 class _LlamaRMSNorm(_Patched):
@@ -448,7 +462,7 @@ def _patched_class(orig, mixin):
     cls = _PATCHED_CLASSES.get((orig, mixin))
     if cls is None:
         cls = type(f"Ffn{orig.__name__}", (mixin, orig),
-                   {"__module__": __name__, "_ffn_original_class": orig,
+                   {"__module__": __name__, "_ffn_original_class": orig, "_ffn_mixin": mixin,
                     "__doc__": f"{orig.__name__} on the ffn ops (ffn.patch). {mixin.__doc__ or ''}".strip()})
         _PATCHED_CLASSES[(orig, mixin)] = cls
     return cls
@@ -472,10 +486,11 @@ def patch(model, *, skip_unknown=False):
 
     Returns a PatchReport: {original class name: count} of what it replaced (a
     second call replaces nothing). Raises UnsupportedModuleError naming the class
-    for a norm/MLP module (or a model type) it does not understand; with
-    skip_unknown=True those are left alone. Known modules that have no ffn op (a
-    non-gated FFN with an activation other than GELU or ReLU) are left alone and
-    listed in `.skipped`, with a warning.
+    for a norm/MLP module (or a model type, or an activation) it does not understand;
+    with skip_unknown=True those are left alone. Known modules it cannot run (a
+    non-gated SiLU FFN, which has no ffn op; a module whose forward is set on the
+    instance by a wrapper other than accelerate's hooks) are left alone and listed
+    in `.skipped`, with a warning.
     """
     import transformers  # noqa: F401  (lazily: `import ffn` must not import transformers)
 
@@ -504,10 +519,16 @@ def patch(model, *, skip_unknown=False):
             raise UnsupportedModuleError(f"ffn.patch: does not know how to run {type(module).__name__} at "
                                          f"{where} on the ffn ops: unsupported {e}; pass skip_unknown=True "
                                          "to leave such modules alone") from None
+        if "forward" in vars(module) and not _accelerate_hooked(module):
+            report.skipped[type(module).__name__] = ("its forward is set on the instance (a wrapper), so a new "
+                                                     "class would not change what runs")
+            continue
         plan.append((module, mixin, attrs))
     for module, mixin, attrs in plan:
         orig = type(module)
         module.__class__ = _patched_class(orig, mixin)
+        if _accelerate_hooked(module):
+            module._old_forward = types.MethodType(type(module).forward, module)
         for k, v in attrs.items():
             setattr(module, k, v)
         report[orig.__name__] = report.get(orig.__name__, 0) + 1
@@ -527,5 +548,14 @@ def unpatch(model):
             for k in ("_ffn_activation", "_ffn_fused_op", "_ffn_telemetry", "_ffn_telemetry_args"):
                 module.__dict__.pop(k, None)
             module.__class__ = orig
+            if _accelerate_hooked(module):
+                module._old_forward = types.MethodType(orig.forward, module)
             counts[orig.__name__] = counts.get(orig.__name__, 0) + 1
     return counts
+
+
+def _accelerate_hooked(module):
+    """Whether accelerate's hooks wrap the module (add_hook_to_module: device_map, offloading): its
+    instance forward runs the hook, then `_old_forward`, the class's forward bound when hooked, which
+    patch() and unpatch() point at the class they set."""
+    return hasattr(module, "_hf_hook") and "_old_forward" in vars(module)

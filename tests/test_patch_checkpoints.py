@@ -111,3 +111,19 @@ def test_reloaded_checkpoint_trains_like_the_unpatched_model(arch, tmp_path):
     torch.testing.assert_close(fwd_bwd(ours, arch), fwd_bwd(ref, arch), rtol=1e-5, atol=1e-5)
     diff, scale = max_grad_diff(ref, ours)
     assert diff <= 2e-5 * scale, (diff, scale)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5_v1_1"])
+def test_patched_model_pickles(arch, tmp_path):
+    """torch.save of the whole model (pickle) works patched: the Ffn* classes are made at run time, so
+    a patched module pickles as its original class and is patched again on load."""
+    import pickle
+
+    ours = patched_copy(build(arch))
+    path = tmp_path / "model.pt"
+    torch.save(ours, path)
+    loaded = torch.load(path, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in ours.modules()]
+    torch.testing.assert_close(logits(loaded, arch), logits(ours, arch), rtol=0, atol=0)
+    again = pickle.loads(pickle.dumps(loaded.model if hasattr(loaded, "model") else loaded))
+    assert any(type(m).__name__.startswith("Ffn") for m in again.modules())

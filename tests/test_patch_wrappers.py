@@ -196,3 +196,68 @@ def test_the_fused_op_returns_when_the_hook_is_removed():
     for handle in handles:
         handle.remove()
     assert "swiglu" in forward_ops(ours)
+
+
+# ----------------------------------------------------------------------------- instance forwards
+def test_projection_with_a_forward_set_on_the_instance_is_run_as_a_module():
+    """A forward wrapped on the layer instance (not a hook) runs too, as in the unpatched model."""
+    ref = build("llama")
+    ours = patched_copy(ref)
+    for model in (ref, ours):
+        up = model.model.layers[0].mlp.up_proj
+        up.forward = lambda x, inner=up.forward: inner(x) * 0.5
+    with pytest.warns(UserWarning, match="LlamaMLP.up_proj .* has a forward of its own"):
+        assert "gated_activation" in forward_ops(ours)
+    assert_matches(ref, ours)
+
+
+def test_module_with_a_forward_set_on_the_instance_is_left_alone():
+    """Swapping the class of a module whose forward is an instance attribute would change nothing that
+    runs: patch() lists it as skipped, with a warning, instead of counting it."""
+    model = build("llama")
+    mlp = model.model.layers[0].mlp
+    mlp.forward = lambda x, inner=mlp.forward: inner(x)
+    with pytest.warns(UserWarning, match="LlamaMLP: its forward is set on the instance"):
+        report = ffn.patch(model)
+    assert report["LlamaMLP"] == len(model.model.layers) - 1 and "LlamaMLP" in report.skipped
+    assert type(mlp).__name__ == "LlamaMLP"
+
+
+# ----------------------------------------------------------------------------- accelerate
+def test_accelerate_cpu_offload_runs_the_patched_model():
+    """cpu_offload keeps the weights on the meta device until each Linear's hook loads them: the
+    patched MLPs call those layers (the hook is a forward of their own) instead of reading meta weights."""
+    accelerate = pytest.importorskip("accelerate")
+    ref = build("llama").eval()
+    ours = patched_copy(ref).eval()
+    accelerate.cpu_offload(ours, execution_device=torch.device("cpu"))
+    with torch.no_grad(), pytest.warns(UserWarning, match="has a forward of its own"):
+        torch.testing.assert_close(ours(**inputs("llama")).logits, ref(**inputs("llama")).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("when", ["before_patch", "after_patch"])
+def test_accelerate_device_map_offload_runs_the_ffn_ops(when, tmp_path):
+    """from_pretrained with a device_map that offloads a layer to disk hooks every module's instance
+    forward: patch() points the hook at the patched class (unpatch() back), so the ffn ops run and the
+    logits stay the unpatched model's."""
+    pytest.importorskip("accelerate")
+    ref = build("llama").eval()
+    ref.save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    loaded = type(ref).from_pretrained(tmp_path / "model", device_map=device_map,
+                                       offload_folder=tmp_path / "offload").eval()
+    if when == "after_patch":
+        ffn.patch(loaded)
+    with torch.no_grad(), OpsCalled() as rec, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the offloaded projections run as modules
+        if when == "before_patch":
+            ffn.patch(loaded)
+        got = loaded(**inputs("llama")).logits
+    torch.testing.assert_close(got, ref(**inputs("llama")).logits, rtol=1e-5, atol=1e-5)
+    assert "rms_norm" in rec.names and "gated_activation" in rec.names
+    ffn.unpatch(loaded)
+    with torch.no_grad(), OpsCalled() as rec:
+        loaded(**inputs("llama"))
+    assert not rec.names & {"rms_norm", "gated_activation", "swiglu"}
