@@ -229,10 +229,10 @@ def main(argv=None):
         lock_run_dir(lock, env)
         corpus = load_corpus(run, env)
         unigram = textdata.unigram_entropy(corpus.val)
+        todo = members(run)
         if env.main:
             if not run.resume:
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-                shutil.rmtree(run_dir / "tb", ignore_errors=True)
+                start_afresh(run_dir, [label for *_, label, _group in todo])
             run_dir.mkdir(parents=True, exist_ok=True)
             print(f"data: {corpus.path} ({len(corpus.train)} train / {len(corpus.val)} val bytes); "
                   f"unigram entropy of val: {unigram:.4f} nats/byte")
@@ -246,7 +246,6 @@ def main(argv=None):
         env.barrier()
         log = MetricsLog(run_dir, env)
         results = []
-        todo = members(run)
         # Every finished member is checked against this run's settings before anything trains.
         finished = {label: finished_result(run_dir / label, run_identity(run, design, env, member_config,
                                                                          corpus.sha256), env)
@@ -281,6 +280,21 @@ def main(argv=None):
     finally:
         lock.release()
         env.close()
+
+
+def start_afresh(run_dir, labels):
+    """A run without --resume starts every member from scratch: an earlier run's files in run_dir
+    (its metrics, run.json, and each member's checkpoints and result.json) are removed, or a later
+    --resume would take them for this run's and finish with members that have no metrics."""
+    stale = [run_dir / name for name in ("metrics.jsonl", "run.json", "tb", *labels) if (run_dir / name).exists()]
+    if stale:
+        print(f"ab: starting {run_dir} afresh: removing the earlier run's {', '.join(p.name for p in stale)} "
+              "(--resume continues a run instead)")
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def check_cpu_compiler():

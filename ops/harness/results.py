@@ -123,6 +123,15 @@ class RunMeta:
 
 
 def load_run(run_dir):
-    """(RunMeta, [DesignResult]) of a finished run directory."""
+    """(RunMeta, [DesignResult]) of a finished run directory; FileNotFoundError saying what is
+    missing for one that has not finished."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir} holds no finished run (no run.json): an A/B run writes it when "
+                                "every design has trained; continue an interrupted one with --resume")
     meta = RunMeta.load(run_dir)
-    return meta, [DesignResult.load(Path(run_dir) / label) for label in meta.labels()]
+    missing = [label for label in meta.labels() if not (run_dir / label / "result.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: no result.json for {', '.join(missing)} of its run: the run did not "
+                                "finish; continue it with --resume")
+    return meta, [DesignResult.load(run_dir / label) for label in meta.labels()]

@@ -125,7 +125,7 @@ def test_studies_needs_out_and_excludes_a_run_dir(runs, capsys):
     assert "expected RUN_DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report.main(["--studies", str(runs / "x2"), str(runs / "x2" / "A@s1234"), "--out", "x"])
-    assert f"--studies: {runs / 'x2' / 'A@s1234'} is not a finished run directory: it has no run.json" in \
+    assert f"--studies: {runs / 'x2' / 'A@s1234'} holds no finished run (no run.json)" in \
         capsys.readouterr().err
 
 

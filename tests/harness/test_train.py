@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ffn.harness import cli
+from ffn.harness import cli, report
 from ffn.harness.files import atomic_torch_save
 from ffn.harness.results import load_run
 
@@ -31,6 +31,26 @@ def test_resume_gives_bit_identical_losses(tmp_path):
         for key in ("final_val_loss", "int8_val_loss", "int4_val_loss", "int8_h_val_loss"):
             assert a[key] == b[key], key
         assert a["shift_probe"]["offsets"] == b["shift_probe"]["offsets"]
+
+
+def test_fresh_run_over_a_finished_one_leaves_nothing_for_resume_to_take(tmp_path, capsys):
+    """A run without --resume in the directory of a finished one removes that run's files: killed
+    during its first design, neither a later --resume nor the report takes the earlier run's results
+    or checkpoints of the other design for its own."""
+    common = ("--designs", "A,B", "--steps", "4", "--ckpt-every", "2", "--no-report")
+    assert cli.main(run_args(tmp_path, "again", *common)) == 0
+    first = read_metrics(tmp_path, "again")
+    run_dir = tmp_path / "runs" / "again"
+    assert cli.main(run_args(tmp_path, "again", *common, "--stop-at", "3")) == 0  # dies in A
+    assert "starting" in capsys.readouterr().out
+    assert not (run_dir / "B").exists() and not (run_dir / "run.json").exists()
+    with pytest.raises(SystemExit):
+        report.main([str(run_dir)])
+    assert "holds no finished run" in capsys.readouterr().err
+    assert cli.main(run_args(tmp_path, "again", *common, "--resume")) == 0
+    again = read_metrics(tmp_path, "again")
+    assert [(r["design"], r["step"], r["loss"]) for r in again] == [(r["design"], r["step"], r["loss"]) for r in first]
+    assert [r.spec for r in load_run(run_dir)[1]] == ["A", "B"]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

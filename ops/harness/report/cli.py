@@ -33,7 +33,10 @@ def main(argv=None):
         parser.error("expected RUN_DIR, or --studies RUN_DIR [RUN_DIR ...] --out DIR")
     if args.out:
         parser.error("--out goes with --studies; RUN_DIR's report is written into RUN_DIR")
-    meta, results = load_run(args.run_dir)
+    try:
+        meta, results = load_run(args.run_dir)
+    except FileNotFoundError as e:
+        parser.error(str(e))
     print(terminal_table(results, meta))
     print(f"report: {write_report(args.run_dir, results, meta)}")
     return 0

@@ -55,8 +55,6 @@ class Experiment:
 
     @classmethod
     def load(cls, run_dir):
-        if not (Path(run_dir) / "run.json").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a finished run directory: it has no run.json")
         meta, results = load_run(run_dir)
         return cls(Path(run_dir), meta, results)
 
