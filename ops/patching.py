@@ -492,7 +492,11 @@ def patch(model, *, skip_unknown=False):
     instance by a wrapper other than accelerate's hooks) are left alone and listed
     in `.skipped`, with a warning.
     """
-    import transformers  # noqa: F401  (lazily: `import ffn` must not import transformers)
+    try:
+        import transformers  # noqa: F401  (lazily: `import ffn` must not import transformers)
+    except ImportError as e:
+        raise ImportError(f"ffn.patch runs Hugging Face transformers models and needs the transformers package "
+                          f"(pip install transformers): {e}") from e
 
     _check_model_types(model, skip_unknown)
     report = PatchReport()

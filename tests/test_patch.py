@@ -450,3 +450,11 @@ def test_import_ffn_does_not_import_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_patch_without_transformers_says_what_it_needs():
+    code = ("import sys, torch, ffn\nsys.modules['transformers'] = None  # as if not installed\n"
+            "try:\n    ffn.patch(torch.nn.Linear(2, 2))\nexcept ImportError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ffn.patch runs Hugging Face transformers models and needs the transformers package" in done.stdout
