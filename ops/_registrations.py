@@ -233,8 +233,8 @@ def _check_residual(op, x, residual):
     _check_devices(op, x, residual=residual)
     _check_input(op, "x", x)
     if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise RuntimeError(f"ffn.{op}: residual must have x's shape {list(x.shape)} and dtype {x.dtype}, "
-                           f"got {list(residual.shape)} of {residual.dtype}")
+        raise RuntimeError(f"ffn.{op}: residual must have x's shape {list(x.shape)} and dtype {_dtype_name(x.dtype)}, "
+                           f"got {list(residual.shape)} of {_dtype_name(residual.dtype)}")
 
 
 @torch.library.register_fake(_lib + "_add_layer_norm_fwd")

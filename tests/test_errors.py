@@ -110,6 +110,18 @@ def test_norm_0dim_input(op, kernels):
         getattr(torch.ops.ffn, op)(torch.tensor(1.0), None, None)
 
 
+@pytest.mark.parametrize("op", NORM_OPS)
+def test_add_norm_residual_mismatch(op, kernels):
+    x, w, b = norm_args()
+    add = getattr(torch.ops.ffn, f"add_{op}")
+    with raises(f"ffn.add_{op}: residual must have x's shape [3, 8] and dtype Float, got [3, 7] of Float"):
+        add(x, torch.randn(3, 7), w, b)
+    with raises(f"ffn.add_{op}: residual must have x's shape [3, 8] and dtype Float, got [3, 8] of Double"):
+        add(x, torch.randn(3, 8, dtype=torch.float64), w, b)
+    with raises(f"ffn.add_{op}: weight must have shape [8], got [9]"):
+        add(x, torch.randn(3, 8), torch.ones(9), b)
+
+
 # ----------------------------------------------------------------------------- FFNs
 @pytest.mark.parametrize("op", FFN_OPS)
 def test_ffn_last_dim_mismatch(op, kernels):
