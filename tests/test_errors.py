@@ -324,8 +324,12 @@ def outputs(result):
     return result if isinstance(result, tuple) else (result,)
 
 
-# torch.func.jvp's first use scripts its decompositions, which warns that torch.jit.script is deprecated.
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+# torch.func's first use scripts its decompositions, which warns that torch.jit.script is deprecated
+# (a FutureWarning on torch 2.14, a DeprecationWarning on 2.11).
+torch_func_scripts = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+
+@torch_func_scripts
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_rms_norm", "gelu_ffn", "relu_ffn", "gated_activation",
                                   "bias_gelu", *GATED_OPS])
 def test_forward_mode_ad_refused_not_dropped(name):
@@ -355,6 +359,7 @@ def test_forward_mode_ad_refused_not_dropped(name):
         torch.func.jvp(lambda t: op(t, *args[1:]), (x,), (torch.ones_like(x),))
 
 
+@torch_func_scripts
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_rms_norm", "gelu_ffn", "relu_ffn", "gated_activation",
                                   "bias_gelu", *GATED_OPS])
 def test_func_transforms_that_differentiate_say_so(name):

@@ -54,6 +54,7 @@ def test_every_flag_combination_trains_the_same_on_both_backends(norm, norm_bias
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(plain), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Warning. Profiler clears events")  # torch 2.11's profiler, on every use
 def test_training_code_calls_the_ffn_ops():
     model = tiny_model(Design(norm="rmsnorm", ffn="swiglu"))
     x, y = tiny_batch()

@@ -75,6 +75,7 @@ def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # Inductor's own, on torch 2.11
 @pytest.mark.parametrize("backend", ["ffn", "torch"])
 def test_compiled_training_matches_eager_within_float32_rounding(tmp_path, backend):
     common = ("--designs", "B", "--backend", backend, "--ckpt-every", "2", "--no-report")
