@@ -718,6 +718,40 @@ for _op, _gate in GATED_OPS.items():
     _composite(_op, _gated_composite(_op, _gate))
 
 
+# ----------------------------------------------------------------------------- vmap
+# torch.vmap over the public ops. Every op works on rows: the norms normalize each row, the FFNs
+# and elementwise pieces map each row of x to a row of the output. So when only the row inputs
+# (x; and residual for the fused add + norms) are batched, the batch is more rows: the op runs
+# once on them, with the batch dimension moved to the front (an unbatched residual expanded to
+# it). Batched parameters (per-sample weights, as in model ensembling) run the op once per
+# sample, which is what PyTorch's fallback would do, without its "performance drop" warning.
+def _vmap_rule(op, row_args):
+    def rule(info, in_dims, *args):
+        params_batched = any(d is not None for i, d in enumerate(in_dims) if i not in row_args)
+        if params_batched:
+            samples = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                       for i in range(info.batch_size)]
+            if isinstance(samples[0], tuple):
+                return tuple(torch.stack(outs) for outs in zip(*samples)), (0,) * len(samples[0])
+            return torch.stack(samples), 0
+        rows = list(args)
+        for i in row_args:
+            d = in_dims[i]
+            rows[i] = (args[i].movedim(d, 0) if d is not None
+                       else args[i].expand(info.batch_size, *args[i].shape))
+        out = op(*rows)
+        return out, (0,) * len(out) if isinstance(out, tuple) else 0
+
+    torch.library.register_vmap(op._name, rule)
+
+
+for _name, _row_args in (("layer_norm", (0,)), ("rms_norm", (0,)), ("add_layer_norm", (0, 1)),
+                         ("add_rms_norm", (0, 1)), ("gelu_ffn", (0,)), ("relu_ffn", (0,)),
+                         *((gated, (0,)) for gated in GATED_OPS), ("gated_activation", (0,)),
+                         ("bias_gelu", (0,))):
+    _vmap_rule(getattr(torch.ops.ffn, _name).default, _row_args)
+
+
 # ----------------------------------------------------------------------------- autocast
 # The FFN ops are linear layers: under autocast they run in its lower precision
 # (CPU and CUDA). The norms run in float32 under CUDA autocast and untouched under
