@@ -151,6 +151,25 @@ C10_ALWAYS_INLINE V map_lanes(V v, const Fn& fn) {
   return v;
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// Sleef's float exp range reduction, shared by exp_lanes and the tanh's exp_pair: x = q ln 2 + s with
+// q = round(x log2 e) and -ln 2 in two parts (kNegLn2Hi + kNegLn2Lo), and 2^q applied as two
+// factors 2^(q>>1) and 2^(q - (q>>1)), each a normal float where 2^q alone would not be.
+inline constexpr float kLog2E = 0x1.715476p+0f, kNegLn2Hi = -0x1.62e4p-1f, kNegLn2Lo = -0x1.7f7d1cp-20f;
+
+C10_ALWAYS_INLINE __m256i exp_exponent(__m256 x) {
+  return _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(kLog2E)));
+}
+
+C10_ALWAYS_INLINE std::pair<__m256, __m256> power_of_two_halves(__m256i q) {
+  const auto power_of_two = [](__m256i k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+  };
+  const __m256i half_q = _mm256_srai_epi32(q, 1);
+  return {power_of_two(half_q), power_of_two(_mm256_sub_epi32(q, half_q))};
+}
+#endif
+
 // float exp, Sleef's expf8_u10 (the AVX2 build ATen's Vectorized<float>::exp calls) operation for
 // operation and constant for constant, inline: the same bits for every float (all 2^32 patterns
 // compared once; tests/cpp/vec_test.cpp compares a sample and the range's edges), without the
@@ -159,10 +178,10 @@ C10_ALWAYS_INLINE V map_lanes(V v, const Fn& fn) {
 // applied in two halves; 0 below -104, +inf above 100.
 C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.44269502162933349609375f)));
+  const __m256i q = exp_exponent(x);
   const __m256 q_float = _mm256_cvtepi32_ps(q);
-  __m256 s = _mm256_fmadd_ps(q_float, _mm256_set1_ps(-0.693145751953125f), x);
-  s = _mm256_fmadd_ps(q_float, _mm256_set1_ps(-1.428606765330187045e-06f), s);
+  __m256 s = _mm256_fmadd_ps(q_float, _mm256_set1_ps(kNegLn2Hi), x);
+  s = _mm256_fmadd_ps(q_float, _mm256_set1_ps(kNegLn2Lo), s);
   __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(1.98527617612853646278381e-4f), s,
                              _mm256_set1_ps(1.39304355252534151077271e-3f));
   u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(8.33336077630519866943359e-3f));
@@ -170,11 +189,8 @@ C10_ALWAYS_INLINE Float8 exp_lanes(const Float8& x) {
   u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(1.66666671633720397949219e-1f));
   u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.5f));
   __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s), _mm256_set1_ps(1.0f));
-  const __m256i half_q = _mm256_srai_epi32(q, 1);
-  const auto power_of_two = [](__m256i k) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
-  };
-  y = _mm256_mul_ps(_mm256_mul_ps(y, power_of_two(half_q)), power_of_two(_mm256_sub_epi32(q, half_q)));
+  const auto [scale_1, scale_2] = power_of_two_halves(q);
+  y = _mm256_mul_ps(_mm256_mul_ps(y, scale_1), scale_2);
   y = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), y);
   return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(_mm256_set1_ps(100.0f), x, _CMP_LT_OQ));
 #else
@@ -262,10 +278,10 @@ C10_ALWAYS_INLINE Pair divide(const Pair& n, const Pair& d) {
 // e^a for a >= 0 as a pair: 2^q e^s with q = round(a log2 e) and s = a - q ln 2 (ln 2 in two
 // parts, s kept as a pair), e^s = 1 + s + s^2 (1/2 + s (1/6 + s p(s))), 2^q applied in two halves.
 C10_ALWAYS_INLINE Pair exp_pair(__m256 a) {
-  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(a, _mm256_set1_ps(0x1.715476p+0f)));
+  const __m256i q = exp_exponent(a);
   const __m256 q_float = _mm256_cvtepi32_ps(q);
-  const __m256 head = rounded_mul(q_float, _mm256_set1_ps(-0x1.62e4p-1f));
-  Pair s = add_exact(add_exact(a, head), rounded_mul(q_float, _mm256_set1_ps(-0x1.7f7d1cp-20f)));
+  const __m256 head = rounded_mul(q_float, _mm256_set1_ps(kNegLn2Hi));
+  Pair s = add_exact(add_exact(a, head), rounded_mul(q_float, _mm256_set1_ps(kNegLn2Lo)));
   __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(0x1.9f6ffep-13f), s.hi,
                              _mm256_set1_ps(0x1.6d7ef8p-10f));
   u = _mm256_fmadd_ps(u, s.hi, _mm256_set1_ps(0x1.11121ap-7f));
@@ -273,11 +289,7 @@ C10_ALWAYS_INLINE Pair exp_pair(__m256 a) {
   Pair t = add_exact(mul(s, u), _mm256_set1_ps(0x1.555554p-3f));
   t = add_exact(mul(s, t), _mm256_set1_ps(0.5f));
   t = add_fast(_mm256_set1_ps(1.0f), add_exact(s, mul(square(s), t)));
-  const __m256i half_q = _mm256_srai_epi32(q, 1);
-  const auto power_of_two = [](__m256i k) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
-  };
-  const __m256 scale_1 = power_of_two(half_q), scale_2 = power_of_two(_mm256_sub_epi32(q, half_q));
+  const auto [scale_1, scale_2] = power_of_two_halves(q);
   return {rounded_mul(_mm256_mul_ps(t.hi, scale_1), scale_2),
           rounded_mul(_mm256_mul_ps(t.lo, scale_1), scale_2)};
 }
