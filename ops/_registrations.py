@@ -232,9 +232,9 @@ def _rms_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0, in_place_backwar
 def _check_residual(op, x, residual):
     _check_devices(op, x, residual=residual)
     _check_input(op, "x", x)
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise RuntimeError(f"ffn.{op}: residual must have x's shape {list(x.shape)} and dtype {_dtype_name(x.dtype)}, "
-                           f"got {list(residual.shape)} of {_dtype_name(residual.dtype)}")
+    _fail_unless(residual.shape == x.shape and residual.dtype == x.dtype, op,
+                 lambda: f"residual must have x's shape {list(x.shape)} and dtype {_dtype_name(x.dtype)}, "
+                         f"got {list(residual.shape)} of {_dtype_name(residual.dtype)}")
 
 
 @torch.library.register_fake(_lib + "_add_layer_norm_fwd")
