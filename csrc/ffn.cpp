@@ -4,7 +4,8 @@
 // between them is one fused elementwise pass per direction, supplied by the
 // backend's ActivationKernels:
 //   forward   z = x w_in^T + b_in;  [h = act(z) (or act(z_g) * z_u)];  out = h w_out^T + b_out
-//   backward  dh = dout w_out;  [h = act(z); dz = act'(z) dh];  dW_out = dout^T h;  dx = dz w_in ...
+//   backward  dh = dout w_out;  [h = act(z); dz = act'(z) dh (on CPU also db_in = sum of dz)];
+//             dW_out = dout^T h;  dx = dz w_in ...
 // Only x and the pre-activation z are kept for backward; h is recomputed in
 // the backward pass, which is what saves a [rows, d_ff] tensor per FFN.
 #include "common.h"
@@ -120,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
   // grad_h, grad_z and h are temporaries (scratch). The activation pass reads each element of
   // grad_h before it writes that element, so one of its outputs overwrites grad_h in place:
   // grad_z when plain (same shape), h when gated; one [rows, d_ff] buffer fewer.
-  Tensor grad_z, h;
+  Tensor grad_z, h, grad_b_in;
   if (need_x || need_w_in || need_b_in) {
     const Tensor grad_h = scratch(Scratch::kHiddenGrad, {z.size(0), d_ff}, z);
     mm_into(grad_h, g2d, w_out);
@@ -131,7 +132,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
       grad_z = grad_h;
       if (need_w_out) h = scratch(Scratch::kHidden, {z.size(0), d_ff}, z);
     }
-    kernels.backward(z, Tensor(), grad_h, act, gated, grad_z, h);
+    grad_b_in = kernels.backward(z, Tensor(), grad_h, act, gated, grad_z, h, need_b_in);
   } else if (need_w_out) {
     h = scratch(Scratch::kHidden, {z.size(0), d_ff}, z);
     kernels.forward(z, Tensor(), act, gated, h);
@@ -145,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
   return {
       grad_x,
       need_w_in ? mm(t(grad_z), x2d) : empty_placeholder(x),
-      need_b_in ? sum_rows(grad_z) : empty_placeholder(x),
+      need_b_in ? grad_b_in : empty_placeholder(x),
       need_w_out ? mm(t(g2d), h) : empty_placeholder(x),
       need_b_out ? sum_rows(g2d) : empty_placeholder(x),
   };
@@ -172,7 +173,7 @@ Tensor gated_activation_backward(const Tensor& grad, const Tensor& gate_up,
   check_grad(op, grad, with_last_dim(gate_up, gate_up.size(-1) / 2), gate_up);
   Tensor grad_gate_up = empty(sizes_of(gate_up), gate_up);
   kernels.backward(as_rows(gate_up), Tensor(), as_rows(grad), act, /*gated=*/true,
-                   as_rows(grad_gate_up), Tensor());
+                   as_rows(grad_gate_up), Tensor(), /*bias_grad=*/false);
   return grad_gate_up;
 }
 
@@ -199,9 +200,9 @@ std::tuple<Tensor, Tensor> bias_gelu_backward(const Tensor& grad, const Tensor& 
   if (b.defined()) check_vector_param(op, "bias", b, x, x.size(-1), false);
   FFN_CHECK(!bias_grad || b.defined(), "ffn.", op, ": bias_grad needs the bias");
   Tensor grad_x = empty(sizes_of(x), x);
-  const Tensor grad_x2d = as_rows(grad_x);
-  kernels.backward(as_rows(x), b, as_rows(grad), act, /*gated=*/false, grad_x2d, Tensor());
-  return {grad_x, bias_grad ? sum_rows(grad_x2d) : empty_placeholder(x)};
+  const Tensor grad_b = kernels.backward(as_rows(x), b, as_rows(grad), act, /*gated=*/false,
+                                         as_rows(grad_x), Tensor(), bias_grad);
+  return {grad_x, bias_grad ? grad_b : empty_placeholder(x)};
 }
 
 }  // namespace ffn

@@ -29,9 +29,10 @@ struct ActivationKernels {
   void (*forward)(const Tensor& z, const Tensor& bias, Activation act, bool gated, const Tensor& h);
   // grad_z = d h / d z * grad_h, with z + bias as the pre-activation. If h is defined
   // it receives the recomputed hidden activation (what the down projection's weight
-  // gradient needs). grad_z (plain) or h (gated) may alias grad_h.
-  void (*backward)(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
-                   bool gated, const Tensor& grad_z, const Tensor& h);
+  // gradient needs). grad_z (plain) or h (gated) may alias grad_h. With bias_grad it returns
+  // grad_z's column sums [z.size(1)], the pre-activation bias's gradient (else undefined).
+  Tensor (*backward)(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
+                     bool gated, const Tensor& grad_z, const Tensor& h, bool bias_grad);
 };
 
 namespace cpu {

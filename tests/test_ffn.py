@@ -533,6 +533,16 @@ def test_bias_gelu(approximate, d, dtype, with_bias, device):
     check_elementwise(*bias_gelu_fns(approximate), (x, bias), with_grad=True)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=SHORT.get)
+def test_bias_gelu_bias_grad_over_many_rows(dtype, device):
+    """The bias gradient sums 100K rows (on CPU in the backward pass itself, in row chunks of 1600
+    rows, each summed as a cascade of row blocks): as accurate as torch's sum, whose cascade
+    keeps the rounding error growing with log(rows) rather than rows."""
+    x = randn(100_000, 20, dtype=dtype, device=device, scale=2.0, requires_grad=True)
+    bias = randn(20, dtype=dtype, device=device, requires_grad=True)
+    check_elementwise(*bias_gelu_fns("none"), (x, bias), with_grad=True)
+
+
 @pytest.mark.parametrize("kind", ELEMENTWISE_SHAPES)
 @pytest.mark.parametrize("dtype", LAYOUT_DTYPES, ids=SHORT.get)
 @pytest.mark.parametrize("approximate", ("none", "tanh"))

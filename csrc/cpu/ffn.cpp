@@ -49,9 +49,13 @@ void forward_kernel(const Tensor& z, const Tensor& bias, bool gated, const Tenso
   });
 }
 
+// The backward's rows, and with bias_sums (one row of z's width) the column sums of the
+// grad_z they store, as stored (rounded to T): the bias gradient, summed while grad_z is in
+// registers instead of in another pass over it.
 template <typename T, typename A>
 void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, bool gated,
-                     const Tensor& grad_z, const Tensor& h) {
+                     const Tensor& grad_z, const Tensor& h, const Tensor& grad_bias) {
+  using Acc = acc_t<T>;
   const int64_t rows = grad_h.size(0), F = grad_h.size(1), z_cols = z.size(1);
   const T* Z = z.const_data_ptr<T>();
   const T* B = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
@@ -59,28 +63,53 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
   // DZ (plain) or H (gated) may alias DH: each step reads its dh before it writes.
   T* DZ = grad_z.mutable_data_ptr<T>();
   T* H = h.defined() ? h.mutable_data_ptr<T>() : nullptr;
-  torch::stable::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
+  auto backward_rows = [&](int64_t begin, int64_t end, ColumnCascade<Acc>* bias_sums) {
     for (int64_t r = begin; r < end; ++r) {
       const T* zr = Z + r * z_cols;
       const T* dhr = DH + r * F;
       T* dzr = DZ + r * z_cols;
+      Acc* sums = bias_sums != nullptr ? bias_sums->block_sums() : nullptr;
+      auto store_grad = [&](int64_t i, const Pack<T>& grad, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+        store<T>(dzr + i, grad, n);
+        if (sums != nullptr) store<T>(sums + i, load<T>(sums + i, n) + round_to<T>(grad), n);
+      };
       for_each_step<T>(F, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
         const auto g = preact_at<T>(zr, B, i, n);
         const auto dh = load<T>(dhr + i, n);
         if (!gated) {
           const auto [act, grad_g] = A::value_and_grad(g, dh);
-          store<T>(dzr + i, grad_g, n);
+          store_grad(i, grad_g, n);
           if (H != nullptr) store<T>(H + r * F + i, act, n);
           return;
         }
         const auto u = preact_at<T>(zr + F, B != nullptr ? B + F : nullptr, i, n);
         const auto [act, grad_g] = A::value_and_grad(g, dh * u);
-        store<T>(dzr + i, grad_g, n);
-        store<T>(dzr + F + i, dh * act, n);
+        store_grad(i, grad_g, n);
+        store_grad(F + i, dh * act, n);
         if (H != nullptr) store<T>(H + r * F + i, act * u, n);
       });
+      if (bias_sums != nullptr) bias_sums->row_done();
     }
+  };
+  if (!grad_bias.defined()) {
+    torch::stable::parallel_for(0, rows, row_grain(z_cols), [&](int64_t begin, int64_t end) {
+      backward_rows(begin, end, nullptr);
+    });
+    return;
+  }
+  // Row chunks fixed by the shape, their sums added in chunk order: the same bits for any
+  // thread count.
+  const int64_t chunks = param_grad_chunks(rows, z_cols);
+  const int64_t chunk_stride = ColumnCascade<Acc>::kLevels * z_cols;
+  const Tensor partial = empty({chunks, chunk_stride}, scalar_type_of<Acc>(), z);
+  Acc* levels = partial.mutable_data_ptr<Acc>();
+  for_each_row_chunk(rows, z_cols, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+    ColumnCascade<Acc> bias_sums(levels + c * chunk_stride, z_cols);
+    backward_rows(begin, end, &bias_sums);
+    bias_sums.finish();
   });
+  sum_chunk_columns(levels + (ColumnCascade<Acc>::kLevels - 1) * z_cols, chunks, z_cols,
+                    grad_bias.mutable_data_ptr<T>(), chunk_stride);
 }
 
 void activation_forward(const Tensor& z, const Tensor& bias, Activation act, bool gated,
@@ -93,14 +122,16 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
   });
 }
 
-void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
-                         bool gated, const Tensor& grad_z, const Tensor& h) {
+Tensor activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
+                           bool gated, const Tensor& grad_z, const Tensor& h, bool bias_grad) {
+  const Tensor grad_bias = bias_grad ? empty({z.size(1)}, z) : Tensor();
   dispatch_float_types(z.scalar_type(), "ffn_act_bwd_cpu", [&](auto tag) {
     using scalar_t = decltype(tag);
     dispatch_activation<Act>(act, [&](auto a) {
-      backward_kernel<scalar_t, decltype(a)>(z, bias, grad_h, gated, grad_z, h);
+      backward_kernel<scalar_t, decltype(a)>(z, bias, grad_h, gated, grad_z, h, grad_bias);
     });
   });
+  return grad_bias;
 }
 
 }  // namespace

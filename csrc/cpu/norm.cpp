@@ -165,12 +165,6 @@ void backward_rows(int64_t begin, int64_t end, int64_t d, const T* DY, const T* 
   }
 }
 
-// Row chunks of the weight/bias gradient: few when there is little work, so that
-// zeroing and reducing the partial sums stays small next to the rows themselves.
-int64_t param_grad_chunks(int64_t rows, int64_t d) {
-  return row_chunks(std::min(rows * std::max<int64_t>(d, 1) / kGrainElements, rows));
-}
-
 template <typename T, typename P, bool kCenter>
 void backward_kernel(const Tensor& grad_y, const Tensor& grad_sum, const Tensor& x,
                      const Tensor& mean, const Tensor& rstd, const Tensor& weight,

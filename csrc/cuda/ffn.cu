@@ -162,8 +162,8 @@ void activation_forward(const Tensor& z, const Tensor& bias, Activation act, boo
   });
 }
 
-void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
-                         bool gated, const Tensor& grad_z, const Tensor& h) {
+Tensor activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad_h, Activation act,
+                           bool gated, const Tensor& grad_z, const Tensor& h, bool bias_grad) {
   const DeviceGuard guard(z.get_device_index());
   dispatch_float_types(z.scalar_type(), "ffn_act_bwd_cuda", [&](auto t) {
     using scalar_t = decltype(t);
@@ -181,6 +181,7 @@ void activation_backward(const Tensor& z, const Tensor& bias, const Tensor& grad
       launch_activation(activation_backward_kernel<scalar_t, decltype(fn)>, a);
     });
   });
+  return bias_grad ? sum_rows(grad_z) : Tensor();
 }
 
 }  // namespace
