@@ -28,15 +28,15 @@ void linear_into(const Tensor& out, const Tensor& x, const Tensor& weight, const
   call_op("aten::linear", "out", x, weight, bias, out);
 }
 
-Tensor scratch(Scratch slot, const Sizes& sizes, const Tensor& like) {
+Tensor scratch(Scratch slot, const Sizes& sizes, ScalarType dtype, const Tensor& like) {
   int64_t numel = 1;
   for (const int64_t size : sizes) numel *= size;
-  const int64_t bytes = numel * static_cast<int64_t>(like.element_size());
-  if (!like.is_cpu() || bytes > kScratchMaxBytes) return empty(sizes, like);
+  const int64_t bytes = numel * float_element_size(dtype);
+  if (!like.is_cpu() || bytes > kScratchMaxBytes) return empty(sizes, dtype, like);
   thread_local std::array<Tensor, static_cast<size_t>(Scratch::kCount)> buffers;
   Tensor& buffer = buffers[static_cast<size_t>(slot)];
-  if (!buffer.defined() || buffer.scalar_type() != like.scalar_type() || buffer.numel() < numel) {
-    buffer = empty({numel}, like);
+  if (!buffer.defined() || buffer.scalar_type() != dtype || buffer.numel() < numel) {
+    buffer = empty({numel}, dtype, like);
   }
   return as_view(buffer, sizes);
 }

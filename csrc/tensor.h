@@ -69,6 +69,11 @@ constexpr ScalarType scalar_type_of() {
   }
 }
 
+// Bytes per element of the floating types above.
+constexpr int64_t float_element_size(ScalarType t) {
+  return t == kDouble ? 8 : t == kFloat ? 4 : 2;
+}
+
 // The accumulation type of T: float for the 16-bit types, else T.
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -164,9 +169,12 @@ inline Tensor empty(const Sizes& sizes, const Tensor& like) {
 // and faulting its pages in costs more than a pass over them (measured on the 2-core VM: 2.4 us
 // per 4 KiB page, 0.1 us to write one already mapped). Elsewhere a plain empty(): CUDA's caching
 // allocator already reuses memory. Two temporaries alive at once need different slots.
-enum class Scratch { kHidden, kHiddenGrad, kPreactGrad, kCount };
+enum class Scratch { kHidden, kHiddenGrad, kPreactGrad, kBiasGradPartials, kCount };
 constexpr int64_t kScratchMaxBytes = int64_t{16} << 20;
-Tensor scratch(Scratch slot, const Sizes& sizes, const Tensor& like);
+Tensor scratch(Scratch slot, const Sizes& sizes, ScalarType dtype, const Tensor& like);
+inline Tensor scratch(Scratch slot, const Sizes& sizes, const Tensor& like) {
+  return scratch(slot, sizes, like.scalar_type(), like);
+}
 
 inline Tensor as_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);

@@ -98,10 +98,12 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
     return;
   }
   // Row chunks fixed by the shape, their sums added in chunk order: the same bits for any
-  // thread count.
-  const int64_t chunks = param_grad_chunks(rows, z_cols);
+  // thread count. Their cascades live in a scratch buffer, so few enough of them to fit one.
   const int64_t chunk_stride = ColumnCascade<Acc>::kLevels * z_cols;
-  const Tensor partial = empty({chunks, chunk_stride}, scalar_type_of<Acc>(), z);
+  const int64_t chunks = std::clamp<int64_t>(kScratchMaxBytes / (chunk_stride * sizeof(Acc)), 1,
+                                             param_grad_chunks(rows, z_cols));
+  const Tensor partial =
+      scratch(Scratch::kBiasGradPartials, {chunks, chunk_stride}, scalar_type_of<Acc>(), z);
   Acc* levels = partial.mutable_data_ptr<Acc>();
   for_each_row_chunk(rows, z_cols, chunks, [&](int64_t c, int64_t begin, int64_t end) {
     ColumnCascade<Acc> bias_sums(levels + c * chunk_stride, z_cols);
