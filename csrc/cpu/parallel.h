@@ -48,11 +48,12 @@ void for_each_row_chunk(int64_t rows, int64_t cols, int64_t chunks, const Body& 
 }
 
 // out[i] = sum over c of partial[c * stride + i] (stride d unless given), chunks added in order
-// (vectorized along i).
+// (vectorized along i: for_each_step over A is one register per step, and its whole steps have a
+// constant count, so their loads and stores compile to single moves rather than memcpy calls).
 template <typename A, typename P>
 void sum_chunk_columns(const A* partial, int64_t chunks, int64_t d, P* out, int64_t stride = -1) {
   if (stride < 0) stride = d;
-  for_each_lanes<A>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+  for_each_step<A>(d, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
     Lanes<A> sum = load_lanes(partial + i, n);
     for (int64_t c = 1; c < chunks; ++c) sum = sum + load_lanes(partial + c * stride + i, n);
     if constexpr (std::is_same_v<P, A>) {
@@ -97,7 +98,7 @@ class ColumnCascade {
   void fold(int64_t from) {
     A* src = levels_ + from * cols_;
     A* dst = src + cols_;
-    for_each_lanes<A>(cols_, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for_each_step<A>(cols_, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       store_lanes(dst + i, load_lanes(dst + i, n) + load_lanes(src + i, n), n);
       store_lanes(src + i, Lanes<A>{}, n);
     });

@@ -104,15 +104,6 @@ C10_ALWAYS_INLINE void store_lanes(A* p, const Lanes<A>& v, int64_t n) {
   std::memcpy(p, &v, std::clamp<int64_t>(n, 0, kLanes<A>) * sizeof(A));
 }
 
-// Calls body(offset, count) for each register's worth of n values of A, the last maybe partial:
-// the full ones with a constant count, so their loads and stores compile to single moves.
-template <typename A, typename Body>
-C10_ALWAYS_INLINE void for_each_lanes(int64_t n, const Body& body) {
-  int64_t i = 0;
-  for (; i + kLanes<A> <= n; i += kLanes<A>) body(i, kLanes<A>);
-  if (i < n) body(i, n - i);
-}
-
 // a * b + c, rounded once where the hardware has FMA.
 template <typename V>
 C10_ALWAYS_INLINE V fmadd_lanes(const V& a, const V& b, const V& c) {
