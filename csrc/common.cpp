@@ -1,7 +1,9 @@
 #include "common.h"
 
 #include <array>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 namespace ffn {
@@ -28,11 +30,27 @@ void linear_into(const Tensor& out, const Tensor& x, const Tensor& weight, const
   call_op("aten::linear", "out", x, weight, bias, out);
 }
 
+int64_t scratch_limit_bytes() {
+  static const int64_t limit = [] {
+    constexpr const char* kVariable = "FFN_CPU_SCRATCH_LIMIT_MB";
+    const char* value = std::getenv(kVariable);
+    if (value == nullptr || *value == '\0') return int64_t{128} << 20;
+    char* end = nullptr;
+    errno = 0;
+    const long long mib = std::strtoll(value, &end, 10);
+    FFN_CHECK(*end == '\0' && errno == 0 && mib >= 0 && mib <= (int64_t{1} << 40), "ffn: ",
+              kVariable, " must be a whole number of MiB, 0 or more (0: no scratch buffer is kept), got '",
+              value, "'");
+    return static_cast<int64_t>(mib) << 20;
+  }();
+  return limit;
+}
+
 Tensor scratch(Scratch slot, const Sizes& sizes, ScalarType dtype, const Tensor& like) {
   int64_t numel = 1;
   for (const int64_t size : sizes) numel *= size;
   const int64_t bytes = numel * float_element_size(dtype);
-  if (!like.is_cpu() || bytes > kScratchMaxBytes) return empty(sizes, dtype, like);
+  if (!like.is_cpu() || bytes > scratch_limit_bytes()) return empty(sizes, dtype, like);
   thread_local std::array<Tensor, static_cast<size_t>(Scratch::kCount)> buffers;
   Tensor& buffer = buffers[static_cast<size_t>(slot)];
   if (!buffer.defined() || buffer.scalar_type() != dtype || buffer.numel() < numel) {

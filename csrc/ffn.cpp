@@ -80,11 +80,17 @@ std::tuple<Tensor, Tensor> ffn_forward(std::string_view op, const Tensor& x, con
   // the activation pass) rounds twice, and in half precision that flips the sign
   // of z + b where it is near 0: ReLU/GELU gates open or close wrongly.
   const Tensor x2d = as_rows(x);
-  Tensor z = linear(x2d, w_in, b_in);
-  // Without a backward to feed, a plain FFN's h overwrites z: no second buffer to allocate and
-  // fault in, and the down GEMM reads the same layout as otherwise, so the same bits. (A gated
-  // h written over z's gate columns would reach the GEMM with z's row stride, which changes
-  // BLAS's rounding: its h keeps a buffer of its own.)
+  // Without a backward to feed, z is a temporary (scratch) and a plain FFN's h overwrites it:
+  // no buffer to allocate and fault in, and the down GEMM reads the same layout as otherwise,
+  // so the same bits. (A gated h written over z's gate columns would reach the GEMM with z's
+  // row stride, which changes BLAS's rounding: its h keeps a buffer of its own.)
+  Tensor z;
+  if (keep_preact) {
+    z = linear(x2d, w_in, b_in);
+  } else {
+    z = scratch(Scratch::kPreact, {x2d.size(0), w_in.size(0)}, x);
+    linear_into(z, x2d, w_in, b_in);
+  }
   const Tensor h = keep_preact || gated ? scratch(Scratch::kHidden, {z.size(0), d_ff}, z) : z;
   kernels.forward(z, Tensor(), act, gated, h);
   // The output is allocated in its final shape and the GEMM writes into a [rows, d_out]
@@ -126,7 +132,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward(
     const Tensor grad_h = scratch(Scratch::kHiddenGrad, {z.size(0), d_ff}, z);
     mm_into(grad_h, g2d, w_out);
     if (gated) {
-      grad_z = scratch(Scratch::kPreactGrad, sizes_of(z), z);
+      grad_z = scratch(Scratch::kPreact, sizes_of(z), z);
       if (need_w_out) h = grad_h;
     } else {
       grad_z = grad_h;

@@ -164,13 +164,17 @@ inline Tensor empty(const Sizes& sizes, const Tensor& like) {
 
 // Memory for an op's temporaries: tensors that never leave the op call that asks for them, and
 // that it writes whole before reading. On CPU each thread keeps one buffer per Scratch slot
-// between calls (up to kScratchMaxBytes each; larger ones are allocated per call): a large fresh
-// allocation comes from the OS each call (glibc maps it, or has trimmed the heap it came from),
-// and faulting its pages in costs more than a pass over them (measured on the 2-core VM: 2.4 us
-// per 4 KiB page, 0.1 us to write one already mapped). Elsewhere a plain empty(): CUDA's caching
-// allocator already reuses memory. Two temporaries alive at once need different slots.
-enum class Scratch { kHidden, kHiddenGrad, kPreactGrad, kBiasGradPartials, kCount };
-constexpr int64_t kScratchMaxBytes = int64_t{16} << 20;
+// between calls, up to scratch_limit_bytes() each (larger ones are allocated per call): a large
+// fresh allocation comes from the OS each call (glibc maps every block of 32 MiB or more, and
+// trims the heap that smaller ones came from), and faulting its pages in costs more than a pass
+// over them (measured on the 2-core VM: 2.4 us per 4 KiB page, 0.1 us to write one already
+// mapped). Elsewhere a plain empty(): CUDA's caching allocator already reuses memory. Two
+// temporaries alive at once need different slots; kPreact holds the pre-activation of a forward
+// without backward, or the pre-activation's gradient in backward (never both in one call).
+enum class Scratch { kHidden, kHiddenGrad, kPreact, kBiasGradPartials, kCount };
+// The largest buffer a thread keeps per slot: FFN_CPU_SCRATCH_LIMIT_MB MiB if set (0: none
+// kept), else 128 MiB, which covers a [4096, 8192] float32 hidden layer.
+int64_t scratch_limit_bytes();
 Tensor scratch(Scratch slot, const Sizes& sizes, ScalarType dtype, const Tensor& like);
 inline Tensor scratch(Scratch slot, const Sizes& sizes, const Tensor& like) {
   return scratch(slot, sizes, like.scalar_type(), like);

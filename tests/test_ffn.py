@@ -5,6 +5,9 @@ bit-exactness of the float32 activations, determinism."""
 
 import concurrent.futures
 import itertools
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -401,7 +404,8 @@ def ffn_call(case, rows, d_ff, dtype, inference):
 
 def test_ffn_temporaries_reused_between_calls_and_threads():
     """On CPU the FFN ops keep their temporaries (hidden activation, its gradient, the
-    pre-activation's gradient) in per-thread buffers between calls. Each call gives the same bits
+    pre-activation's gradient, and without autograd the pre-activation) in per-thread buffers
+    between calls. Each call gives the same bits
     whether the calls before it were larger, smaller, of another dtype or in inference mode, and
     while other threads run FFNs at the same time (the ops release the GIL)."""
     specs = [(case, rows, d_ff, dtype, inference)
@@ -418,6 +422,60 @@ def test_ffn_temporaries_reused_between_calls_and_threads():
     with concurrent.futures.ThreadPoolExecutor(len(orders)) as pool:
         for order, results in zip(orders, pool.map(lambda order: [calls[i]() for i in order * 3], orders)):
             assert_equal_results(results, [first[i] for i in order * 3])
+
+
+# Run in a fresh process (the limit is read once per process): a no_grad gelu_ffn whose
+# pre-activation is [8192, 1024] float32, 32 MiB, a block glibc maps anew on every allocation;
+# then forward and backward of it and of a SwiGLU. Prints the minor page faults per no_grad call
+# and a digest of every output and gradient.
+SCRATCH_PROBE = """
+import hashlib, resource, torch, ffn
+torch.manual_seed(0)
+torch.set_num_threads(1)
+x = torch.randn(8192, 32, requires_grad=True)
+w1, b1 = torch.randn(1024, 32, requires_grad=True), torch.randn(1024, requires_grad=True)
+w2, w_gate_up = torch.randn(32, 1024, requires_grad=True), torch.randn(2048, 32, requires_grad=True)
+calls = [lambda: torch.ops.ffn.gelu_ffn(x, w1, b1, w2, None), lambda: torch.ops.ffn.swiglu(x, w_gate_up, None, w2, None)]
+with torch.no_grad():
+    calls[0]()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        calls[0]()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+digest = hashlib.sha256()
+for call in calls:
+    out = call()
+    for t in (out, *torch.autograd.grad(out, (x, w1, b1, w2) if call is calls[0] else (x, w_gate_up, w2),
+                                        torch.randn_like(out))):
+        digest.update(t.detach().numpy().tobytes())
+print(faults, digest.hexdigest())
+"""
+
+
+def run_scratch_probe(limit_mb):
+    env = {k: v for k, v in os.environ.items() if k != "FFN_CPU_SCRATCH_LIMIT_MB"}
+    if limit_mb is not None:
+        env["FFN_CPU_SCRATCH_LIMIT_MB"] = limit_mb
+    return subprocess.run([sys.executable, "-c", SCRATCH_PROBE], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_ffn_scratch_limit():
+    """FFN_CPU_SCRATCH_LIMIT_MB sets the largest temporary a thread keeps (default 128 MiB; 0 keeps
+    none). The results are the same bits whatever it is; by default a 32 MiB pre-activation of a
+    no_grad forward is not faulted in again on every call; a value that is not a whole number of
+    MiB is refused, naming the variable."""
+    kept, none_kept = run_scratch_probe(None), run_scratch_probe("0")
+    assert kept.returncode == 0 and none_kept.returncode == 0, kept.stderr[-2000:] + none_kept.stderr[-2000:]
+    (kept_faults, kept_digest), (fresh_faults, fresh_digest) = (p.stdout.split() for p in (kept, none_kept))
+    assert kept_digest == fresh_digest
+    if float(fresh_faults) < 16:
+        pytest.skip(f"this allocator keeps a freed 32 MiB block mapped ({fresh_faults} faults per call)")
+    assert float(kept_faults) <= float(fresh_faults) / 8, (kept_faults, fresh_faults)
+    for bad in ("lots", "-1", "1.5"):
+        refused = run_scratch_probe(bad)
+        assert refused.returncode != 0
+        assert "FFN_CPU_SCRATCH_LIMIT_MB must be a whole number of MiB, 0 or more" in refused.stderr, bad
 
 
 def assert_equal_results(results, expected):

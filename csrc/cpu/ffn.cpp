@@ -98,9 +98,11 @@ void backward_kernel(const Tensor& z, const Tensor& bias, const Tensor& grad_h, 
     return;
   }
   // Row chunks fixed by the shape, their sums added in chunk order: the same bits for any
-  // thread count. Their cascades live in a scratch buffer, so few enough of them to fit one.
+  // thread count. Their cascades live in a scratch buffer, so few enough of them to fit 16 MiB
+  // (a constant, not the scratch limit, which the environment sets: the bits must not depend on it).
+  constexpr int64_t kPartialsMaxBytes = int64_t{16} << 20;
   const int64_t chunk_stride = ColumnCascade<Acc>::kLevels * z_cols;
-  const int64_t chunks = std::clamp<int64_t>(kScratchMaxBytes / (chunk_stride * sizeof(Acc)), 1,
+  const int64_t chunks = std::clamp<int64_t>(kPartialsMaxBytes / (chunk_stride * sizeof(Acc)), 1,
                                              param_grad_chunks(rows, z_cols));
   const Tensor partial =
       scratch(Scratch::kBiasGradPartials, {chunks, chunk_stride}, scalar_type_of<Acc>(), z);
