@@ -46,17 +46,24 @@ int64_t scratch_limit_bytes() {
   return limit;
 }
 
+namespace {
+thread_local std::array<Tensor, static_cast<size_t>(Scratch::kCount)> scratch_buffers;
+}  // namespace
+
 Tensor scratch(Scratch slot, const Sizes& sizes, ScalarType dtype, const Tensor& like) {
   int64_t numel = 1;
   for (const int64_t size : sizes) numel *= size;
   const int64_t bytes = numel * float_element_size(dtype);
   if (!like.is_cpu() || bytes > scratch_limit_bytes()) return empty(sizes, dtype, like);
-  thread_local std::array<Tensor, static_cast<size_t>(Scratch::kCount)> buffers;
-  Tensor& buffer = buffers[static_cast<size_t>(slot)];
+  Tensor& buffer = scratch_buffers[static_cast<size_t>(slot)];
   if (!buffer.defined() || buffer.scalar_type() != dtype || buffer.numel() < numel) {
     buffer = empty({numel}, dtype, like);
   }
   return as_view(buffer, sizes);
+}
+
+void release_scratch() {
+  for (Tensor& buffer : scratch_buffers) buffer = Tensor();
 }
 
 Tensor contiguous_or_undefined(const OptTensor& t) {

@@ -111,8 +111,19 @@ STABLE_TORCH_LIBRARY(ffn, m) {
 #ifdef FFN_PYTHON_MODULE
 // `import ffn._C` loads this library, whose static initializers register the
 // ops. Python's limited API (abi3): one binary for every Python from 3.10 on.
+namespace {
+PyObject* release_cpu_scratch(PyObject*, PyObject*) {
+  ffn::release_scratch();
+  Py_RETURN_NONE;
+}
+PyMethodDef module_methods[] = {
+    {"release_cpu_scratch", release_cpu_scratch, METH_NOARGS,
+     "Frees the calling thread's CPU scratch buffers (ffn.release_cpu_scratch)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }
 #endif

@@ -36,7 +36,19 @@ from .patching import patch, unpatch  # HF transformers models (import transform
 
 ops = torch.ops.ffn
 
+
+def release_cpu_scratch():
+    """Frees the calling thread's CPU scratch buffers: the FFN ops' temporaries (hidden activation,
+    its gradient, the pre-activation's gradient, and without autograd the pre-activation), which
+    each thread keeps between calls up to FFN_CPU_SCRATCH_LIMIT_MB MiB each (128 by default), as
+    the CUDA caching allocator keeps memory. The thread's next FFN call allocates them again.
+    Other threads keep theirs (they free them when they exit). Nothing to free on CUDA."""
+    _C.release_cpu_scratch()
+
+
+
 __all__ = ["FFN", "AddLayerNorm", "AddRMSNorm", "GatedFFN", "GeGLU", "GeluFFN", "GemmaRMSNorm", "LayerNorm", "ReGLU",
            "ReluFFN", "RMSNorm", "SwiGLU", "activations",
-           "distributed", "modules", "ops", "patch", "patching", "reference", "schema", "telemetry", "unpatch"]
+           "distributed", "modules", "ops", "patch", "patching", "reference", "release_cpu_scratch", "schema", "telemetry",
+           "unpatch"]
 __version__ = "0.1.0"

@@ -426,8 +426,8 @@ def test_ffn_temporaries_reused_between_calls_and_threads():
 
 # Run in a fresh process (the limit is read once per process): a no_grad gelu_ffn whose
 # pre-activation is [8192, 1024] float32, 32 MiB, a block glibc maps anew on every allocation;
-# then forward and backward of it and of a SwiGLU. Prints the minor page faults per no_grad call
-# and a digest of every output and gradient.
+# then forward and backward of it and of a SwiGLU. Prints the minor page faults per no_grad call,
+# those of one call after ffn.release_cpu_scratch(), and a digest of every output and gradient.
 SCRATCH_PROBE = """
 import hashlib, resource, torch, ffn
 torch.manual_seed(0)
@@ -442,13 +442,17 @@ with torch.no_grad():
     for _ in range(4):
         calls[0]()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+    ffn.release_cpu_scratch()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    calls[0]()
+    faults_after_release = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 digest = hashlib.sha256()
 for call in calls:
     out = call()
     for t in (out, *torch.autograd.grad(out, (x, w1, b1, w2) if call is calls[0] else (x, w_gate_up, w2),
                                         torch.randn_like(out))):
         digest.update(t.detach().numpy().tobytes())
-print(faults, digest.hexdigest())
+print(faults, faults_after_release, digest.hexdigest())
 """
 
 
@@ -463,15 +467,17 @@ def run_scratch_probe(limit_mb):
 def test_ffn_scratch_limit():
     """FFN_CPU_SCRATCH_LIMIT_MB sets the largest temporary a thread keeps (default 128 MiB; 0 keeps
     none). The results are the same bits whatever it is; by default a 32 MiB pre-activation of a
-    no_grad forward is not faulted in again on every call; a value that is not a whole number of
-    MiB is refused, naming the variable."""
+    no_grad forward is not faulted in again on every call, until ffn.release_cpu_scratch() frees
+    it; a value that is not a whole number of MiB is refused, naming the variable."""
     kept, none_kept = run_scratch_probe(None), run_scratch_probe("0")
     assert kept.returncode == 0 and none_kept.returncode == 0, kept.stderr[-2000:] + none_kept.stderr[-2000:]
-    (kept_faults, kept_digest), (fresh_faults, fresh_digest) = (p.stdout.split() for p in (kept, none_kept))
+    (kept_faults, released_faults, kept_digest), (fresh_faults, _, fresh_digest) = (
+        p.stdout.split() for p in (kept, none_kept))
     assert kept_digest == fresh_digest
     if float(fresh_faults) < 16:
         pytest.skip(f"this allocator keeps a freed 32 MiB block mapped ({fresh_faults} faults per call)")
     assert float(kept_faults) <= float(fresh_faults) / 8, (kept_faults, fresh_faults)
+    assert float(released_faults) >= float(fresh_faults) / 2, (released_faults, fresh_faults)
     for bad in ("lots", "-1", "1.5"):
         refused = run_scratch_probe(bad)
         assert refused.returncode != 0
