@@ -176,12 +176,12 @@ enum class Scratch { kHidden, kHiddenGrad, kPreact, kBiasGradPartials, kCount };
 // kept), else 128 MiB, which covers a [4096, 8192] float32 hidden layer.
 int64_t scratch_limit_bytes();
 Tensor scratch(Scratch slot, const Sizes& sizes, ScalarType dtype, const Tensor& like);
-// Frees the calling thread's buffers (a view still in use keeps its memory until it goes);
-// ffn.release_cpu_scratch() in Python.
-void release_scratch();
 inline Tensor scratch(Scratch slot, const Sizes& sizes, const Tensor& like) {
   return scratch(slot, sizes, like.scalar_type(), like);
 }
+// Frees the calling thread's buffers (a view still in use keeps its memory until it goes);
+// ffn.release_cpu_scratch() in Python.
+void release_scratch();
 
 inline Tensor as_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);

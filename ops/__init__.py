@@ -46,7 +46,6 @@ def release_cpu_scratch():
     _C.release_cpu_scratch()
 
 
-
 __all__ = ["FFN", "AddLayerNorm", "AddRMSNorm", "GatedFFN", "GeGLU", "GeluFFN", "GemmaRMSNorm", "LayerNorm", "ReGLU",
            "ReluFFN", "RMSNorm", "SwiGLU", "activations",
            "distributed", "modules", "ops", "patch", "patching", "reference", "release_cpu_scratch", "schema", "telemetry",
