@@ -57,6 +57,7 @@ Tensor scratch(Scratch slot, const Sizes& sizes, ScalarType dtype, const Tensor&
   if (!like.is_cpu() || bytes > scratch_limit_bytes()) return empty(sizes, dtype, like);
   Tensor& buffer = scratch_buffers[static_cast<size_t>(slot)];
   if (!buffer.defined() || buffer.scalar_type() != dtype || buffer.numel() < numel) {
+    buffer = Tensor();  // freed first: the old and the new buffer are never held together
     buffer = empty({numel}, dtype, like);
   }
   return as_view(buffer, sizes);

@@ -405,9 +405,9 @@ def ffn_call(case, rows, d_ff, dtype, inference):
 def test_ffn_temporaries_reused_between_calls_and_threads():
     """On CPU the FFN ops keep their temporaries (hidden activation, its gradient, the
     pre-activation's gradient, and without autograd the pre-activation) in per-thread buffers
-    between calls. Each call gives the same bits
-    whether the calls before it were larger, smaller, of another dtype or in inference mode, and
-    while other threads run FFNs at the same time (the ops release the GIL)."""
+    between calls. Each call gives the same bits whether the calls before it were larger,
+    smaller, of another dtype or in inference mode, and while other threads run FFNs at the same
+    time (the ops release the GIL)."""
     specs = [(case, rows, d_ff, dtype, inference)
              for case in (SWIGLU, FFNS[0])
              for rows, d_ff, dtype, inference in ((300, 96, torch.float32, True), (64, 48, torch.float32, False),
