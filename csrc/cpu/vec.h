@@ -57,6 +57,7 @@ using Int8 = int32_t __attribute__((vector_size(32)));
 using Long4 = int64_t __attribute__((vector_size(32)));
 using Uint32x8 = uint32_t __attribute__((vector_size(32)));
 using Bits16x8 = uint16_t __attribute__((vector_size(16)));  // 8 half/bfloat16 values
+using Bits16x16 = uint16_t __attribute__((vector_size(32)));  // a step of half/bfloat16 values
 
 // One register of A (float or double), the integer of A's width, and the integer
 // vector A's comparisons give (all bits set in a lane where true).
@@ -396,7 +397,12 @@ C10_ALWAYS_INLINE A reduce_lanes(const Lanes<A>& v, const Op& op) {
 template <typename T>
 C10_ALWAYS_INLINE Float8 widen(const Bits16x8& bits) {
   if constexpr (std::is_same_v<T, BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    // One vpmovzxwd: GCC lowers the generic conversion below as two 128-bit halves.
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(std::bit_cast<__m128i>(bits)), 16));
+#else
     return std::bit_cast<Float8>(__builtin_convertvector(bits, Uint32x8) << 16);
+#endif
   } else {
 #if defined(CPU_CAPABILITY_AVX2)
     return _mm256_cvtph_ps(std::bit_cast<__m128i>(bits));
@@ -408,24 +414,40 @@ C10_ALWAYS_INLINE Float8 widen(const Bits16x8& bits) {
   }
 }
 
-// Rounds to nearest even.
-template <typename T>
-C10_ALWAYS_INLINE Bits16x8 narrow(const Float8& v) {
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    // ATen's float -> bfloat16 (vec256_16bit_float.h), NaN becoming 0xffff.
-    const Uint32x8 bits = std::bit_cast<Uint32x8>(v);
-    const Uint32x8 rounded = (bits + ((bits >> 16) & 1) + 0x7fff) >> 16;
-    const Uint32x8 out = (v == v) ? rounded : Uint32x8{} + 0xffff;
-    return __builtin_convertvector(out, Bits16x8);
-  } else {
+// The bfloat16 nearest v (ties to even) in the low half of each lane, as ATen rounds
+// (vec256_16bit_float.h): NaN becomes 0xffff.
+C10_ALWAYS_INLINE Uint32x8 bfloat16_bits(const Float8& v) {
+  const Uint32x8 bits = std::bit_cast<Uint32x8>(v);
+  const Uint32x8 rounded = (bits + ((bits >> 16) & 1) + 0x7fff) >> 16;
+  // A NaN lane's all-ones mask, shifted, sets all 16 bits (no blend needed).
+  return rounded | (std::bit_cast<Uint32x8>(v != v) >> 16);
+}
+
+// The 16 bfloat16 of two registers, lo's first.
+C10_ALWAYS_INLINE Bits16x16 narrow_bfloat16(const Float8& lo, const Float8& hi) {
 #if defined(CPU_CAPABILITY_AVX2)
-    return std::bit_cast<Bits16x8>(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // One saturating pack of both (a plain narrowing: the lanes are at most 0xffff), whose 128-bit
+  // lanes interleave the two; the permute puts them in order. GCC lowers each register's
+  // __builtin_convertvector as a pack of its own: twice the instructions.
+  return std::bit_cast<Bits16x16>(_mm256_permute4x64_epi64(
+      _mm256_packus_epi32(std::bit_cast<__m256i>(bfloat16_bits(lo)), std::bit_cast<__m256i>(bfloat16_bits(hi))),
+      0xD8));
 #else
-    Bits16x8 out;
-    for (int j = 0; j < 8; ++j) out[j] = Half(v[j]).x;
-    return out;
+  const Bits16x8 halves[2] = {__builtin_convertvector(bfloat16_bits(lo), Bits16x8),
+                              __builtin_convertvector(bfloat16_bits(hi), Bits16x8)};
+  return std::bit_cast<Bits16x16>(halves);
 #endif
-  }
+}
+
+// float -> half, rounding to nearest even.
+C10_ALWAYS_INLINE Bits16x8 narrow_half(const Float8& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return std::bit_cast<Bits16x8>(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  Bits16x8 out;
+  for (int j = 0; j < 8; ++j) out[j] = Half(v[j]).x;
+  return out;
+#endif
 }
 
 // --- Pack: one step of a row loop ---------------------------------------------------
@@ -567,9 +589,14 @@ C10_ALWAYS_INLINE void store(U* p, const Pack<T>& v, int64_t count = kStep<T>) {
     }
   } else {
     static_assert(std::is_same_v<U, T> && kRegs == 2, "U must be T or T's accumulation type");
-    Bits16x8 bits[kRegs];
-    for (int k = 0; k < kRegs; ++k) bits[k] = narrow<T>(v.reg[k]);
-    std::memcpy(p, bits, std::clamp<int64_t>(count, 0, kStep<T>) * sizeof(T));
+    const int64_t bytes = std::clamp<int64_t>(count, 0, kStep<T>) * sizeof(T);
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      const Bits16x16 bits = narrow_bfloat16(v.reg[0], v.reg[1]);
+      std::memcpy(p, &bits, bytes);
+    } else {
+      const Bits16x8 bits[kRegs] = {narrow_half(v.reg[0]), narrow_half(v.reg[1])};
+      std::memcpy(p, bits, bytes);
+    }
   }
 }
 
@@ -578,8 +605,10 @@ template <typename T>
 C10_ALWAYS_INLINE Pack<T> round_to(const Pack<T>& v) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return v;
+  } else if constexpr (std::is_same_v<T, BFloat16>) {
+    return v.map([](const Float8& x) { return std::bit_cast<Float8>(bfloat16_bits(x) << 16); });
   } else {
-    return v.map([](const Float8& x) { return widen<T>(narrow<T>(x)); });
+    return v.map([](const Float8& x) { return widen<T>(narrow_half(x)); });
   }
 }
 
